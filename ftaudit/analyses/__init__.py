@@ -1,0 +1,1 @@
+"""Per-matrix analyses: pure functions of a base and a tuned matrix."""

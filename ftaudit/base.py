@@ -1,0 +1,59 @@
+"""Resolving the base model a tuned model declares."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ftaudit import frontmatter
+from ftaudit.errors import BaseResolutionError, InvalidWeightsError, UnsupportedError
+from ftaudit.sources.storage import Storage
+
+PASS_BASE = "pass the base with --base"
+
+
+@dataclass(frozen=True)
+class DeclaredBase:
+    """The base model's id (or path), an optional revision, and where the declaration was found."""
+
+    id: str
+    revision: str | None
+    declared_by: str
+
+
+def declared_base(storage: Storage) -> DeclaredBase:
+    """Read the base from the card's `base_model`, else from adapter_config.json."""
+    card = frontmatter.read(storage.read_text("README.md") or "")
+    if card.get("base_model_relation") == "quantized":
+        raise UnsupportedError(
+            f"{storage.label}: the card declares a quantized model; ftaudit audits full-precision weights"
+        )
+    declared = card.get("base_model")
+    if isinstance(declared, list):
+        if len(declared) != 1:
+            raise BaseResolutionError(
+                f"{storage.label}: the card declares {len(declared)} base models (a merge); {PASS_BASE}"
+            )
+        declared = declared[0]
+    if isinstance(declared, str) and declared.strip():
+        return DeclaredBase(declared.strip(), None, "card")
+    adapter = adapter_config(storage)
+    name = adapter.get("base_model_name_or_path") if adapter else None
+    if isinstance(name, str) and name.strip():
+        revision = adapter.get("revision")
+        return DeclaredBase(name.strip(), revision if isinstance(revision, str) and revision else None, "adapter_config")
+    raise BaseResolutionError(f"{storage.label}: declares no base model (card base_model or adapter_config.json); {PASS_BASE}")
+
+
+def adapter_config(storage: Storage) -> dict[str, object] | None:
+    """The parsed adapter_config.json, or None when the snapshot is not a PEFT adapter."""
+    text = storage.read_text("adapter_config.json")
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise InvalidWeightsError(f"{storage.label}/adapter_config.json: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise InvalidWeightsError(f"{storage.label}/adapter_config.json: not a JSON object")
+    return config

@@ -1,0 +1,67 @@
+"""`ftaudit check` as a library call: resolve both models, audit them, apply the policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftaudit.audit import AuditOptions, Progress, run_audit
+from ftaudit.base import DeclaredBase, adapter_config, declared_base
+from ftaudit.errors import UnsupportedError
+from ftaudit.policy import Policy, apply
+from ftaudit.report import BaseRef, ModelRef, Report
+from ftaudit.sources import open_snapshot
+from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
+from ftaudit.sources.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to audit: the tuned model and, optionally, its base and revisions."""
+
+    model: str
+    base: str | None = None
+    revision: str | None = None
+    base_revision: str | None = None
+    token: str | None = None
+
+
+def check(target: Target, options: AuditOptions, policy: Policy, progress: Progress | None = None) -> Report:
+    """Audit `target` and return the report with its risk level and verdict set."""
+    tuned = open_snapshot(target.model, target.revision, target.token)
+    if target.base is not None:
+        declared = DeclaredBase(target.base, target.base_revision, "cli")
+    else:
+        declared = declared_base(tuned.storage)
+        if target.base_revision:
+            declared = DeclaredBase(declared.id, target.base_revision, declared.declared_by)
+    base = open_snapshot(declared.id, declared.revision, target.token)
+    base_side = Checkpoint.open(base.storage)
+    config = adapter_config(tuned.storage)
+    model_ref = ModelRef(tuned.id, tuned.revision)
+    if config is None:
+        tuned_side: Checkpoint | AdaptedTensors = Checkpoint.open(tuned.storage)
+    else:
+        tuned_side = AdaptedTensors(LoraAdapter(tuned.storage, config), base_side)
+        model_ref.adapter = tuned_side.adapter.describe()
+    base_ref = BaseRef(base.id, base.revision, declared.declared_by)
+    report = run_audit(model_ref, base_ref, tuned_side, base_side, options, progress)
+    if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
+        raise UnsupportedError(_nothing_to_audit(report))
+    if isinstance(tuned_side, AdaptedTensors):
+        for matrix in report.matrices:
+            module = tuned_side.module(matrix.name)
+            if module is not None:
+                matrix.lora = {"rank": module.rank, "alpha": module.alpha, "scaling": module.scaling}
+    apply(policy, report)
+    return report
+
+
+def _nothing_to_audit(report: Report) -> str:
+    t = report.tensors
+    if t.shape_mismatch:
+        first = t.shape_mismatch[0]
+        return (
+            f"no matrix of the model matches the base in shape (e.g. {first['name']}: base {first['base']}, "
+            f"model {first['model']}): is {report.base.id} really its base?"
+        )
+    return f"the model and {report.base.id} share no analysable weight matrices: is it really the base?"

@@ -1,0 +1,130 @@
+"""The `ftaudit` command line: parse, call the library, map failures to exit codes.
+
+Exit codes (contract): 0 audited and passed (or warned), 1 audited and failed the policy,
+2 could not audit.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from ftaudit import __version__, policy as policy_mod, render
+from ftaudit.audit import AuditOptions, Progress
+from ftaudit.check import Target, check
+from ftaudit.errors import FtauditError
+from ftaudit.pairing import KINDS, Selection
+from ftaudit.secrets import Redactor
+
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+T = TypeVar("T")
+
+
+def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
+    """Run `fn`; any failure becomes one redacted line on stderr and exit code 2."""
+    try:
+        return fn()
+    except FtauditError as e:
+        message = str(e)
+    except KeyboardInterrupt:
+        message = "interrupted"
+    except Exception as e:  # noqa: BLE001 - the contract: never a traceback without --debug
+        message = f"internal error ({type(e).__name__}: {e}); rerun with --debug and report it"
+    if debug:
+        click.echo(redactor(traceback.format_exc()), err=True)
+    click.echo(f"ftaudit: error: {redactor(message)}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _setup_logging(debug: bool, redactor: Redactor) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ftaudit: %(levelname)s: %(message)s"))
+    handler.addFilter(redactor.log_filter)
+    log = logging.getLogger("ftaudit")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def _progress_bar() -> tuple[Progress | None, Callable[[], None]]:
+    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    state: dict[str, object] = {}
+
+    def update(done: int, total: int, name: str) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = click.progressbar(length=total, label="Auditing", file=sys.stderr, show_pos=True)
+            bar.__enter__()
+            state["bar"] = bar
+        bar.update(done - bar.pos, name)  # type: ignore[attr-defined]
+
+    def close() -> None:
+        bar = state.get("bar")
+        if bar is not None:
+            bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+
+    return update, close
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ftaudit")
+def main() -> None:
+    """Audit what fine-tuning did to a base model: intruder dimensions and forgetting risk."""
+
+
+@main.command("check")
+@click.argument("model")
+@click.option("--base", help="Base model (Hub id or folder). Default: the base the model declares.")
+@click.option("--revision", help="Revision of MODEL on the Hub (branch, tag or commit).")
+@click.option("--base-revision", help="Revision of the base on the Hub.")
+@click.option("--token", help="Hugging Face token. Default: HF_TOKEN, then the saved login.")
+@click.option("--k", "k", type=click.IntRange(min=1), help="Top singular vectors examined per matrix [policy: 10].")
+@click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--include", multiple=True, metavar="KIND|GLOB",
+              help=f"Also analyse these module kinds ({', '.join(KINDS)}) or tensor-name globs.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose names match.")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and request retries.")
+def check_command(
+    model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
+    k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
+    policy_path: Path | None, json_path: Path | None, quiet: bool, debug: bool,
+) -> None:
+    """Audit MODEL (a Hub repo id or a local folder) against its base."""
+    redactor = Redactor.for_token(token)
+    _setup_logging(debug, redactor)
+    policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
+    options = AuditOptions(
+        k=k or policy.k,
+        epsilon=epsilon or policy.epsilon,
+        device=device,
+        selection=Selection.from_options(include, exclude),
+    )
+    target = Target(model, base, revision, base_revision, token)
+    progress, close = _progress_bar() if not quiet else (None, lambda: None)
+    try:
+        report = _run(debug, redactor, lambda: check(target, options, policy, progress))
+    finally:
+        close()
+    if json_path is not None:
+        _run(debug, redactor, lambda: report.write(json_path))
+    if not quiet:
+        click.echo(redactor(render.text(report)))
+    sys.exit(EXIT_FAIL if report.verdict.status == "fail" else EXIT_PASS)
+
+
+@main.command("policy")
+def policy_command() -> None:
+    """Print the default policy, to copy and edit."""
+    click.echo(policy_mod.default_text(), nl=False)

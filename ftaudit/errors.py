@@ -1,0 +1,37 @@
+"""Errors a caller can act on. Each carries a one-line message meant for the user."""
+
+
+class FtauditError(Exception):
+    """Base class: the audit could not be done (exit code 2)."""
+
+
+class UsageError(FtauditError):
+    """Arguments or options that cannot work together."""
+
+
+class NotFoundError(FtauditError):
+    """A repository, revision, folder or file does not exist."""
+
+
+class AccessError(FtauditError):
+    """The repository exists (or may) but the token does not grant access."""
+
+
+class BaseResolutionError(FtauditError):
+    """The model does not declare a single base model."""
+
+
+class InvalidWeightsError(FtauditError):
+    """A weights file is malformed, truncated or inconsistent."""
+
+
+class UnsupportedError(FtauditError):
+    """The input is valid but of a kind ftaudit does not audit."""
+
+
+class NetworkError(FtauditError):
+    """The server could not be reached or kept failing after retries."""
+
+
+class PolicyError(FtauditError):
+    """The policy file is unreadable or invalid."""

@@ -1,0 +1,21 @@
+"""The YAML front matter of a model card (README.md)."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*(\r?\n|\Z)", re.S | re.M)
+
+
+def read(card: str) -> dict[str, object]:
+    """The card's front matter as a mapping; empty when it has none or it is not a YAML mapping."""
+    match = FRONT_MATTER.match(card)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match[1])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}

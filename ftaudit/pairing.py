@@ -1,0 +1,148 @@
+"""Matching base and tuned tensors by name, and deciding which pairs are analysed.
+
+Names are aligned by stripping the wrapper prefixes that differ between checkpoints of one
+architecture (`base_model.model.`, `model.`, `bert.`, ...): of all candidate prefix pairs, the one
+that matches the most names wins. Each matrix gets a module kind from its name; by default only
+attention and MLP matrices are analysed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
+
+KINDS = ("attention", "mlp", "embedding", "head", "norm", "other")
+DEFAULT_KINDS = ("attention", "mlp")
+
+_KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    ("norm", re.compile(r"norm|(^|\.)ln_?\w*(\.|$)")),
+    ("embedding", re.compile(r"embed|(^|\.)(wte|wpe|shared)(\.|$)")),
+    ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler|cls|output_projection)(\.|$)")),
+    ("attention", re.compile(
+        r"attn|attention|(^|\.)(q|k|v|o|query|key|value|qkv|wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj"
+        r"|out_proj|query_key_value)(\.|$)")),
+    ("mlp", re.compile(
+        r"mlp|ffn|feed_?forward|intermediate|experts|(^|\.)(fc1|fc2|w1|w2|w3|gate_proj|up_proj|down_proj"
+        r"|c_fc|dense_h_to_4h|dense_4h_to_h|wi|output\.dense)(\.|$)")),
+]
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def module_kind(name: str) -> str:
+    """attention, mlp, embedding, head, norm or other, from the tensor's name."""
+    lowered = name.lower()
+    for kind, pattern in _KIND_PATTERNS:
+        if pattern.search(lowered):
+            return kind
+    return "other"
+
+
+def layer_index(name: str) -> int | None:
+    """The first numeric component of the name (the block index), if any."""
+    match = _LAYER.search(name)
+    return int(match[1]) if match else None
+
+
+@dataclass(frozen=True)
+class TensorPair:
+    """A base tensor and its tuned counterpart, both 2-D floating point of the same shape."""
+
+    name: str
+    base_name: str
+    tuned_name: str
+    kind: str
+    layer: int | None
+    shape: tuple[int, int]
+
+
+@dataclass
+class Pairing:
+    """What is analysed, and what could not be paired."""
+
+    pairs: list[TensorPair] = field(default_factory=list)
+    missing_in_base: list[str] = field(default_factory=list)
+    missing_in_model: list[str] = field(default_factory=list)
+    shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    not_selected: int = 0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which matrices to analyse: module kinds plus name globs, minus excluded globs."""
+
+    kinds: frozenset[str] = frozenset(DEFAULT_KINDS)
+    globs: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, include: Sequence[str], exclude: Sequence[str]) -> Selection:
+        """`--include` values are kinds or globs, added to the default kinds."""
+        kinds = set(DEFAULT_KINDS) | {i for i in include if i in KINDS}
+        globs = tuple(i for i in include if i not in KINDS)
+        return cls(frozenset(kinds), globs, tuple(exclude))
+
+    def selects(self, name: str, kind: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, g) for g in self.exclude):
+            return False
+        return kind in self.kinds or any(fnmatch.fnmatchcase(name, g) for g in self.globs)
+
+
+def _prefixes(names: Iterable[str]) -> set[str]:
+    out = {""}
+    for name in names:
+        parts = name.split(".")
+        out.update(".".join(parts[:i]) + "." for i in (1, 2) if len(parts) > i)
+    return out
+
+
+def _strip(names: Iterable[str], prefix: str) -> dict[str, str]:
+    """Normalised name -> original name; names without the prefix stay as they are."""
+    out: dict[str, str] = {}
+    for name in names:
+        key = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        out.setdefault(key, name)
+    return out
+
+
+def align(base: Iterable[str], tuned: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Normalised-name maps of both sides under the prefix pair that matches the most names."""
+    base, tuned = list(base), list(tuned)
+    best: tuple[int, int, dict[str, str], dict[str, str]] | None = None
+    for pb in sorted(_prefixes(base)):
+        b = _strip(base, pb)
+        for pt in sorted(_prefixes(tuned)):
+            t = _strip(tuned, pt)
+            score = (len(b.keys() & t.keys()), -(len(pb) + len(pt)))
+            if best is None or score > best[:2]:
+                best = (*score, b, t)
+    assert best is not None
+    return best[2], best[3]
+
+
+def pair_tensors(base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], selection: Selection) -> Pairing:
+    """Pair the floating-point 2-D tensors of both sides and pick those to analyse."""
+    result = Pairing()
+    b_map, t_map = align(_matrices(base), _matrices(tuned))
+    for key in sorted(b_map.keys() | t_map.keys()):
+        b_name, t_name = b_map.get(key), t_map.get(key)
+        kind = module_kind(key)
+        if not selection.selects(key, kind):
+            result.not_selected += 1
+        elif t_name is None:
+            result.missing_in_model.append(key)
+        elif b_name is None:
+            result.missing_in_base.append(key)
+        elif base[b_name].shape != tuned[t_name].shape:
+            result.shape_mismatch.append((key, base[b_name].shape, tuned[t_name].shape))
+        else:
+            rows, cols = base[b_name].shape
+            result.pairs.append(TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, cols)))
+    return result
+
+
+def _matrices(tensors: dict[str, TensorInfo]) -> list[str]:
+    return [n for n, t in tensors.items() if len(t.shape) == 2 and min(t.shape) > 0 and t.dtype in FLOAT_DTYPES]

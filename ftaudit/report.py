@@ -1,0 +1,108 @@
+"""The audit report: typed dataclasses and their JSON form (schema in README.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ftaudit.errors import UsageError
+
+SCHEMA_VERSION = "1"
+EPSILONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class ModelRef:
+    id: str
+    revision: str | None
+    adapter: dict[str, object] | None = None
+
+
+@dataclass
+class BaseRef:
+    id: str
+    revision: str | None
+    declared_by: str
+
+
+@dataclass
+class Settings:
+    k: int
+    epsilon: float
+    epsilons: list[float]
+    device: str
+    include: list[str]
+    exclude: list[str]
+
+
+@dataclass
+class MatrixResult:
+    name: str
+    kind: str
+    layer: int | None
+    shape: list[int]
+    max_cos: list[float]
+    intruders: int
+    sigma: list[float]
+    match: list[int]
+    outside_span: list[float]
+    indicators: dict[str, float | None]
+    lora: dict[str, float] | None = None
+
+
+@dataclass
+class TensorIssues:
+    missing_in_base: list[str] = field(default_factory=list)
+    missing_in_model: list[str] = field(default_factory=list)
+    shape_mismatch: list[dict[str, object]] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)
+    not_selected: int = 0
+
+
+@dataclass
+class Summary:
+    matrices_analysed: int
+    intruder_dimensions: int
+    intruder_curve: dict[str, int]
+    matrices_with_intruders: int
+    intruder_rate: float
+    relative_update_norm_max: float | None
+    relative_update_norm_median: float | None
+    risk: str = "unknown"
+
+
+@dataclass
+class Verdict:
+    status: str
+    reasons: list[str]
+
+
+@dataclass
+class Report:
+    tool: dict[str, str]
+    created_at: str
+    model: ModelRef
+    base: BaseRef
+    settings: Settings
+    summary: Summary
+    tensors: TensorIssues
+    matrices: list[MatrixResult]
+    verdict: Verdict = field(default_factory=lambda: Verdict("pending", []))
+    schema_version: str = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        return {"schema_version": data.pop("schema_version"), **data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    def write(self, path: Path) -> None:
+        """Write the JSON atomically (a reader never sees half a report)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(self.to_json(), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None

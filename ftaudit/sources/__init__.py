@@ -1,0 +1,38 @@
+"""Where tensors come from: a local folder or a Hub repository, opened as one snapshot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from ftaudit.errors import NotFoundError, UsageError
+from ftaudit.sources.hub import HubStorage
+from ftaudit.sources.local import LocalStorage
+from ftaudit.sources.storage import Storage
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One model's files at one revision."""
+
+    id: str
+    revision: str | None
+    storage: Storage
+
+
+def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapshot:
+    """Open `spec` as a local folder if one exists there, else as a Hub model repo id."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if revision:
+            raise UsageError(f"{spec} is a local folder: a revision applies only to Hub repositories")
+        return Snapshot(spec, None, LocalStorage(path))
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise NotFoundError(f"{spec}: no such folder, and not a Hub repository id (org/name)") from None
+    storage = HubStorage(spec, revision, token)
+    return Snapshot(spec, storage.sha, storage)

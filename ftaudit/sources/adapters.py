@@ -1,0 +1,177 @@
+"""PEFT LoRA adapters: the tuned matrices W0 + scaling·B·A, built exactly as PEFT merges them.
+
+Ranks come from the factors' shapes; alphas from `lora_alpha` and `alpha_pattern` (matched the way
+PEFT matches it); scaling is alpha/r, or alpha/√r with `use_rslora`; `fan_in_fan_out` transposes
+the update. Tensors the adapter stores whole (`modules_to_save`) replace the base tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ftaudit.errors import InvalidWeightsError, UnsupportedError
+from ftaudit.pairing import align
+from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.safetensors import TensorInfo
+from ftaudit.sources.storage import Storage
+
+PEFT_PREFIX = "base_model.model."
+_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
+_UNSUPPORTED_KEYS = {
+    "lora_magnitude_vector": "DoRA (use_dora) magnitude vectors",
+    "lora_E": "AdaLoRA",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its factors, rank, alpha and scaling."""
+
+    module: str
+    a: str
+    b: str
+    rank: int
+    alpha: float
+    scaling: float
+    transpose: bool
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter: its config and the factors in adapter_model.safetensors."""
+
+    def __init__(self, storage: Storage, config: dict[str, object]) -> None:
+        self.label = storage.label
+        self.config = config
+        _check_config(config, storage.label)
+        self.weights = Checkpoint.open(storage, stem="adapter_model")
+        self.modules: dict[str, LoraModule] = {}
+        self.replaced: dict[str, str] = {}
+        factors: dict[str, dict[str, str]] = {}
+        for name in self.weights.tensors:
+            for key, what in _UNSUPPORTED_KEYS.items():
+                if key in name:
+                    raise UnsupportedError(f"{self.label}: {what} are not supported ({name})")
+            match = _FACTOR.match(name)
+            if match:
+                factors.setdefault(_strip_peft(match["module"]), {})[match["side"]] = name
+            else:
+                self.replaced[_strip_peft(name)] = name
+        for module, pair in sorted(factors.items()):
+            if set(pair) != {"A", "B"}:
+                raise InvalidWeightsError(f"{self.label}: module {module} has lora_{next(iter(pair))} but not its pair")
+            self.modules[module] = self._module(module, pair["A"], pair["B"], embedding="lora_embedding" in pair["A"])
+        if not self.modules and not self.replaced:
+            raise InvalidWeightsError(f"{self.label}: the adapter holds no LoRA factors")
+
+    def _module(self, module: str, a: str, b: str, embedding: bool) -> LoraModule:
+        a_shape, b_shape = self.weights.tensors[a].info.shape, self.weights.tensors[b].info.shape
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise UnsupportedError(f"{self.label}: LoRA on non-linear layers ({module}, factor shape {list(a_shape)})")
+        if a_shape[0] != b_shape[1]:
+            raise InvalidWeightsError(
+                f"{self.label}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} disagree on the rank"
+            )
+        rank = a_shape[0]
+        alpha = float(_pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8)))
+        scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+        transpose = embedding or bool(self.config.get("fan_in_fan_out"))
+        return LoraModule(module, a, b, rank, alpha, scaling, transpose)
+
+    def describe(self) -> dict[str, object]:
+        """The adapter as the report shows it."""
+        ranks = sorted({m.rank for m in self.modules.values()})
+        return {
+            "type": "lora",
+            "r": ranks[0] if len(ranks) == 1 else ranks,
+            "lora_alpha": self.config.get("lora_alpha"),
+            "use_rslora": bool(self.config.get("use_rslora")),
+            "modules": len(self.modules),
+            "modules_to_save": sorted(self.replaced),
+        }
+
+
+def _check_config(config: dict[str, object], label: str) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedError(f"{label}: {peft_type} adapters are not supported (only LoRA)")
+    if config.get("use_dora"):
+        raise UnsupportedError(f"{label}: DoRA adapters (use_dora) are not supported")
+    if config.get("target_parameters"):
+        raise UnsupportedError(f"{label}: LoRA on raw parameters (target_parameters) is not supported")
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise InvalidWeightsError(f"{label}/adapter_config.json: lora_alpha must be a number")
+
+
+def _strip_peft(name: str) -> str:
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def _pattern_value(patterns: object, module: str, default: object) -> object:
+    """PEFT's rule: the first pattern p with module matching (.*\\.)?(p)$."""
+    if isinstance(patterns, dict):
+        for pattern, value in patterns.items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+    return default
+
+
+class AdaptedTensors:
+    """The tuned side of an adapter audit: base tensors with the adapter applied, in float64."""
+
+    def __init__(self, adapter: LoraAdapter, base: Checkpoint) -> None:
+        self.adapter = adapter
+        self.base = base
+        base_infos = base.infos
+        wanted = {f"{m}.weight": m for m in adapter.modules} | dict.fromkeys(adapter.replaced)
+        base_map, adapter_map = align(base_infos, wanted)
+        self._sources: dict[str, tuple[str, str]] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for key, original in adapter_map.items():
+            base_name = base_map.get(key)
+            if original in adapter.replaced:
+                info = adapter.weights.tensors[adapter.replaced[original]].info
+                self._infos[base_name or original] = info
+                self._sources[base_name or original] = ("replaced", adapter.replaced[original])
+                continue
+            module = adapter.modules[wanted[original]]
+            if base_name is None:
+                raise InvalidWeightsError(f"{adapter.label}: adapts {module.module}, which the base does not have")
+            self._check_fit(module, base_infos[base_name])
+            self._infos[base_name] = base_infos[base_name]
+            self._sources[base_name] = ("lora", module.module)
+
+    def _check_fit(self, module: LoraModule, info: TensorInfo) -> None:
+        a = self.adapter.weights.tensors[module.a].info.shape
+        b = self.adapter.weights.tensors[module.b].info.shape
+        expected = (a[1], b[0]) if module.transpose else (b[0], a[1])
+        if tuple(info.shape) != expected:
+            raise InvalidWeightsError(
+                f"{self.adapter.label}: {module.module}: the update is {list(expected)} but the base weight is "
+                f"{list(info.shape)}: is this the adapter's base?"
+            )
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def module(self, name: str) -> LoraModule | None:
+        """The LoRA module that adapts tensor `name`, if any."""
+        kind, source = self._sources[name]
+        return self.adapter.modules[source] if kind == "lora" else None
+
+    def load(self, name: str) -> torch.Tensor:
+        kind, source = self._sources[name]
+        if kind == "replaced":
+            return self.adapter.weights.load(source)
+        module = self.adapter.modules[source]
+        a = self.adapter.weights.load(module.a).double()
+        b = self.adapter.weights.load(module.b).double()
+        delta = b @ a
+        if module.transpose:
+            delta = delta.T
+        return self.base.load(name).double() + module.scaling * delta

@@ -1,0 +1,112 @@
+"""A safetensors checkpoint (single file or sharded) read tensor by tensor from any Storage."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ftaudit.errors import InvalidWeightsError, NotFoundError, UnsupportedError
+from ftaudit.sources import safetensors
+from ftaudit.sources.safetensors import TensorInfo
+from ftaudit.sources.storage import Storage
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor and the file that holds it."""
+
+    file: str
+    info: TensorInfo
+
+
+class Checkpoint:
+    """The tensors of one model: validated headers first, then bytes on demand."""
+
+    def __init__(self, storage: Storage, weight_files: list[str], weight_map: dict[str, str] | None = None) -> None:
+        self.storage = storage
+        self.tensors: dict[str, TensorRef] = {}
+        self._last: tuple[str, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+        for name in weight_files:
+            for info in read_header(storage, name).tensors.values():
+                if info.name in self.tensors:
+                    raise InvalidWeightsError(
+                        f"{storage.label}: tensor {info.name!r} appears in both "
+                        f"{self.tensors[info.name].file} and {name}"
+                    )
+                self.tensors[info.name] = TensorRef(name, info)
+        for tensor, file in (weight_map or {}).items():
+            ref = self.tensors.get(tensor)
+            if ref is None or ref.file != file:
+                raise InvalidWeightsError(f"{storage.label}: the shard index puts {tensor!r} in {file}, which lacks it")
+
+    @classmethod
+    def open(cls, storage: Storage, stem: str = "model") -> Checkpoint:
+        """Find the model's weights in the snapshot and read their headers."""
+        return cls(storage, *find_weight_files(storage, stem))
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return {name: ref.info for name, ref in self.tensors.items()}
+
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor as a CPU tensor of its stored dtype; the last one is kept for a repeated load."""
+        with self._lock:
+            if self._last is not None and self._last[0] == name:
+                return self._last[1]
+            ref = self.tensors[name]
+            tensor = safetensors.decode(self.storage.read(ref.file, ref.info.start, ref.info.nbytes), ref.info)
+            self._last = (name, tensor)
+            return tensor
+
+
+def read_header(storage: Storage, name: str) -> safetensors.Header:
+    """Fetch and validate the header of one safetensors file."""
+    label = f"{storage.label}/{name}"
+    size = storage.size(name)
+    n = safetensors.header_length(storage.read(name, 0, min(size, 8)), size, label)
+    return safetensors.parse_header(storage.read(name, 8, n), size, label)
+
+
+def find_weight_files(storage: Storage, stem: str = "model") -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files that hold the weights, and the shard index's weight map if there is one."""
+    files = storage.files()
+    index = f"{stem}.safetensors.index.json"
+    if index in files:
+        weight_map = _weight_map(storage, index)
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise InvalidWeightsError(f"{storage.label}/{index}: names shard {missing[0]}, which is not in the snapshot")
+        return shards, weight_map
+    if f"{stem}.safetensors" in files:
+        return [f"{stem}.safetensors"], None
+    top_level = [f for f in files if "/" not in f]
+    found = sorted(f for f in top_level if f.endswith(".safetensors"))
+    if found:
+        return found, None
+    if any(f.endswith(PICKLE_SUFFIXES) for f in top_level):
+        raise UnsupportedError(
+            f"{storage.label}: weights are only in pickle files (.bin/.pt); ftaudit reads safetensors, "
+            "since loading a pickle can run arbitrary code"
+        )
+    raise NotFoundError(f"{storage.label}: no safetensors weights found")
+
+
+def _weight_map(storage: Storage, index: str) -> dict[str, str]:
+    label = f"{storage.label}/{index}"
+    try:
+        doc = json.loads(storage.read_text(index) or "")
+    except ValueError:
+        raise InvalidWeightsError(f"{label}: not valid JSON") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InvalidWeightsError(f"{label}: weight_map must map tensor names to file names")
+    return weight_map

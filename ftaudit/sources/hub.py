@@ -1,0 +1,223 @@
+"""Model files in a Hugging Face Hub repository, read by HTTP Range requests.
+
+Everything goes through huggingface_hub: its session, URLs, auth headers and error classes.
+The revision is resolved to a commit sha once, and every read is pinned to that sha.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, get_session, hf_hub_url
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
+
+from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError
+from ftaudit.sources.storage import MAX_TEXT_BYTES
+
+log = logging.getLogger("ftaudit")
+
+T = TypeVar("T")
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def endpoint() -> str:
+    """The Hub endpoint: HF_ENDPOINT as set now, else huggingface_hub's default."""
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _retries() -> int:
+    return max(1, int(os.environ.get("FTAUDIT_HTTP_RETRIES", "5")))
+
+
+def _backoff() -> float:
+    return float(os.environ.get("FTAUDIT_HTTP_BACKOFF", "0.5"))
+
+
+def _timeout() -> httpx2.Timeout:
+    return httpx2.Timeout(float(os.environ.get("FTAUDIT_HTTP_TIMEOUT", "60")), connect=10.0)
+
+
+class _Transient(Exception):
+    """A failure worth retrying: a dropped connection, a short body, HTTP 429 or 5xx."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class HubStorage:
+    """One commit of a Hub model repository."""
+
+    def __init__(self, repo_id: str, revision: str | None, token: str | None) -> None:
+        self.repo_id = repo_id
+        self.endpoint = endpoint()
+        self.token = token
+        self._has_token = bool(token or get_token())
+        self.label = repo_id
+        api = HfApi(endpoint=self.endpoint, token=token)
+        info = self._call(lambda: api.model_info(repo_id, revision=revision), f"revision {revision or 'main'}")
+        if not info.sha:
+            raise NetworkError(f"{repo_id}: the server did not say which commit {revision or 'main'} is")
+        self.sha: str = info.sha
+        self.label = f"{repo_id}@{self.sha[:12]}"
+        self._files = sorted(s.rfilename for s in info.siblings or [])
+        self._sizes: dict[str, int] = {}
+        self._warned_no_range = False
+
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    def size(self, name: str) -> int:
+        if name not in self._sizes:
+            url = self._url(name)
+            meta = self._call(lambda: get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint), name)
+            if meta.size is None:
+                raise NetworkError(f"{self.label}/{name}: the server did not give the file's size")
+            self._sizes[name] = meta.size
+        return self._sizes[name]
+
+    def read(self, name: str, start: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        return self._call(lambda: self._read_range(name, start, length), name)
+
+    def read_text(self, name: str) -> str | None:
+        if name not in self._files:
+            return None
+        data = self._call(lambda: self._read_whole(name), name)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidWeightsError(f"{self.label}/{name}: not UTF-8 text") from None
+
+    def _url(self, name: str) -> str:
+        return hf_hub_url(self.repo_id, name, revision=self.sha, endpoint=self.endpoint)
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return build_hf_headers(token=self.token, headers=extra)
+
+    def _read_range(self, name: str, start: int, length: int) -> bytes:
+        end = start + length - 1
+        headers = self._headers({"Range": f"bytes={start}-{end}"})
+        with get_session().stream("GET", self._url(name), headers=headers, timeout=_timeout()) as r:
+            _raise_for_status(r)
+            if r.status_code == 206:
+                _check_content_range(r.headers.get("Content-Range"), start, end)
+                data = r.read()
+            else:
+                if not self._warned_no_range:
+                    log.warning(
+                        "%s: the server ignores HTTP Range requests; reading whole files to take slices (slow)",
+                        self.endpoint,
+                    )
+                    self._warned_no_range = True
+                data = _slice(r.iter_bytes(), start, length)
+        if len(data) != length:
+            raise _Transient(f"short read ({len(data)} of {length} bytes)")
+        return data
+
+    def _read_whole(self, name: str) -> bytes:
+        with get_session().stream("GET", self._url(name), headers=self._headers(), timeout=_timeout()) as r:
+            _raise_for_status(r)
+            chunks, total = [], 0
+            for chunk in r.iter_bytes():
+                total += len(chunk)
+                if total > MAX_TEXT_BYTES:
+                    raise InvalidWeightsError(f"{self.label}/{name}: too large for a metadata file")
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        """Run one request with bounded retries, mapping failures to ftaudit errors."""
+        attempts = _retries()
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except FtauditError:
+                raise
+            except HfHubHTTPError as e:
+                status = e.response.status_code if e.response is not None else None
+                if status not in RETRY_STATUS:
+                    raise self._error(e, what) from None
+                failure: _Transient = _Transient(f"HTTP {status}", _retry_after(e.response))
+            except _Transient as e:
+                failure = e
+            except httpx2.TransportError as e:
+                failure = _Transient(type(e).__name__)
+            if attempt + 1 == attempts:
+                raise NetworkError(
+                    f"{self.label}: {what}: still failing after {attempts} attempts ({failure})"
+                ) from None
+            delay = failure.retry_after if failure.retry_after is not None else _backoff() * 2**attempt
+            log.debug("%s: %s: %s; retrying in %.1fs", self.label, what, failure, delay)
+            time.sleep(min(delay, 30.0))
+        raise AssertionError("unreachable")
+
+    def _error(self, e: HfHubHTTPError, what: str) -> FtauditError:
+        """One actionable message per failure the Hub reports."""
+        repo = self.repo_id
+        if isinstance(e, GatedRepoError):
+            return AccessError(
+                f"{repo} is a gated repository: accept its conditions on the Hub, then pass a token "
+                "of that account (--token or HF_TOKEN)"
+            )
+        if isinstance(e, RevisionNotFoundError):
+            return NotFoundError(f"{repo}: {what} not found")
+        if isinstance(e, RepositoryNotFoundError):
+            hint = "or the token cannot read it" if self._has_token else "or it is private: pass --token or set HF_TOKEN"
+            return NotFoundError(f"{repo}: no such model repository on {self.endpoint}, {hint}")
+        if isinstance(e, EntryNotFoundError):
+            return NotFoundError(f"{self.label}: no file {what}")
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            return AccessError(f"{repo}: the server rejected the token (HTTP 401): check --token or HF_TOKEN")
+        if status == 403:
+            return AccessError(f"{repo}: the token may not read this repository (HTTP 403)")
+        return NetworkError(f"{self.label}: {what}: the server answered HTTP {status}")
+
+
+def _raise_for_status(r: httpx2.Response) -> None:
+    if r.status_code in RETRY_STATUS:
+        raise _Transient(f"HTTP {r.status_code}", _retry_after(r))
+    if r.status_code >= 400:
+        r.read()
+        hf_raise_for_status(r)
+
+
+def _retry_after(r: httpx2.Response | None) -> float | None:
+    value = r.headers.get("Retry-After") if r is not None else None
+    return float(value) if value and value.isdigit() else None
+
+
+def _check_content_range(value: str | None, start: int, end: int) -> None:
+    match = CONTENT_RANGE.fullmatch(value or "")
+    if not match or int(match[1]) != start or int(match[2]) != end:
+        raise NetworkError(f"the server answered a Range request for bytes {start}-{end} with range {value!r}")
+
+
+def _slice(chunks: Iterator[bytes], start: int, length: int) -> bytes:
+    """Bytes [start, start+length) of a streamed body, without keeping the rest."""
+    out = bytearray()
+    pos = 0
+    for chunk in chunks:
+        lo, hi = max(start - pos, 0), min(start + length - pos, len(chunk))
+        if lo < hi:
+            out += chunk[lo:hi]
+        pos += len(chunk)
+        if pos >= start + length:
+            break
+    return bytes(out)

@@ -1,0 +1,57 @@
+"""Model files in a local folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ftaudit.errors import InvalidWeightsError, NotFoundError
+from ftaudit.sources.storage import MAX_TEXT_BYTES
+
+
+class LocalStorage:
+    """A folder on disk, read by slices."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise NotFoundError(f"{root}: not a folder")
+        self.root = root
+        self.label = str(root)
+
+    def files(self) -> list[str]:
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+        )
+
+    def _path(self, name: str) -> Path:
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise InvalidWeightsError(f"{self.label}: file name {name!r} points outside the folder")
+        return path
+
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self._path(name)).st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.label}: no file {name}") from None
+
+    def read(self, name: str, start: int, length: int) -> bytes:
+        with open(self._path(name), "rb") as f:
+            f.seek(start)
+            data = f.read(length)
+        if len(data) != length:
+            raise InvalidWeightsError(f"{self.label}/{name}: file ends before byte {start + length}")
+        return data
+
+    def read_text(self, name: str) -> str | None:
+        path = self._path(name)
+        if not path.is_file():
+            return None
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise InvalidWeightsError(f"{self.label}/{name}: too large for a metadata file")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidWeightsError(f"{self.label}/{name}: not UTF-8 text") from None

@@ -1,0 +1,156 @@
+"""The safetensors format: header parsing, complete validation, and tensor decoding.
+
+Layout: 8-byte little-endian header length N, N bytes of JSON, then the data. Every tensor entry
+is checked (dtype, shape, offsets, sizes, coverage of the data) before any byte of data is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ftaudit.errors import InvalidWeightsError
+
+MAX_HEADER_BYTES = 100_000_000
+"""Headers larger than this are refused (the reference implementation uses the same cap)."""
+
+ITEM_SIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+"""Dtypes whose matrices ftaudit analyses."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in its file: absolute byte range, dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def header_length(prefix: bytes, file_size: int, label: str) -> int:
+    """Read and check the 8-byte header length against the file size."""
+    if file_size < 8 or len(prefix) < 8:
+        raise InvalidWeightsError(f"{label}: truncated safetensors file ({file_size} bytes, no header)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n < 2 or n > MAX_HEADER_BYTES:
+        raise InvalidWeightsError(f"{label}: implausible safetensors header length {n} bytes")
+    if 8 + n > file_size:
+        raise InvalidWeightsError(
+            f"{label}: truncated safetensors file (header of {n} bytes, file of {file_size} bytes)"
+        )
+    return n
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidWeightsError(f"duplicate key {key!r} in safetensors header")
+        out[key] = value
+    return out
+
+
+def parse_header(raw: bytes, file_size: int, label: str) -> Header:
+    """Parse and completely validate header JSON `raw` of a file of `file_size` bytes."""
+    data_start = 8 + len(raw)
+    data_len = file_size - data_start
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except InvalidWeightsError as e:
+        raise InvalidWeightsError(f"{label}: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidWeightsError(f"{label}: safetensors header is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidWeightsError(f"{label}: safetensors header is not a JSON object")
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidWeightsError(f"{label}: __metadata__ must map strings to strings")
+    tensors = {name: _tensor_info(name, entry, data_start, label) for name, entry in doc.items()}
+    _check_coverage(tensors, data_start, data_len, label)
+    return Header(tensors=tensors, metadata=metadata, data_start=data_start)
+
+
+def _tensor_info(name: str, entry: object, data_start: int, label: str) -> TensorInfo:
+    where = f"{label}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise InvalidWeightsError(f"{where}: entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in ITEM_SIZE:
+        raise InvalidWeightsError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise InvalidWeightsError(f"{where}: shape must be a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise InvalidWeightsError(f"{where}: data_offsets must be two non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise InvalidWeightsError(f"{where}: data_offsets end before they begin")
+    expected = math.prod(shape) * ITEM_SIZE[dtype]
+    if end - begin != expected:
+        raise InvalidWeightsError(
+            f"{where}: holds {end - begin} bytes but {dtype} {shape} needs {expected}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_coverage(tensors: dict[str, TensorInfo], data_start: int, data_len: int, label: str) -> None:
+    """Tensors must tile the data exactly: in order, without overlap, gap or overrun."""
+    cursor = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start < cursor:
+            raise InvalidWeightsError(f"{label}: tensor {info.name!r} overlaps another tensor")
+        if info.start > cursor:
+            raise InvalidWeightsError(f"{label}: unused bytes before tensor {info.name!r}")
+        cursor = info.end
+    if cursor - data_start > data_len:
+        raise InvalidWeightsError(
+            f"{label}: truncated safetensors file (tensors need {cursor - data_start} bytes of data, "
+            f"the file has {data_len})"
+        )
+    if cursor - data_start < data_len:
+        raise InvalidWeightsError(f"{label}: {data_len - (cursor - data_start)} unused bytes after the last tensor")
+
+
+def decode(buf: bytes, info: TensorInfo) -> torch.Tensor:
+    """Turn the raw bytes of a floating-point tensor into a CPU tensor of its stored dtype."""
+    if len(buf) != info.nbytes:
+        raise InvalidWeightsError(f"tensor {info.name!r}: got {len(buf)} bytes, expected {info.nbytes}")
+    dtype = FLOAT_DTYPES.get(info.dtype)
+    if dtype is None:
+        raise InvalidWeightsError(f"tensor {info.name!r}: dtype {info.dtype} is not a float dtype")
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(info.shape)

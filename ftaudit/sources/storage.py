@@ -1,0 +1,31 @@
+"""What every source of model files provides: a listing and byte-range reads."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+MAX_TEXT_BYTES = 16_000_000
+"""Small files (cards, configs, indexes) larger than this are refused."""
+
+
+class Storage(Protocol):
+    """The files of one model snapshot, readable by byte range."""
+
+    label: str
+    """How the snapshot is named in messages: a path, or repo@revision."""
+
+    def files(self) -> list[str]:
+        """Relative POSIX paths of every file in the snapshot."""
+        ...
+
+    def size(self, name: str) -> int:
+        """Size of a file in bytes."""
+        ...
+
+    def read(self, name: str, start: int, length: int) -> bytes:
+        """Exactly `length` bytes from offset `start`, or an ftaudit error."""
+        ...
+
+    def read_text(self, name: str) -> str | None:
+        """A small UTF-8 file, or None when the snapshot has no such file."""
+        ...

@@ -1,0 +1,87 @@
+"""Real safetensors checkpoints made in tests: small Llama-shaped models and tuned variants."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save, save_file
+
+MODULES = {
+    "self_attn.q_proj": "hh", "self_attn.k_proj": "hh", "self_attn.v_proj": "hh", "self_attn.o_proj": "hh",
+    "mlp.gate_proj": "fh", "mlp.up_proj": "fh", "mlp.down_proj": "hf",
+}
+
+
+def llama_like(layers: int = 2, hidden: int = 32, ffn: int = 48, vocab: int = 50, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A random model with Llama's tensor names and shapes (embeddings, norms, head included)."""
+    g = torch.Generator().manual_seed(seed)
+    dims = {"h": hidden, "f": ffn}
+    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g)}
+    for i in range(layers):
+        for module, (rows, cols) in MODULES.items():
+            tensors[f"model.layers.{i}.{module}.weight"] = torch.randn(dims[rows], dims[cols], generator=g) / hidden**0.5
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden)
+    tensors["model.norm.weight"] = torch.ones(hidden)
+    tensors["lm_head.weight"] = torch.randn(vocab, hidden, generator=g)
+    return {k: v.to(dtype) for k, v in tensors.items()}
+
+
+def low_rank_update(tensors: dict[str, torch.Tensor], rank: int = 2, scale: float = 3.0, seed: int = 1,
+                    only: str = "proj") -> dict[str, torch.Tensor]:
+    """Add a strong random rank-`rank` update to every matrix whose name contains `only`: intruders."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(tensors)
+    for name, w in tensors.items():
+        if w.ndim == 2 and only in name:
+            b = torch.randn(w.shape[0], rank, generator=g)
+            a = torch.randn(rank, w.shape[1], generator=g)
+            delta = b @ a
+            delta *= scale * torch.linalg.matrix_norm(w.float(), ord=2) / torch.linalg.matrix_norm(delta, ord=2)
+            out[name] = (w.float() + delta).to(w.dtype)
+    return out
+
+
+def small_update(tensors: dict[str, torch.Tensor], scale: float = 1e-3, seed: int = 2) -> dict[str, torch.Tensor]:
+    """Add a small dense update everywhere: a gentle full fine-tune, no intruders."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + scale * torch.randn(v.shape, generator=g) * v.float().std()).to(v.dtype)
+            for k, v in tensors.items()}
+
+
+def card(base: str | list[str] | None = None, **extra: object) -> str:
+    """A model card with YAML front matter."""
+    meta = {"license": "apache-2.0", **({"base_model": base} if base is not None else {}), **extra}
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# A model\n\nSome text.\n"
+
+
+def write_model(folder: Path, tensors: dict[str, torch.Tensor], *, readme: str | None = None,
+                shards: int = 1) -> Path:
+    """Write tensors as model.safetensors, or as `shards` files with an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if shards == 1:
+        save_file(tensors, folder / "model.safetensors")
+    else:
+        names = sorted(tensors)
+        weight_map = {}
+        for i in range(shards):
+            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = names[i::shards]
+            save_file({n: tensors[n] for n in part}, folder / file)
+            weight_map.update(dict.fromkeys(part, file))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if readme is not None:
+        (folder / "README.md").write_text(readme)
+    return folder
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder, for serving from the test Hub."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save(tensors)

@@ -1,0 +1,86 @@
+"""Header parsing and validation against files written by the safetensors library, and corruptions."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from ftaudit.errors import InvalidWeightsError
+from ftaudit.sources import safetensors as st
+from tests.models import safetensors_bytes
+
+
+def parse(blob: bytes) -> st.Header:
+    n = st.header_length(blob[:8], len(blob), "f")
+    return st.parse_header(blob[8 : 8 + n], len(blob), "f")
+
+
+def build(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def test_parses_what_the_library_writes_and_decodes_every_float_dtype():
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5, 2).to(torch.bfloat16),
+        "c": torch.randn(2, 2).to(torch.float16),
+        "d": torch.randn(4, 1, dtype=torch.float64),
+        "ids": torch.arange(6),
+    }
+    blob = safetensors_bytes(tensors)
+    header = parse(blob)
+    assert set(header.tensors) == set(tensors)
+    for name in ("a", "b", "c", "d"):
+        info = header.tensors[name]
+        assert info.shape == tuple(tensors[name].shape)
+        assert torch.equal(st.decode(blob[info.start : info.end], info), tensors[name])
+    with pytest.raises(InvalidWeightsError, match="not a float dtype"):
+        info = header.tensors["ids"]
+        st.decode(blob[info.start : info.end], info)
+
+
+GOOD = {"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"x": {"dtype": "F33", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(16), "unknown dtype"),
+        ({"x": {"dtype": "F32", "shape": [2, -2], "data_offsets": [0, 16]}}, bytes(16), "shape"),
+        ({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0]}}, bytes(16), "data_offsets"),
+        ({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 4]}}, bytes(16), "end before"),
+        ({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, bytes(16), "needs 16"),
+        ({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(8), "truncated"),
+        ({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(20), "unused bytes"),
+        ({**GOOD, "y": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16), "overlaps"),
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16), "unused bytes before"),
+        ({**GOOD, "__metadata__": {"a": 1}}, bytes(16), "__metadata__"),
+        ({"x": [1, 2]}, bytes(16), "not an object"),
+    ],
+)
+def test_rejects_inconsistent_headers(header, data, message):
+    with pytest.raises(InvalidWeightsError, match=message):
+        parse(build(header, data))
+
+
+def test_rejects_duplicate_names_non_json_and_non_objects():
+    raw = b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    with pytest.raises(InvalidWeightsError, match="duplicate key 'x'"):
+        parse(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    with pytest.raises(InvalidWeightsError, match="not valid JSON"):
+        parse(struct.pack("<Q", 5) + b"{nope" + bytes(4))
+    with pytest.raises(InvalidWeightsError, match="not a JSON object"):
+        parse(struct.pack("<Q", 2) + b"[]")
+
+
+def test_rejects_bad_header_lengths_without_allocating():
+    with pytest.raises(InvalidWeightsError, match="truncated"):
+        st.header_length(b"\x01\x02", 2, "f")
+    with pytest.raises(InvalidWeightsError, match="implausible"):
+        st.header_length(struct.pack("<Q", 2**62), 10**6, "f")
+    with pytest.raises(InvalidWeightsError, match="truncated"):
+        st.header_length(struct.pack("<Q", 500), 100, "f")

@@ -1,0 +1,73 @@
+"""The exact kernels against a float64 full-SVD reference, and cases with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ftaudit.analyses.intruders import intruders
+from ftaudit.spectral import left_spectrum, top_left
+from tests import reference
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (24, 60), (60, 24)])
+def test_left_spectrum_matches_svd(shape):
+    w = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    spec = left_spectrum(w)
+    U, S, _ = torch.linalg.svd(w, full_matrices=False)
+    assert spec.U.shape == U.shape
+    assert torch.allclose(spec.S, S, atol=1e-10)
+    # Singular vectors agree up to sign.
+    assert torch.allclose((spec.U * U).sum(0).abs(), torch.ones(min(shape), dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(spec.U.T @ spec.U, torch.eye(min(shape), dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (32, 80), (80, 32)])
+def test_intruders_match_the_reference(shape):
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(*shape, dtype=torch.float64, generator=g)
+    wt = w0 + 4 * torch.randn(shape[0], 2, dtype=torch.float64, generator=g) @ torch.randn(2, shape[1], dtype=torch.float64, generator=g)
+    found = intruders(left_spectrum(w0), top_left(wt, 10))
+    assert found.max_cos == pytest.approx(reference.max_cos(w0, wt), abs=1e-9)
+
+
+def test_identical_matrices_have_no_intruders():
+    w = torch.randn(30, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    found = intruders(left_spectrum(w), top_left(w, 10))
+    assert found.max_cos == pytest.approx([1.0] * 10, abs=1e-9)
+    assert found.count(0.99) == 0
+    assert found.match == list(range(10))
+
+
+def test_a_direction_spread_over_base_directions_is_an_intruder():
+    # Base: diagonal, so its left singular vectors are the unit vectors e_i.
+    d = 16
+    w0 = torch.diag(torch.linspace(2.0, 1.0, d, dtype=torch.float64))
+    # Add a dominant direction spread evenly over all e_i: |cos| with each is 1/sqrt(d) = 0.25.
+    u = torch.full((d,), 1 / math.sqrt(d), dtype=torch.float64)
+    wt = w0 + 1000 * torch.outer(u, u)
+    found = intruders(left_spectrum(w0), top_left(wt, 3))
+    assert found.max_cos[0] == pytest.approx(0.25, abs=1e-3)
+    assert found.max_cos == pytest.approx(reference.max_cos(w0, wt, 3), abs=1e-9)
+    assert found.count(0.5) == 1 and found.count(0.2) == 0
+    assert found.sigma[0] == pytest.approx(torch.linalg.svdvals(wt)[0].item())
+
+
+def test_tall_matrix_reports_energy_outside_the_base_column_space():
+    # Base spans only e_0..e_3 in R^8; the tuned top direction is e_7, outside that span.
+    w0 = torch.zeros(8, 4, dtype=torch.float64)
+    w0[:4, :4] = torch.eye(4)
+    wt = w0.clone()
+    wt[7, 0] = 5.0
+    found = intruders(left_spectrum(w0), top_left(wt, 1))
+    assert found.outside_span[0] == pytest.approx(1 - 1 / 26, abs=1e-9)
+    assert found.max_cos[0] == pytest.approx(1 / math.sqrt(26), abs=1e-9)
+
+
+def test_zero_matrices_give_defined_values():
+    z = torch.zeros(6, 9, dtype=torch.float64)
+    found = intruders(left_spectrum(z), top_left(z, 4))
+    assert all(math.isfinite(c) for c in found.max_cos)
+    assert found.sigma == [0.0] * 4
