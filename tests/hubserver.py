@@ -1,0 +1,448 @@
+"""A fake of the Hugging Face Hub HTTP API, served on 127.0.0.1 from background threads, for tests.
+
+It answers the calls huggingface_hub makes for model repos: `GET /api/models/{repo}[/revision/{rev}]` and
+`HEAD`/`GET /{repo}/resolve/{rev}/{path}` (with single byte ranges), signalling errors with the status codes and
+`X-Error-Code` headers the Hub uses, so the client raises the same exception classes. Every request is logged,
+and faults (ignored ranges, error statuses, connections dropped mid-body, delays) can be injected at runtime.
+
+With `redirect_lfs` set, LFS files (weights) are answered like the Hub does: a 302 carrying the file's metadata
+(`X-Linked-Size`, `X-Linked-Etag`) to a signed-URL "CDN", a second listener on another port (another origin).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+
+# Files stored with Git LFS, as in the Hub's default `.gitattributes`.
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".h5", ".msgpack")
+
+_API_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)(?:/revision/(?P<rev>[^/]+))?")
+_RESOLVE_PATH = re.compile(r"/(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)")
+_CDN_PATH = re.compile(r"/lfs/(?P<sha256>[0-9a-f]{64})")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$", re.DOTALL | re.MULTILINE)
+_CHUNK = 1 << 16
+
+
+@dataclass
+class LoggedRequest:
+    """One request the server answered."""
+
+    method: str
+    path: str  # the request target as sent: percent-encoded, with its query string
+    range: str | None  # the Range header
+    has_auth: bool  # whether an Authorization header was sent
+    status: int
+    bytes_sent: int  # body bytes written (0 for HEAD)
+    dropped: bool = False  # the connection was closed before the response was complete
+
+
+@dataclass(frozen=True)
+class _Blob:
+    data: bytes
+    oid: str  # git blob id of what git stores: the content, or the LFS pointer
+    sha256: str
+    pointer: bytes | None  # the LFS pointer, for LFS files
+
+
+@dataclass(frozen=True)
+class _Commit:
+    sha: str
+    files: dict[str, _Blob]
+    card_data: dict[str, Any] | None
+    date: str
+
+
+@dataclass
+class _Repo:
+    private: bool
+    gated: bool
+    created: str
+    branches: dict[str, str] = field(default_factory=dict)
+    commits: dict[str, _Commit] = field(default_factory=dict)
+
+
+@dataclass
+class _Fault:
+    remaining: int
+    path_contains: str | None
+    status: int | None  # None: drop the connection
+
+
+@dataclass
+class _Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+class _Unsatisfiable(Exception):
+    """A Range that selects no byte of the file."""
+
+
+class HubServer:
+    """A fake Hugging Face Hub: add repos and tokens, point huggingface_hub at `url` (`endpoint=server.url`).
+
+    Runtime knobs (thread-safe): `ignore_range` (answer Range GETs with 200 and the whole body), `delay`
+    (seconds slept before answering each request), `redirect_lfs` (see the module docstring),
+    `fail_next` and `drop_next`.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[LoggedRequest] = []
+        self.ignore_range = False
+        self.delay = 0.0
+        self.redirect_lfs = False
+        self._lock = threading.Lock()
+        self._repos: dict[str, _Repo] = {}
+        self._tokens: dict[str, frozenset[str]] = {}
+        self._lfs: dict[str, bytes] = {}
+        self._faults: list[_Fault] = []
+        self._listeners = (_Listener(self, cdn=False), _Listener(self, cdn=True))
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        """The Hub endpoint, like `http://127.0.0.1:PORT`."""
+        return _url(self._listeners[0])
+
+    @property
+    def cdn_url(self) -> str:
+        """Where LFS files are redirected to when `redirect_lfs` is set."""
+        return _url(self._listeners[1])
+
+    def start(self) -> None:
+        """Serve from background threads."""
+        for listener in self._listeners:
+            thread = threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop serving and close every connection."""
+        for listener in self._listeners:
+            if self._threads:
+                listener.shutdown()
+            listener.server_close()
+        for thread in self._threads:
+            thread.join()
+
+    def __enter__(self) -> HubServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def add_repo(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        revision_name: str = "main",
+        private: bool = False,
+        gated: bool = False,
+        card_data: dict[str, Any] | None = None,
+    ) -> str:
+        """Commit `files` (the whole snapshot) to branch `revision_name` of model repo `repo_id`; return the sha.
+
+        The sha is derived from the repo, the parent commit and the files. Earlier commits stay resolvable by sha.
+        `card_data` defaults to the YAML front matter of `files["README.md"]`. `private` and `gated` apply to the
+        whole repo, replacing earlier values.
+        """
+        blobs = {path: _blob(path, data) for path, data in files.items()}
+        if card_data is None and "README.md" in files:
+            card_data = _front_matter(files["README.md"].decode())
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        with self._lock:
+            repo = self._repos.setdefault(repo_id, _Repo(private, gated, created=now))
+            repo.private, repo.gated = private, gated
+            digest = hashlib.sha1(f"{repo_id}\0{repo.branches.get(revision_name)}\0".encode())
+            for path in sorted(blobs):
+                digest.update(f"{path}\0{blobs[path].oid}\0".encode())
+            sha = digest.hexdigest()
+            repo.commits[sha] = _Commit(sha, blobs, card_data, now)
+            repo.branches[revision_name] = sha
+            self._lfs.update((blob.sha256, blob.data) for blob in blobs.values() if blob.pointer is not None)
+        return sha
+
+    def add_token(self, token: str, repos: Iterable[str] = ()) -> None:
+        """Make `token` valid (`Authorization: Bearer <token>`), granting it the private and gated `repos`."""
+        with self._lock:
+            self._tokens[token] = frozenset(repos)
+
+    def fail_next(self, n: int = 1, status: int = 500, path_contains: str | None = None) -> None:
+        """Answer the next `n` requests whose target contains `path_contains` with `status` (429: `Retry-After: 0`)."""
+        with self._lock:
+            self._faults.append(_Fault(n, path_contains, status))
+
+    def drop_next(self, n: int = 1, path_contains: str | None = None) -> None:
+        """Close the connection of the next `n` matching requests early.
+
+        A GET gets its headers (full `Content-Length`) and half its body; a HEAD gets nothing.
+        """
+        with self._lock:
+            self._faults.append(_Fault(n, path_contains, None))
+
+    def _take_fault(self, target: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.path_contains is None or fault.path_contains in target:
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    def _log(self, entry: LoggedRequest) -> None:
+        with self._lock:
+            self.requests.append(entry)
+
+    def _route(self, target: str, headers: Message, *, cdn: bool) -> _Response:
+        url = urlsplit(target)
+        with self._lock:
+            if cdn:
+                match = _CDN_PATH.fullmatch(url.path)
+                data = self._lfs.get(match["sha256"]) if match else None
+                if match is None or data is None:
+                    return _error(404, "Not Found")
+                return self._content(data, headers.get("Range"), {"ETag": f'"{match["sha256"]}"'})
+            if match := _API_PATH.fullmatch(url.path):
+                repo_id, revision = unquote(match["repo"]), unquote(match["rev"] or "main")
+                found = self._lookup(repo_id, revision, headers.get("Authorization"), files=False)
+                if isinstance(found, _Response):
+                    return found
+                info = _model_info(repo_id, *found, blobs="blobs" in parse_qs(url.query))
+                return _Response(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
+            if match := _RESOLVE_PATH.fullmatch(url.path):
+                found = self._lookup(
+                    unquote(match["repo"]), unquote(match["rev"]), headers.get("Authorization"), files=True
+                )
+                if isinstance(found, _Response):
+                    return found
+                return self._resolve(found[1], unquote(match["file"]), headers.get("Range"))
+            return _error(404, "Not Found")
+
+    def _lookup(
+        self, repo_id: str, revision: str, authorization: str | None, *, files: bool
+    ) -> tuple[_Repo, _Commit] | _Response:
+        """The repo and the commit `revision` names, or the error the Hub answers (gating applies to `files`)."""
+        token = None
+        if authorization is not None:
+            token = authorization.removeprefix("Bearer ").strip()
+            if not authorization.startswith("Bearer ") or token not in self._tokens:
+                return _error(401, "Invalid credentials in Authorization header")
+        granted = token is not None and repo_id in self._tokens[token]
+        repo = self._repos.get(repo_id)
+        if repo is None or (repo.private and not granted):
+            return _error(401 if token is None else 404, "Repository not found", "RepoNotFound")
+        if files and repo.gated and not granted:
+            if token is None:
+                return _error(401, f"Access to model {repo_id} is restricted. Please log in.", "GatedRepo")
+            return _error(403, f"Access to model {repo_id} is restricted: not in the authorized list.", "GatedRepo")
+        commit = repo.commits.get(repo.branches.get(revision, revision))
+        if commit is None:
+            return _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return repo, commit
+
+    def _resolve(self, commit: _Commit, path: str, range_header: str | None) -> _Response:
+        blob = commit.files.get(path)
+        if blob is None:
+            response = _error(404, "Entry not found", "EntryNotFound")
+            response.headers["X-Repo-Commit"] = commit.sha
+            return response
+        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{blob.oid}"'}
+        if blob.pointer is not None:
+            headers |= {"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.data))}
+            if self.redirect_lfs:
+                location = f"{self.cdn_url}/lfs/{blob.sha256}"
+                headers["Location"] = location
+                return _Response(302, headers, f"Found. Redirecting to {location}".encode())
+        return self._content(blob.data, range_header, headers)
+
+    def _content(self, data: bytes, range_header: str | None, headers: dict[str, str]) -> _Response:
+        """`data` as a 200, or the 206/416 that `range_header` calls for."""
+        headers = headers | {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        try:
+            byte_range = None if self.ignore_range else _byte_range(range_header, len(data))
+        except _Unsatisfiable:
+            return _Response(416, headers | {"Content-Range": f"bytes */{len(data)}"})
+        if byte_range is None:
+            return _Response(200, headers, data)
+        start, stop = byte_range
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+        return _Response(206, headers, data[start:stop])
+
+
+class _Listener(ThreadingHTTPServer):
+    """A listening socket on 127.0.0.1 (random port) that tracks its open connections."""
+
+    daemon_threads = True
+
+    def __init__(self, hub: HubServer, *, cdn: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.hub = hub
+        self.cdn = cdn
+        self.connections: set[socket.socket] = set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        for connection in list(self.connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: _Listener
+
+    def do_GET(self) -> None:
+        hub = self.server.hub
+        time.sleep(hub.delay)
+        fault = hub._take_fault(self.path)
+        if fault is not None and fault.status is not None:
+            response = _error(fault.status, "Injected failure")
+            if fault.status == 429:
+                response.headers["Retry-After"] = "0"
+        else:
+            response = hub._route(self.path, self.headers, cdn=self.server.cdn)
+        dropped = fault is not None and fault.status is None
+        body = b"" if self.command == "HEAD" else response.body
+        if dropped:
+            body = body[: len(body) // 2]
+        entry = LoggedRequest(
+            method=self.command,
+            path=self.path,
+            range=self.headers.get("Range"),
+            has_auth="Authorization" in self.headers,
+            status=response.status,
+            bytes_sent=len(body),
+            dropped=dropped,
+        )
+        hub._log(entry)  # before answering, so that the entry is there when the client has its response
+        if dropped:
+            self.close_connection = True
+            if self.command == "HEAD":
+                return
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        for sent in range(0, len(body), _CHUNK):
+            try:
+                self.wfile.write(body[sent : sent + _CHUNK])
+            except OSError:  # the client went away
+                entry.bytes_sent = sent
+                self.close_connection = True
+                return
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep test output quiet."""
+
+
+def _url(listener: _Listener) -> str:
+    return f"http://127.0.0.1:{listener.server_port}"
+
+
+def _error(status: int, message: str, code: str | None = None) -> _Response:
+    """An error the way the Hub sends it: `X-Error-Code`, `X-Error-Message` and `{"error": message}`."""
+    headers = {"Content-Type": "application/json", "X-Error-Message": message}
+    if code is not None:
+        headers["X-Error-Code"] = code
+    return _Response(status, headers, json.dumps({"error": message}).encode())
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """`(start, stop)` of a single-range `Range` header; None for no header or one to ignore (invalid, multi-range)."""
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None:
+        return None
+    first, last = match[1], match[2]
+    if not first:  # suffix: the last n bytes
+        if not last:
+            return None
+        if int(last) == 0 or size == 0:
+            raise _Unsatisfiable
+        return max(size - int(last), 0), size
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise _Unsatisfiable
+    return start, min(int(last) + 1, size) if last else size
+
+
+def _blob(path: str, data: bytes) -> _Blob:
+    sha256 = hashlib.sha256(data).hexdigest()
+    pointer = None
+    if path.endswith(LFS_SUFFIXES):
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
+    stored = data if pointer is None else pointer
+    return _Blob(data, hashlib.sha1(b"blob %d\0" % len(stored) + stored).hexdigest(), sha256, pointer)
+
+
+def _front_matter(readme: str) -> dict[str, Any] | None:
+    match = _FRONT_MATTER.match(readme)
+    card = yaml.safe_load(match[1]) if match else None
+    return card if isinstance(card, dict) else None
+
+
+def _model_info(repo_id: str, repo: _Repo, commit: _Commit, *, blobs: bool) -> dict[str, Any]:
+    """The JSON of `GET /api/models/{repo_id}[/revision/{rev}]` (`?blobs=true` adds sizes and LFS info)."""
+    siblings: list[dict[str, Any]] = []
+    for path, blob in sorted(commit.files.items()):
+        sibling: dict[str, Any] = {"rfilename": path}
+        if blobs:
+            sibling |= {"size": len(blob.data), "blobId": blob.oid}
+            if blob.pointer is not None:
+                sibling["lfs"] = {"sha256": blob.sha256, "size": len(blob.data), "pointerSize": len(blob.pointer)}
+        siblings.append(sibling)
+    card = commit.card_data or {}
+    tags = card.get("tags") or []
+    info = {
+        "id": repo_id,
+        "modelId": repo_id,
+        "author": repo_id.split("/")[0] if "/" in repo_id else None,
+        "sha": commit.sha,
+        "lastModified": commit.date,
+        "createdAt": repo.created,
+        "private": repo.private,
+        "gated": "auto" if repo.gated else False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "library_name": card.get("library_name"),
+        "pipeline_tag": card.get("pipeline_tag"),
+        "tags": [tags] if isinstance(tags, str) else list(tags),
+        "cardData": commit.card_data,
+        "siblings": siblings,
+    }
+    return {key: value for key, value in info.items() if value is not None}

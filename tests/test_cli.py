@@ -1,0 +1,173 @@
+"""`ftaudit check` end to end on real checkpoints written in the test: exit codes, report, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ftaudit.cli import main
+from tests import reference
+from tests.models import card, llama_like, low_rank_update, small_update, write_model
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    base = llama_like()
+    return {
+        "base": write_model(root / "base", base),
+        "full": write_model(root / "full", small_update(base), readme=card(str(root / "base"))),
+        "lora": write_model(root / "lora", low_rank_update(base), readme=card(str(root / "base"))),
+    }
+
+
+def test_gentle_update_passes_and_writes_the_contract(pair, tmp_path):
+    out = tmp_path / "report.json"
+    code, stdout, _ = run("check", pair["full"], "--json", out)
+    assert code == 0, stdout
+    report = json.loads(out.read_text())
+    assert report["schema_version"] == "1"
+    assert report["tool"]["name"] == "ftaudit"
+    assert report["model"] == {"id": str(pair["full"]), "revision": None, "adapter": None}
+    assert report["base"] == {"id": str(pair["base"]), "revision": None, "declared_by": "card"}
+    assert report["settings"]["k"] == 10 and report["settings"]["epsilon"] == 0.5
+    assert report["settings"]["device"] == "cpu"
+    s = report["summary"]
+    assert s["matrices_analysed"] == 14 and s["intruder_dimensions"] == 0
+    assert list(s["intruder_curve"]) == ["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
+    assert s["risk"] == "low" and report["verdict"]["status"] == "pass"
+    m = report["matrices"][0]
+    assert set(m) >= {"name", "shape", "max_cos", "intruders", "indicators"}
+    assert len(m["max_cos"]) == 10 and 0 < m["indicators"]["relative_update_norm"] < 0.01
+    assert "Verdict: PASS" in stdout
+
+
+def test_low_rank_update_fails_with_intruders_matching_the_reference(pair, tmp_path):
+    out = tmp_path / "report.json"
+    code, stdout, _ = run("check", pair["lora"], "--json", out)
+    assert code == 1, stdout
+    report = json.loads(out.read_text())
+    assert report["summary"]["intruder_dimensions"] > 0
+    assert report["summary"]["risk"] == "high" and report["verdict"]["status"] == "fail"
+    assert any("intruder_rate" in r for r in report["verdict"]["reasons"])
+    from safetensors.torch import load_file
+    w0 = load_file(pair["base"] / "model.safetensors")
+    wt = load_file(pair["lora"] / "model.safetensors")
+    for m in report["matrices"]:
+        assert m["max_cos"] == pytest.approx(reference.max_cos(w0[m["name"]], wt[m["name"]]), abs=1e-6)
+    assert "Worst matrices" in stdout and "Verdict: FAIL" in stdout
+
+
+def test_policy_file_changes_the_verdict_and_options_override_it(pair, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("verdict:\n  fail_at: never\nk: 4\n")
+    out = tmp_path / "r.json"
+    code, _, _ = run("check", pair["lora"], "--policy", policy, "--json", out)
+    report = json.loads(out.read_text())
+    assert code == 0 and report["verdict"]["status"] == "warn" and report["settings"]["k"] == 4
+    code, _, _ = run("check", pair["lora"], "--policy", policy, "--k", 2, "--epsilon", 0.3, "--json", out)
+    report = json.loads(out.read_text())
+    assert report["settings"]["k"] == 2 and report["settings"]["epsilon"] == 0.3
+    assert all(len(m["max_cos"]) == 2 for m in report["matrices"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("risk: {intruder_count: {high: 1}}", "unknown risk metric"), ("verdict: {fail_at: sometimes}", "fail_at"),
+     ("k: 0", "k must be"), ("[1, 2", "not valid YAML"), ("bogus: 1", "unknown key")],
+)
+def test_bad_policies_are_one_line_errors(pair, tmp_path, text, message):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text)
+    code, _, stderr = run("check", pair["full"], "--policy", policy)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_sharded_bf16_model_gives_the_same_audit_as_float32(tmp_path):
+    base = llama_like(seed=4)
+    tuned = low_rank_update(base, seed=5)
+    write_model(tmp_path / "base", {k: v.to(torch.bfloat16) for k, v in base.items()}, shards=3)
+    write_model(tmp_path / "tuned", {k: v.to(torch.bfloat16) for k, v in tuned.items()}, shards=2)
+    out = tmp_path / "r.json"
+    code, _, stderr = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--json", out)
+    assert code == 1, stderr
+    report = json.loads(out.read_text())
+    assert report["base"]["declared_by"] == "cli" and report["summary"]["matrices_analysed"] == 14
+
+
+def test_nonfinite_weights_fail_with_the_tensor_named(tmp_path):
+    base = llama_like()
+    tuned = small_update(base)
+    tuned["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "tuned", tuned)
+    out = tmp_path / "r.json"
+    code, stdout, _ = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--json", out)
+    report = json.loads(out.read_text())
+    assert code == 1 and report["tensors"]["nonfinite"] == ["model.layers.1.mlp.up_proj.weight"]
+    assert any("model.layers.1.mlp.up_proj.weight" in r for r in report["verdict"]["reasons"])
+    assert report["summary"]["matrices_analysed"] == 13
+
+
+def test_missing_tensors_are_reported_and_can_fail(tmp_path):
+    base = llama_like()
+    tuned = small_update(base)
+    del tuned["model.layers.0.mlp.gate_proj.weight"]
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "tuned", tuned)
+    out = tmp_path / "r.json"
+    code, stdout, _ = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--json", out)
+    report = json.loads(out.read_text())
+    assert code == 0 and report["tensors"]["missing_in_model"] == ["model.layers.0.mlp.gate_proj.weight"]
+    assert "missing in the model" in stdout
+    policy = tmp_path / "p.yaml"
+    policy.write_text("verdict: {fail_on_missing: true}\n")
+    assert run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--policy", policy)[0] == 1
+
+
+def write_pickle_only(folder: Path) -> Path:
+    folder.mkdir()
+    torch.save({"w": torch.zeros(2, 2)}, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p, t: ["check", t / "nope"], "no such folder"),
+        (lambda p, t: ["check", write_model(t / "m", llama_like())], "declares no base model"),
+        (lambda p, t: ["check", write_model(t / "m", llama_like(), readme=card(["a/b", "c/d"]))], "2 base models"),
+        (lambda p, t: ["check", write_model(t / "m", llama_like(), readme=card("a/b", base_model_relation="quantized"))],
+         "quantized"),
+        (lambda p, t: ["check", write_model(t / "m", llama_like(hidden=16, ffn=24)), "--base", p["base"]],
+         "no matrix of the model matches the base in shape"),
+        (lambda p, t: ["check", write_pickle_only(t / "m"), "--base", p["base"]], "pickle"),
+        (lambda p, t: ["check", p["full"], "--revision", "main"], "local folder"),
+        (lambda p, t: ["check", p["full"], "--device", "tpu"], "device 'tpu'"),
+        (lambda p, t: ["check", p["full"], "--json", t / "no" / "dir" / "r.json"], "cannot write the report"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors_with_exit_code_2(pair, tmp_path, make, message):
+    code, stdout, stderr = run(*make(pair, tmp_path))
+    assert code == 2, stdout + stderr
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
+def test_console_script_runs_as_a_process(pair):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftaudit", "check", str(pair["lora"]), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == ""

@@ -1,0 +1,69 @@
+"""Name alignment, module kinds and selection."""
+
+from __future__ import annotations
+
+from ftaudit.pairing import Selection, align, layer_index, module_kind, pair_tensors
+from ftaudit.sources.safetensors import TensorInfo
+
+
+def infos(shapes: dict[str, tuple[int, ...]], dtype: str = "F32") -> dict[str, TensorInfo]:
+    return {n: TensorInfo(n, dtype, s, 0, 0) for n, s in shapes.items()}
+
+
+def test_module_kinds_across_architectures():
+    assert module_kind("model.layers.3.self_attn.q_proj.weight") == "attention"
+    assert module_kind("model.layers.3.mlp.down_proj.weight") == "mlp"
+    assert module_kind("encoder.layer.0.attention.output.dense.weight") == "attention"
+    assert module_kind("encoder.layer.0.intermediate.dense.weight") == "mlp"
+    assert module_kind("encoder.layer.0.output.dense.weight") == "mlp"
+    assert module_kind("transformer.h.2.attn.c_attn.weight") == "attention"
+    assert module_kind("transformer.h.2.mlp.c_fc.weight") == "mlp"
+    assert module_kind("model.embed_tokens.weight") == "embedding"
+    assert module_kind("embeddings.word_embeddings.weight") == "embedding"
+    assert module_kind("lm_head.weight") == "head"
+    assert module_kind("pooler.dense.weight") == "head"
+    assert module_kind("model.layers.0.input_layernorm.weight") == "norm"
+    assert layer_index("model.layers.12.mlp.up_proj.weight") == 12
+    assert layer_index("lm_head.weight") is None
+
+
+def test_aligns_wrapper_prefixes():
+    base = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.output.dense.weight"]
+    tuned = ["bert." + n for n in base] + ["classifier.weight"]
+    b, t = align(base, tuned)
+    assert b.keys() & t.keys() == set(base)
+    b, t = align(["model.layers.0.mlp.up_proj.weight"], ["base_model.model.model.layers.0.mlp.up_proj.weight"])
+    assert b.keys() == t.keys()
+
+
+def test_pairs_selects_and_reports_missing_and_mismatched():
+    base = infos({
+        "model.layers.0.self_attn.q_proj.weight": (8, 8),
+        "model.layers.0.mlp.up_proj.weight": (12, 8),
+        "model.layers.0.mlp.down_proj.weight": (8, 12),
+        "model.embed_tokens.weight": (20, 8),
+        "model.norm.weight": (8,),
+    })
+    tuned = infos({
+        "model.layers.0.self_attn.q_proj.weight": (8, 8),
+        "model.layers.0.mlp.up_proj.weight": (12, 9),
+        "model.layers.0.self_attn.k_proj.weight": (8, 8),
+        "model.embed_tokens.weight": (22, 8),
+    })
+    p = pair_tensors(base, tuned, Selection())
+    assert [x.name for x in p.pairs] == ["model.layers.0.self_attn.q_proj.weight"]
+    assert p.pairs[0].kind == "attention" and p.pairs[0].layer == 0
+    assert p.missing_in_model == ["model.layers.0.mlp.down_proj.weight"]
+    assert p.missing_in_base == ["model.layers.0.self_attn.k_proj.weight"]
+    assert p.shape_mismatch == [("model.layers.0.mlp.up_proj.weight", (12, 8), (12, 9))]
+    assert p.not_selected == 1  # the embedding; the 1-D norm is never a candidate
+
+    with_embeddings = pair_tensors(base, tuned, Selection.from_options(["embedding"], ["*q_proj*"]))
+    assert [x.name for x in with_embeddings.pairs] == []
+    assert ("model.embed_tokens.weight", (20, 8), (22, 8)) in with_embeddings.shape_mismatch
+
+
+def test_non_float_and_empty_matrices_are_never_analysed():
+    base = infos({"a.q_proj.weight": (4, 4)}, dtype="I8") | infos({"b.q_proj.weight": (0, 4)})
+    p = pair_tensors(base, base, Selection())
+    assert p.pairs == [] and p.not_selected == 0
