@@ -1,0 +1,156 @@
+"""Remote audits through huggingface_hub against the fake Hub: Range streaming, revisions, faults, secrets."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ftaudit.cli import main
+from ftaudit.sources import checkpoint
+from tests.hubserver import HubServer
+from tests.models import card, folder_files, llama_like, low_rank_update, small_update, write_model
+
+TOKEN = "hf_SeCrEtToKeN1234567890abcdef"
+
+
+@pytest.fixture
+def env(hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HubServer:
+    """Point ftaudit at the fake Hub, with no token from the machine and fast retries."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setenv("FTAUDIT_HTTP_BACKOFF", "0")
+    return hub
+
+
+def publish(hub: HubServer, tmp_path: Path, *, layers: int = 2, shards: int = 1, private: bool = False,
+            gated: bool = False, update=low_rank_update) -> tuple[str, str]:
+    base = llama_like(layers=layers)
+    base_dir = write_model(tmp_path / "base", base, shards=shards)
+    tuned_dir = write_model(tmp_path / "tuned", update(base), readme=card("org/base"), shards=shards)
+    hub.add_repo("org/base", folder_files(base_dir))
+    sha = hub.add_repo("org/tuned", folder_files(tuned_dir), private=private, gated=gated)
+    return sha, str(tuned_dir)
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_remote_audit_streams_tensors_by_range_and_matches_the_local_audit(env, tmp_path):
+    sha, local = publish(env, tmp_path, shards=2)
+    remote_json, local_json = tmp_path / "remote.json", tmp_path / "local.json"
+    code, stdout, stderr = run("check", "org/tuned", "--json", remote_json)
+    assert code == 1, stderr
+    assert run("check", local, "--base", tmp_path / "base", "--json", local_json)[0] == 1
+    remote, here = json.loads(remote_json.read_text()), json.loads(local_json.read_text())
+    assert remote["model"]["revision"] == sha and remote["base"]["declared_by"] == "card"
+    assert len(remote["base"]["revision"]) == 40
+    assert [m["max_cos"] for m in remote["matrices"]] == [m["max_cos"] for m in here["matrices"]]
+
+    weight_gets = [r for r in env.requests if r.method == "GET" and r.path.endswith(".safetensors")]
+    assert weight_gets and all(r.range and r.status == 206 for r in weight_gets)
+    largest_file = max(len(b) for b in folder_files(tmp_path / "tuned").values())
+    assert max(r.bytes_sent for r in weight_gets) < largest_file / 4
+    # Header reads are tiny; every other read is exactly one analysed tensor of the model or base.
+    tensor_reads = [r for r in weight_gets if r.bytes_sent > 8 and not r.range.startswith("bytes=8-")]
+    assert len(tensor_reads) == 2 * remote["summary"]["matrices_analysed"]
+    assert all(f"/resolve/{sha}/" in r.path for r in weight_gets if "org/tuned" in r.path)
+
+
+def test_memory_holds_a_bounded_number_of_tensors(env, tmp_path, monkeypatch):
+    publish(env, tmp_path, layers=6)
+    live: set[int] = set()
+    peak = [0]
+    decode = checkpoint.safetensors.decode
+
+    def tracked(buf, info):
+        tensor = decode(buf, info)
+        key = id(tensor)
+        live.add(key)
+        weakref.finalize(tensor, live.discard, key)
+        peak[0] = max(peak[0], len(live))
+        return tensor
+
+    monkeypatch.setattr(checkpoint.safetensors, "decode", tracked)
+    out = tmp_path / "r.json"
+    assert run("check", "org/tuned", "--json", out)[0] == 1
+    analysed = json.loads(out.read_text())["summary"]["matrices_analysed"]
+    assert analysed == 42 and 2 <= peak[0] <= 6
+
+
+def test_revision_and_base_revision_are_resolved_to_shas(env, tmp_path):
+    first, _ = publish(env, tmp_path, update=small_update)
+    base = llama_like()
+    second = env.add_repo("org/tuned", folder_files(write_model(tmp_path / "t2", low_rank_update(base), readme=card("org/base"))))
+    out = tmp_path / "r.json"
+    assert run("check", "org/tuned", "--revision", first, "--json", out)[0] == 0
+    assert json.loads(out.read_text())["model"]["revision"] == first
+    assert run("check", "org/tuned", "--json", out)[0] == 1
+    assert json.loads(out.read_text())["model"]["revision"] == second
+    code, _, stderr = run("check", "org/tuned", "--revision", "v9")
+    assert code == 2 and "revision v9 not found" in stderr
+
+
+def test_server_that_ignores_range_never_yields_wrong_bytes(env, tmp_path):
+    publish(env, tmp_path)
+    good = tmp_path / "good.json"
+    assert run("check", "org/tuned", "--json", good)[0] == 1
+    env.ignore_range = True
+    bad = tmp_path / "bad.json"
+    code, _, stderr = run("check", "org/tuned", "--json", bad)
+    assert code == 1 and "ignores HTTP Range" in stderr
+    assert json.loads(bad.read_text())["matrices"] == json.loads(good.read_text())["matrices"]
+
+
+def test_transient_failures_are_retried_then_reported(env, tmp_path, monkeypatch):
+    publish(env, tmp_path)
+    env.fail_next(2, status=503, path_contains=".safetensors")
+    env.fail_next(1, status=429, path_contains="/api/models/")
+    env.drop_next(2, path_contains=".safetensors")
+    assert run("check", "org/tuned")[0] == 1
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", "3")
+    env.fail_next(3, status=500, path_contains="model.safetensors")
+    code, _, stderr = run("check", "org/tuned")
+    assert code == 2 and "still failing after 3 attempts (HTTP 500)" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("private", "gated", "token", "message"),
+    [
+        (True, False, None, "or it is private: pass --token"),
+        (True, False, "wrong", "rejected the token"),
+        (False, True, None, "gated repository"),
+        (True, False, "granted-elsewhere", "or the token cannot read it"),
+    ],
+)
+def test_access_errors_say_what_to_do_and_never_leak_the_token(env, tmp_path, private, gated, token, message):
+    publish(env, tmp_path, private=private, gated=gated)
+    env.add_token(TOKEN, repos=["org/base"])
+    env.add_token("granted-elsewhere-" + TOKEN, repos=["org/base"])
+    args = ["check", "org/tuned", "--debug"]
+    if token == "wrong":
+        args += ["--token", TOKEN + "x"]
+    elif token:
+        args += ["--token", "granted-elsewhere-" + TOKEN]
+    code, stdout, stderr = run(*args)
+    assert code == 2 and message in stderr
+    assert TOKEN not in stdout + stderr
+
+
+def test_token_grants_access_and_stays_out_of_every_output(env, tmp_path, monkeypatch):
+    publish(env, tmp_path, private=True)
+    env.add_token(TOKEN, repos=["org/tuned", "org/base"])
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / "r.json"
+    code, stdout, stderr = run("check", "org/tuned", "--json", out, "--debug")
+    assert code == 1, stderr
+    assert all(r.has_auth for r in env.requests if "org/tuned" in r.path)
+    assert TOKEN not in stdout + stderr + out.read_text()
