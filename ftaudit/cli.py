@@ -15,11 +15,12 @@ from typing import TypeVar
 
 import click
 
-from ftaudit import __version__, policy as policy_mod, render
+from ftaudit import __version__, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
 from ftaudit.check import Target, check
 from ftaudit.errors import FtauditError
 from ftaudit.pairing import KINDS, Selection
+from ftaudit.renderers import text
 from ftaudit.secrets import Redactor
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
@@ -120,7 +121,7 @@ def check_command(
     if json_path is not None:
         _run(debug, redactor, lambda: report.write(json_path))
     if not quiet:
-        click.echo(redactor(render.text(report)))
+        click.echo(redactor(text.render(report)))
     sys.exit(EXIT_FAIL if report.verdict.status == "fail" else EXIT_PASS)
 
 

@@ -1,4 +1,4 @@
-"""Renderers: the terminal summary of a report."""
+"""The terminal summary of a report."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def worst_matrices(report: Report, n: int) -> list[MatrixResult]:
     return sorted(report.matrices, key=lambda m: (-m.intruders, min(m.max_cos, default=1.0)))[:n]
 
 
-def text(report: Report, top: int = 10) -> str:
+def render(report: Report, top: int = 10) -> str:
     """A short, readable summary: verdict last, worst matrices first."""
     s, t = report.summary, report.tensors
     rev = lambda r: f" @ {r[:12]}" if r else ""  # noqa: E731

@@ -1,0 +1,1 @@
+"""Jinja2 templates of the card section, badge, heatmap and CI summary, shipped with ftaudit."""
