@@ -171,3 +171,12 @@ def test_console_script_runs_as_a_process(pair):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == ""
+
+
+def test_same_inputs_give_the_same_report(pair, tmp_path):
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    assert run("check", pair["lora"], "--json", first)[0] == 1
+    assert run("check", pair["lora"], "--json", second)[0] == 1
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert a.pop("created_at") and b.pop("created_at")
+    assert a == b
