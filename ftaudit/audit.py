@@ -65,6 +65,9 @@ def run_audit(
         missing_in_base=pairing.missing_in_base,
         missing_in_model=pairing.missing_in_model,
         shape_mismatch=[{"name": n, "base": list(b), "model": list(t)} for n, b, t in pairing.shape_mismatch],
+        vocab_resized=[
+            {"name": n, "base_rows": b, "model_rows": t, "compared_rows": min(b, t)} for n, b, t in pairing.resized
+        ],
         not_selected=pairing.not_selected,
     )
     results: list[MatrixResult] = []
@@ -140,7 +143,8 @@ def _stream(
     """Yield loaded pairs in order while a background thread reads the next one."""
 
     def load(pair: TensorPair) -> tuple[torch.Tensor, torch.Tensor]:
-        return base.load(pair.base_name), tuned.load(pair.tuned_name)
+        w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
+        return (w0, wt) if pair.rows is None else (w0[: pair.rows], wt[: pair.rows])
 
     if not pairs:
         return

@@ -17,6 +17,8 @@ from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 
 KINDS = ("attention", "mlp", "embedding", "head", "norm", "other")
 DEFAULT_KINDS = ("attention", "mlp")
+VOCAB_KINDS = ("embedding", "head")
+"""Kinds whose rows are vocabulary entries: a resized vocabulary is compared on the shared rows."""
 
 _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("norm", re.compile(r"norm|(^|\.)ln_?\w*(\.|$)")),
@@ -57,6 +59,8 @@ class TensorPair:
     kind: str
     layer: int | None
     shape: tuple[int, int]
+    rows: int | None = None
+    """Compare only the first `rows` rows (a resized vocabulary); None compares all."""
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Pairing:
     missing_in_base: list[str] = field(default_factory=list)
     missing_in_model: list[str] = field(default_factory=list)
     shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    resized: list[tuple[str, int, int]] = field(default_factory=list)
     not_selected: int = 0
 
 
@@ -136,11 +141,16 @@ def pair_tensors(base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], sele
             result.missing_in_model.append(key)
         elif b_name is None:
             result.missing_in_base.append(key)
-        elif base[b_name].shape != tuned[t_name].shape:
-            result.shape_mismatch.append((key, base[b_name].shape, tuned[t_name].shape))
         else:
-            rows, cols = base[b_name].shape
-            result.pairs.append(TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, cols)))
+            b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
+            if b_shape == t_shape:
+                result.pairs.append(TensorPair(key, b_name, t_name, kind, layer_index(key), (b_shape[0], b_shape[1])))
+            elif kind in VOCAB_KINDS and b_shape[1] == t_shape[1]:
+                rows = min(b_shape[0], t_shape[0])
+                result.resized.append((key, b_shape[0], t_shape[0]))
+                result.pairs.append(TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, b_shape[1]), rows))
+            else:
+                result.shape_mismatch.append((key, b_shape, t_shape))
     return result
 
 

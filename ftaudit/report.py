@@ -56,6 +56,7 @@ class TensorIssues:
     missing_in_base: list[str] = field(default_factory=list)
     missing_in_model: list[str] = field(default_factory=list)
     shape_mismatch: list[dict[str, object]] = field(default_factory=list)
+    vocab_resized: list[dict[str, object]] = field(default_factory=list)
     nonfinite: list[str] = field(default_factory=list)
     not_selected: int = 0
 

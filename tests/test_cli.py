@@ -180,3 +180,22 @@ def test_same_inputs_give_the_same_report(pair, tmp_path):
     a, b = json.loads(first.read_text()), json.loads(second.read_text())
     assert a.pop("created_at") and b.pop("created_at")
     assert a == b
+
+
+def test_resized_vocabulary_is_compared_on_the_shared_rows(tmp_path):
+    base = llama_like()
+    tuned = small_update(base)
+    tuned["model.embed_tokens.weight"] = torch.cat([tuned["model.embed_tokens.weight"], torch.randn(3, 32)])
+    tuned["lm_head.weight"] = torch.cat([tuned["lm_head.weight"], torch.randn(3, 32)])
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "tuned", tuned)
+    out = tmp_path / "r.json"
+    code, stdout, _ = run("check", tmp_path / "tuned", "--base", tmp_path / "base",
+                          "--include", "embedding", "--include", "head", "--json", out)
+    report = json.loads(out.read_text())
+    assert code == 0 and report["summary"]["matrices_analysed"] == 16
+    assert {r["name"]: (r["base_rows"], r["model_rows"]) for r in report["tensors"]["vocab_resized"]} == {
+        "model.embed_tokens.weight": (50, 53), "lm_head.weight": (50, 53)}
+    head = next(m for m in report["matrices"] if m["name"] == "lm_head.weight")
+    assert head["shape"] == [50, 32] and head["intruders"] == 0
+    assert "vocabulary resized (50 -> 53 rows)" in stdout

@@ -59,8 +59,8 @@ def test_pairs_selects_and_reports_missing_and_mismatched():
     assert p.not_selected == 1  # the embedding; the 1-D norm is never a candidate
 
     with_embeddings = pair_tensors(base, tuned, Selection.from_options(["embedding"], ["*q_proj*"]))
-    assert [x.name for x in with_embeddings.pairs] == []
-    assert ("model.embed_tokens.weight", (20, 8), (22, 8)) in with_embeddings.shape_mismatch
+    assert [(x.name, x.shape, x.rows) for x in with_embeddings.pairs] == [("model.embed_tokens.weight", (20, 8), 20)]
+    assert with_embeddings.resized == [("model.embed_tokens.weight", 20, 22)]
 
 
 def test_non_float_and_empty_matrices_are_never_analysed():

@@ -67,4 +67,9 @@ def _tensor_notes(report: Report) -> list[str]:
         if names:
             shown = ", ".join(str(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
             notes.append(f"  {len(names)} matrices {label}: {shown}")
-    return ["", "Tensors not analysed", *notes] if notes else []
+    notes += [
+        f"  {r['name']}: vocabulary resized ({r['base_rows']} -> {r['model_rows']} rows), "
+        f"first {r['compared_rows']} rows compared"
+        for r in t.vocab_resized
+    ]
+    return ["", "Tensors not analysed in full", *notes] if notes else []
