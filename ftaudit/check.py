@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftaudit.audit import AuditOptions, Progress, run_audit
+from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.base import DeclaredBase, adapter_config, declared_base
 from ftaudit.errors import UnsupportedError
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
-from ftaudit.sources import open_snapshot
+from ftaudit.sources import open_snapshot, open_weights
 from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
-from ftaudit.sources.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -23,6 +22,7 @@ class Target:
     revision: str | None = None
     base_revision: str | None = None
     token: str | None = None
+    allow_pickle: bool = False
 
 
 def check(target: Target, options: AuditOptions, policy: Policy, progress: Progress | None = None) -> Report:
@@ -35,14 +35,16 @@ def check(target: Target, options: AuditOptions, policy: Policy, progress: Progr
         if target.base_revision:
             declared = DeclaredBase(declared.id, target.base_revision, declared.declared_by)
     base = open_snapshot(declared.id, declared.revision, target.token)
-    base_side = Checkpoint.open(base.storage)
+    base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
     config = adapter_config(tuned.storage)
     model_ref = ModelRef(tuned.id, tuned.revision)
     if config is None:
-        tuned_side: Checkpoint | AdaptedTensors = Checkpoint.open(tuned.storage)
+        tuned_side: Tensors = open_weights(tuned.storage, allow_pickle=target.allow_pickle)
     else:
-        tuned_side = AdaptedTensors(LoraAdapter(tuned.storage, config), base_side)
-        model_ref.adapter = tuned_side.adapter.describe()
+        weights = open_weights(tuned.storage, "adapter_model", target.allow_pickle)
+        adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side)
+        model_ref.adapter = adapted.adapter.describe()
+        tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
     report = run_audit(model_ref, base_ref, tuned_side, base_side, options, progress)
     if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:

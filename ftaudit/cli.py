@@ -93,6 +93,8 @@ def main() -> None:
 @click.option("--include", multiple=True, metavar="KIND|GLOB",
               help=f"Also analyse these module kinds ({', '.join(KINDS)}) or tensor-name globs.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose names match.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load pickle weights (.bin) with torch.load(weights_only=True) when there is no safetensors.")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
@@ -100,7 +102,7 @@ def main() -> None:
 def check_command(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
-    policy_path: Path | None, json_path: Path | None, quiet: bool, debug: bool,
+    allow_pickle: bool, policy_path: Path | None, json_path: Path | None, quiet: bool, debug: bool,
 ) -> None:
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
     redactor = Redactor.for_token(token)
@@ -112,7 +114,7 @@ def check_command(
         device=device,
         selection=Selection.from_options(include, exclude),
     )
-    target = Target(model, base, revision, base_revision, token)
+    target = Target(model, base, revision, base_revision, token, allow_pickle)
     progress, close = _progress_bar() if not quiet else (None, lambda: None)
     try:
         report = _run(debug, redactor, lambda: check(target, options, policy, progress))

@@ -199,3 +199,36 @@ def test_resized_vocabulary_is_compared_on_the_shared_rows(tmp_path):
     head = next(m for m in report["matrices"] if m["name"] == "lm_head.weight")
     assert head["shape"] == [50, 32] and head["intruders"] == 0
     assert "vocabulary resized (50 -> 53 rows)" in stdout
+
+
+class RunsCode:
+    """A pickle payload that would create a file if it were ever unpickled unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_weights_load_only_when_allowed_and_never_run_code(pair, tmp_path):
+    from safetensors.torch import load_file
+    tensors = load_file(pair["lora"] / "model.safetensors")
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    code, _, stderr = run("check", folder, "--base", pair["base"])
+    assert code == 2 and "--allow-pickle" in stderr
+    out, reference_out = tmp_path / "p.json", tmp_path / "s.json"
+    assert run("check", folder, "--base", pair["base"], "--allow-pickle", "--json", out)[0] == 1
+    assert run("check", pair["lora"], "--json", reference_out)[0] == 1
+    assert [m["max_cos"] for m in json.loads(out.read_text())["matrices"]] == [
+        m["max_cos"] for m in json.loads(reference_out.read_text())["matrices"]]
+
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"w": RunsCode(marker)}, hostile / "pytorch_model.bin")
+    code, _, stderr = run("check", hostile, "--base", pair["base"], "--allow-pickle")
+    assert code == 2 and "refused by torch.load(weights_only=True)" in stderr
+    assert not marker.exists()

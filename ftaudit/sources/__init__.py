@@ -8,9 +8,11 @@ from pathlib import Path
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ftaudit.errors import NotFoundError, UsageError
+from ftaudit.errors import NotFoundError, UnsupportedError, UsageError
+from ftaudit.sources.checkpoint import Checkpoint, find_weight_files
 from ftaudit.sources.hub import HubStorage
 from ftaudit.sources.local import LocalStorage
+from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.storage import Storage
 
 
@@ -36,3 +38,16 @@ def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapsho
         raise NotFoundError(f"{spec}: no such folder, and not a Hub repository id (org/name)") from None
     storage = HubStorage(spec, revision, token)
     return Snapshot(spec, storage.sha, storage)
+
+
+def open_weights(storage: Storage, stem: str = "model", allow_pickle: bool = False) -> Checkpoint | PickleCheckpoint:
+    """The snapshot's weights: safetensors, or pickle files when `allow_pickle` says so."""
+    found = find_weight_files(storage, stem)
+    if found.format == "safetensors":
+        return Checkpoint(storage, found.files, found.weight_map)
+    if not allow_pickle:
+        raise UnsupportedError(
+            f"{storage.label}: weights are only in pickle files ({found.files[0]}), which can run code when "
+            "loaded; pass --allow-pickle to load them with torch.load(weights_only=True)"
+        )
+    return PickleCheckpoint(storage, found.files)

@@ -16,6 +16,7 @@ import torch
 from ftaudit.errors import InvalidWeightsError, UnsupportedError
 from ftaudit.pairing import align
 from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
 
@@ -43,15 +44,15 @@ class LoraModule:
 class LoraAdapter:
     """A PEFT LoRA adapter: its config and the factors in adapter_model.safetensors."""
 
-    def __init__(self, storage: Storage, config: dict[str, object]) -> None:
+    def __init__(self, storage: Storage, config: dict[str, object], weights: Checkpoint | PickleCheckpoint) -> None:
         self.label = storage.label
         self.config = config
         _check_config(config, storage.label)
-        self.weights = Checkpoint.open(storage, stem="adapter_model")
+        self.weights = weights
         self.modules: dict[str, LoraModule] = {}
         self.replaced: dict[str, str] = {}
         factors: dict[str, dict[str, str]] = {}
-        for name in self.weights.tensors:
+        for name in self.weights.infos:
             for key, what in _UNSUPPORTED_KEYS.items():
                 if key in name:
                     raise UnsupportedError(f"{self.label}: {what} are not supported ({name})")
@@ -68,7 +69,8 @@ class LoraAdapter:
             raise InvalidWeightsError(f"{self.label}: the adapter holds no LoRA factors")
 
     def _module(self, module: str, a: str, b: str, embedding: bool) -> LoraModule:
-        a_shape, b_shape = self.weights.tensors[a].info.shape, self.weights.tensors[b].info.shape
+        infos = self.weights.infos
+        a_shape, b_shape = infos[a].shape, infos[b].shape
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise UnsupportedError(f"{self.label}: LoRA on non-linear layers ({module}, factor shape {list(a_shape)})")
         if a_shape[0] != b_shape[1]:
@@ -123,10 +125,11 @@ def _pattern_value(patterns: object, module: str, default: object) -> object:
 class AdaptedTensors:
     """The tuned side of an adapter audit: base tensors with the adapter applied, in float64."""
 
-    def __init__(self, adapter: LoraAdapter, base: Checkpoint) -> None:
+    def __init__(self, adapter: LoraAdapter, base: Checkpoint | PickleCheckpoint) -> None:
         self.adapter = adapter
         self.base = base
         base_infos = base.infos
+        adapter_infos = adapter.weights.infos
         wanted = {f"{m}.weight": m for m in adapter.modules} | dict.fromkeys(adapter.replaced)
         base_map, adapter_map = align(base_infos, wanted)
         self._sources: dict[str, tuple[str, str]] = {}
@@ -134,7 +137,7 @@ class AdaptedTensors:
         for key, original in adapter_map.items():
             base_name = base_map.get(key)
             if original in adapter.replaced:
-                info = adapter.weights.tensors[adapter.replaced[original]].info
+                info = adapter_infos[adapter.replaced[original]]
                 self._infos[base_name or original] = info
                 self._sources[base_name or original] = ("replaced", adapter.replaced[original])
                 continue
@@ -146,8 +149,8 @@ class AdaptedTensors:
             self._sources[base_name] = ("lora", module.module)
 
     def _check_fit(self, module: LoraModule, info: TensorInfo) -> None:
-        a = self.adapter.weights.tensors[module.a].info.shape
-        b = self.adapter.weights.tensors[module.b].info.shape
+        infos = self.adapter.weights.infos
+        a, b = infos[module.a].shape, infos[module.b].shape
         expected = (a[1], b[0]) if module.transpose else (b[0], a[1])
         if tuple(info.shape) != expected:
             raise InvalidWeightsError(

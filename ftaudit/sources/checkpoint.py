@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ftaudit.errors import InvalidWeightsError, NotFoundError, UnsupportedError
+from ftaudit.errors import InvalidWeightsError, NotFoundError
 from ftaudit.sources import safetensors
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
@@ -45,11 +45,6 @@ class Checkpoint:
             if ref is None or ref.file != file:
                 raise InvalidWeightsError(f"{storage.label}: the shard index puts {tensor!r} in {file}, which lacks it")
 
-    @classmethod
-    def open(cls, storage: Storage, stem: str = "model") -> Checkpoint:
-        """Find the model's weights in the snapshot and read their headers."""
-        return cls(storage, *find_weight_files(storage, stem))
-
     @property
     def infos(self) -> dict[str, TensorInfo]:
         return {name: ref.info for name, ref in self.tensors.items()}
@@ -73,29 +68,37 @@ def read_header(storage: Storage, name: str) -> safetensors.Header:
     return safetensors.parse_header(storage.read(name, 8, n), size, label)
 
 
-def find_weight_files(storage: Storage, stem: str = "model") -> tuple[list[str], dict[str, str] | None]:
-    """The safetensors files that hold the weights, and the shard index's weight map if there is one."""
+@dataclass(frozen=True)
+class WeightFiles:
+    """Where a snapshot keeps its weights, and in which format."""
+
+    format: str
+    files: list[str]
+    weight_map: dict[str, str] | None
+
+
+def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
+    """The files that hold the weights: safetensors first (via the shard index if any), else pickles."""
     files = storage.files()
-    index = f"{stem}.safetensors.index.json"
-    if index in files:
-        weight_map = _weight_map(storage, index)
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if s not in files]
-        if missing:
-            raise InvalidWeightsError(f"{storage.label}/{index}: names shard {missing[0]}, which is not in the snapshot")
-        return shards, weight_map
-    if f"{stem}.safetensors" in files:
-        return [f"{stem}.safetensors"], None
     top_level = [f for f in files if "/" not in f]
-    found = sorted(f for f in top_level if f.endswith(".safetensors"))
-    if found:
-        return found, None
-    if any(f.endswith(PICKLE_SUFFIXES) for f in top_level):
-        raise UnsupportedError(
-            f"{storage.label}: weights are only in pickle files (.bin/.pt); ftaudit reads safetensors, "
-            "since loading a pickle can run arbitrary code"
-        )
-    raise NotFoundError(f"{storage.label}: no safetensors weights found")
+    pickle_stem = "pytorch_model" if stem == "model" else stem
+    for fmt, index, single, suffixes in (
+        ("safetensors", f"{stem}.safetensors.index.json", f"{stem}.safetensors", (".safetensors",)),
+        ("pickle", f"{pickle_stem}.bin.index.json", f"{pickle_stem}.bin", PICKLE_SUFFIXES),
+    ):
+        if index in files:
+            weight_map = _weight_map(storage, index)
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if s not in files]
+            if missing:
+                raise InvalidWeightsError(f"{storage.label}/{index}: names shard {missing[0]}, which is not in the snapshot")
+            return WeightFiles(fmt, shards, weight_map)
+        if single in files:
+            return WeightFiles(fmt, [single], None)
+        found = sorted(f for f in top_level if f.endswith(suffixes))
+        if found:
+            return WeightFiles(fmt, found, None)
+    raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files)")
 
 
 def _weight_map(storage: Storage, index: str) -> dict[str, str]:

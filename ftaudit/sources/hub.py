@@ -11,10 +11,11 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_hf_file_metadata, get_session, hf_hub_url
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, get_session, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -89,6 +90,13 @@ class HubStorage:
                 raise NetworkError(f"{self.label}/{name}: the server did not give the file's size")
             self._sizes[name] = meta.size
         return self._sizes[name]
+
+    def local_path(self, name: str) -> Path:
+        """Download the whole file into the Hugging Face cache."""
+        return Path(self._call(
+            lambda: hf_hub_download(self.repo_id, name, revision=self.sha, token=self.token, endpoint=self.endpoint),
+            name,
+        ))
 
     def read(self, name: str, start: int, length: int) -> bytes:
         if length == 0:

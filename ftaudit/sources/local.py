@@ -31,6 +31,9 @@ class LocalStorage:
             raise InvalidWeightsError(f"{self.label}: file name {name!r} points outside the folder")
         return path
 
+    def local_path(self, name: str) -> Path:
+        return self._path(name)
+
     def size(self, name: str) -> int:
         try:
             return os.stat(self._path(name)).st_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 MAX_TEXT_BYTES = 16_000_000
@@ -28,4 +29,8 @@ class Storage(Protocol):
 
     def read_text(self, name: str) -> str | None:
         """A small UTF-8 file, or None when the snapshot has no such file."""
+        ...
+
+    def local_path(self, name: str) -> Path:
+        """The file on local disk, downloaded first if need be (only for formats that need it)."""
         ...

@@ -1,0 +1,56 @@
+"""Pickle checkpoints (pytorch_model.bin), read only when asked, with torch.load(weights_only=True).
+
+A pickle can run code when loaded; `weights_only=True` restricts unpickling to tensors and plain
+containers. Files are memory-mapped where the format allows, so tensors are still read one at a time.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import torch
+
+from ftaudit.errors import InvalidWeightsError
+from ftaudit.sources.safetensors import TensorInfo
+from ftaudit.sources.storage import Storage
+
+DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class PickleCheckpoint:
+    """The tensors of one or more pickle files, loaded lazily through mmap."""
+
+    def __init__(self, storage: Storage, files: list[str]) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name in files:
+            for key, value in _load(storage, name).items():
+                if isinstance(value, torch.Tensor):
+                    self._tensors[key] = value
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return {
+            n: TensorInfo(n, DTYPE_CODES.get(t.dtype, str(t.dtype)), tuple(t.shape), 0, 0)
+            for n, t in self._tensors.items()
+        }
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+def _load(storage: Storage, name: str) -> dict[str, object]:
+    path = storage.local_path(name)
+    label = f"{storage.label}/{name}"
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidWeightsError(f"{label}: refused by torch.load(weights_only=True): {reason}") from None
+    if not isinstance(state, dict):
+        raise InvalidWeightsError(f"{label}: holds a {type(state).__name__}, not a mapping of tensors")
+    return state
