@@ -91,7 +91,7 @@ def main() -> None:
 @click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--include", multiple=True, metavar="KIND|GLOB",
-              help=f"Also analyse these module kinds ({', '.join(KINDS)}) or tensor-name globs.")
+              help=f"Also analyse these module kinds ({', '.join(k for k in KINDS if k != 'norm')}) or tensor-name globs.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose names match.")
 @click.option("--allow-pickle", is_flag=True,
               help="Load pickle weights (.bin) with torch.load(weights_only=True) when there is no safetensors.")
