@@ -26,7 +26,8 @@ from ftaudit.report import (
     TensorIssues,
 )
 from ftaudit.sources.safetensors import TensorInfo
-from ftaudit.spectral import left_spectrum, resolve_device, top_left, upcast
+from ftaudit.cache import SpectrumCache, tensor_key
+from ftaudit.spectral import Spectrum, base_basis, resolve_device, top_left, upcast
 
 
 class Tensors(Protocol):
@@ -57,6 +58,7 @@ def run_audit(
     base_side: Tensors,
     options: AuditOptions,
     progress: Progress | None = None,
+    cache: SpectrumCache | None = None,
 ) -> Report:
     """Audit every selected matrix pair; the verdict is left to the policy."""
     device = resolve_device(options.device)
@@ -75,7 +77,7 @@ def run_audit(
     for i, (pair, w0, wt) in enumerate(_stream(pairing.pairs, base_side, tuned_side)):
         if progress:
             progress(i, total, pair.name)
-        result = analyse_pair(pair, upcast(w0, device), upcast(wt, device), options)
+        result = analyse_pair(pair, w0, wt, options, device, cache)
         if result is None:
             issues.nonfinite.append(pair.name)
         else:
@@ -102,11 +104,24 @@ def run_audit(
     )
 
 
-def analyse_pair(pair: TensorPair, w0: torch.Tensor, wt: torch.Tensor, options: AuditOptions) -> MatrixResult | None:
-    """All per-matrix analyses of one float64 pair; None when either matrix is not finite."""
+def analyse_pair(
+    pair: TensorPair,
+    raw_w0: torch.Tensor,
+    raw_wt: torch.Tensor,
+    options: AuditOptions,
+    device: torch.device,
+    cache: SpectrumCache | None = None,
+) -> MatrixResult | None:
+    """All per-matrix analyses of one pair as stored; None when either matrix is not finite."""
+    w0, wt = upcast(raw_w0, device), upcast(raw_wt, device)
     if not (torch.isfinite(w0).all() and torch.isfinite(wt).all()):
         return None
-    found = intruders(left_spectrum(w0), top_left(wt, options.k))
+    if cache is None:
+        base = base_basis(w0)
+    else:
+        cached = cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
+        base = Spectrum(cached.U.to(device), cached.S.to(device))
+    found = intruders(base, top_left(wt, options.k))
     return MatrixResult(
         name=pair.name,
         kind=pair.kind,

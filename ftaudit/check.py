@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
+from ftaudit.cache import SpectrumCache
 from ftaudit.base import DeclaredBase, adapter_config, declared_base
 from ftaudit.errors import UnsupportedError
 from ftaudit.policy import Policy, apply
@@ -25,7 +26,13 @@ class Target:
     allow_pickle: bool = False
 
 
-def check(target: Target, options: AuditOptions, policy: Policy, progress: Progress | None = None) -> Report:
+def check(
+    target: Target,
+    options: AuditOptions,
+    policy: Policy,
+    progress: Progress | None = None,
+    cache: SpectrumCache | None = None,
+) -> Report:
     """Audit `target` and return the report with its risk level and verdict set."""
     tuned = open_snapshot(target.model, target.revision, target.token)
     if target.base is not None:
@@ -46,7 +53,7 @@ def check(target: Target, options: AuditOptions, policy: Policy, progress: Progr
         model_ref.adapter = adapted.adapter.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
-    report = run_audit(model_ref, base_ref, tuned_side, base_side, options, progress)
+    report = run_audit(model_ref, base_ref, tuned_side, base_side, options, progress, cache)
     if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
         raise UnsupportedError(_nothing_to_audit(report))
     if isinstance(tuned_side, AdaptedTensors):

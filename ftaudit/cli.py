@@ -17,6 +17,7 @@ import click
 
 from ftaudit import __version__, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
+from ftaudit.cache import SpectrumCache, default_dir
 from ftaudit.check import Target, check
 from ftaudit.errors import FtauditError
 from ftaudit.pairing import KINDS, Selection
@@ -97,12 +98,13 @@ def main() -> None:
               help="Load pickle weights (.bin) with torch.load(weights_only=True) when there is no safetensors.")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the base-spectrum cache.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and request retries.")
 def check_command(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
-    allow_pickle: bool, policy_path: Path | None, json_path: Path | None, quiet: bool, debug: bool,
+    allow_pickle: bool, policy_path: Path | None, json_path: Path | None, no_cache: bool, quiet: bool, debug: bool,
 ) -> None:
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
     redactor = Redactor.for_token(token)
@@ -116,10 +118,13 @@ def check_command(
     )
     target = Target(model, base, revision, base_revision, token, allow_pickle)
     progress, close = _progress_bar() if not quiet else (None, lambda: None)
+    cache = None if no_cache else SpectrumCache(default_dir())
     try:
-        report = _run(debug, redactor, lambda: check(target, options, policy, progress))
+        report = _run(debug, redactor, lambda: check(target, options, policy, progress, cache))
     finally:
         close()
+    if cache is not None:
+        logging.getLogger("ftaudit").debug("base-spectrum cache %s: %d hits, %d misses", cache.directory, cache.hits, cache.misses)
     if json_path is not None:
         _run(debug, redactor, lambda: report.write(json_path))
     if not quiet:

@@ -39,12 +39,11 @@ class IntruderResult:
 
 def intruders(base: Spectrum, tuned_top: Spectrum) -> IntruderResult:
     """Compare the tuned top-k left singular vectors with the base's full left basis."""
-    cos = base.U.T @ tuned_top.U
+    cos = base.U.to(tuned_top.U.dtype).T @ tuned_top.U
     best, where = cos.abs().max(dim=0)
-    inside = (cos * cos).sum(dim=0).clamp(max=1.0)
-    return IntruderResult(
-        max_cos=best.tolist(),
-        match=where.tolist(),
-        sigma=tuned_top.S.tolist(),
-        outside_span=(1.0 - inside).clamp(min=0.0).tolist(),
-    )
+    rows, rank = base.U.shape
+    if rows > rank:
+        outside = (1.0 - (cos * cos).sum(dim=0)).clamp(min=0.0).tolist()
+    else:
+        outside = [0.0] * cos.shape[1]  # the base vectors are a complete basis of R^m
+    return IntruderResult(max_cos=best.tolist(), match=where.tolist(), sigma=tuned_top.S.tolist(), outside_span=outside)

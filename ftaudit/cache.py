@@ -1,0 +1,142 @@
+"""The base-spectrum cache: a base matrix's singular basis, computed once and reused.
+
+Entries are keyed by a hash of the base tensor's stored bytes (with its dtype, shape and the
+algorithm version), so the same base weights hit the cache whether they come from a Hub commit
+or a local folder, and changed weights can never hit a stale entry. Each entry is a safetensors
+file written atomically (temporary file + rename) with a checksum of its payload, verified on
+read; a corrupt entry is recomputed. The directory is size-capped, least recently used out first.
+A cache that cannot be written is skipped with one warning: the audit goes on without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from ftaudit.errors import InvalidWeightsError
+from ftaudit.sources import safetensors as format_
+from ftaudit.spectral import Spectrum
+
+log = logging.getLogger("ftaudit")
+
+ALGORITHM = "gram-eigh-qr/f32-basis/1"
+"""Changes whenever what is stored, or how it is computed, changes."""
+DEFAULT_MAX_BYTES = 20 * 1024**3
+
+
+def default_dir() -> Path:
+    """FTAUDIT_CACHE, else the user's cache directory."""
+    if os.environ.get("FTAUDIT_CACHE"):
+        return Path(os.environ["FTAUDIT_CACHE"])
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "ftaudit" / "spectra"
+
+
+def tensor_key(w: torch.Tensor) -> str:
+    """Hash of the tensor's stored bytes, dtype, shape and the algorithm version."""
+    h = hashlib.sha256(f"{ALGORITHM}|{w.dtype}|{tuple(w.shape)}|".encode())
+    h.update(w.detach().contiguous().cpu().view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _checksum(spectrum: Spectrum) -> str:
+    h = hashlib.sha256()
+    for t in (spectrum.U, spectrum.S):
+        h.update(t.contiguous().view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+class SpectrumCache:
+    """A directory of cached base spectra."""
+
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._disabled = False
+
+    def get_or_compute(self, key: str, compute: Callable[[], Spectrum]) -> Spectrum:
+        """The cached spectrum for `key`, or `compute()`'s, stored for next time."""
+        found = self._read(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        spectrum = compute()
+        self._write(key, spectrum)
+        return spectrum
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def _read(self, key: str) -> Spectrum | None:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            n = format_.header_length(data[:8], len(data), path.name)
+            metadata = format_.parse_header(data[8 : 8 + n], len(data), path.name).metadata
+            tensors = load(data)
+            spectrum = Spectrum(tensors["U"], tensors["S"])
+            valid = _checksum(spectrum) == metadata.get("sha256")
+        except (InvalidWeightsError, SafetensorError, KeyError):
+            valid = False
+        if not valid:
+            log.warning("cache entry %s is corrupt; recomputing it", path.name)
+            return None
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        return spectrum
+
+    def _write(self, key: str, spectrum: Spectrum) -> None:
+        if self._disabled:
+            return
+        path = self._path(key)
+        blob = save(
+            {"U": spectrum.U.cpu().contiguous(), "S": spectrum.S.cpu().contiguous()},
+            metadata={"sha256": _checksum(spectrum), "algorithm": ALGORITHM},
+        )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self._evict()
+        except OSError as e:
+            self._disabled = True
+            log.warning("cache %s is not writable (%s); going on without it", self.directory, e.strerror or e)
+
+    def _evict(self) -> None:
+        """Remove least recently used entries until the cache fits its cap."""
+        entries = []
+        for p in self.directory.glob("*/*.safetensors"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            p.unlink(missing_ok=True)
+            total -= size
+

@@ -1,0 +1,110 @@
+"""The base-spectrum cache: reuse across models of one base, verification, atomicity, caps, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ftaudit.cache import SpectrumCache, tensor_key
+from ftaudit.cli import main
+from ftaudit.spectral import base_basis
+from tests.models import llama_like, low_rank_update, small_update, write_model
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    base = llama_like()
+    return {
+        "base": write_model(tmp_path / "base", base),
+        "a": write_model(tmp_path / "a", low_rank_update(base)),
+        "b": write_model(tmp_path / "b", small_update(base)),
+    }
+
+
+def audit(model: Path, base: Path, *extra: object) -> tuple[int, str, dict]:
+    out = model.parent / f"{model.name}.json"
+    result = CliRunner().invoke(main, ["check", str(model), "--base", str(base), "--json", str(out), "--debug",
+                                       *map(str, extra)])
+    return result.exit_code, result.stderr, json.loads(out.read_text()) if out.exists() else {}
+
+
+def entries(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*/*.safetensors"))
+
+
+def test_second_model_on_the_same_base_reuses_every_base_spectrum(models, tmp_path):
+    cache_dir = Path(os.environ["FTAUDIT_CACHE"])
+    code, stderr, cold = audit(models["a"], models["base"])
+    assert code == 1 and "0 hits, 14 misses" in stderr and len(entries(cache_dir)) == 14
+    code, stderr, _ = audit(models["b"], models["base"])
+    assert code == 0 and "14 hits, 0 misses" in stderr
+    code, stderr, warm = audit(models["a"], models["base"])
+    assert "14 hits" in stderr
+    assert cold["matrices"] == warm["matrices"]
+    code, stderr, _ = audit(models["a"], models["base"], "--no-cache")
+    assert "cache" not in stderr
+
+
+def test_corrupt_entries_are_detected_and_recomputed(models):
+    cache_dir = Path(os.environ["FTAUDIT_CACHE"])
+    _, _, cold = audit(models["a"], models["base"])
+    victims = entries(cache_dir)[:3]
+    blob = bytearray(victims[0].read_bytes())
+    blob[-5] ^= 0xFF  # a flipped bit in the payload
+    victims[0].write_bytes(bytes(blob))
+    victims[1].write_bytes(victims[1].read_bytes()[:100])  # truncated
+    victims[2].write_bytes(b"garbage")
+    code, stderr, warm = audit(models["a"], models["base"])
+    assert stderr.count("is corrupt; recomputing it") == 3 and "11 hits, 3 misses" in stderr
+    assert warm["matrices"] == cold["matrices"]
+    assert "0 misses" in audit(models["a"], models["base"])[1]
+
+
+def test_unwritable_cache_warns_once_and_the_audit_goes_on(models, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("FTAUDIT_CACHE", str(blocker / "spectra"))
+    code, stderr, report = audit(models["a"], models["base"])
+    assert code == 1 and stderr.count("is not writable") == 1 and report["summary"]["matrices_analysed"] == 14
+
+
+def test_size_cap_evicts_least_recently_used(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    probe = SpectrumCache(tmp_path / "probe")
+    probe.get_or_compute("probe", lambda: base_basis(torch.randn(64, 128, dtype=torch.float64)))
+    entry_size = entries(tmp_path / "probe")[0].stat().st_size
+    cache = SpectrumCache(tmp_path / "capped", max_bytes=3 * entry_size)
+    keys = []
+    for i in range(5):
+        w = torch.randn(64, 128, generator=g)
+        keys.append(tensor_key(w))
+        cache.get_or_compute(keys[-1], lambda w=w: base_basis(w.double()))
+    stored = {p.stem for p in entries(tmp_path / "capped")}
+    assert stored == set(keys[2:])
+
+
+def test_keys_follow_the_stored_bytes_not_the_name():
+    w = torch.randn(8, 8)
+    assert tensor_key(w) == tensor_key(w.clone())
+    assert tensor_key(w) != tensor_key(w.to(torch.bfloat16))
+    changed = w.clone()
+    changed[0, 0] += 1e-3
+    assert tensor_key(w) != tensor_key(changed)
+
+
+def test_concurrent_audits_never_corrupt_the_cache(models):
+    cmd = [sys.executable, "-m", "ftaudit", "check", str(models["a"]), "--base", str(models["base"]), "--quiet"]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 1 and "corrupt" not in err
+    code, stderr, _ = audit(models["a"], models["base"])
+    assert "14 hits, 0 misses" in stderr and "corrupt" not in stderr
+    assert not list(Path(os.environ["FTAUDIT_CACHE"]).glob("*/.tmp-*"))
