@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,9 +11,10 @@ from typing import Protocol
 import torch
 
 from ftaudit import __version__
-from ftaudit.analyses.indicators import relative_update_norm
-from ftaudit.analyses.intruders import intruders
-from ftaudit.pairing import Selection, TensorPair, pair_tensors
+from ftaudit.analyses.indicators import row_norm_drift
+from ftaudit.analyses.matrix import analyse_pair
+from ftaudit.cache import SpectrumCache
+from ftaudit.pairing import VOCAB_KINDS, Selection, TensorPair, pair_tensors
 from ftaudit.report import (
     EPSILONS,
     BaseRef,
@@ -22,12 +22,11 @@ from ftaudit.report import (
     ModelRef,
     Report,
     Settings,
-    Summary,
     TensorIssues,
 )
 from ftaudit.sources.safetensors import TensorInfo
-from ftaudit.cache import SpectrumCache, tensor_key
-from ftaudit.spectral import Spectrum, base_basis, resolve_device, top_left, upcast
+from ftaudit.spectral import resolve_device, upcast
+from ftaudit.summary import summarise
 
 
 class Tensors(Protocol):
@@ -73,17 +72,22 @@ def run_audit(
         not_selected=pairing.not_selected,
     )
     results: list[MatrixResult] = []
-    total = len(pairing.pairs)
-    for i, (pair, w0, wt) in enumerate(_stream(pairing.pairs, base_side, tuned_side)):
+    heads: dict[str, dict[str, float | None]] = {}
+    todo = pairing.pairs + pairing.scale_only
+    for i, (pair, w0, wt) in enumerate(_stream(todo, base_side, tuned_side)):
         if progress:
-            progress(i, total, pair.name)
-        result = analyse_pair(pair, w0, wt, options, device, cache)
+            progress(i, len(todo), pair.name)
+        if pair.kind in VOCAB_KINDS and torch.isfinite(w0).all() and torch.isfinite(wt).all():
+            heads[pair.name] = row_norm_drift(upcast(w0, device), upcast(wt, device))
+        if i >= len(pairing.pairs):
+            continue
+        result = analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache)
         if result is None:
             issues.nonfinite.append(pair.name)
         else:
             results.append(result)
     if progress:
-        progress(total, total, "")
+        progress(len(todo), len(todo), "")
     settings = Settings(
         k=options.k,
         epsilon=options.epsilon,
@@ -98,57 +102,9 @@ def run_audit(
         model=model,
         base=base,
         settings=settings,
-        summary=summarise(results, options),
+        summary=summarise(results, options.epsilons, heads),
         tensors=issues,
         matrices=results,
-    )
-
-
-def analyse_pair(
-    pair: TensorPair,
-    raw_w0: torch.Tensor,
-    raw_wt: torch.Tensor,
-    options: AuditOptions,
-    device: torch.device,
-    cache: SpectrumCache | None = None,
-) -> MatrixResult | None:
-    """All per-matrix analyses of one pair as stored; None when either matrix is not finite."""
-    w0, wt = upcast(raw_w0, device), upcast(raw_wt, device)
-    if not (torch.isfinite(w0).all() and torch.isfinite(wt).all()):
-        return None
-    if cache is None:
-        base = base_basis(w0)
-    else:
-        cached = cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
-        base = Spectrum(cached.U.to(device), cached.S.to(device))
-    found = intruders(base, top_left(wt, options.k))
-    return MatrixResult(
-        name=pair.name,
-        kind=pair.kind,
-        layer=pair.layer,
-        shape=list(pair.shape),
-        max_cos=found.max_cos,
-        intruders=found.count(options.epsilon),
-        sigma=found.sigma,
-        match=found.match,
-        outside_span=found.outside_span,
-        indicators={"relative_update_norm": relative_update_norm(w0, wt)},
-    )
-
-
-def summarise(results: Sequence[MatrixResult], options: AuditOptions) -> Summary:
-    """Model-level totals over the analysed matrices."""
-    examined = sum(len(r.max_cos) for r in results)
-    norms = [n for r in results if (n := r.indicators.get("relative_update_norm")) is not None]
-    total = sum(r.intruders for r in results)
-    return Summary(
-        matrices_analysed=len(results),
-        intruder_dimensions=total,
-        intruder_curve={f"{e:g}": sum(c < e for r in results for c in r.max_cos) for e in options.epsilons},
-        matrices_with_intruders=sum(r.intruders > 0 for r in results),
-        intruder_rate=total / examined if examined else 0.0,
-        relative_update_norm_max=max(norms) if norms else None,
-        relative_update_norm_median=statistics.median(norms) if norms else None,
     )
 
 

@@ -73,6 +73,8 @@ class Pairing:
     shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     resized: list[tuple[str, int, int]] = field(default_factory=list)
     not_selected: int = 0
+    scale_only: list[TensorPair] = field(default_factory=list)
+    """Heads and embeddings not analysed in full, whose row-norm drift is still measured."""
 
 
 @dataclass(frozen=True)
@@ -135,23 +137,42 @@ def pair_tensors(base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], sele
     for key in sorted(b_map.keys() | t_map.keys()):
         b_name, t_name = b_map.get(key), t_map.get(key)
         kind = module_kind(key)
-        if not selection.selects(key, kind):
+        selected = selection.selects(key, kind)
+        if not selected:
             result.not_selected += 1
+            pair = _pair(key, b_name, t_name, kind, base, tuned) if kind in VOCAB_KINDS else None
+            if pair is not None:
+                result.scale_only.append(pair)
         elif t_name is None:
             result.missing_in_model.append(key)
         elif b_name is None:
             result.missing_in_base.append(key)
         else:
+            pair = _pair(key, b_name, t_name, kind, base, tuned)
             b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
-            if b_shape == t_shape:
-                result.pairs.append(TensorPair(key, b_name, t_name, kind, layer_index(key), (b_shape[0], b_shape[1])))
-            elif kind in VOCAB_KINDS and b_shape[1] == t_shape[1]:
-                rows = min(b_shape[0], t_shape[0])
-                result.resized.append((key, b_shape[0], t_shape[0]))
-                result.pairs.append(TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, b_shape[1]), rows))
-            else:
+            if pair is None:
                 result.shape_mismatch.append((key, b_shape, t_shape))
+                continue
+            if pair.rows is not None:
+                result.resized.append((key, b_shape[0], t_shape[0]))
+            result.pairs.append(pair)
     return result
+
+
+def _pair(
+    key: str, b_name: str | None, t_name: str | None, kind: str,
+    base: dict[str, TensorInfo], tuned: dict[str, TensorInfo],
+) -> TensorPair | None:
+    """The pair to compare: same shapes, or a resized vocabulary's shared rows; None otherwise."""
+    if b_name is None or t_name is None:
+        return None
+    b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
+    if b_shape == t_shape:
+        return TensorPair(key, b_name, t_name, kind, layer_index(key), (b_shape[0], b_shape[1]))
+    if kind in VOCAB_KINDS and b_shape[1] == t_shape[1]:
+        rows = min(b_shape[0], t_shape[0])
+        return TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, b_shape[1]), rows)
+    return None
 
 
 def _matrices(tensors: dict[str, TensorInfo]) -> list[str]:

@@ -12,9 +12,9 @@ from ftaudit.errors import PolicyError
 from ftaudit.report import Report, Summary, Verdict
 
 LEVELS = ("low", "medium", "high")
-METRICS = tuple(
-    f.name for f in fields(Summary) if f.name not in ("intruder_curve", "risk")
-)
+NOT_METRICS = {"intruder_curve", "risk", "update", "by_kind", "by_layer", "heads"}
+METRICS = tuple(f.name for f in fields(Summary) if f.name not in NOT_METRICS)
+"""Numeric summary fields a risk rule can use."""
 
 
 @dataclass(frozen=True)

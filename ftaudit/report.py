@@ -48,6 +48,7 @@ class MatrixResult:
     match: list[int]
     outside_span: list[float]
     indicators: dict[str, float | None]
+    intruder_strength: list[dict[str, float | int | None]] = field(default_factory=list)
     lora: dict[str, float] | None = None
 
 
@@ -68,8 +69,19 @@ class Summary:
     intruder_curve: dict[str, int]
     matrices_with_intruders: int
     intruder_rate: float
+    intruder_strength_max: float
     relative_update_norm_max: float | None
     relative_update_norm_median: float | None
+    spectral_spike_max: float | None
+    spectral_spike_median: float | None
+    effective_rank_median: float | None
+    energy_rank_90_median: float | None
+    subspace_drift_deg_max: float | None
+    head_scale_drift: float | None
+    update: dict[str, object]
+    by_kind: dict[str, dict[str, object]]
+    by_layer: dict[str, dict[str, object]]
+    heads: dict[str, dict[str, float | None]]
     risk: str = "unknown"
 
 

@@ -232,3 +232,30 @@ def test_pickle_weights_load_only_when_allowed_and_never_run_code(pair, tmp_path
     code, _, stderr = run("check", hostile, "--base", pair["base"], "--allow-pickle")
     assert code == 2 and "refused by torch.load(weights_only=True)" in stderr
     assert not marker.exists()
+
+
+def test_indicators_recognise_the_kind_of_update(pair, tmp_path):
+    out = tmp_path / "r.json"
+    run("check", pair["lora"], "--json", out)
+    s = json.loads(out.read_text())["summary"]
+    assert s["update"]["type"] == "low-rank" and s["update"]["rank"] == 2
+    assert s["spectral_spike_max"] > 1 and s["intruder_strength_max"] > 0.5
+    assert set(s["by_kind"]) == {"attention", "mlp"} and set(s["by_layer"]) == {"0", "1"}
+    assert s["by_kind"]["attention"]["matrices"] == 8 and s["by_layer"]["1"]["matrices"] == 7
+    run("check", pair["full"], "--json", out)
+    s = json.loads(out.read_text())["summary"]
+    assert s["update"]["type"] == "full" and s["intruder_strength_max"] == 0
+    assert s["heads"]["lm_head.weight"]["mean_norm_ratio"] == pytest.approx(1.0, abs=1e-3)
+
+    base = llama_like()
+    tuned = dict(base)
+    tuned["model.layers.0.self_attn.q_proj.weight"] = small_update(base)["model.layers.0.self_attn.q_proj.weight"]
+    tuned["lm_head.weight"] = 2 * base["lm_head.weight"]
+    write_model(tmp_path / "partial", tuned)
+    run("check", tmp_path / "partial", "--base", pair["base"], "--json", out)
+    s = json.loads(out.read_text())["summary"]
+    assert s["update"]["type"] == "partial" and s["update"]["changed"] == 1
+    assert s["head_scale_drift"] == pytest.approx(1.0)
+    run("check", pair["base"], "--base", pair["base"], "--json", out)
+    s = json.loads(out.read_text())["summary"]
+    assert s["update"]["type"] == "untouched" and s["spectral_spike_max"] == 0 and s["effective_rank_median"] == 0

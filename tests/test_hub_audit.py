@@ -58,9 +58,11 @@ def test_remote_audit_streams_tensors_by_range_and_matches_the_local_audit(env, 
     assert weight_gets and all(r.range and r.status == 206 for r in weight_gets)
     largest_file = max(len(b) for b in folder_files(tmp_path / "tuned").values())
     assert max(r.bytes_sent for r in weight_gets) < largest_file / 4
-    # Header reads are tiny; every other read is exactly one analysed tensor of the model or base.
+    # Header reads are tiny; every other read is exactly one tensor of the model or base: the analysed
+    # matrices, plus the embeddings and head whose row-norm drift is measured.
     tensor_reads = [r for r in weight_gets if r.bytes_sent > 8 and not r.range.startswith("bytes=8-")]
-    assert len(tensor_reads) == 2 * remote["summary"]["matrices_analysed"]
+    assert set(remote["summary"]["heads"]) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert len(tensor_reads) == 2 * (remote["summary"]["matrices_analysed"] + 2)
     assert all(f"/resolve/{sha}/" in r.path for r in weight_gets if "org/tuned" in r.path)
 
 

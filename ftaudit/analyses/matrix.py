@@ -1,0 +1,72 @@
+"""Everything measured on one matrix pair: intruder dimensions and the update's indicators."""
+
+from __future__ import annotations
+
+import torch
+
+from ftaudit.analyses.indicators import (
+    delta_spectrum,
+    effective_rank,
+    energy_rank,
+    intruder_strength,
+    numerical_rank,
+    relative_update_norm,
+    rounding_noise_floor,
+    spectral_spike,
+    storage_eps,
+    subspace_drift,
+)
+from ftaudit.analyses.intruders import intruders
+from ftaudit.cache import SpectrumCache, tensor_key
+from ftaudit.pairing import TensorPair
+from ftaudit.report import MatrixResult
+from ftaudit.spectral import Spectrum, base_basis, top_left, upcast
+
+
+def analyse_pair(
+    pair: TensorPair,
+    raw_w0: torch.Tensor,
+    raw_wt: torch.Tensor,
+    k: int,
+    epsilon: float,
+    device: torch.device,
+    cache: SpectrumCache | None = None,
+) -> MatrixResult | None:
+    """All per-matrix analyses of one pair as stored; None when either matrix is not finite."""
+    w0, wt = upcast(raw_w0, device), upcast(raw_wt, device)
+    if not (torch.isfinite(w0).all() and torch.isfinite(wt).all()):
+        return None
+    if cache is None:
+        base = base_basis(w0)
+    else:
+        cached = cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
+        base = Spectrum(cached.U.to(device), cached.S.to(device))
+    tuned = top_left(wt, k)
+    found = intruders(base, tuned)
+    base_sigma1 = base.S[0].item()
+    delta_sigma = delta_spectrum(w0, wt)
+    # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
+    # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
+    dtypes = () if raw_wt.dtype == torch.float64 else (raw_w0.dtype, raw_wt.dtype)
+    floor = rounding_noise_floor(w0, wt, storage_eps(*dtypes)) if dtypes else 0.0
+    drift = subspace_drift(base.U.to(torch.float64), tuned.U, k)
+    return MatrixResult(
+        name=pair.name,
+        kind=pair.kind,
+        layer=pair.layer,
+        shape=list(pair.shape),
+        max_cos=found.max_cos,
+        intruders=found.count(epsilon),
+        sigma=found.sigma,
+        match=found.match,
+        outside_span=found.outside_span,
+        indicators={
+            "relative_update_norm": relative_update_norm(w0, wt),
+            "spectral_spike": spectral_spike(delta_sigma, base_sigma1),
+            "effective_rank": effective_rank(delta_sigma),
+            "energy_rank_90": energy_rank(delta_sigma, 0.9),
+            "numerical_rank": numerical_rank(delta_sigma, pair.shape, floor),
+            "subspace_drift_deg": drift[-1] if drift else 0.0,
+        },
+        intruder_strength=intruder_strength(found.sigma, found.max_cos, epsilon, base_sigma1),
+    )
