@@ -151,8 +151,8 @@ class HubStorage:
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         """Run one request with bounded retries, mapping failures to ftaudit errors."""
-        attempts = _retries()
-        for attempt in range(attempts):
+        attempts, attempt = _retries(), 0
+        while True:
             try:
                 return fn()
             except FtauditError:
@@ -166,14 +166,14 @@ class HubStorage:
                 failure = e
             except httpx2.TransportError as e:
                 failure = _Transient(type(e).__name__)
-            if attempt + 1 == attempts:
+            attempt += 1
+            if attempt == attempts:
                 raise NetworkError(
                     f"{self.label}: {what}: still failing after {attempts} attempts ({failure})"
                 ) from None
-            delay = failure.retry_after if failure.retry_after is not None else _backoff() * 2**attempt
+            delay = failure.retry_after if failure.retry_after is not None else _backoff() * 2 ** (attempt - 1)
             log.debug("%s: %s: %s; retrying in %.1fs", self.label, what, failure, delay)
             time.sleep(min(delay, 30.0))
-        raise AssertionError("unreachable")
 
     def _error(self, e: HfHubHTTPError, what: str) -> FtauditError:
         """One actionable message per failure the Hub reports."""
