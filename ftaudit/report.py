@@ -108,6 +108,38 @@ class Report:
         data = asdict(self)
         return {"schema_version": data.pop("schema_version"), **data}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Report:
+        """A report read back from its JSON form (same schema version)."""
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise UsageError(f"report schema version {data.get('schema_version')!r} is not {SCHEMA_VERSION!r}")
+        try:
+            d = dict(data)
+            d.pop("schema_version")
+            return cls(
+                tool=d["tool"],
+                created_at=d["created_at"],
+                model=ModelRef(**d["model"]),
+                base=BaseRef(**d["base"]),
+                settings=Settings(**d["settings"]),
+                summary=Summary(**d["summary"]),
+                tensors=TensorIssues(**d["tensors"]),
+                matrices=[MatrixResult(**m) for m in d["matrices"]],
+                verdict=Verdict(**d["verdict"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise UsageError(f"not an ftaudit report ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def read(cls, path: Path) -> Report:
+        """Read a report written by `write`."""
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read the report ({e.strerror})") from None
+        except ValueError:
+            raise UsageError(f"{path}: not valid JSON") from None
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
 

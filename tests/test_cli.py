@@ -259,3 +259,15 @@ def test_indicators_recognise_the_kind_of_update(pair, tmp_path):
     run("check", pair["base"], "--base", pair["base"], "--json", out)
     s = json.loads(out.read_text())["summary"]
     assert s["update"]["type"] == "untouched" and s["spectral_spike_max"] == 0 and s["effective_rank_median"] == 0
+
+
+def test_reports_read_back_into_the_same_report(pair, tmp_path):
+    from ftaudit.errors import UsageError
+    from ftaudit.report import Report
+    out = tmp_path / "r.json"
+    run("check", pair["lora"], "--json", out)
+    report = Report.read(out)
+    assert report.to_json() == out.read_text()
+    (tmp_path / "bad.json").write_text('{"schema_version": "1", "tool": {}}')
+    with pytest.raises(UsageError, match="not an ftaudit report"):
+        Report.read(tmp_path / "bad.json")
