@@ -1,8 +1,15 @@
 """A fake of the Hugging Face Hub HTTP API, served on 127.0.0.1 from background threads, for tests.
 
-It answers the calls huggingface_hub makes for model repos: `GET /api/models/{repo}[/revision/{rev}]` and
-`HEAD`/`GET /{repo}/resolve/{rev}/{path}` (with single byte ranges), signalling errors with the status codes and
-`X-Error-Code` headers the Hub uses, so the client raises the same exception classes. Every request is logged,
+It answers the calls huggingface_hub makes for model repos: `GET /api/models/{repo}[/revision/{rev}]`,
+`GET /api/models/{repo}/refs` and `HEAD`/`GET /{repo}/resolve/{rev}/{path}` (with single byte ranges), signalling
+errors with the status codes and `X-Error-Code` headers the Hub uses, so the client raises the same exception classes.
+
+`HfApi.create_commit` works too: `POST /api/validate-yaml`, `POST /api/models/{repo}/preupload/{rev}` (every file is
+told to go as a "regular" upload, inline in the commit, so no LFS or Xet transfer is needed) and
+`POST /api/models/{repo}/commit/{rev}[?create_pr=1]` (NDJSON: a header, then `file` / `deletedFile` /
+`deletedFolder` lines). A commit moves the branch (412 if `parentCommit` is not its head); with `create_pr` it
+makes the next `refs/pr/N` from `parentCommit` (or the branch head) and answers a `pullRequestUrl`. Both need a token
+added with `write=True` for the repo: no token gets 401, any other token 403. Every request is logged,
 and faults (ignored ranges, error statuses, connections dropped mid-body, delays) can be injected at runtime.
 
 With `redirect_lfs` set, LFS files (weights) are answered like the Hub does: a 302 carrying the file's metadata
@@ -11,6 +18,7 @@ With `redirect_lfs` set, LFS files (weights) are answered like the Hub does: a 3
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -32,6 +40,9 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx"
 
 _API_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)(?:/revision/(?P<rev>[^/]+))?")
 _RESOLVE_PATH = re.compile(r"/(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)")
+_REFS_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/refs")
+_WRITE_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<action>preupload|commit)/(?P<rev>[^/]+)")
+_PR_REF = re.compile(r"refs/pr/(\d+)")
 _CDN_PATH = re.compile(r"/lfs/(?P<sha256>[0-9a-f]{64})")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$", re.DOTALL | re.MULTILINE)
@@ -76,6 +87,12 @@ class _Repo:
     commits: dict[str, _Commit] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Grant:
+    repos: frozenset[str]  # private and gated repos the token may read (and, with `write`, commit to)
+    write: bool
+
+
 @dataclass
 class _Fault:
     remaining: int
@@ -109,7 +126,7 @@ class HubServer:
         self.redirect_lfs = False
         self._lock = threading.Lock()
         self._repos: dict[str, _Repo] = {}
-        self._tokens: dict[str, frozenset[str]] = {}
+        self._tokens: dict[str, _Grant] = {}
         self._lfs: dict[str, bytes] = {}
         self._faults: list[_Fault] = []
         self._listeners = (_Listener(self, cdn=False), _Listener(self, cdn=True))
@@ -165,25 +182,41 @@ class HubServer:
         whole repo, replacing earlier values.
         """
         blobs = {path: _blob(path, data) for path, data in files.items()}
-        if card_data is None and "README.md" in files:
-            card_data = _front_matter(files["README.md"].decode())
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         with self._lock:
-            repo = self._repos.setdefault(repo_id, _Repo(private, gated, created=now))
+            repo = self._repos.setdefault(repo_id, _Repo(private, gated, created=_now()))
             repo.private, repo.gated = private, gated
-            digest = hashlib.sha1(f"{repo_id}\0{repo.branches.get(revision_name)}\0".encode())
-            for path in sorted(blobs):
-                digest.update(f"{path}\0{blobs[path].oid}\0".encode())
-            sha = digest.hexdigest()
-            repo.commits[sha] = _Commit(sha, blobs, card_data, now)
-            repo.branches[revision_name] = sha
-            self._lfs.update((blob.sha256, blob.data) for blob in blobs.values() if blob.pointer is not None)
-        return sha
+            return self._store(repo_id, repo, revision_name, blobs, repo.branches.get(revision_name), card_data)
 
-    def add_token(self, token: str, repos: Iterable[str] = ()) -> None:
-        """Make `token` valid (`Authorization: Bearer <token>`), granting it the private and gated `repos`."""
+    def add_token(self, token: str, repos: Iterable[str] = (), *, write: bool = False) -> None:
+        """Make `token` valid (`Authorization: Bearer <token>`), granting it the private and gated `repos`.
+
+        With `write`, the token may also commit to `repos` and open pull requests on them.
+        """
         with self._lock:
-            self._tokens[token] = frozenset(repos)
+            self._tokens[token] = _Grant(frozenset(repos), write)
+
+    def _store(
+        self,
+        repo_id: str,
+        repo: _Repo,
+        ref: str,
+        blobs: dict[str, _Blob],
+        parent: str | None,
+        card_data: dict[str, Any] | None = None,
+        message: str = "",
+    ) -> str:
+        """Record a commit of `blobs` on `ref` (caller holds the lock); return its sha."""
+        if card_data is None and "README.md" in blobs:
+            card_data = _front_matter(blobs["README.md"].data.decode())
+        digest = hashlib.sha1(f"{repo_id}\0{parent}\0".encode())
+        for path in sorted(blobs):
+            digest.update(f"{path}\0{blobs[path].oid}\0".encode())
+        digest.update(message.encode())
+        sha = digest.hexdigest()
+        repo.commits[sha] = _Commit(sha, blobs, card_data, _now())
+        repo.branches[ref] = sha
+        self._lfs.update((blob.sha256, blob.data) for blob in blobs.values() if blob.pointer is not None)
+        return sha
 
     def fail_next(self, n: int = 1, status: int = 500, path_contains: str | None = None) -> None:
         """Answer the next `n` requests whose target contains `path_contains` with `status` (429: `Retry-After: 0`)."""
@@ -212,15 +245,24 @@ class HubServer:
         with self._lock:
             self.requests.append(entry)
 
-    def _route(self, target: str, headers: Message, *, cdn: bool) -> _Response:
+    def _route(self, method: str, target: str, headers: Message, body: bytes, *, cdn: bool) -> _Response:
         url = urlsplit(target)
+        auth = headers.get("Authorization")
         with self._lock:
+            if method == "POST":
+                return self._post(url.path, parse_qs(url.query), auth, body)
             if cdn:
                 match = _CDN_PATH.fullmatch(url.path)
                 data = self._lfs.get(match["sha256"]) if match else None
                 if match is None or data is None:
                     return _error(404, "Not Found")
                 return self._content(data, headers.get("Range"), {"ETag": f'"{match["sha256"]}"'})
+            if match := _REFS_PATH.fullmatch(url.path):
+                repo_id = unquote(match["repo"])
+                repo = self._access(repo_id, auth, files=False)
+                if isinstance(repo, _Response):
+                    return repo
+                return _json(_refs(repo, include_prs="include_prs" in parse_qs(url.query)))
             if match := _API_PATH.fullmatch(url.path):
                 repo_id, revision = unquote(match["repo"]), unquote(match["rev"] or "main")
                 found = self._lookup(repo_id, revision, headers.get("Authorization"), files=False)
@@ -238,15 +280,28 @@ class HubServer:
             return _error(404, "Not Found")
 
     def _lookup(
-        self, repo_id: str, revision: str, authorization: str | None, *, files: bool
+        self, repo_id: str, revision: str, authorization: str | None, *, files: bool, write: bool = False
     ) -> tuple[_Repo, _Commit] | _Response:
         """The repo and the commit `revision` names, or the error the Hub answers (gating applies to `files`)."""
+        repo = self._access(repo_id, authorization, files=files, write=write)
+        if isinstance(repo, _Response):
+            return repo
+        commit = repo.commits.get(repo.branches.get(revision, revision))
+        if commit is None:
+            return _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return repo, commit
+
+    def _access(
+        self, repo_id: str, authorization: str | None, *, files: bool, write: bool = False
+    ) -> _Repo | _Response:
+        """The repo if the credentials may read it (its files, with `files`; commit to it, with `write`)."""
         token = None
         if authorization is not None:
             token = authorization.removeprefix("Bearer ").strip()
             if not authorization.startswith("Bearer ") or token not in self._tokens:
                 return _error(401, "Invalid credentials in Authorization header")
-        granted = token is not None and repo_id in self._tokens[token]
+        grant = self._tokens[token] if token is not None else None
+        granted = grant is not None and repo_id in grant.repos
         repo = self._repos.get(repo_id)
         if repo is None or (repo.private and not granted):
             return _error(401 if token is None else 404, "Repository not found", "RepoNotFound")
@@ -254,10 +309,75 @@ class HubServer:
             if token is None:
                 return _error(401, f"Access to model {repo_id} is restricted. Please log in.", "GatedRepo")
             return _error(403, f"Access to model {repo_id} is restricted: not in the authorized list.", "GatedRepo")
-        commit = repo.commits.get(repo.branches.get(revision, revision))
-        if commit is None:
-            return _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        return repo, commit
+        if write and not (granted and grant is not None and grant.write):
+            if token is None:
+                return _error(401, "You must be authenticated to write to a repository")
+            return _error(403, f"You don't have the rights to write to {repo_id}: it needs a token with write access")
+        return repo
+
+    def _post(self, path: str, query: dict[str, list[str]], authorization: str | None, body: bytes) -> _Response:
+        if path == "/api/validate-yaml":
+            try:
+                _front_matter(json.loads(body)["content"])
+            except yaml.YAMLError as e:
+                return _json({"errors": [{"message": f"Invalid YAML: {e}"}], "warnings": []}, status=400)
+            return _json({"errors": [], "warnings": []})
+        match = _WRITE_PATH.fullmatch(path)
+        if match is None:
+            return _error(404, "Not Found")
+        repo_id, revision = unquote(match["repo"]), unquote(match["rev"])
+        found = self._lookup(repo_id, revision, authorization, files=True, write=True)
+        if isinstance(found, _Response):
+            return found
+        repo, head = found
+        if match["action"] == "preupload":
+            files = json.loads(body)["files"]
+            return _json({"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                 "oid": head.files[f["path"]].oid if f["path"] in head.files else None}
+                for f in files
+            ]})
+        if revision not in repo.branches:
+            return _error(404, f"Invalid rev id: {revision} is not a branch", "RevisionNotFound")
+        return self._commit(repo_id, repo, revision, body, create_pr="create_pr" in query)
+
+    def _commit(self, repo_id: str, repo: _Repo, branch: str, body: bytes, *, create_pr: bool) -> _Response:
+        """Apply an NDJSON commit to `branch`, or to a new pull request against it."""
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            return _error(400, "The commit must start with a header")
+        header = lines[0]["value"]
+        head = repo.commits[repo.branches[branch]]
+        parent = head
+        if header.get("parentCommit"):
+            found = [c for sha, c in repo.commits.items() if sha.startswith(header["parentCommit"])]
+            if len(found) != 1:
+                return _error(404, f"Invalid rev id: {header['parentCommit']}", "RevisionNotFound")
+            parent = found[0]
+            if not create_pr and parent.sha != head.sha:
+                return _error(412, "A commit has happened since. Please refresh and try again.")
+        files = dict(parent.files)
+        for line in lines[1:]:
+            key, value = line.get("key"), line.get("value", {})
+            if key == "file":
+                files[value["path"]] = _blob(value["path"], base64.b64decode(value["content"]))
+            elif key == "deletedFile":
+                if files.pop(value["path"], None) is None:
+                    return _error(404, "A file with this name doesn't exist", "EntryNotFound")
+            elif key == "deletedFolder":
+                prefix = value["path"].rstrip("/") + "/"
+                files = {path: blob for path, blob in files.items() if not path.startswith(prefix)}
+            else:
+                return _error(400, f"Unsupported commit operation {key} on {value.get('path')}")
+        ref = branch
+        if create_pr:
+            number = 1 + max((int(m[1]) for name in repo.branches if (m := _PR_REF.fullmatch(name))), default=0)
+            ref = f"refs/pr/{number}"
+        sha = self._store(repo_id, repo, ref, files, parent.sha, message=header.get("summary", ""))
+        answer = {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{repo_id}/commit/{sha}"}
+        if create_pr:
+            answer["pullRequestUrl"] = f"{self.url}/{repo_id}/discussions/{ref.rsplit('/', 1)[1]}"
+        return _json(answer)
 
     def _resolve(self, commit: _Commit, path: str, range_header: str | None) -> _Response:
         blob = commit.files.get(path)
@@ -323,6 +443,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         hub = self.server.hub
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         time.sleep(hub.delay)
         fault = hub._take_fault(self.path)
         if fault is not None and fault.status is not None:
@@ -330,7 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fault.status == 429:
                 response.headers["Retry-After"] = "0"
         else:
-            response = hub._route(self.path, self.headers, cdn=self.server.cdn)
+            response = hub._route(self.command, self.path, self.headers, body, cdn=self.server.cdn)
         dropped = fault is not None and fault.status is None
         body = b"" if self.command == "HEAD" else response.body
         if dropped:
@@ -362,7 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
 
-    do_HEAD = do_GET
+    do_HEAD = do_POST = do_GET
 
     def log_message(self, format: str, *args: Any) -> None:
         """Keep test output quiet."""
@@ -370,6 +491,28 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _url(listener: _Listener) -> str:
     return f"http://127.0.0.1:{listener.server_port}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _json(data: object, status: int = 200) -> _Response:
+    return _Response(status, {"Content-Type": "application/json"}, json.dumps(data).encode())
+
+
+def _refs(repo: _Repo, *, include_prs: bool) -> dict[str, Any]:
+    """The JSON of `GET /api/models/{repo_id}/refs` (`?include_prs=1` adds the pull requests)."""
+    refs: dict[str, Any] = {"branches": [], "converts": [], "tags": []}
+    if include_prs:
+        refs["pullRequests"] = []
+    for name, sha in sorted(repo.branches.items()):
+        if _PR_REF.fullmatch(name):
+            if include_prs:
+                refs["pullRequests"].append({"name": name, "ref": name, "targetCommit": sha})
+        else:
+            refs["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha})
+    return refs
 
 
 def _error(status: int, message: str, code: str | None = None) -> _Response:

@@ -8,7 +8,16 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
-from huggingface_hub import HfApi, constants, get_hf_file_metadata, get_session, hf_hub_download, hf_hub_url
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    constants,
+    get_hf_file_metadata,
+    get_session,
+    hf_hub_download,
+    hf_hub_url,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -284,3 +293,109 @@ def test_stop_closes_connections() -> None:
         assert get_session().get(url(server, "org/ft", "config.json")).status_code == 200
     with pytest.raises(httpx2.TransportError):
         get_session().get(url(server, "org/ft", "config.json"))
+
+
+def add(path: str, data: bytes) -> CommitOperationAdd:
+    return CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)
+
+
+def test_commit_moves_the_branch(hub: HubServer, tmp_path: Path) -> None:
+    first = hub.add_repo("org/ft", {"README.md": README, "config.json": b"{}", "old/a.txt": b"a"})
+    hub.add_token("writer", ["org/ft"], write=True)
+    api = HfApi(endpoint=hub.url, token="writer")
+
+    info = api.create_commit(
+        "org/ft",
+        [add("README.md", b"---\nbase_model: org/other\n---\n"), add("new.txt", b"n"),
+         CommitOperationDelete("config.json"), CommitOperationDelete("old/")],
+        commit_message="Update",
+        parent_commit=first,
+    )
+    assert info.pr_url is None and info.oid == api.model_info("org/ft").sha != first
+    assert info.commit_url == f"{hub.url}/org/ft/commit/{info.oid}"
+    model = api.model_info("org/ft")
+    assert [s.rfilename for s in model.siblings or []] == ["README.md", "new.txt"]
+    assert model.card_data is not None and model.card_data.base_model == "org/other"
+    assert download(hub, tmp_path, "org/ft", "new.txt") == b"n"
+    assert [s.rfilename for s in api.model_info("org/ft", revision=first).siblings or []][1] == "config.json"
+    commits = [r for r in hub.requests if r.method == "POST"]
+    assert [r.path.split("?")[0] for r in commits] == [
+        "/api/validate-yaml", "/api/models/org/ft/preupload/main", "/api/models/org/ft/commit/main"
+    ]
+
+
+def test_pull_requests(hub: HubServer, tmp_path: Path) -> None:
+    first = hub.add_repo("org/ft", {"README.md": README, "config.json": b"{}"})
+    hub.add_repo("org/ft", {"README.md": README, "config.json": b"{\"v\": 2}"})
+    hub.add_token("writer", ["org/ft"], write=True)
+    api = HfApi(endpoint=hub.url, token="writer")
+    main = api.model_info("org/ft").sha
+
+    one = api.create_commit("org/ft", [add("card.md", b"1")], commit_message="PR", create_pr=True)
+    two = api.create_commit("org/ft", [add("card.md", b"2")], commit_message="PR", create_pr=True, parent_commit=first)
+    assert (one.pr_url, one.pr_revision, one.pr_num) == (f"{hub.url}/org/ft/discussions/1", "refs/pr/1", 1)
+    assert (two.pr_revision, two.oid) == ("refs/pr/2", api.model_info("org/ft", revision="refs/pr/2").sha)
+    assert api.model_info("org/ft").sha == main  # the PRs leave main alone
+    assert download(hub, tmp_path, "org/ft", "card.md", revision="refs/pr/1") == b"1"
+    assert download(hub, tmp_path, "org/ft", "config.json", revision="refs/pr/1") == b'{"v": 2}'
+    assert download(hub, tmp_path, "org/ft", "config.json", revision="refs/pr/2") == b"{}"  # from parent_commit
+
+    refs = api.list_repo_refs("org/ft", include_pull_requests=True)
+    assert [(b.name, b.ref, b.target_commit) for b in refs.branches] == [("main", "refs/heads/main", main)]
+    assert [(p.ref, p.target_commit) for p in refs.pull_requests or []] == [
+        ("refs/pr/1", one.oid), ("refs/pr/2", two.oid)
+    ]
+    assert api.list_repo_refs("org/ft").pull_requests is None
+
+
+def test_commit_needs_a_write_token(hub: HubServer) -> None:
+    hub.add_repo("org/ft", {"config.json": b"{}"})
+    hub.add_repo("org/private", {"config.json": b"{}"}, private=True)
+    hub.add_token("reader", ["org/ft", "org/private"])
+    hub.add_token("writer-elsewhere", ["org/other"], write=True)
+    hub.add_token("writer", ["org/private"], write=True)
+
+    def commit(token: str | bool, repo: str = "org/ft", create_pr: bool = False) -> None:
+        HfApi(endpoint=hub.url, token=token).create_commit(
+            repo, [add("x.txt", b"x")], commit_message="x", create_pr=create_pr
+        )
+
+    for token, status in [(False, 401), ("reader", 403), ("writer-elsewhere", 403)]:
+        for create_pr in (False, True):
+            with pytest.raises(HfHubHTTPError) as denied:
+                commit(token, create_pr=create_pr)
+            assert denied.value.response.status_code == status
+    with pytest.raises(RepositoryNotFoundError):
+        commit("writer-elsewhere", "org/private")
+    commit("writer", "org/private", create_pr=True)
+    assert HfApi(endpoint=hub.url, token="writer").model_info("org/private", revision="refs/pr/1").private
+
+
+def test_commit_on_a_stale_parent_is_refused(hub: HubServer) -> None:
+    first = hub.add_repo("org/ft", {"config.json": b"1"})
+    second = hub.add_repo("org/ft", {"config.json": b"2"})
+    hub.add_token("writer", ["org/ft"], write=True)
+    api = HfApi(endpoint=hub.url, token="writer")
+    with pytest.raises(HfHubHTTPError) as stale:
+        api.create_commit("org/ft", [add("x.txt", b"x")], commit_message="x", parent_commit=first)
+    assert stale.value.response.status_code == 412 and "A commit has happened since" in str(stale.value)
+    with pytest.raises(RevisionNotFoundError):
+        api.create_commit("org/ft", [add("x.txt", b"x")], commit_message="x", revision=second)  # not a branch
+    assert api.model_info("org/ft").sha == second
+
+
+def test_unchanged_files_are_not_committed_again(hub: HubServer) -> None:
+    sha = hub.add_repo("org/ft", {"README.md": README})
+    hub.add_token("writer", ["org/ft"], write=True)
+    api = HfApi(endpoint=hub.url, token="writer")
+    info = api.create_commit("org/ft", [add("README.md", README)], commit_message="x")
+    assert info.oid == sha and not any("/commit/" in r.path for r in hub.requests)
+
+
+def test_invalid_card_metadata_is_refused(hub: HubServer) -> None:
+    hub.add_repo("org/ft", {"README.md": README})
+    hub.add_token("writer", ["org/ft"], write=True)
+    with pytest.raises(ValueError, match="Invalid metadata in README.md"):
+        HfApi(endpoint=hub.url, token="writer").create_commit(
+            "org/ft", [add("README.md", b"---\nbase_model: [unclosed\n---\n")], commit_message="x"
+        )
