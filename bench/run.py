@@ -89,17 +89,25 @@ def tools(peers: bool) -> dict[str, list[str]]:
     return found
 
 
+LAUNCHER = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))
+sys.stderr.write(err.decode(errors="replace")[-500:])
+"""
+
+
 def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0, 1):
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise SystemExit(f"{argv[:4]} failed with {code}: {err[-500:]}")
-    return wall, usage.ru_maxrss * 1024
+    """Wall seconds and peak RSS bytes of one process, started from a small launcher process so
+    that its peak memory is its own (a child forked from this large process would count its pages)."""
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], env=env, capture_output=True, text=True)
+    wall, rss, code = done.stdout.split()
+    if int(code) not in (0, 1) or "Traceback" in done.stderr:
+        raise SystemExit(f"{argv[:4]} failed with {code}: {done.stderr}")
+    return float(wall), int(rss)
 
 
 def run(pairs: list[Pair], repeats: int, peers: bool) -> list[dict[str, object]]:

@@ -6,6 +6,7 @@ Exit codes (contract): 0 audited and passed (or warned), 1 audited and failed th
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import traceback
@@ -15,13 +16,15 @@ from typing import TypeVar
 
 import click
 
-from ftaudit import __version__, policy as policy_mod
+from ftaudit import __version__, cardfile, publish, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
 from ftaudit.cache import SpectrumCache, default_dir
 from ftaudit.check import Target, check
-from ftaudit.errors import FtauditError
+from ftaudit.errors import FtauditError, UsageError
+from ftaudit.files import write_text
 from ftaudit.pairing import KINDS, Selection
-from ftaudit.renderers import text
+from ftaudit.renderers import badge, card, heatmap, markdown, text
+from ftaudit.report import Report
 from ftaudit.secrets import Redactor
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
@@ -98,13 +101,25 @@ def main() -> None:
               help="Load pickle weights (.bin) with torch.load(weights_only=True) when there is no safetensors.")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown", "github"]), default="text",
+              show_default=True, help="What goes to stdout; github: annotations, step summary and outputs.")
+@click.option("--card", "card_path", type=click.Path(path_type=Path), help="Write the model-card section here.")
+@click.option("--badge", "badge_path", type=click.Path(path_type=Path), help="Write the SVG badge here.")
+@click.option("--badge-json", "badge_json_path", type=click.Path(path_type=Path),
+              help="Write the shields.io endpoint JSON here.")
+@click.option("--heatmap", "heatmap_path", type=click.Path(path_type=Path), help="Write the SVG heatmap here.")
+@click.option("--push", is_flag=True, help="Open a pull request with the card, badge and heatmap on the Hub repo.")
+@click.option("--push-mode", type=click.Choice(["pr", "commit"]), default="pr", show_default=True,
+              help="commit: commit to the branch directly instead of opening a pull request.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the base-spectrum cache.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and request retries.")
 def check_command(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
-    allow_pickle: bool, policy_path: Path | None, json_path: Path | None, no_cache: bool, quiet: bool, debug: bool,
+    allow_pickle: bool, policy_path: Path | None, json_path: Path | None, fmt: str, card_path: Path | None,
+    badge_path: Path | None, badge_json_path: Path | None, heatmap_path: Path | None, push: bool, push_mode: str,
+    no_cache: bool, quiet: bool, debug: bool,
 ) -> None:
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
     redactor = Redactor.for_token(token)
@@ -127,9 +142,57 @@ def check_command(
         logging.getLogger("ftaudit").debug("base-spectrum cache %s: %d hits, %d misses", cache.directory, cache.hits, cache.misses)
     if json_path is not None:
         _run(debug, redactor, lambda: report.write(json_path))
+    files = {card_path: lambda: card.render_card_section(report), badge_path: lambda: badge.render_badge_svg(report),
+             badge_json_path: lambda: json.dumps(badge.shields_endpoint(report)) + "\n",
+             heatmap_path: lambda: heatmap.render_heatmap_svg(report)}
+    for path, make in files.items():
+        if path is not None:
+            _run(debug, redactor, lambda: write_text(path, make()))
+    if push:
+        url = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=push_mode))
+        logging.getLogger("ftaudit").info("audit published: %s", url)
+    if fmt == "github":
+        _run(debug, redactor, lambda: publish.write_github_outputs(report, json_path))
     if not quiet:
-        click.echo(redactor(text.render(report)))
+        click.echo(redactor(_stdout(report, fmt)))
     sys.exit(EXIT_FAIL if report.verdict.status == "fail" else EXIT_PASS)
+
+
+def _stdout(report: Report, fmt: str) -> str:
+    if fmt == "json":
+        return report.to_json().rstrip("\n")
+    if fmt == "markdown":
+        return markdown.render_job_summary(report)
+    if fmt == "github":
+        return "\n".join(markdown.github_annotations(report))
+    return text.render(report)
+
+
+@main.group("card")
+def card_group() -> None:
+    """Model-card sections from saved reports."""
+
+
+@card_group.command("update")
+@click.argument("card_file", type=click.Path(path_type=Path))
+@click.option("--report", "report_path", required=True, type=click.Path(path_type=Path),
+              help="A JSON report written by `ftaudit check --json`.")
+@click.option("--badge", "badge_link", help="Relative path of the badge to show in the section.")
+@click.option("--heatmap", "heatmap_link", help="Relative path of the heatmap to show in the section.")
+def card_update(card_file: Path, report_path: Path, badge_link: str | None, heatmap_link: str | None) -> None:
+    """Put the audit section into CARD_FILE (a README.md), replacing an earlier one in place."""
+    redactor = Redactor.for_token(None)
+
+    def update() -> None:
+        report = Report.read(report_path)
+        try:
+            current = card_file.read_text(encoding="utf-8") if card_file.exists() else ""
+        except OSError as e:
+            raise UsageError(f"{card_file}: cannot read ({e.strerror})") from None
+        section = card.render_card_section(report, badge_path=badge_link, heatmap_path=heatmap_link)
+        write_text(card_file, cardfile.update_card(current, section, cardfile.card_data_from_report(report)))
+
+    _run(False, redactor, update)
 
 
 @main.command("policy")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ftaudit.errors import UsageError
+from ftaudit.files import write_text
 
 SCHEMA_VERSION = "1"
 EPSILONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -145,9 +146,4 @@ class Report:
 
     def write(self, path: Path) -> None:
         """Write the JSON atomically (a reader never sees half a report)."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(self.to_json(), encoding="utf-8")
-            tmp.replace(path)
-        except OSError as e:
-            raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
+        write_text(path, self.to_json())

@@ -155,7 +155,7 @@ def write_pickle_only(folder: Path) -> Path:
         (lambda p, t: ["check", write_pickle_only(t / "m"), "--base", p["base"]], "pickle"),
         (lambda p, t: ["check", p["full"], "--revision", "main"], "local folder"),
         (lambda p, t: ["check", p["full"], "--device", "tpu"], "device 'tpu'"),
-        (lambda p, t: ["check", p["full"], "--json", t / "no" / "dir" / "r.json"], "cannot write the report"),
+        (lambda p, t: ["check", p["full"], "--json", t / "no" / "dir" / "r.json"], "cannot write"),
     ],
 )
 def test_bad_inputs_are_one_line_errors_with_exit_code_2(pair, tmp_path, make, message):
@@ -271,3 +271,32 @@ def test_reports_read_back_into_the_same_report(pair, tmp_path):
     (tmp_path / "bad.json").write_text('{"schema_version": "1", "tool": {}}')
     with pytest.raises(UsageError, match="not an ftaudit report"):
         Report.read(tmp_path / "bad.json")
+
+
+def test_card_badge_heatmap_and_formats(pair, tmp_path):
+    import xml.etree.ElementTree as ET
+    paths = {opt: tmp_path / name for opt, name in
+             [("--card", "card.md"), ("--badge", "badge.svg"), ("--heatmap", "heat.svg"), ("--badge-json", "b.json"),
+              ("--json", "r.json")]}
+    code, stdout, _ = run("check", pair["lora"], *[x for kv in paths.items() for x in map(str, kv)], "--format", "json")
+    report = json.loads(paths["--json"].read_text())
+    assert code == 1 and json.loads(stdout) == report
+    n = str(report["summary"]["intruder_dimensions"])
+    assert "fail" in paths["--card"].read_text().lower() and n in paths["--card"].read_text()
+    for svg in (paths["--badge"], paths["--heatmap"]):
+        assert ET.fromstring(svg.read_text()).tag.endswith("svg")
+    endpoint = json.loads(paths["--badge-json"].read_text())
+    assert endpoint["schemaVersion"] == 1 and "fail" in endpoint["message"] and n in endpoint["message"]
+    assert n in run("check", pair["lora"], "--format", "markdown")[1]
+    assert run("check", pair["lora"], "--format", "github")[1].startswith("::error")
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: mit\n---\n# Model\n")
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["card", "update", str(card), "--report", str(paths["--json"])])
+        assert result.exit_code == 0, result.stderr
+    text = card.read_text()
+    assert text.startswith("---\nlicense: mit\nftaudit:\n") and text.count("<!-- ftaudit:begin -->") == 1
+    assert "# Model\n" in text
+    bad = CliRunner().invoke(main, ["card", "update", str(card), "--report", str(tmp_path / "missing.json")])
+    assert bad.exit_code == 2 and "cannot read the report" in bad.stderr

@@ -76,12 +76,17 @@ def plain_reading(report: Report) -> str:
         "cannot rule it out." if not s.intruder_dimensions else " The forgetting risk is still low under the "
         "policy: the intruders are few among the examined vectors.",
     }.get(risk, f" The forgetting risk is {risk}.")
+    spike = getattr(s, "spectral_spike_max", None)
+    shape = ""
+    if spike is not None and spike >= 1:
+        shape = (f" In at least one matrix the update's strongest direction is {format_number(spike, 3)}× as strong "
+                 f"as the base matrix's strongest (spectral spike), so the tuned layer's main action is new.")
     caveat = (
         f" The size of the update is reported beside the intruders because it is a confound: a larger update "
         f"changes more of the model whatever its structure{norm}. These are indicators read from the weights, "
         f"not measured behaviour: they say where to look, not what was lost."
     )
-    return found + advice + caveat
+    return found + shape + advice + caveat
 
 
 def _norm_phrase(report: Report) -> str:

@@ -31,6 +31,10 @@ _CANONICAL = [
     "down_proj", "w2", "fc2", "dense_4h_to_h", "output",
 ]
 _KIND_ORDER = {"attention": 0, "mlp": 1}
+# The top of the colour scale is at least this for these indicators (the default policy's high-risk
+# levels, a right angle for rotations), so that a small update looks small rather than saturated.
+SCALE_FLOOR = {"relative_update_norm": 1.0, "spectral_spike": 2.5, "subspace_drift_deg": 90.0}
+MAX_WIDTH = 640         # the figure grows up to this to fit the model ids, then shortens them
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,9 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
     dense = len(row_keys) > 12
     cell_h = 17 if dense else 28
     value_size = 9.5 if dense else 11
-    texts = {id(m): format_value(values[id(m)]) for m in report.matrices}
+    largest = max((abs(v) for v in values.values() if v is not None and math.isfinite(v)), default=None)
+    integral = all(v is None or float(v).is_integer() for v in values.values())
+    texts = {id(m): format_value(values[id(m)], None if integral else largest) for m in report.matrices}
     widest_value = max((text_width(t, value_size) for t in texts.values()), default=0)
     cell_w = math.ceil(max(38 if dense else 48, widest_value + 10))
 
@@ -64,8 +70,8 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
         lo, hi = 0.0, float(max(report.settings.k, *finite, 1))
     else:
         lo = min(0.0, *finite) if finite else 0.0
-        hi = max(finite) if finite else 1.0
-    scale = _Scale(lo, hi if hi > lo else lo + 1.0)
+        hi = max(max(finite) if finite else 1.0, SCALE_FLOOR.get(metric, 0.0))
+    scale = _Scale(lo, hi if hi > lo else lo + 1.0, counts=integral)
 
     label_w = {c: text_width(c, LABEL_SIZE) for c in columns}
     rotate = max(label_w.values(), default=0) > cell_w - 6
@@ -93,8 +99,10 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
         legend["right"] + PAD,
         320,
     ))
-    subtitle = _fit(f"{report.model.id} vs {report.base.id}", width - 2 * PAD - text_width(" · " + subtitle_base, LABEL_SIZE))
-    subtitle = f"{subtitle} · {subtitle_base}"
+    ids = f"{report.model.id} vs {report.base.id}"
+    width = max(width, min(MAX_WIDTH, math.ceil(2 * PAD + text_width(f"{ids} · {subtitle_base}", LABEL_SIZE))))
+    room = width - 2 * PAD - text_width(" · " + subtitle_base, LABEL_SIZE)
+    subtitle = f"{_fit_ids(report.model.id, report.base.id, room)} · {subtitle_base}"
     height = math.ceil(legend["bottom"] + PAD)
 
     cells = []
@@ -129,32 +137,60 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
     )
 
 
-def format_value(value: float | None) -> str:
-    """A cell's value in at most ~6 characters: 12, 0.85, 1.3e-3."""
+def format_value(value: float | None, reference: float | None = None) -> str:
+    """A cell's value in at most ~6 characters: 12, 0.85, 1.3e-3.
+
+    `reference` (the largest magnitude shown) fixes the number of decimals, so that the cells of
+    one heatmap are printed alike (1.20 beside 1.36, not 1.2).
+    """
     if value is None or not math.isfinite(value):
         return "n/a"
-    if float(value).is_integer() and abs(value) < 1e5:
+    ref = abs(reference) if reference is not None and math.isfinite(reference) else abs(value)
+    if float(value).is_integer() and (reference is None or float(reference).is_integer()) and abs(value) < 1e5:
         return str(int(value))
-    if abs(value) >= 100:
+    if ref >= 100:
         return f"{value:.0f}"
-    if abs(value) >= 0.01:
-        return f"{value:.2g}" if abs(value) < 1 else f"{value:.3g}"
+    if ref >= 0.01:
+        decimals = min(max(2 - math.floor(math.log10(ref)), 0), 3)
+        return f"{value:.{decimals}f}"
+    if value == 0:
+        return "0"
     mantissa, exponent = f"{value:.1e}".split("e")
     return f"{mantissa}e{int(exponent)}"
 
 
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values (multiples of 1, 2, 2.5 or 5 × 10^n) from `lo` to at most `hi`."""
+    span = hi - lo
+    if span <= 0:
+        return [lo]
+    raw = span / (count - 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks, v = [], first
+    while v <= hi + step * 1e-9:
+        ticks.append(round(v, 12))
+        v += step
+    return ticks
+
+
 class _Scale:
-    def __init__(self, lo: float, hi: float) -> None:
+    """Values to colours. For counts (`counts=True`, from 0) zero gets its own neutral colour and the
+    palette starts a step in, so that one intruder stands out from none."""
+
+    def __init__(self, lo: float, hi: float, counts: bool = False) -> None:
         self.lo, self.hi = lo, hi
+        self.counts = counts and lo == 0
 
     def colour(self, value: float | None) -> str:
         if value is None or not math.isfinite(value):
             return "url(#ftaudit-heatmap-none)"
-        if value == 0 and self.lo == 0:
+        if self.counts and value == 0:
             return ZERO_FILL
         t = min(max((value - self.lo) / (self.hi - self.lo), 0.0), 1.0)
-        if self.lo == 0:
-            t = 0.2 + 0.8 * t   # keep the smallest non-zero value clearly apart from zero
+        if self.counts:
+            t = 0.2 + 0.8 * t
         return _interpolate(t)
 
 
@@ -195,8 +231,11 @@ def _metric_values(report: Report, metric: str) -> dict[int, float | None]:
     return out
 
 
+METRIC_TITLES = {"intruders": "Intruder dimensions", "relative_update_norm": "Relative update norm ‖ΔW‖/‖W₀‖"}
+
+
 def _metric_title(metric: str) -> str:
-    return "Intruder dimensions" if metric == "intruders" else indicator_label(metric)
+    return METRIC_TITLES.get(metric) or indicator_label(metric)
 
 
 def _column_order(matrices: list[MatrixResult]) -> list[str]:
@@ -217,14 +256,22 @@ def _canonical_rank(label: str) -> int:
     return len(_CANONICAL)
 
 
-def _fit(text: str, width: float, size: float = LABEL_SIZE) -> str:
-    """`text`, shortened in the middle with … so that it fits `width` px."""
+def _fit_ids(model: str, base: str, width: float, size: float = LABEL_SIZE) -> str:
+    """`model vs base`, each id shortened from the left (…/name) if both do not fit `width` px."""
+    text = f"{model} vs {base}"
     if text_width(text, size) <= width:
         return text
-    keep = len(text)
-    while keep > 4 and text_width(text[: keep // 2] + "…" + text[len(text) - (keep - keep // 2):], size) > width:
+    room = (width - text_width(" vs ", size)) / 2
+    return f"{_tail(model, room, size)} vs {_tail(base, room, size)}"
+
+
+def _tail(text: str, width: float, size: float) -> str:
+    if text_width(text, size) <= width:
+        return text
+    keep = len(text) - 1
+    while keep > 1 and text_width("…" + text[-keep:], size) > width:
         keep -= 1
-    return text[: keep // 2] + "…" + text[len(text) - (keep - keep // 2):]
+    return "…" + text[-keep:]
 
 
 def _legend(scale: _Scale, metric: str, report: Report, values: dict[int, float | None],
@@ -244,12 +291,15 @@ def _legend(scale: _Scale, metric: str, report: Report, values: dict[int, float 
     else:
         bar_w, swatch_w = 200, 0
         stops = [(f"{i / (len(PALETTE) - 1):.3f}", c) for i, c in enumerate(PALETTE)]
-        if scale.lo == 0:
+        if scale.counts:
             stops = [(f"{0.2 + 0.8 * float(o):.3f}", c) for o, c in stops]
-            stops.insert(0, ("0.000", PALETTE[0]))
-        for i in range(5):
-            v = scale.lo + (scale.hi - scale.lo) * i / 4
-            ticks.append((x + bar_w * i / 4, format_value(v)))
+            stops.insert(0, ("0.000", ZERO_FILL))
+        values_at = nice_ticks(scale.lo, scale.hi)
+        step = values_at[1] - values_at[0] if len(values_at) > 1 else scale.hi - scale.lo
+        for v in values_at:
+            offset = bar_w * (v - scale.lo) / (scale.hi - scale.lo)
+            anchor = "start" if offset < 8 else "end" if offset > bar_w - 8 else "middle"
+            ticks.append((x + offset, _tick_label(v, step), anchor))
     missing = any(v is None for v in values.values()) or _has_gaps(report)
     none_x = x + bar_w + 24
     right = max(x + text_width(title, LABEL_SIZE), none_x + 14 + 6 + text_width("not analysed", LABEL_SIZE) if missing else x + bar_w + 20)
@@ -259,6 +309,16 @@ def _legend(scale: _Scale, metric: str, report: Report, values: dict[int, float 
         "label_y": swatch_y + 14 + LABEL_SIZE + 3, "missing": missing, "none_x": none_x,
         "right": right, "bottom": swatch_y + 14 + LABEL_SIZE + 6,
     }
+
+
+def _tick_label(value: float, step: float) -> str:
+    """A tick value with just the decimals its step needs (0, 0.25, 0.5 ... or 2e-4 in small scales)."""
+    if value == 0:
+        return "0"
+    if step < 0.01:
+        return format_value(value, value)
+    decimals = next((d for d in range(5) if abs(round(step, d) - step) < step * 1e-6), 4)
+    return f"{value:.{decimals}f}"
 
 
 def _has_gaps(report: Report) -> bool:

@@ -28,11 +28,28 @@ SUMMARY_LABELS = {
     "intruder_dimensions": "Intruder dimensions",
     "matrices_with_intruders": "Matrices with intruders",
     "intruder_rate": "Intruder rate (share of examined top-k vectors)",
+    "intruder_strength_max": "Strongest intruder, σ / σ₁(W₀)",
     "relative_update_norm_median": "Relative update norm ‖ΔW‖/‖W₀‖, median",
     "relative_update_norm_max": "Relative update norm ‖ΔW‖/‖W₀‖, max",
+    "spectral_spike_median": "Spectral spike σ₁(ΔW)/σ₁(W₀), median",
+    "spectral_spike_max": "Spectral spike σ₁(ΔW)/σ₁(W₀), max",
+    "effective_rank_median": "Effective rank of ΔW, median",
+    "energy_rank_90_median": "Rank holding 90 % of ΔW's energy, median",
+    "subspace_drift_deg_max": "Rotation of the top-k subspace (degrees), max",
+    "head_scale_drift": "Head/embedding row-norm drift, max |ratio − 1|",
 }
 PERCENT_FIELDS = {"intruder_rate"}
-INDICATOR_LABELS = {"relative_update_norm": "‖ΔW‖/‖W₀‖"}
+INDICATOR_LABELS = {
+    "relative_update_norm": "‖ΔW‖/‖W₀‖",
+    "spectral_spike": "σ₁(ΔW)/σ₁(W₀)",
+    "effective_rank": "Effective rank",
+    "energy_rank_90": "Rank (90 % energy)",
+    "numerical_rank": "Rank of ΔW",
+    "subspace_drift_deg": "Subspace rotation (°)",
+}
+# Per-matrix indicators left out of the worst-matrices tables (the summary carries their medians);
+# any other indicator, including ones added later, gets a column.
+TABLE_HIDDEN_INDICATORS = {"effective_rank", "energy_rank_90"}
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
@@ -166,11 +183,24 @@ def worst_matrices(report: Report, n: int = 5) -> list[MatrixResult]:
 
 
 def indicator_keys(matrices: list[MatrixResult]) -> list[str]:
-    """The per-matrix indicator names present in any of `matrices`, in first-seen order."""
+    """The per-matrix indicators shown beside `matrices`, in first-seen order."""
     keys: dict[str, None] = {}
     for m in matrices:
-        keys.update(dict.fromkeys(m.indicators))
+        keys.update(dict.fromkeys(k for k in m.indicators if k not in TABLE_HIDDEN_INDICATORS))
     return list(keys)
+
+
+def update_type(report: Report) -> str | None:
+    """`low-rank (rank 8), 36 of 36 matrices changed` from the summary's inferred update type."""
+    update = getattr(report.summary, "update", None)
+    if not isinstance(update, dict) or not update.get("type"):
+        return None
+    text = str(update["type"])
+    if update.get("rank") is not None:
+        text += f" (rank {update['rank']})"
+    if update.get("changed") is not None and update.get("total") is not None:
+        text += f", {update['changed']} of {plural(int(update['total']), 'matrix', 'matrices')} changed"
+    return text
 
 
 def module_label(name: str) -> str:
@@ -209,6 +239,7 @@ def base_context(report: Report, top: int = 5) -> dict[str, object]:
         "indicator_label": indicator_label,
         "curve": [(eps, count, _same_eps(eps, report.settings.epsilon)) for eps, count in report.summary.intruder_curve.items()],
         "tensor_notes": tensor_notes(report),
+        "update_type": update_type(report),
         "is_sha": is_sha,
         "plural": plural,
         "min_cos": lambda m: f"{min(m.max_cos):.3f}" if m.max_cos else "n/a",

@@ -1,0 +1,160 @@
+"""Publishing an audit: the model-card update on the audited Hub repo, and GitHub Actions outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from ftaudit.cardfile import card_data_from_report, update_card
+from ftaudit.errors import AccessError, FtauditError, NetworkError, NotFoundError, UsageError
+from ftaudit.renderers.badge import render_badge_svg, shields_endpoint
+from ftaudit.renderers.card import render_card_section
+from ftaudit.renderers.heatmap import render_heatmap_svg
+from ftaudit.renderers.markdown import render_job_summary, status_headline
+from ftaudit.report import Report
+from ftaudit.sources.hub import endpoint
+
+T = TypeVar("T")
+MODES = ("pr", "commit")
+BADGE, BADGE_JSON, HEATMAP = "ftaudit/badge.svg", "ftaudit/badge.json", "ftaudit/heatmap.svg"
+
+
+def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: bool = True, heatmap: bool = True) -> str:
+    """Put the audit on the audited Hub repo and return the pull request's URL (mode "pr") or the commit's ("commit").
+
+    The change is README.md (the card section and front-matter key, through `update_card`; a new card if there is
+    none) and the badge and heatmap files under `ftaudit/`, based on the audited commit, which must still be the head
+    of a branch: the pull request targets that branch, or the commit goes onto it.
+    """
+    if mode not in MODES:
+        raise UsageError(f"--push-mode must be one of {', '.join(MODES)}, not {mode!r}")
+    repo, sha = report.model.id, report.model.revision
+    if sha is None:
+        raise UsageError("--push needs a Hub repository")
+    api = HfApi(endpoint=endpoint(), token=token)
+    branch = _call(lambda: _branch_at(api, repo, sha), repo, writing=False)
+    readme = _call(lambda: _readme(api, repo, sha), repo, writing=False)
+    files = {}
+    if badge:
+        files[BADGE] = render_badge_svg(report)
+        files[BADGE_JSON] = json.dumps(shields_endpoint(report), indent=2) + "\n"
+    if heatmap:
+        files[HEATMAP] = render_heatmap_svg(report)
+    section = render_card_section(
+        report, badge_path=BADGE if badge else None, heatmap_path=HEATMAP if heatmap else None
+    )
+    files["README.md"] = update_card(readme, section, card_data_from_report(report))
+    info = _call(
+        lambda: api.create_commit(
+            repo,
+            [CommitOperationAdd(path, text.encode()) for path, text in files.items()],
+            commit_message=f"ftaudit: {status_headline(report)}",
+            commit_description=(
+                f"Fine-tuning audit of {sha} against {report.base.id}, by ftaudit {report.tool.get('version', '')}: "
+                "the ftaudit section and metadata of the model card, its badge and heatmap."
+            ),
+            revision=branch,
+            create_pr=mode == "pr",
+            parent_commit=sha,
+        ),
+        repo,
+        writing=True,
+    )
+    return info.pr_url or info.commit_url
+
+
+def write_github_outputs(report: Report, report_path: Path | None, env: Mapping[str, str] = os.environ) -> None:
+    """Append the step outputs (status, risk, intruders, report) to $GITHUB_OUTPUT and the job summary to
+    $GITHUB_STEP_SUMMARY, each only when the variable is set."""
+    if output := env.get("GITHUB_OUTPUT"):
+        values = {
+            "status": report.verdict.status,
+            "risk": report.summary.risk,
+            "intruders": str(report.summary.intruder_dimensions),
+            "report": "" if report_path is None else str(report_path),
+        }
+        _append(output, "".join(_output_line(name, value) for name, value in values.items()))
+    if summary := env.get("GITHUB_STEP_SUMMARY"):
+        _append(summary, render_job_summary(report).rstrip("\n") + "\n")
+
+
+def _output_line(name: str, value: str) -> str:
+    """`name=value`, or GitHub's delimited form for a value that spans lines (it could forge other outputs)."""
+    if "\n" not in value and "\r" not in value:
+        return f"{name}={value}\n"
+    delimiter = f"ghadelimiter_{uuid.uuid4()}"
+    return f"{name}<<{delimiter}\n{value}\n{delimiter}\n"
+
+
+def _append(path: str, text: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write GitHub Actions output ({e.strerror})") from None
+
+
+def _branch_at(api: HfApi, repo: str, sha: str) -> str:
+    """The branch whose head is the audited commit (main if several are)."""
+    heads = [b.name for b in api.list_repo_refs(repo).branches if b.target_commit == sha]
+    if not heads:
+        raise UsageError(
+            f"{repo}: the audited commit {sha[:12]} is not the head of any branch (it has moved on since): "
+            "audit the current revision, then push"
+        )
+    return "main" if "main" in heads else heads[0]
+
+
+def _readme(api: HfApi, repo: str, sha: str) -> str:
+    """README.md at the audited commit; empty when the repo has none."""
+    try:
+        path = api.hf_hub_download(repo, "README.md", revision=sha)
+    except RemoteEntryNotFoundError:
+        return ""
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _call(fn: Callable[[], T], repo: str, *, writing: bool) -> T:
+    """Run one Hub call, mapping its failures to ftaudit errors (whose messages never hold the token)."""
+    try:
+        return fn()
+    except FtauditError:
+        raise
+    except HfHubHTTPError as e:
+        raise _error(e, repo, writing) from None
+    except (httpx2.TransportError, LocalEntryNotFoundError) as e:
+        raise NetworkError(f"{repo}: could not reach {endpoint()} ({type(e).__name__})") from None
+    except ValueError as e:  # the Hub refused the card's metadata
+        raise UsageError(f"{repo}: {e}") from None
+
+
+def _error(e: HfHubHTTPError, repo: str, writing: bool) -> FtauditError:
+    status = e.response.status_code if e.response is not None else None
+    if writing and status in (401, 403):
+        return AccessError(
+            f"{repo}: the Hub refused the change (HTTP {status}): --push needs a token with WRITE access to {repo} "
+            "(a fine-grained token with write permission on the repo, or a token with the write role)"
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return NotFoundError(f"{repo}: the audited revision was not found")
+    if isinstance(e, RepositoryNotFoundError):
+        return NotFoundError(f"{repo}: no such model repository on {endpoint()}, or the token cannot read it")
+    if status in (401, 403):
+        return AccessError(f"{repo}: the token may not read this repository (HTTP {status})")
+    if status == 412:
+        return NetworkError(f"{repo}: the branch moved on while the card was pushed: audit the new revision, then push")
+    return NetworkError(f"{repo}: the Hub answered HTTP {status}")

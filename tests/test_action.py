@@ -1,0 +1,315 @@
+"""The GitHub Action and the example workflows: their shell steps run here as the runner would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.hubserver import HubServer
+from tests.models import card, folder_files, llama_like, low_rank_update, write_model
+
+ROOT = Path(__file__).resolve().parent.parent
+ACTION_DIR = ROOT / ".github" / "actions" / "ftaudit"
+WORKFLOWS = ROOT / ".github" / "workflows"
+EXAMPLES = ("audit-on-push.yml", "audit-on-dispatch.yml", "audit-manual.yml")
+TOKEN = "hf_AcTiOnToKeN1234567890abcdef"
+EXPRESSION = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+ACTION = load(ACTION_DIR / "action.yml")
+
+
+def step(steps: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The step with this id or name."""
+    return next(s for s in steps if key in (s.get("id"), s.get("name")))
+
+
+def evaluate(value: str, context: dict[str, str]) -> str:
+    """`${{ expr }}` replaced as the runner would, for the plain context lookups the action uses."""
+    return EXPRESSION.sub(lambda m: context[m[1]], value)
+
+
+def action_context(inputs: dict[str, str], runner_temp: Path, outputs: dict[str, str] | None = None) -> dict[str, str]:
+    context = {f"inputs.{name}": str(spec.get("default", "")) for name, spec in ACTION["inputs"].items()}
+    context |= {f"inputs.{name}": value for name, value in inputs.items()}
+    context |= {"github.action_path": str(ACTION_DIR), "runner.temp": str(runner_temp)}
+    context |= {f"steps.audit.outputs.{name}": value for name, value in (outputs or {}).items()}
+    return context
+
+
+def run_step(spec: dict[str, Any], context: dict[str, str], tmp: Path, extra_env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    """Run a `run:` step with `shell: bash` the way the runner does: a script file, `bash -eo pipefail`."""
+    assert spec.get("shell", "bash") == "bash" and "${{" not in spec["run"]  # inputs only through env: no injection
+    script = tmp / f"step-{time.monotonic_ns()}.sh"
+    script.write_text(spec["run"])
+    env = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": os.environ.get("HOME", str(tmp)),
+        "RUNNER_TEMP": context["runner.temp"],
+        "GITHUB_OUTPUT": str(tmp / "github_output"),
+        "GITHUB_STEP_SUMMARY": str(tmp / "step_summary"),
+        "FTAUDIT_CACHE": os.environ["FTAUDIT_CACHE"],
+        **{name: evaluate(str(value), context) for name, value in (spec.get("env") or {}).items()},
+        **(extra_env or {}),
+    }
+    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+
+
+def parse_outputs(path: Path) -> dict[str, str]:
+    """A $GITHUB_OUTPUT file: `name=value` lines and `name<<DELIMITER` blocks."""
+    outputs, lines = {}, iter(path.read_text().splitlines())
+    for line in lines:
+        if "<<" in line and ("=" not in line or line.index("<<") < line.index("=")):
+            name, delimiter = line.split("<<", 1)
+            outputs[name] = "\n".join(iter(lambda: next(lines), delimiter))
+        else:
+            name, value = line.split("=", 1)
+            outputs[name] = value
+    return outputs
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> tuple[Path, Path]:
+    """A local base folder and a tuned folder with strong low-rank updates (a failing audit)."""
+    base = llama_like()
+    return write_model(tmp_path / "base", base), write_model(tmp_path / "tuned", low_rank_update(base), readme=card())
+
+
+def test_audit_step_writes_outputs_summary_and_report_then_fail_on_decides(models, tmp_path):
+    base, tuned = models
+    work = tmp_path / "work"
+    work.mkdir()
+    inputs = {"model": str(tuned), "base": str(base), "hf-token": TOKEN}
+    audit = run_step(step(ACTION["runs"]["steps"], "audit"), action_context(inputs, tmp_path), work)
+    assert audit.returncode == 0, audit.stderr  # a fail verdict is left to the fail-on step
+
+    outputs = parse_outputs(work / "github_output")
+    report_path = tmp_path / "ftaudit-report.json"
+    report = json.loads(report_path.read_text())
+    assert outputs == {
+        "status": "fail",
+        "risk": report["summary"]["risk"],
+        "intruders": str(report["summary"]["intruder_dimensions"]),
+        "report": str(report_path),
+    }
+    assert report["verdict"]["status"] == "fail" and report["settings"]["device"] == "cpu"
+    assert int(outputs["intruders"]) > 0 and report["base"]["declared_by"] == "cli"
+    summary = (work / "step_summary").read_text()
+    assert "ftaudit: FAIL" in summary and f"**{outputs['intruders']}**" in summary and str(tuned) in summary
+    assert any(line.startswith("::error") for line in audit.stdout.splitlines())  # annotations
+    logged = audit.stdout + audit.stderr
+    assert [line for line in logged.splitlines() if TOKEN in line] == [f"::add-mask::{TOKEN}"]
+
+    fail_on = step(ACTION["runs"]["steps"], "Apply fail-on")
+    for choice, code in (("fail", 1), ("warn", 1), ("never", 0)):
+        result = run_step(fail_on, action_context({"fail-on": choice}, tmp_path, outputs), work)
+        assert result.returncode == code, result.stdout
+    assert "::error::ftaudit verdict: fail (fail-on: fail)" in run_step(
+        fail_on, action_context({}, tmp_path, outputs), work
+    ).stdout
+
+
+def test_could_not_audit_fails_the_audit_step(hub, models, tmp_path):
+    _, tuned = models
+    context = action_context({"model": str(tuned), "base": "org/missing-base"}, tmp_path)
+    result = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path, {"HF_ENDPOINT": hub.url})
+    assert result.returncode == 2 and "org/missing-base" in result.stderr
+    assert not (tmp_path / "github_output").exists()
+    context = action_context({"model": str(tuned), "fail-on": "often"}, tmp_path)
+    bad = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
+    assert bad.returncode == 2 and "fail-on must be fail, warn or never" in bad.stdout
+
+
+@pytest.mark.parametrize(
+    ("status", "fail_on", "code"),
+    [("pass", "fail", 0), ("warn", "fail", 0), ("fail", "fail", 1), ("pass", "warn", 0), ("warn", "warn", 1),
+     ("fail", "warn", 1), ("pass", "never", 0), ("warn", "never", 0), ("fail", "never", 0), ("", "never", 2)],
+)
+def test_fail_on(tmp_path, status, fail_on, code):
+    context = action_context({"fail-on": fail_on}, tmp_path, {"status": status})
+    assert run_step(step(ACTION["runs"]["steps"], "Apply fail-on"), context, tmp_path).returncode == code
+
+
+def test_action_definition():
+    assert ACTION["runs"]["using"] == "composite"
+    assert ACTION["inputs"]["model"]["required"] is True
+    defaults = {name: spec.get("default") for name, spec in ACTION["inputs"].items()}
+    assert defaults["device"] == "cpu" and defaults["push-card"] == "false" and defaults["fail-on"] == "fail"
+    assert {"base", "revision", "policy", "hf-token", "python-version"} <= set(defaults)
+    steps = ACTION["runs"]["steps"]
+    assert steps[0]["uses"].startswith("actions/setup-python@")
+    assert steps[0]["with"]["python-version"] == "${{ inputs.python-version }}"
+    for name in ("status", "risk", "intruders", "report"):
+        assert ACTION["outputs"][name]["value"] == f"${{{{ steps.audit.outputs.{name} }}}}"
+
+    install = step(steps, "Install ftaudit")
+    source = Path(evaluate(install["env"]["FTAUDIT_SRC"], {"github.action_path": str(ACTION_DIR)}))
+    assert source.resolve() == ROOT and (source / "pyproject.toml").is_file()
+    assert "https://download.pytorch.org/whl/cpu" in install["run"] and '"$FTAUDIT_SRC"' in install["run"]
+
+    audit = step(steps, "audit")["run"]
+    assert '--json "$RUNNER_TEMP/ftaudit-report.json" --format github' in audit and "(--push)" in audit
+    upload = step(steps, "Upload the report")
+    assert upload["uses"] == "actions/upload-artifact@v4" and upload["if"] == "always()"
+    assert upload["with"]["path"] == "${{ runner.temp }}/ftaudit-report.json"
+    assert steps[-1]["name"] == "Apply fail-on"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.yml")))
+def test_workflows_parse_and_use_the_action_as_it_is_defined(name):
+    workflow = load(WORKFLOWS / name)
+    assert workflow.get(True) or workflow.get("on")  # YAML 1.1 reads the key `on` as True
+    for job in workflow["jobs"].values():
+        steps = job["steps"]
+        for i, spec in enumerate(steps):
+            if spec.get("uses") != "./.github/actions/ftaudit":
+                assert "${{" not in spec.get("run", "")  # expressions go through env
+                continue
+            assert any(s.get("uses", "").startswith("actions/checkout@") for s in steps[:i])
+            given = spec.get("with", {})
+            assert set(given) <= set(ACTION["inputs"]) and "model" in given
+            for value in given.values():
+                for expression in EXPRESSION.findall(str(value)):
+                    assert expression.split(".")[0] in {"inputs", "env", "secrets", "github"}, expression
+
+
+def test_example_workflow_triggers():
+    on = {name: load(WORKFLOWS / name)[True] for name in EXAMPLES}
+    paths = {"**/*.safetensors", "**/adapter_config.json", "**/README.md"}
+    assert set(on["audit-on-push.yml"]["push"]["paths"]) == paths
+    assert on["audit-on-dispatch.yml"]["repository_dispatch"]["types"] == ["hf-model-updated"]
+    manual = on["audit-manual.yml"]["workflow_dispatch"]["inputs"]
+    assert set(manual) == {"model", "base", "revision"} and manual["model"]["required"] is True
+
+    dispatch = load(WORKFLOWS / "audit-on-dispatch.yml")["jobs"]["audit"]["steps"]
+    audit = next(s for s in dispatch if s.get("uses") == "./.github/actions/ftaudit")["with"]
+    assert audit["model"] == "${{ github.event.client_payload.repo }}"
+    assert audit["revision"] == "${{ github.event.client_payload.revision }}"
+    assert audit["push-card"] == "true"
+
+
+def test_dispatch_guard_skips_commits_that_changed_only_the_card(hub: HubServer, tmp_path):
+    base = llama_like()
+    weights = folder_files(write_model(tmp_path / "m", base, readme=card("org/base")))
+    first = hub.add_repo("org/tuned", weights)
+    carded = hub.add_repo("org/tuned", weights | {"README.md": b"---\nbase_model: org/base\nftaudit: {}\n---\n",
+                                                   "ftaudit/badge.svg": b"<svg/>"})
+    tuned = write_model(tmp_path / "m2", low_rank_update(base), readme=card("org/base"))
+    retuned = hub.add_repo("org/tuned", folder_files(tuned))
+    rebased = hub.add_repo("org/tuned", weights | {"README.md": card("org/other").encode()})
+    guard = step(load(WORKFLOWS / "audit-on-dispatch.yml")["jobs"]["audit"]["steps"], "guard")
+
+    def skipped(before: str, after: str) -> bool:
+        (tmp_path / "github_output").unlink(missing_ok=True)
+        context = {"github.event.client_payload.repo": "org/tuned", "github.event.client_payload.before": before,
+                   "github.event.client_payload.revision": after, "secrets.HF_TOKEN": "", "runner.temp": str(tmp_path)}
+        result = run_step(guard, context, tmp_path, {"HF_ENDPOINT": hub.url})
+        assert result.returncode == 0, result.stderr
+        output = tmp_path / "github_output"
+        return output.exists() and parse_outputs(output) == {"skip": "true"}
+
+    assert skipped(first, carded)
+    assert not skipped(carded, retuned)  # new weights
+    assert not skipped(first, rebased)  # a new declared base
+    assert not skipped("", first)  # no `before`: audit
+    assert not skipped("0" * 40, first)  # `before` unknown: audit
+
+
+# --- the webhook relay of docs/github-action.md ---------------------------------------------------
+
+class _GitHub(BaseHTTPRequestHandler):
+    received: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.received.append((self.path, dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[tuple[str, list[tuple[str, dict[str, str], dict[str, Any]]]]]:
+    """The relay from the docs, run as a process in front of a fake GitHub API."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "github-action.md").read_text(), re.S)
+    source = next(b for b in blocks if "X-Webhook-Secret" in b)
+    (tmp_path / "relay.py").write_text(source)
+    github = HTTPServer(("127.0.0.1", 0), _GitHub)
+    _GitHub.received = []
+    threading.Thread(target=github.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WEBHOOK_SECRET": "s3cret", "GITHUB_TOKEN": "ghp_token", "GITHUB_REPOSITORY": "me/models",
+           "GITHUB_API": f"http://127.0.0.1:{github.server_port}", "PORT": str(port)}
+    process = subprocess.Popen([sys.executable, str(tmp_path / "relay.py")], env=env)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    try:
+        yield url, _GitHub.received
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        github.shutdown()
+        github.server_close()
+
+
+def hub_event(ref: str = "refs/heads/main", scope: str = "repo.content") -> dict[str, Any]:
+    """A Hub webhook payload (version 3) for a push to `ref`."""
+    return {
+        "event": {"action": "update", "scope": scope},
+        "repo": {"type": "model", "name": "org/tuned", "id": "1", "private": False, "headSha": "b" * 40},
+        "updatedRefs": [{"ref": ref, "oldSha": "a" * 40, "newSha": "b" * 40}],
+        "webhook": {"id": "w", "version": 3},
+    }
+
+
+def post(url: str, payload: dict[str, Any], secret: str) -> int:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "X-Webhook-Secret": secret})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_relay_forwards_new_commits_on_main_to_repository_dispatch(relay):
+    url, received = relay
+    assert post(url, hub_event(), "wrong") == 403
+    assert post(url, hub_event("refs/pr/1"), "s3cret") == 204  # ftaudit's own card pull request
+    assert post(url, hub_event(scope="repo"), "s3cret") == 204
+    assert received == []
+    assert post(url, hub_event(), "s3cret") == 202
+    [(path, headers, body)] = received
+    assert path == "/repos/me/models/dispatches" and headers["Authorization"] == "Bearer ghp_token"
+    assert body == {"event_type": "hf-model-updated",
+                    "client_payload": {"repo": "org/tuned", "revision": "b" * 40, "before": "a" * 40}}

@@ -1,0 +1,206 @@
+"""Publishing: a real audit of models on the fake Hub, its card pushed back as a pull request or a commit;
+GitHub Actions outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+
+from ftaudit import frontmatter, policy
+from ftaudit.audit import AuditOptions
+from ftaudit.cardfile import card_data_from_report
+from ftaudit.check import Target, check
+from ftaudit.errors import AccessError, FtauditError, UsageError
+from ftaudit.publish import push_card, write_github_outputs
+from ftaudit.renderers.badge import render_badge_svg, shields_endpoint
+from ftaudit.renderers.heatmap import render_heatmap_svg
+from ftaudit.renderers.markdown import render_job_summary
+from ftaudit.report import Report
+from tests.hubserver import HubServer
+from tests.models import card, folder_files, llama_like, low_rank_update, small_update, write_model
+
+TOKEN = "hf_WrItEtOkEn1234567890abcdef"
+READ_TOKEN = "hf_ReAdOnLyToKeN1234567890abcd"
+BEGIN, END = "<!-- ftaudit:begin -->", "<!-- ftaudit:end -->"
+BODY = "# A model\n\nSome text.\n"
+
+
+@pytest.fixture
+def hub_env(hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HubServer:
+    """Point ftaudit at the fake Hub, with no token from the machine; a write token for org/tuned."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("FTAUDIT_HTTP_BACKOFF", "0")
+    hub.add_token(TOKEN, ["org/tuned"], write=True)
+    hub.add_token(READ_TOKEN, ["org/tuned"])
+    return hub
+
+
+def publish(
+    hub: HubServer, tmp_path: Path, *, readme: str | None = card("org/base", tags=["lora"]), update=low_rank_update
+) -> str:
+    """Put a base and a tuned model on the Hub; return the tuned model's commit."""
+    base = llama_like()
+    hub.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    return hub.add_repo("org/tuned", folder_files(write_model(tmp_path / "tuned", update(base), readme=readme)))
+
+
+def audit(model: str = "org/tuned", base: str | None = None) -> Report:
+    return check(Target(model, base), AuditOptions(device="cpu"), policy.load(None))
+
+
+def read(hub: HubServer, path: str, revision: str = "main") -> str:
+    local = HfApi(endpoint=hub.url, token=TOKEN).hf_hub_download("org/tuned", path, revision=revision)
+    return Path(local).read_text(encoding="utf-8")
+
+
+def files(hub: HubServer, revision: str) -> list[str]:
+    info = HfApi(endpoint=hub.url, token=TOKEN).model_info("org/tuned", revision=revision)
+    return [s.rfilename for s in info.siblings or []]
+
+
+def section(readme: str) -> str:
+    assert readme.count(BEGIN) == 1 and readme.count(END) == 1
+    return readme[readme.index(BEGIN) : readme.index(END) + len(END)]
+
+
+def outside(readme: str) -> str:
+    """The card without its front matter and ftaudit section."""
+    return frontmatter.FRONT_MATTER.sub("", readme).replace(section(readme), "")
+
+
+def test_push_opens_a_pull_request_with_the_card_badge_and_heatmap(hub_env, tmp_path):
+    sha = publish(hub_env, tmp_path)
+    report = audit()
+    assert report.model.revision == sha and report.verdict.status == "fail"
+
+    url = push_card(report, token=TOKEN)
+    assert url == f"{hub_env.url}/org/tuned/discussions/1"
+    api = HfApi(endpoint=hub_env.url, token=TOKEN)
+    assert api.model_info("org/tuned").sha == sha  # main is unchanged
+    pr = api.list_repo_refs("org/tuned", include_pull_requests=True).pull_requests or []
+    assert [p.ref for p in pr] == ["refs/pr/1"]
+
+    readme = read(hub_env, "README.md", "refs/pr/1")
+    meta = frontmatter.read(readme)
+    assert meta["base_model"] == "org/base" and meta["license"] == "apache-2.0" and meta["tags"] == ["lora"]
+    for key, value in card_data_from_report(report).items():
+        assert meta["ftaudit"][key] == value
+    assert "ftaudit/badge.svg" in section(readme) and "ftaudit/heatmap.svg" in section(readme)
+    assert outside(readme).split() == BODY.split()  # the rest of the card stays
+    assert read(hub_env, "ftaudit/badge.svg", "refs/pr/1") == render_badge_svg(report)
+    assert read(hub_env, "ftaudit/heatmap.svg", "refs/pr/1") == render_heatmap_svg(report)
+    assert json.loads(read(hub_env, "ftaudit/badge.json", "refs/pr/1")) == shields_endpoint(report)
+    assert files(hub_env, "refs/pr/1") == sorted(files(hub_env, "main") + [
+        "ftaudit/badge.json", "ftaudit/badge.svg", "ftaudit/heatmap.svg"
+    ])
+    assert read(hub_env, "README.md") == card("org/base", tags=["lora"])
+
+
+def test_commit_mode_changes_main_and_a_second_push_replaces_the_section(hub_env, tmp_path):
+    first_sha = publish(hub_env, tmp_path)
+    url = push_card(audit(), token=TOKEN, mode="commit")
+    main = HfApi(endpoint=hub_env.url, token=TOKEN).model_info("org/tuned").sha
+    assert main != first_sha and url == f"{hub_env.url}/org/tuned/commit/{main}"
+    first = read(hub_env, "README.md")
+    assert "ftaudit/badge.svg" in files(hub_env, "main")
+
+    second_report = audit()  # the audit of the new main, whose card already has a section
+    assert second_report.model.revision == main
+    push_card(second_report, token=TOKEN, mode="commit", heatmap=False)
+    second = read(hub_env, "README.md")
+    assert section(second) != section(first) and "heatmap.svg" not in section(second)
+    assert outside(second) == outside(first)
+    for key, value in card_data_from_report(second_report).items():
+        assert frontmatter.read(second)["ftaudit"][key] == value
+
+    push_card(audit(), token=TOKEN)  # a pull request on top of a card that has a section
+    assert section(read(hub_env, "README.md", "refs/pr/1"))
+
+
+def test_repo_without_a_card_gets_a_new_one(hub_env, tmp_path):
+    publish(hub_env, tmp_path, readme=None, update=small_update)
+    report = audit(base="org/base")
+    push_card(report, token=TOKEN, badge=False)
+    readme = read(hub_env, "README.md", "refs/pr/1")
+    assert section(readme) and "badge.svg" not in section(readme)
+    for key, value in card_data_from_report(report).items():
+        assert frontmatter.read(readme)["ftaudit"][key] == value
+    assert "ftaudit/badge.svg" not in files(hub_env, "refs/pr/1")
+    assert "README.md" not in files(hub_env, "main")
+
+
+@pytest.mark.parametrize("mode", ["pr", "commit"])
+def test_a_token_without_write_access_is_refused(hub_env, tmp_path, monkeypatch, mode):
+    sha = publish(hub_env, tmp_path)
+    report = audit()
+    messages = []
+    with pytest.raises(AccessError) as read_only:
+        push_card(report, token=READ_TOKEN, mode=mode)
+    messages.append(str(read_only.value))
+    with pytest.raises(AccessError) as anonymous:
+        push_card(report, token=None, mode=mode)
+    messages.append(str(anonymous.value))
+    monkeypatch.setenv("HF_TOKEN", READ_TOKEN)  # the token from the environment
+    with pytest.raises(AccessError) as from_env:
+        push_card(report, token=None, mode=mode)
+    messages.append(str(from_env.value))
+    with pytest.raises(AccessError) as unknown:
+        push_card(report, token=TOKEN + "x", mode=mode)
+    messages.append(str(unknown.value))
+    assert all("WRITE access to org/tuned" in m for m in messages[:3])
+    assert not any(secret in m for m in messages for secret in (TOKEN, READ_TOKEN))
+    assert HfApi(endpoint=hub_env.url).model_info("org/tuned").sha == sha
+    assert not (HfApi(endpoint=hub_env.url).list_repo_refs("org/tuned", include_pull_requests=True).pull_requests)
+
+
+def test_local_folders_and_stale_audits_cannot_be_pushed(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    local = audit(str(tmp_path / "tuned"), base=str(tmp_path / "base"))
+    with pytest.raises(UsageError, match="--push needs a Hub repository"):
+        push_card(local, token=TOKEN)
+    report = audit()
+    hub_env.add_repo("org/tuned", {"README.md": b"moved on"})
+    with pytest.raises(UsageError, match="is not the head of any branch"):
+        push_card(report, token=TOKEN)
+    with pytest.raises(UsageError, match="--push-mode"):
+        push_card(report, token=TOKEN, mode="force")
+
+
+def test_network_failures_are_reported(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    report = audit()
+    hub_env.fail_next(status=500, path_contains="/commit/")
+    with pytest.raises(FtauditError, match="HTTP 500") as failed:
+        push_card(report, token=TOKEN)
+    assert TOKEN not in str(failed.value)
+    hub_env.stop()
+    with pytest.raises(FtauditError, match="could not reach"):
+        push_card(report, token=TOKEN)
+
+
+def test_github_outputs_and_job_summary(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    report = audit()
+    outputs, summary = tmp_path / "output", tmp_path / "summary"
+    outputs.write_text("earlier=1\n")
+    env = {"GITHUB_OUTPUT": str(outputs), "GITHUB_STEP_SUMMARY": str(summary)}
+    write_github_outputs(report, tmp_path / "r.json", env)
+    assert outputs.read_text() == (
+        f"earlier=1\nstatus=fail\nrisk={report.summary.risk}\nintruders={report.summary.intruder_dimensions}\n"
+        f"report={tmp_path / 'r.json'}\n"
+    )
+    assert summary.read_text() == render_job_summary(report).rstrip("\n") + "\n"
+
+    forged = tmp_path / "a\nstatus=pass"  # a path cannot forge another output
+    write_github_outputs(report, forged, {"GITHUB_OUTPUT": str(outputs)})
+    lines = outputs.read_text().splitlines()[5:]
+    delimiter = lines[3].removeprefix("report<<")
+    assert delimiter.startswith("ghadelimiter_") and lines[4:] == [str(tmp_path / "a"), "status=pass", delimiter]
+    write_github_outputs(report, None, {})  # outside GitHub Actions: nothing to do
