@@ -72,7 +72,7 @@ def minilm(kind: str) -> Pair:
             ft.make_lora(folder, rank=8, save="merged")
         else:
             ft.make_full(folder)
-    size = 1536 * 384 * 4 * 2
+    size = 30522 * 384 * 4 * 2  # the word embeddings, read for their row-norm drift
     return Pair(f"MiniLM {'LoRA r=8, merged' if kind == 'lora' else 'full fine-tune'}", folder, ft.base_model_dir(), size)
 
 
