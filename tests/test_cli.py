@@ -300,3 +300,12 @@ def test_card_badge_heatmap_and_formats(pair, tmp_path):
     assert "# Model\n" in text
     bad = CliRunner().invoke(main, ["card", "update", str(card), "--report", str(tmp_path / "missing.json")])
     assert bad.exit_code == 2 and "cannot read the report" in bad.stderr
+
+
+def test_half_pushed_sharded_checkpoint_is_refused(tmp_path):
+    base = llama_like()
+    write_model(tmp_path / "base", base)
+    tuned = write_model(tmp_path / "tuned", small_update(base), shards=3)
+    (tuned / "model-00002-of-00003.safetensors").unlink()
+    code, _, stderr = run("check", tuned, "--base", tmp_path / "base")
+    assert code == 2 and "names shard model-00002-of-00003.safetensors, which is not in the snapshot" in stderr

@@ -156,3 +156,13 @@ def test_token_grants_access_and_stays_out_of_every_output(env, tmp_path, monkey
     assert code == 1, stderr
     assert all(r.has_auth for r in env.requests if "org/tuned" in r.path)
     assert TOKEN not in stdout + stderr + out.read_text()
+
+
+def test_a_stalled_server_times_out_is_retried_then_reported(env, tmp_path, monkeypatch):
+    publish(env, tmp_path)
+    monkeypatch.setenv("FTAUDIT_HTTP_TIMEOUT", "0.3")
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", "2")
+    env.delay = 1.0
+    code, _, stderr = run("check", "org/tuned")
+    assert code == 2 and "still failing after 2 attempts" in stderr and "Timeout" in stderr
+    assert len(stderr.strip().splitlines()) == 1

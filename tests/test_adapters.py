@@ -1,0 +1,62 @@
+"""What ftaudit does not audit among adapters gets a clear error naming it, never a wrong number."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from examples import minilm_finetunes as ft
+from ftaudit.cli import main
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
+
+
+def adapter(tmp_path: Path, config: dict | None = None, tensors=None) -> Path:
+    folder = tmp_path / "adapter"
+    shutil.copytree(EXAMPLE, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    if tensors is not None:
+        save_file(tensors(load_file(folder / "adapter_model.safetensors")), folder / "adapter_model.safetensors")
+    return folder
+
+
+def with_magnitude(t: dict) -> dict:
+    name = next(n for n in t if n.endswith("lora_A.weight")).replace("lora_A.weight", "lora_magnitude_vector")
+    return {**t, name: torch.ones(384)}
+
+
+def without_one_b(t: dict) -> dict:
+    return {n: v for n, v in t.items() if n != next(n for n in t if n.endswith("lora_B.weight"))}
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "message"),
+    [
+        ({"use_dora": True}, None, "DoRA adapters (use_dora) are not supported"),
+        ({"peft_type": "IA3"}, None, "IA3 adapters are not supported (only LoRA)"),
+        ({"peft_type": "LOKR"}, None, "LOKR adapters are not supported"),
+        ({"target_parameters": ["experts.w1"]}, None, "target_parameters"),
+        (None, with_magnitude, "DoRA (use_dora) magnitude vectors are not supported"),
+        (None, without_one_b, "has lora_A but not its pair"),
+        ({"lora_alpha": "sixteen"}, None, "lora_alpha must be a number"),
+    ],
+)
+def test_unsupported_or_broken_adapters_are_refused(tmp_path, config, tensors, message):
+    folder = adapter(tmp_path, config, tensors)
+    result = CliRunner().invoke(main, ["check", str(folder), "--base", str(ft.base_model_dir())])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_adapter_on_the_wrong_base_is_refused(tmp_path):
+    from tests.models import llama_like, write_model
+    base = write_model(tmp_path / "base", llama_like())
+    result = CliRunner().invoke(main, ["check", str(adapter(tmp_path)), "--base", str(base)])
+    assert result.exit_code == 2 and "which the base does not have" in result.stderr
