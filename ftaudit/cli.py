@@ -185,12 +185,8 @@ def card_update(card_file: Path, report_path: Path, badge_link: str | None, heat
 
     def update() -> None:
         report = Report.read(report_path)
-        try:
-            current = card_file.read_text(encoding="utf-8") if card_file.exists() else ""
-        except OSError as e:
-            raise UsageError(f"{card_file}: cannot read ({e.strerror})") from None
         section = card.render_card_section(report, badge_path=badge_link, heatmap_path=heatmap_link)
-        write_text(card_file, cardfile.update_card(current, section, cardfile.card_data_from_report(report)))
+        cardfile.update_card_file(card_file, section, cardfile.card_data_from_report(report))
 
     _run(False, redactor, update)
 

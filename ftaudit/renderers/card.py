@@ -19,6 +19,7 @@ from ftaudit.renderers.markdown import (
 )
 from ftaudit.report import Report
 
+DECLARED_BY = {"card": "the model card", "adapter_config": "adapter_config.json", "cli": "the audit command"}
 PAPER = "Shuttleworth et al. (“LoRA vs Full Fine-tuning: An Illusion of Equivalence”, 2024, arXiv:2410.21228)"
 
 
@@ -33,6 +34,7 @@ def render_card_section(
         badge_path=_link_target(badge_path),
         heatmap_path=_link_target(heatmap_path),
         revision=revision_text,
+        declared_by=DECLARED_BY,
         reading=plain_reading(report),
         command=reproduce_command(report),
     )
@@ -78,9 +80,9 @@ def plain_reading(report: Report) -> str:
     }.get(risk, f" The forgetting risk is {risk}.")
     spike = getattr(s, "spectral_spike_max", None)
     shape = ""
-    if spike is not None and spike >= 1:
-        shape = (f" In at least one matrix the update's strongest direction is {format_number(spike, 3)}× as strong "
-                 f"as the base matrix's strongest (spectral spike), so the tuned layer's main action is new.")
+    if spike is not None and spike > 1.005:
+        shape = (f" In at least one matrix the update's strongest direction is stronger than anything the base "
+                 f"matrix had ({format_number(spike, 3)}× its largest singular value, the spectral spike).")
     caveat = (
         f" The size of the update is reported beside the intruders because it is a confound: a larger update "
         f"changes more of the model whatever its structure{norm}. These are indicators read from the weights, "

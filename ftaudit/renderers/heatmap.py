@@ -81,7 +81,6 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
     row_label_w = max((text_width(t, LABEL_SIZE) for t in row_labels.values()), default=0)
 
     title = f"{_metric_title(metric)} per layer and module"
-    subtitle_base = f"top k={report.settings.k} singular vectors, ε={report.settings.epsilon:g}"
     grid_x = math.ceil(PAD + 18 + row_label_w + 8)
     title_block = TITLE_SIZE + 8 + LABEL_SIZE + 10
     axis_y = PAD + title_block + LABEL_SIZE
@@ -100,9 +99,8 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
         320,
     ))
     ids = f"{report.model.id} vs {report.base.id}"
-    width = max(width, min(MAX_WIDTH, math.ceil(2 * PAD + text_width(f"{ids} · {subtitle_base}", LABEL_SIZE))))
-    room = width - 2 * PAD - text_width(" · " + subtitle_base, LABEL_SIZE)
-    subtitle = f"{_fit_ids(report.model.id, report.base.id, room)} · {subtitle_base}"
+    width = max(width, min(MAX_WIDTH, math.ceil(2 * PAD + text_width(ids, LABEL_SIZE))))
+    subtitle = _fit_ids(report.model.id, report.base.id, width - 2 * PAD)
     height = math.ceil(legend["bottom"] + PAD)
 
     cells = []
@@ -111,15 +109,16 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
             m = grid.get((key, column))
             x, y = grid_x + c * cell_w, grid_y + r * cell_h
             if m is None:
-                cells.append(Cell(x, y, "url(#ftaudit-heatmap-none)", "", "#000", f"{row_labels[key]} · {column}: not analysed"))
+                tooltip = f"{row_labels[key]} · {column}: not analysed"
+                cells.append(Cell(x, y, "url(#ftaudit-heatmap-none)", "", "#000", tooltip))
                 continue
             value = values[id(m)]
             fill = scale.colour(value)
             cells.append(Cell(
                 x, y, fill, texts[id(m)],
-                "#8a9099" if fill == ZERO_FILL else _text_on(fill),
-                f"{m.name}: {texts[id(m)]} {_metric_title(metric).lower()}"
-                + (f" (lowest best match {min(m.max_cos):.3f})" if m.max_cos else ""),
+                "#8a9099" if fill == ZERO_FILL or fill.startswith("url(") else _text_on(fill),
+                f"{m.name}: {texts[id(m)]} ({_metric_title(metric).lower()}"
+                + (f"; lowest best match {min(m.max_cos):.3f})" if m.max_cos else ")"),
             ))
     return render_template(
         "heatmap.svg.j2",
@@ -199,7 +198,7 @@ def _interpolate(t: float) -> str:
     i = min(int(pos), len(PALETTE) - 2)
     f = pos - i
     a, b = _rgb(PALETTE[i]), _rgb(PALETTE[i + 1])
-    return "#" + "".join(f"{round(x + (y - x) * f):02x}" for x, y in zip(a, b))
+    return "#" + "".join(f"{round(x + (y - x) * f):02x}" for x, y in zip(a, b, strict=True))
 
 
 def _rgb(hex_colour: str) -> tuple[int, int, int]:
@@ -277,7 +276,8 @@ def _tail(text: str, width: float, size: float) -> str:
 def _legend(scale: _Scale, metric: str, report: Report, values: dict[int, float | None],
             x: float, y: float) -> dict[str, object]:
     """The colour key: one swatch per value for small integer ranges, a gradient bar otherwise."""
-    title = (f"Intruder dimensions per matrix (of the top {report.settings.k})" if metric == "intruders"
+    title = (f"Intruders per matrix at ε = {report.settings.epsilon:g}, of its top {report.settings.k} "
+             "singular vectors" if metric == "intruders"
              else _metric_title(metric))
     swatch_y = y + LABEL_SIZE + 6
     integral = all(v is None or float(v).is_integer() for v in values.values())
@@ -302,7 +302,8 @@ def _legend(scale: _Scale, metric: str, report: Report, values: dict[int, float 
             ticks.append((x + offset, _tick_label(v, step), anchor))
     missing = any(v is None for v in values.values()) or _has_gaps(report)
     none_x = x + bar_w + 24
-    right = max(x + text_width(title, LABEL_SIZE), none_x + 14 + 6 + text_width("not analysed", LABEL_SIZE) if missing else x + bar_w + 20)
+    key_right = none_x + 20 + text_width("not analysed", LABEL_SIZE) if missing else x + bar_w + 20
+    right = max(x + text_width(title, LABEL_SIZE), key_right)
     return {
         "title": title, "x": x, "y": y, "swatch_y": swatch_y, "swatch_h": 14, "swatch_w": swatch_w,
         "swatches": swatches, "stops": stops, "ticks": ticks, "bar_w": bar_w,

@@ -237,7 +237,8 @@ def base_context(report: Report, top: int = 5) -> dict[str, object]:
         "worst": worst,
         "worst_indicators": indicator_keys(worst),
         "indicator_label": indicator_label,
-        "curve": [(eps, count, _same_eps(eps, report.settings.epsilon)) for eps, count in report.summary.intruder_curve.items()],
+        "curve": [(eps, count, _same_eps(eps, report.settings.epsilon))
+                  for eps, count in report.summary.intruder_curve.items()],
         "tensor_notes": tensor_notes(report),
         "update_type": update_type(report),
         "is_sha": is_sha,

@@ -1,0 +1,352 @@
+"""Every renderer on reports of real audits: the card section, badge, heatmap, job summary, annotations.
+
+The reports come from auditing checkpoints written here: a strong low-rank update (intruders, fail),
+the same under a policy that never fails (warn), a gentle dense update (pass), and a 32-layer model
+(the heatmap's dense layout).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from ftaudit import policy as policy_mod
+from ftaudit.audit import AuditOptions
+from ftaudit.check import Target, check
+from ftaudit.pairing import Selection
+from ftaudit.renderers import badge, card, heatmap, markdown
+from ftaudit.report import Report, Summary
+from tests.models import MODULES, llama_like, low_rank_update, small_update, write_model
+
+SVG = "{http://www.w3.org/2000/svg}"
+LLAMA_COLUMNS = [f"self_attn.{m}_proj" for m in "qkvo"] + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict[str, Report]:
+    root = tmp_path_factory.mktemp("renderers")
+    base = llama_like()
+    write_model(root / "base", base)
+    write_model(root / "lora", low_rank_update(base))
+    write_model(root / "full", small_update(base))
+    lenient = root / "lenient.yaml"
+    lenient.write_text("verdict:\n  fail_at: never\n")
+    deep = llama_like(layers=32, hidden=8, ffn=12)
+    write_model(root / "deep-base", deep)
+    write_model(root / "deep-lora", low_rank_update(deep, scale=0.6))
+
+    def audit(model: str, base_dir: str = "base", **options: object) -> Report:
+        return check(Target(str(root / model), str(root / base_dir)), AuditOptions(**options), policy_mod.load(None))
+
+    fail = audit("lora")
+    warn = copy.deepcopy(fail)
+    policy_mod.apply(policy_mod.load(lenient), warn)
+    return {
+        "fail": fail,
+        "warn": warn,
+        "pass": audit("full"),
+        "heads": audit("lora", selection=Selection.from_options(["head"], [])),
+        "deep": audit("deep-lora", "deep-base"),
+    }
+
+
+def test_the_reports_are_what_the_tests_assume(reports):
+    assert reports["fail"].verdict.status == "fail" and reports["fail"].summary.intruder_dimensions > 0
+    assert reports["warn"].verdict.status == "warn"
+    assert reports["pass"].verdict.status == "pass" and reports["pass"].summary.intruder_dimensions == 0
+    assert any(m.layer is None for m in reports["heads"].matrices)
+    assert reports["deep"].summary.matrices_analysed == 32 * len(MODULES)
+
+
+# --- the card section ---------------------------------------------------------------------------
+
+def table_rows(markdown_text: str) -> list[list[str]]:
+    """Cells of every table line (split on unescaped pipes)."""
+    rows = []
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            cells = re.split(r"(?<!\\)\|", line.strip())
+            rows.append([c.strip() for c in cells[1:-1]])
+    return rows
+
+
+def tables(markdown_text: str) -> list[list[list[str]]]:
+    out, current = [], []
+    for line in [*markdown_text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            out.append(table_rows("\n".join(current)))
+            current = []
+    return out
+
+
+def assert_tables_well_formed(markdown_text: str) -> None:
+    for table in tables(markdown_text):
+        assert len(table) >= 3, table
+        assert all(re.fullmatch(r":?-+:?", c) for c in table[1]), table[1]
+        assert {len(row) for row in table} == {len(table[0])}, table
+
+
+def test_card_section_of_a_failing_fine_tune(reports):
+    report = reports["fail"]
+    report.model.revision = "0123456789abcdef0123456789abcdef01234567"  # as a Hub audit records it
+    try:
+        text = card.render_card_section(report, badge_path="ftaudit/badge.svg", heatmap_path="ftaudit/heatmap.svg")
+    finally:
+        report.model.revision = None
+    s = report.summary
+    assert "**Verdict: ❌ FAIL**" in text and "forgetting risk **HIGH**" in text
+    assert f"**{s.intruder_dimensions} intruder dimensions** at ε = 0.5" in text
+    for reason in report.verdict.reasons:
+        assert f"- {reason}" in text
+    assert "![ftaudit: fail · " in text and "](ftaudit/badge.svg)" in text
+    assert "](ftaudit/heatmap.svg)" in text
+    assert f"`{report.model.id}`" in text and f"`{report.base.id}`" in text
+    assert "`0123456789ab` (full: `0123456789abcdef0123456789abcdef01234567`)" in text
+    assert "--revision 0123456789abcdef0123456789abcdef01234567" in text
+    # the intruder curve: every ε and count, the policy's ε in bold
+    curve = next(t for t in tables(text) if t[0][0] == "ε")
+    assert curve[0][1:] == [f"**{e}**" if e == "0.5" else e for e in s.intruder_curve]
+    assert curve[2][1:] == [f"**{c}**" if e == "0.5" else str(c) for e, c in s.intruder_curve.items()]
+    # the worst matrices: most intruders first, then the lowest best match
+    expected = sorted(report.matrices, key=lambda m: (-m.intruders, min(m.max_cos)))[:5]
+    worst = next(t for t in tables(text) if t[0][0] == "Matrix")
+    assert [row[0] for row in worst[2:]] == [f"`{m.name}`" for m in expected]
+    assert [int(row[2]) for row in worst[2:]] == [m.intruders for m in expected]
+    assert [row[3] for row in worst[2:]] == [f"{min(m.max_cos):.3f}" for m in expected]
+    assert "‖ΔW‖/‖W₀‖" in worst[0] and worst[2][worst[0].index("‖ΔW‖/‖W₀‖")] == \
+        markdown.format_number(expected[0].indicators["relative_update_norm"])
+    # the reading, the paper, the confound, the settings
+    assert "arXiv:2410.21228" in text and "forgetting of pre-training behaviour" in text
+    assert "confound" in text and markdown.format_number(s.relative_update_norm_median, 3) in text
+    assert "The forgetting risk is high" in text
+    assert f"ftaudit {report.tool['version']} · k = 10 · ε = 0.5" in text and "device `cpu`" in text
+    assert_tables_well_formed(text)
+
+
+def test_card_section_shows_every_numeric_summary_field(reports):
+    report = reports["fail"]
+    text = card.render_card_section(report)
+    numbers = dict(next(t for t in tables(text) if t[0] == ["Indicator", "Value"])[2:])
+    for f in dataclasses.fields(Summary):
+        value = getattr(report.summary, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            label = markdown.md_escape(markdown.SUMMARY_LABELS.get(f.name) or markdown.humanize(f.name))
+            label += " (ε = 0.5)" if f.name == "intruder_dimensions" else ""
+            shown = f"{value:.1%}" if f.name == "intruder_rate" else markdown.format_number(value)
+            assert numbers[label] == shown, f.name
+    assert numbers["Relative update norm ‖ΔW‖/‖W₀‖, median"] == f"{report.summary.relative_update_norm_median:.4g}"
+    assert numbers["Forgetting risk (policy)"] == "high"
+
+
+def test_a_summary_field_added_later_shows_up_with_a_readable_label(reports):
+    extended = dataclasses.make_dataclass(
+        "ExtendedSummary", [("future_drift_max", "float | None", dataclasses.field(default=None)),
+                            ("future_score", "float", dataclasses.field(default=0.25))], bases=(Summary,))
+    report = dataclasses.replace(reports["fail"], summary=extended(**dataclasses.asdict(reports["fail"].summary)))
+    numbers = dict(next(t for t in tables(card.render_card_section(report)) if t[0] == ["Indicator", "Value"])[2:])
+    assert numbers["Future drift, max"] == "n/a" and numbers["Future score"] == "0.25"
+    assert "Future score" in markdown.render_job_summary(report)
+
+
+def test_card_section_of_a_gentle_fine_tune(reports):
+    report = reports["pass"]
+    text = card.render_card_section(report)
+    assert "**Verdict: ✅ PASS**" in text and "forgetting risk **LOW**" in text
+    assert "No threshold of the policy was reached." in text
+    assert "No intruder dimensions at ε = 0.5" in text and "The forgetting risk is low" in text
+    assert "arXiv:2410.21228" in text and "confound" in text
+    assert "![" not in text  # no badge or heatmap unless given
+    assert "not pinned" in text
+    assert "```bash\nftaudit check " in text and f"--base {report.base.id}" in text
+    assert_tables_well_formed(text)
+
+
+def test_card_section_escapes_what_comes_from_the_report(reports):
+    report = dataclasses.replace(reports["fail"], verdict=dataclasses.replace(
+        reports["fail"].verdict, reasons=["a | pipe, <b>html</b> and *stars*"]))
+    text = card.render_card_section(report, badge_path="my badge (1).svg")
+    assert "- a \\| pipe, &lt;b&gt;html&lt;/b&gt; and \\*stars\\*" in text
+    assert "](my%20badge%20%281%29.svg)" in text
+
+
+# --- the badge ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, colour, name", [("fail", "#e05d44", "red"), ("warn", "#dfb317", "yellow"),
+                                                 ("pass", "#4c1", "brightgreen")])
+def test_badge(reports, kind, colour, name):
+    report = reports[kind]
+    n = report.summary.intruder_dimensions
+    message = f"{kind} · {n} intruder{'' if n == 1 else 's'}"
+    root = ET.fromstring(badge.render_badge_svg(report))
+    assert root.tag == f"{SVG}svg" and root.get("role") == "img"
+    assert root.find(f"{SVG}title").text == f"ftaudit: {message}" == root.get("aria-label")
+    rects = root.findall(f".//{SVG}g/{SVG}rect")
+    label_rect, message_rect = rects[0], rects[1]
+    assert message_rect.get("fill") == colour
+    width = int(root.get("width"))
+    assert int(label_rect.get("width")) + int(message_rect.get("width")) == width
+    texts = [t for t in root.iter(f"{SVG}text") if t.get("aria-hidden") is None]
+    assert [t.text for t in texts] == ["ftaudit", message]
+    for text, rect in zip(texts, (label_rect, message_rect), strict=True):  # the text fits its half, with padding
+        assert float(text.get("textLength")) / 10 == int(rect.get("width")) - 10
+        assert float(text.get("textLength")) / 10 >= badge.text_width(text.text) - 0.5
+    assert badge.shields_endpoint(report) == {"schemaVersion": 1, "label": "ftaudit", "message": message, "color": name}
+
+
+def test_badge_width_follows_the_message(reports):
+    report = reports["fail"]
+    many = dataclasses.replace(report, summary=dataclasses.replace(report.summary, intruder_dimensions=12345))
+    narrow = ET.fromstring(badge.render_badge_svg(report))
+    wide = ET.fromstring(badge.render_badge_svg(many))
+    assert wide.find(f"{SVG}title").text == "ftaudit: fail · 12345 intruders"
+    assert int(wide.get("width")) - int(narrow.get("width")) == pytest.approx(3 * badge.text_width("0"), abs=1)
+    assert badge.text_width("mmmm") > badge.text_width("iiii")
+
+
+# --- the heatmap ----------------------------------------------------------------------------------
+
+def cells(root: ET.Element) -> list[ET.Element]:
+    return [r for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+
+
+def assert_inside(root: ET.Element) -> None:
+    """Every label's estimated extent lies inside the drawing (nothing clipped)."""
+    width, height = float(root.get("width")), float(root.get("height"))
+    for t in root.iter(f"{SVG}text"):
+        if t.get("transform", "").startswith("translate"):
+            continue  # the vertical axis title
+        size = float(t.get("font-size") or 11)
+        w = badge.text_width(t.text or "", size, bold=t.get("font-weight") == "bold")
+        x, y = float(t.get("x")), float(t.get("y"))
+        if "rotate" in t.get("transform", ""):
+            angle = math.radians(heatmap.ROTATION)
+            assert x + w * math.cos(angle) <= width and y - w * math.sin(angle) - size >= 0, t.text
+            continue
+        anchor = t.get("text-anchor", "start")
+        left = x - (w if anchor == "end" else w / 2 if anchor == "middle" else 0)
+        assert left >= 0 and left + w <= width + 0.5, t.text
+        assert 0 <= y <= height, t.text
+
+
+def test_heatmap_of_intruders(reports):
+    report = reports["fail"]
+    root = ET.fromstring(heatmap.render_heatmap_svg(report))
+    assert root.find(f"{SVG}title").text == "Intruder dimensions per layer and module"
+    assert str(report.summary.intruder_dimensions) in root.find(f"{SVG}desc").text
+    grid = cells(root)
+    assert len(grid) == len(report.matrices)
+    by_name = {m.name: m for m in report.matrices}
+    values = {r.find(f"{SVG}title").text.split(":")[0]: r for r in grid}
+    assert set(values) == set(by_name)
+    labels = [t for t in root.iter(f"{SVG}text") if t.get("transform", "").startswith("rotate")]
+    assert [t.text for t in labels] == LLAMA_COLUMNS
+    # cells are drawn row by row (layer 0 then 1), columns in q, k, v, o, gate, up, down order
+    expected = [str(by_name[f"model.layers.{layer}.{col}.weight"].intruders)
+                for layer in (0, 1) for col in LLAMA_COLUMNS]
+    cell_values = [t.text for g in root.iter(f"{SVG}g") if g.get("dominant-baseline") == "central"
+                   and g.get("text-anchor") == "middle" for t in g.iter(f"{SVG}text")]
+    assert cell_values == expected
+    # more intruders, a darker (later) palette colour; zero has its own neutral fill
+    fills = {by_name[name].intruders: r.get("fill") for name, r in values.items()}
+    assert fills.get(0, heatmap.ZERO_FILL) == heatmap.ZERO_FILL and len(set(fills.values())) == len(fills)
+    legend = [t.text for t in root.iter(f"{SVG}text")][-11:]
+    assert legend == [str(i) for i in range(11)]  # one swatch per possible count, 0..k
+    assert_inside(root)
+
+
+def test_heatmap_of_an_indicator(reports):
+    report = reports["pass"]
+    root = ET.fromstring(heatmap.render_heatmap_svg(report, metric="relative_update_norm"))
+    assert root.find(f"{SVG}title").text.startswith("Relative update norm")
+    grid = cells(root)
+    assert len(grid) == len(report.matrices)
+    largest = max(m.indicators["relative_update_norm"] for m in report.matrices)
+    shown = {r.find(f"{SVG}title").text.split(": ")[1].split(" ")[0] for r in grid}
+    assert shown == {heatmap.format_value(m.indicators["relative_update_norm"], largest) for m in report.matrices}
+    assert root.find(f".//{SVG}linearGradient[@id='ftaudit-heatmap-scale']") is not None
+    # a 0.1 % update is pale on a scale that reaches the policy's high level, and printed dark on it
+    assert all(r.get("fill").startswith("#ffff") for r in grid)
+    cell_text = [t for g in root.iter(f"{SVG}g") if g.get("dominant-baseline") == "central"
+                 and g.get("text-anchor") == "middle" for t in g.iter(f"{SVG}text")]
+    assert len(cell_text) == len(grid) and {t.get("fill") for t in cell_text} == {"#1a1a1a"}
+    assert_inside(root)
+    with pytest.raises(ValueError, match="unknown heatmap metric 'nope'.*relative_update_norm"):
+        heatmap.render_heatmap_svg(report, metric="nope")
+
+
+def test_heatmap_puts_matrices_without_a_layer_in_an_other_row(reports):
+    report = reports["heads"]
+    root = ET.fromstring(heatmap.render_heatmap_svg(report))
+    row_labels = [t.text for t in root.iter(f"{SVG}text") if t.get("text-anchor") == "end"
+                  and t.get("dominant-baseline") == "central"]
+    assert row_labels == ["0", "1", "other"]
+    tooltips = [r.find(f"{SVG}title").text for r in cells(root)]
+    assert any(t.startswith("lm_head.weight:") for t in tooltips)
+    assert any(t.endswith("not analysed") for t in tooltips)  # e.g. layer 0 has no lm_head
+    assert "not analysed" in [t.text for t in root.iter(f"{SVG}text")]
+    assert_inside(root)
+
+
+def test_heatmap_of_32_layers_stays_legible(reports):
+    report = reports["deep"]
+    root = ET.fromstring(heatmap.render_heatmap_svg(report))
+    grid = cells(root)
+    assert len(grid) == 32 * 7
+    heights = {float(r.get("height")) for r in grid}
+    widths = {float(r.get("width")) for r in grid}
+    assert heights == {17} and len(widths) == 1
+    # rotated column labels never overlap: their baselines are a cell width apart
+    assert widths.pop() * math.sin(math.radians(heatmap.ROTATION)) > 11
+    assert float(root.get("height")) < 800 and float(root.get("width")) < 700
+    rows = [t.text for t in root.iter(f"{SVG}text") if t.get("text-anchor") == "end"
+            and t.get("dominant-baseline") == "central"]
+    assert rows == [str(i) for i in range(32)]
+    assert_inside(root)
+
+
+def test_heatmap_value_format():
+    assert heatmap.format_value(3.0) == "3"
+    assert heatmap.format_value(1.2, 1.36) == "1.20" and heatmap.format_value(0.5, 89.5) == "0.5"
+    assert heatmap.format_value(0.000998, 0.00103) == "1.0e-3" and heatmap.format_value(None) == "n/a"
+    assert heatmap.nice_ticks(0, 1.0) == [0, 0.25, 0.5, 0.75, 1.0]
+    assert heatmap.nice_ticks(0, 10) == [0, 2.5, 5, 7.5, 10] and heatmap.nice_ticks(0, 90) == [0, 25, 50, 75]
+
+
+# --- GitHub Actions -------------------------------------------------------------------------------
+
+def test_job_summary(reports):
+    report = reports["fail"]
+    text = markdown.render_job_summary(report)
+    assert text.startswith("## ❌ ftaudit: FAIL — forgetting risk high")
+    assert f"| **Intruder dimensions** (ε = 0.5, top 10) | **{report.summary.intruder_dimensions}** |" in text
+    assert f"| Matrices analysed | {report.summary.matrices_analysed} |" in text
+    for reason in report.verdict.reasons:
+        assert f"- {reason}" in text
+    worst = markdown.worst_matrices(report, 5)
+    assert all(f"`{m.name}`" in text for m in worst)
+    assert "<details>" in text and "</details>" in text
+    assert_tables_well_formed(text)
+    passed = markdown.render_job_summary(reports["pass"])
+    assert passed.startswith("## ✅ ftaudit: PASS") and "### Why" not in passed
+    assert markdown.render_job_summary(reports["warn"]).startswith("## ⚠️ ftaudit: WARN")
+
+
+def test_github_annotations(reports):
+    fail = markdown.github_annotations(reports["fail"])
+    assert len(fail) == len(reports["fail"].verdict.reasons)
+    assert all(line.startswith("::error title=ftaudit FAIL%3A ") for line in fail)
+    assert all(reason in line for reason, line in zip(reports["fail"].verdict.reasons, fail, strict=True))
+    assert all(line.startswith("::warning ") for line in markdown.github_annotations(reports["warn"]))
+    passed = markdown.github_annotations(reports["pass"])
+    assert len(passed) == 1 and passed[0].startswith("::notice ") and "0 intruder dimensions" in passed[0]
+    odd = dataclasses.replace(reports["fail"], verdict=dataclasses.replace(
+        reports["fail"].verdict, reasons=["100% sure\nsecond line"]))
+    [line] = markdown.github_annotations(odd)
+    assert line.endswith("100%25 sure%0Asecond line") and "\n" not in line
