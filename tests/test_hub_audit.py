@@ -18,14 +18,8 @@ TOKEN = "hf_SeCrEtToKeN1234567890abcdef"
 
 
 @pytest.fixture
-def env(hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HubServer:
-    """Point ftaudit at the fake Hub, with no token from the machine and fast retries."""
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setenv("FTAUDIT_HTTP_BACKOFF", "0")
-    return hub
+def env(hub_env: HubServer) -> HubServer:
+    return hub_env
 
 
 def publish(hub: HubServer, tmp_path: Path, *, layers: int = 2, shards: int = 1, private: bool = False,

@@ -28,18 +28,11 @@ BEGIN, END = "<!-- ftaudit:begin -->", "<!-- ftaudit:end -->"
 BODY = "# A model\n\nSome text.\n"
 
 
-@pytest.fixture
-def hub_env(hub: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HubServer:
-    """Point ftaudit at the fake Hub, with no token from the machine; a write token for org/tuned."""
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("FTAUDIT_HTTP_BACKOFF", "0")
-    hub.add_token(TOKEN, ["org/tuned"], write=True)
-    hub.add_token(READ_TOKEN, ["org/tuned"])
-    return hub
+@pytest.fixture(autouse=True)
+def tokens(hub_env: HubServer) -> None:
+    """A write token and a read-only token for org/tuned."""
+    hub_env.add_token(TOKEN, ["org/tuned"], write=True)
+    hub_env.add_token(READ_TOKEN, ["org/tuned"])
 
 
 def publish(
