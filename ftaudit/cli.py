@@ -20,7 +20,7 @@ from ftaudit import __version__, cardfile, publish, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
 from ftaudit.cache import SpectrumCache, default_dir
 from ftaudit.check import Target, check
-from ftaudit.errors import FtauditError, UsageError
+from ftaudit.errors import FtauditError
 from ftaudit.files import write_text
 from ftaudit.pairing import KINDS, Selection
 from ftaudit.renderers import badge, card, heatmap, markdown, text

@@ -254,19 +254,24 @@ def _same_eps(key: str, epsilon: float) -> bool:
         return False
 
 
-def tensor_notes(report: Report) -> list[str]:
-    """One line per kind of matrix that could not be analysed."""
+def unanalysed(report: Report) -> list[tuple[str, list[str]]]:
+    """The matrices that could not be analysed, by reason (reasons without matrices left out)."""
     t = report.tensors
-    notes = []
-    for label, names in (
+    groups = [
         ("missing in the base", t.missing_in_base),
         ("missing in the model", t.missing_in_model),
         ("with NaN or Inf weights", t.nonfinite),
         ("of different shapes in the two models", [str(m.get("name")) for m in t.shape_mismatch]),
-    ):
-        if names:
-            shown = ", ".join(code_span(n) for n in names[:3]) + (", …" if len(names) > 3 else "")
-            notes.append(f"{plural(len(names), 'matrix', 'matrices')} {label}: {shown}")
+    ]
+    return [(label, names) for label, names in groups if names]
+
+
+def tensor_notes(report: Report) -> list[str]:
+    """One line per kind of matrix that could not be analysed."""
+    notes = []
+    for label, names in unanalysed(report):
+        shown = ", ".join(code_span(n) for n in names[:3]) + (", …" if len(names) > 3 else "")
+        notes.append(f"{plural(len(names), 'matrix', 'matrices')} {label}: {shown}")
     return notes
 
 

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ftaudit.report import MatrixResult, Report
+from ftaudit.renderers.markdown import unanalysed, worst_matrices
+from ftaudit.report import Report
 
 STATUS_COLOURS = {"pass": "green", "warn": "yellow", "fail": "red"}
 RISK_COLOURS = {"low": "green", "medium": "yellow", "high": "red"}
 
 
-def worst_matrices(report: Report, n: int) -> list[MatrixResult]:
-    """Most intruders first, then the lowest best match among the examined vectors."""
-    return sorted(report.matrices, key=lambda m: (-m.intruders, min(m.max_cos, default=1.0)))[:n]
-
-
 def render(report: Report, top: int = 10) -> str:
     """A short, readable summary: verdict last, worst matrices first."""
-    s, t = report.summary, report.tensors
+    s = report.summary
     rev = lambda r: f" @ {r[:12]}" if r else ""  # noqa: E731
     lines = [
         click.style("ftaudit", bold=True) + f"  {report.model.id}{rev(report.model.revision)}",
@@ -57,16 +53,10 @@ def render(report: Report, top: int = 10) -> str:
 
 def _tensor_notes(report: Report) -> list[str]:
     t = report.tensors
-    notes = []
-    for label, names in (
-        ("missing in the base", t.missing_in_base),
-        ("missing in the model", t.missing_in_model),
-        ("with NaN or Inf", t.nonfinite),
-        ("of different shapes", [m["name"] for m in t.shape_mismatch]),
-    ):
-        if names:
-            shown = ", ".join(str(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
-            notes.append(f"  {len(names)} matrices {label}: {shown}")
+    notes = [
+        f"  {len(names)} matrices {label}: " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        for label, names in unanalysed(report)
+    ]
     notes += [
         f"  {r['name']}: vocabulary resized ({r['base_rows']} -> {r['model_rows']} rows), "
         f"first {r['compared_rows']} rows compared"
