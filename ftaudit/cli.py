@@ -36,13 +36,13 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except FtauditError as e:
-        message = str(e)
-    except KeyboardInterrupt:
-        message = "interrupted"
+        error, message = e, str(e)
+    except KeyboardInterrupt as e:
+        error, message = e, "interrupted"
     except Exception as e:  # noqa: BLE001 - the contract: never a traceback without --debug
-        message = f"internal error ({type(e).__name__}: {e}); rerun with --debug and report it"
+        error, message = e, f"internal error ({type(e).__name__}: {e}); rerun with --debug and report it"
     if debug:
-        click.echo(redactor(traceback.format_exc()), err=True)
+        click.echo(redactor("".join(traceback.format_exception(error))), err=True)
     click.echo(f"ftaudit: error: {redactor(message)}", err=True)
     sys.exit(EXIT_ERROR)
 
