@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,10 +31,10 @@ def models(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def audit(model: Path, base: Path, *extra: object) -> tuple[int, str, dict]:
+def audit(model: Path, base: Path, *extra: object, debug: bool = True) -> tuple[int, str, dict]:
     out = model.parent / f"{model.name}.json"
-    result = CliRunner().invoke(main, ["check", str(model), "--base", str(base), "--json", str(out), "--debug",
-                                       *map(str, extra)])
+    args = ["check", str(model), "--base", str(base), "--json", str(out), *map(str, extra)]
+    result = CliRunner().invoke(main, args + ["--debug"] * debug)
     return result.exit_code, result.stderr, json.loads(out.read_text()) if out.exists() else {}
 
 
@@ -73,6 +76,74 @@ def test_unwritable_cache_warns_once_and_the_audit_goes_on(models, tmp_path, mon
     monkeypatch.setenv("FTAUDIT_CACHE", str(blocker / "spectra"))
     code, stderr, report = audit(models["a"], models["base"])
     assert code == 1 and stderr.count("is not writable") == 1 and report["summary"]["matrices_analysed"] == 14
+
+
+def on_dev_full(mkstemp: Callable[..., tuple[int, str]]) -> Callable[..., tuple[int, str]]:
+    """`mkstemp` whose file descriptor writes to /dev/full: the kernel fails every write with ENOSPC."""
+
+    def full(*args: object, **kwargs: object) -> tuple[int, str]:
+        fd, path = mkstemp(*args, **kwargs)
+        device = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(device, fd)
+        os.close(device)
+        return fd, path
+
+    return full
+
+
+def assert_audited_without_the_cache(got: tuple[int, str, dict], uncached: tuple[int, str, dict], cache: Path) -> None:
+    """The audit's exit code and report are the uncached ones, with one warning naming the full disk."""
+    (code, stderr, report), (expected_code, _, expected) = got, uncached
+    assert code == expected_code and {**report, "created_at": 0} == {**expected, "created_at": 0}
+    assert stderr.splitlines() == [
+        f"ftaudit: WARNING: cache {cache} is not writable (No space left on device); going on without it"
+    ]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_full_disk_warns_once_leaves_no_partial_file_and_the_audit_goes_on(models, monkeypatch):
+    cache_dir = Path(os.environ["FTAUDIT_CACHE"])
+    uncached = audit(models["a"], models["base"], "--no-cache", debug=False)
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", on_dev_full(tempfile.mkstemp))
+        full = audit(models["a"], models["base"], debug=False)
+    assert_audited_without_the_cache(full, uncached, cache_dir)
+    assert not [p for p in cache_dir.rglob("*") if p.is_file()]
+    code, stderr, report = audit(models["a"], models["base"])
+    assert code == uncached[0] and "0 hits, 14 misses" in stderr and len(entries(cache_dir)) == 14
+    assert report["matrices"] == uncached[2]["matrices"]
+
+
+def tmpfs_in_a_user_namespace(where: Path) -> bool:
+    """Whether this user may mount a tmpfs in a new user and mount namespace (no root needed where allowed)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "tmpfs", str(where)], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_filesystem_that_fills_up_keeps_the_complete_entries_only(models, tmp_path, monkeypatch):
+    mount, kept = tmp_path / "tmpfs", tmp_path / "kept"
+    mount.mkdir()
+    if not tmpfs_in_a_user_namespace(mount):
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    uncached = audit(models["a"], models["base"], "--no-cache", debug=False)
+    # 32 KiB hold four entries (4.5-6.5 KB, two pages each); the fifth write fails part way with ENOSPC.
+    script = ('mount -t tmpfs -o size=32k tmpfs "$FTAUDIT_CACHE" && "$@"; status=$?; '
+              'cp -R "$FTAUDIT_CACHE" "$KEPT"; exit $status')
+    out = tmp_path / "full.json"
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script, "sh", sys.executable, "-m", "ftaudit", "check", str(models["a"]),
+         "--base", str(models["base"]), "--json", str(out)],
+        env={**os.environ, "FTAUDIT_CACHE": str(mount), "KEPT": str(kept)}, capture_output=True, text=True, timeout=300,
+    )
+    assert_audited_without_the_cache((proc.returncode, proc.stderr, json.loads(out.read_text())), uncached, mount)
+    assert not list(kept.rglob(".tmp-*")) and 0 < len(entries(kept)) < 14
+    fitted = len(entries(kept))
+    monkeypatch.setenv("FTAUDIT_CACHE", str(kept))
+    code, stderr, report = audit(models["a"], models["base"])
+    assert f"{fitted} hits, {14 - fitted} misses" in stderr and "corrupt" not in stderr
+    assert code == uncached[0] and report["matrices"] == uncached[2]["matrices"] and len(entries(kept)) == 14
 
 
 def test_size_cap_evicts_least_recently_used(tmp_path):
