@@ -14,6 +14,7 @@ from ftaudit import __version__
 from ftaudit.analyses.indicators import row_norm_drift
 from ftaudit.analyses.matrix import analyse_pair
 from ftaudit.cache import SpectrumCache
+from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import VOCAB_KINDS, Selection, TensorPair, pair_tensors
 from ftaudit.report import (
     EPSILONS,
@@ -48,6 +49,8 @@ class AuditOptions:
 
 
 Progress = Callable[[int, int, str], None]
+Updates = Callable[[str], LowRankUpdate | None]
+"""The tuned side's known low-rank ΔW of a tensor, by name (an adapter's factors), if any."""
 
 
 def run_audit(
@@ -58,6 +61,7 @@ def run_audit(
     options: AuditOptions,
     progress: Progress | None = None,
     cache: SpectrumCache | None = None,
+    updates: Updates | None = None,
 ) -> Report:
     """Audit every selected matrix pair; the verdict is left to the policy."""
     device = resolve_device(options.device)
@@ -74,14 +78,14 @@ def run_audit(
     results: list[MatrixResult] = []
     heads: dict[str, dict[str, float | None]] = {}
     todo = pairing.pairs + pairing.scale_only
-    for i, (pair, w0, wt) in enumerate(_stream(todo, base_side, tuned_side)):
+    for i, (pair, w0, wt, update) in enumerate(_stream(todo, base_side, tuned_side, updates)):
         if progress:
             progress(i, len(todo), pair.name)
         if pair.kind in VOCAB_KINDS and torch.isfinite(w0).all() and torch.isfinite(wt).all():
             heads[pair.name] = row_norm_drift(upcast(w0, device), upcast(wt, device))
         if i >= len(pairing.pairs):
             continue
-        result = analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache)
+        result = analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache, update)
         if result is None:
             issues.nonfinite.append(pair.name)
         else:
@@ -109,20 +113,23 @@ def run_audit(
 
 
 def _stream(
-    pairs: Sequence[TensorPair], base: Tensors, tuned: Tensors
-) -> Iterator[tuple[TensorPair, torch.Tensor, torch.Tensor]]:
-    """Yield loaded pairs in order while a background thread reads the next one."""
+    pairs: Sequence[TensorPair], base: Tensors, tuned: Tensors, updates: Updates | None
+) -> Iterator[tuple[TensorPair, torch.Tensor, torch.Tensor, LowRankUpdate | None]]:
+    """Yield loaded pairs (with any known low-rank ΔW) in order while a background thread reads the next."""
 
-    def load(pair: TensorPair) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(pair: TensorPair) -> tuple[torch.Tensor, torch.Tensor, LowRankUpdate | None]:
         w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
-        return (w0, wt) if pair.rows is None else (w0[: pair.rows], wt[: pair.rows])
+        update = updates(pair.tuned_name) if updates else None
+        if pair.rows is None:
+            return w0, wt, update
+        return w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None
 
     if not pairs:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftaudit-read") as pool:
         pending = pool.submit(load, pairs[0])
         for i, pair in enumerate(pairs):
-            w0, wt = pending.result()
+            w0, wt, update = pending.result()
             if i + 1 < len(pairs):
                 pending = pool.submit(load, pairs[i + 1])
-            yield pair, w0, wt
+            yield pair, w0, wt, update

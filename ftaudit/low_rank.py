@@ -1,0 +1,109 @@
+"""Spectra of a base matrix plus a known low-rank update, W = W0 + L·R (a LoRA adapter's ΔW).
+
+The tuned Gram matrix is G = W·Wᵀ = G0 + C·M·Cᵀ with C = [L, W0·Rᵀ] (m × 2r) and
+M = [[R·Rᵀ, I], [I, 0]]. In the base's left basis U0 (completed, for a tall matrix, by the part of
+C outside it), G0 is the diagonal D of the base's squared singular values, so G is "diagonal plus
+rank 2r". Its top eigenvalues come from Sylvester's law of inertia, each by multisection on a
+2r × 2r count, and its eigenvectors from the secular formula x = (θ − D)⁻¹·Ĉ·w, w spanning the null space
+of M⁻¹ − Ĉᵀ(θ − D)⁻¹Ĉ. The result is refined and certified by `refine_top_left` against W itself,
+so no second full decomposition is made; where it cannot be certified, the full one is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ftaudit.spectral import Spectrum, left_spectrum, refine_top_left
+
+SECTIONS = 8
+"""Each search step splits every eigenvalue's interval into this many parts (multisection)."""
+SEARCH_STEPS = 16
+"""Steps of the search: the interval shrinks by SECTIONS**SEARCH_STEPS = 2^48, to float64's reach."""
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """ΔW = left @ right exactly, in float64: left is m × r, right is r × n, scaling folded in."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def to(self, device: torch.device) -> LowRankUpdate:
+        return LowRankUpdate(self.left.to(device), self.right.to(device))
+
+    def rows(self, count: int) -> LowRankUpdate:
+        """The update restricted to its first `count` rows."""
+        return LowRankUpdate(self.left[:count], self.right)
+
+    def singular_values(self) -> torch.Tensor:
+        """All min(m, n) singular values of ΔW, descending: those of R_L·R_Rᵀ, then zeros."""
+        r_left = torch.linalg.qr(self.left).R
+        r_right = torch.linalg.qr(self.right.mT).R
+        values = torch.linalg.svdvals(r_left @ r_right.mT)
+        size = min(self.left.shape[0], self.right.shape[1])
+        return torch.cat([values, values.new_zeros(max(size - values.numel(), 0))])[:size]
+
+
+def top_left_updated(base: Spectrum, w0: torch.Tensor, wt: torch.Tensor, update: LowRankUpdate, k: int) -> Spectrum:
+    """The top-k left singular pairs of wt = w0 + update, from the base's spectrum and the factors.
+
+    `base` is the base's full left basis (as from `base_basis`); `wt` serves only to refine and
+    certify the vectors (a few products with it), never to decompose it.
+    """
+    k = min(k, *wt.shape)
+    try:
+        start = _secular_vectors(base, w0, update, k + 1) if k < min(wt.shape) else None
+    except torch.linalg.LinAlgError:  # a shift landed on a base value exactly
+        start = None
+    refined = refine_top_left(wt, start, k) if start is not None else None
+    if refined is not None:
+        return refined
+    full = left_spectrum(wt)
+    return Spectrum(full.U[:, :k], full.S[:k])
+
+
+def _secular_vectors(base: Spectrum, w0: torch.Tensor, update: LowRankUpdate, count: int) -> torch.Tensor | None:
+    """The top `count` eigenvectors of G = (w0 + L·R)(w0 + L·R)ᵀ, as columns; None if not finite."""
+    u0 = base.U.to(torch.float64)
+    left, right = update.left, update.right
+    r = right.shape[0]
+    c = torch.cat([left, w0 @ right.mT], 1)
+    c_hat = u0.mT @ c
+    d = base.S.to(torch.float64).square()
+    basis = [u0]
+    if u0.shape[0] > u0.shape[1]:  # tall: the update may leave the base's column space
+        outside = c - u0 @ c_hat
+        outside = torch.linalg.qr(outside - u0 @ (u0.mT @ outside)).Q
+        basis.append(outside)
+        c_hat = torch.cat([c_hat, outside.mT @ c])
+        d = torch.cat([d, d.new_zeros(outside.shape[1])])
+    eye, zero = torch.eye(r, dtype=c.dtype, device=c.device), torch.zeros(r, r, dtype=c.dtype, device=c.device)
+    m_inv = torch.cat([torch.cat([zero, eye], 1), torch.cat([eye, -right @ right.mT], 1)])
+
+    def secular(shifts: torch.Tensor) -> torch.Tensor:
+        """Ĉᵀ(σ − D)⁻¹Ĉ − M⁻¹ for each shift σ (batch × 2r × 2r)."""
+        weights = 1.0 / (shifts[:, None] - d[None, :])
+        return (c_hat.mT[None] * weights[:, None, :]) @ c_hat - m_inv
+
+    def above(shifts: torch.Tensor) -> torch.Tensor:
+        """How many eigenvalues of G exceed each shift (Sylvester inertia of the bordered system)."""
+        positive = (torch.linalg.eigvalsh(secular(shifts)) > 0).sum(1)
+        return (d[None, :] > shifts[:, None]).sum(1) + positive - r
+
+    top = (base.S[0].item() + (torch.linalg.matrix_norm(left) * torch.linalg.matrix_norm(right)).item()) ** 2
+    wanted = torch.arange(1, count + 1, device=c.device)
+    low, high = torch.zeros(count, dtype=c.dtype, device=c.device), torch.full_like(d[:count], top * (1 + 1e-9))
+    fractions = torch.arange(1, SECTIONS, dtype=c.dtype, device=c.device) / SECTIONS
+    for _ in range(SEARCH_STEPS):
+        shifts = low[:, None] + (high - low)[:, None] * fractions
+        below = (above(shifts.flatten()).view_as(shifts) >= wanted[:, None]).sum(1, keepdim=True)
+        grid = torch.cat([low[:, None], shifts, high[:, None]], 1)
+        low, high = grid.gather(1, below).squeeze(1), grid.gather(1, below + 1).squeeze(1)
+    theta = (low + high) / 2
+    values, vectors = torch.linalg.eigh(secular(theta))
+    null = vectors[torch.arange(count), :, values.abs().argmin(1)]
+    coords = (null @ c_hat.mT) / (theta[:, None] - d[None, :])
+    x = torch.cat(basis, 1) @ coords.mT
+    return x if bool(torch.isfinite(x).all()) else None
