@@ -1,7 +1,7 @@
 """The `ftaudit` command line: parse, call the library, map failures to exit codes.
 
 Exit codes (contract): 0 audited and passed (or warned), 1 audited and failed the policy,
-2 could not audit.
+2 could not audit. `fix` exits with the code of the audit of what it wrote, or 2 when it wrote nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,8 +23,10 @@ from ftaudit.cache import SpectrumCache, default_dir
 from ftaudit.check import Target, check
 from ftaudit.errors import FtauditError
 from ftaudit.files import write_text
+from ftaudit.fix import FixOptions, Phases, fix
 from ftaudit.pairing import KINDS, Selection
 from ftaudit.renderers import badge, card, heatmap, markdown, text
+from ftaudit.renderers import fix as fix_render
 from ftaudit.report import Report
 from ftaudit.secrets import Redactor
 
@@ -57,7 +60,7 @@ def _setup_logging(debug: bool, redactor: Redactor) -> None:
     log.propagate = False
 
 
-def _progress_bar() -> tuple[Progress | None, Callable[[], None]]:
+def _progress_bar(label: str) -> tuple[Progress | None, Callable[[], None]]:
     """A progress bar on stderr when it is a terminal; nothing otherwise."""
     if not sys.stderr.isatty():
         return None, lambda: None
@@ -66,7 +69,7 @@ def _progress_bar() -> tuple[Progress | None, Callable[[], None]]:
     def update(done: int, total: int, name: str) -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = click.progressbar(length=total, label="Auditing", file=sys.stderr, show_pos=True)
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
             bar.__enter__()
             state["bar"] = bar
         bar.update(done - bar.pos, name)  # type: ignore[attr-defined]
@@ -85,21 +88,82 @@ def main() -> None:
     """Audit what fine-tuning did to a base model: intruder dimensions and forgetting risk."""
 
 
+Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _options(*options: Decorator) -> Decorator:
+    """Several click options as one decorator, in the order given."""
+
+    def apply(fn: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+_model_options = _options(
+    click.argument("model"),
+    click.option("--base", help="Base model (Hub id or folder). Default: the base the model declares."),
+    click.option("--revision", help="Revision of MODEL on the Hub (branch, tag or commit)."),
+    click.option("--base-revision", help="Revision of the base on the Hub."),
+    click.option("--token", help="Hugging Face token. Default: HF_TOKEN, then the saved login."),
+    click.option("--k", "k", type=click.IntRange(min=1), help="Top singular vectors examined per matrix [policy: 10]."),
+    click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5]."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--include", multiple=True, metavar="KIND|GLOB",
+                 help=f"Also analyse these module kinds ({', '.join(k for k in KINDS if k != 'norm')}) "
+                 "or tensor-name globs."),
+    click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose names match."),
+    click.option("--allow-pickle", is_flag=True,
+                 help="Load pickle weights (.bin) with torch.load(weights_only=True) when there is no safetensors."),
+    click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in)."),
+)
+_run_options = _options(
+    click.option("--no-cache", is_flag=True, help="Neither read nor write the base-spectrum cache."),
+    click.option("--quiet", is_flag=True, help="Print only errors."),
+    click.option("--debug", is_flag=True, help="Show tracebacks and request retries."),
+)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What `check` and `fix` both make of their common options."""
+
+    redactor: Redactor
+    policy: policy_mod.Policy
+    options: AuditOptions
+    target: Target
+    cache: SpectrumCache | None
+
+
+def _setup(
+    model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
+    k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
+    allow_pickle: bool, policy_path: Path | None, no_cache: bool, debug: bool,
+) -> _Setup:
+    redactor = Redactor.for_token(token)
+    _setup_logging(debug, redactor)
+    policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
+    options = AuditOptions(
+        k=k or policy.k,
+        epsilon=epsilon or policy.epsilon,
+        device=device,
+        selection=Selection.from_options(include, exclude),
+    )
+    target = Target(model, base, revision, base_revision, token, allow_pickle)
+    cache = None if no_cache else SpectrumCache(default_dir())
+    return _Setup(redactor, policy, options, target, cache)
+
+
+def _log_cache(cache: SpectrumCache | None) -> None:
+    if cache is not None:
+        logging.getLogger("ftaudit").debug(
+            "base-spectrum cache %s: %d hits, %d misses", cache.directory, cache.hits, cache.misses)
+
+
 @main.command("check")
-@click.argument("model")
-@click.option("--base", help="Base model (Hub id or folder). Default: the base the model declares.")
-@click.option("--revision", help="Revision of MODEL on the Hub (branch, tag or commit).")
-@click.option("--base-revision", help="Revision of the base on the Hub.")
-@click.option("--token", help="Hugging Face token. Default: HF_TOKEN, then the saved login.")
-@click.option("--k", "k", type=click.IntRange(min=1), help="Top singular vectors examined per matrix [policy: 10].")
-@click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--include", multiple=True, metavar="KIND|GLOB",
-              help=f"Also analyse these module kinds ({', '.join(k for k in KINDS if k != 'norm')}) or tensor-name globs.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose names match.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Load pickle weights (.bin) with torch.load(weights_only=True) when there is no safetensors.")
-@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in).")
+@_model_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown", "github"]), default="text",
               show_default=True, help="What goes to stdout; github: annotations, step summary and outputs.")
@@ -111,9 +175,7 @@ def main() -> None:
 @click.option("--push", is_flag=True, help="Open a pull request with the card, badge and heatmap on the Hub repo.")
 @click.option("--push-mode", type=click.Choice(["pr", "commit"]), default="pr", show_default=True,
               help="commit: commit to the branch directly instead of opening a pull request.")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the base-spectrum cache.")
-@click.option("--quiet", is_flag=True, help="Print only errors.")
-@click.option("--debug", is_flag=True, help="Show tracebacks and request retries.")
+@_run_options
 def check_command(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
@@ -122,24 +184,15 @@ def check_command(
     no_cache: bool, quiet: bool, debug: bool,
 ) -> None:
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
-    redactor = Redactor.for_token(token)
-    _setup_logging(debug, redactor)
-    policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
-    options = AuditOptions(
-        k=k or policy.k,
-        epsilon=epsilon or policy.epsilon,
-        device=device,
-        selection=Selection.from_options(include, exclude),
-    )
-    target = Target(model, base, revision, base_revision, token, allow_pickle)
-    progress, close = _progress_bar() if not quiet else (None, lambda: None)
-    cache = None if no_cache else SpectrumCache(default_dir())
+    setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
+                   policy_path, no_cache, debug)
+    redactor = setup.redactor
+    progress, close = _progress_bar("Auditing") if not quiet else (None, lambda: None)
     try:
-        report = _run(debug, redactor, lambda: check(target, options, policy, progress, cache))
+        report = _run(debug, redactor, lambda: check(setup.target, setup.options, setup.policy, progress, setup.cache))
     finally:
         close()
-    if cache is not None:
-        logging.getLogger("ftaudit").debug("base-spectrum cache %s: %d hits, %d misses", cache.directory, cache.hits, cache.misses)
+    _log_cache(setup.cache)
     if json_path is not None:
         _run(debug, redactor, lambda: report.write(json_path))
     files = {card_path: lambda: card.render_card_section(report), badge_path: lambda: badge.render_badge_svg(report),
@@ -166,6 +219,67 @@ def _stdout(report: Report, fmt: str) -> str:
     if fmt == "github":
         return "\n".join(markdown.github_annotations(report))
     return text.render(report)
+
+
+@main.command("fix")
+@_model_options
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write the patched model to; must not exist, or be empty.")
+@click.option("--lambda", "lam", type=click.FloatRange(0, 1), default=0.75, show_default=True,
+              help="Scale each intruder's singular value by this (1: unchanged, 0: removed).")
+@click.option("--only-top", type=click.IntRange(min=1), metavar="N",
+              help="Scale only the N intruders of largest singular value in each matrix.")
+@click.option("--merge", is_flag=True, help="For a LoRA adapter: write the merged model instead of an adapter.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write the fix record (settings, changes, audits before and after) here.")
+@click.option("--card", "card_path", type=click.Path(path_type=Path),
+              help="Also write the card section (audit of the output and the fix) here.")
+@_run_options
+def fix_command(
+    model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
+    k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
+    allow_pickle: bool, policy_path: Path | None, out: Path, lam: float, only_top: int | None, merge: bool,
+    json_path: Path | None, card_path: Path | None, no_cache: bool, quiet: bool, debug: bool,
+) -> None:
+    """Scale down MODEL's intruder dimensions and write the patched model to --out, then audit it.
+
+    Exit code: that of `ftaudit check` on the output (0 pass or warn, 1 fail), 2 when nothing was written.
+    """
+    setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
+                   policy_path, no_cache, debug)
+    redactor = setup.redactor
+    phases, close = _phase_bars() if not quiet else (None, lambda: None)
+    fix_options = FixOptions(lam=lam, only_top=only_top, merge=merge)
+    try:
+        result = _run(debug, redactor, lambda: fix(
+            setup.target, out, setup.options, fix_options, setup.policy, phases, setup.cache))
+    finally:
+        close()
+    _log_cache(setup.cache)
+    if json_path is not None:
+        _run(debug, redactor, lambda: result.write(json_path))
+    if card_path is not None:
+        _run(debug, redactor, lambda: write_text(card_path, fix_render.render_card_section(result)))
+    if not quiet:
+        click.echo(redactor(fix_render.render_text(result)))
+    sys.exit(EXIT_FAIL if result.after.verdict.status == "fail" else EXIT_PASS)
+
+
+def _phase_bars() -> tuple[Phases, Callable[[], None]]:
+    """One progress bar per phase of a fix, each closed when the next starts."""
+    closers: list[Callable[[], None]] = []
+
+    def close() -> None:
+        while closers:
+            closers.pop()()
+
+    def phase(name: str) -> Progress | None:
+        close()
+        progress, closer = _progress_bar(name.capitalize())
+        closers.append(closer)
+        return progress
+
+    return phase, close
 
 
 @main.group("card")

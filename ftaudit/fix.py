@@ -1,0 +1,312 @@
+"""`ftaudit fix` as a library call: scale down a model's intruder dimensions and write the patched model.
+
+The flow: audit the input as `check` does; for each analysed matrix with intruders at ε, find them
+again from its spectra and scale their singular values by λ (ftaudit.patch); write the output folder
+file by file and tensor by tensor, every other tensor copied as raw bytes; audit the output against
+the same base; record the fix in the output's card. The output appears at `out` only when complete.
+
+What is written depends on the input: a full model gives a full model with the same files, tensor
+names, dtypes, metadata and sharding; a LoRA adapter gives an adapter of the same rank (the patched
+update cut back to rank r), or with `merge` the base model with the patched merged matrices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from ftaudit import __version__, cardfile
+from ftaudit.audit import AuditOptions, Progress
+from ftaudit.cache import SpectrumCache, tensor_key
+from ftaudit.check import Opened, Target, audit_opened, check, open_target
+from ftaudit.errors import UnsupportedError, UsageError
+from ftaudit.fixreport import FixResult, FixSettings, MatrixChange
+from ftaudit.pairing import TensorPair, pair_tensors
+from ftaudit.patch import Directions, find_directions, refactor_lora, scale_directions
+from ftaudit.policy import Policy
+from ftaudit.renderers import fix as fix_render
+from ftaudit.report import ModelRef, Report
+from ftaudit.sources.adapters import AdaptedTensors
+from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
+from ftaudit.sources.storage import Storage
+from ftaudit.spectral import Spectrum, base_basis, resolve_device, upcast
+from ftaudit.writer import ModelFolder, Replace, check_destination
+
+log = logging.getLogger("ftaudit")
+
+OTHER_WEIGHT_SUFFIXES = (
+    ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf", ".ot", ".tflite",
+)
+"""Weights in formats the fix does not rewrite: left out of the output, which would otherwise hold
+both the patched and the unpatched values."""
+ADAPTER_CONFIG = "adapter_config.json"
+CARD = "README.md"
+
+Phases = Callable[[str], Progress | None]
+"""Given a phase's name (`auditing input`, `writing`, `auditing output`), its progress callback."""
+
+
+@dataclass(frozen=True)
+class FixOptions:
+    lam: float = 0.75
+    """Each intruder's singular value σ becomes λσ (1: nothing changes, 0: the direction is removed)."""
+    only_top: int | None = None
+    """Scale only this many intruders per matrix, those of largest σ."""
+    merge: bool = False
+    """For an adapter: write the merged model instead of an adapter."""
+
+
+def fix(
+    target: Target,
+    out: Path,
+    options: AuditOptions,
+    fix_options: FixOptions,
+    policy: Policy,
+    phases: Phases | None = None,
+    cache: SpectrumCache | None = None,
+) -> FixResult:
+    """Write the patched model to `out` (which must not exist, or be empty) and return what was done."""
+    phase = phases or (lambda name: None)
+    check_destination(out)
+    opened = open_target(target)
+    adapter = opened.tuned_side if isinstance(opened.tuned_side, AdaptedTensors) else None
+    if fix_options.merge and adapter is None:
+        raise UsageError(f"{opened.tuned.id} is a full model: --merge applies only to LoRA adapters")
+    fmt = "model" if adapter is None else "merged" if fix_options.merge else "adapter"
+    storage, weights = _weights_to_write(opened, fmt)
+    before = audit_opened(opened, options, policy, phase("auditing input"), cache)
+    patcher = _Patcher(opened, before, options, fix_options, cache)
+    if fmt == "merged":
+        patcher.check_mergeable()
+    replace: Replace = {"model": patcher.model_tensor, "adapter": patcher.adapter_tensor,
+                        "merged": patcher.merged_tensor}[fmt]
+    with ModelFolder(out) as folder:
+        _write_weights(folder, storage, weights, replace, phase("writing"))
+        changed = bool(patcher.changes) or fmt == "merged"
+        left_out = _copy_files(folder, opened, fmt, weights, keep_card=not changed)
+        after = check(
+            Target(str(folder.path), base=before.base.id, base_revision=before.base.revision, token=target.token,
+                   allow_pickle=target.allow_pickle),
+            options, policy, phase("auditing output"), cache,
+        )
+        after.model = ModelRef(str(out), None, after.model.adapter)
+        after.base = before.base
+        result = FixResult(
+            tool={"name": "ftaudit", "version": __version__},
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            output=str(out), format=fmt,
+            settings=FixSettings(fix_options.lam, options.epsilon, options.k, fix_options.only_top),
+            before=before, after=after, changes=patcher.changes, files_left_out=left_out,
+        )
+        if changed:
+            card = _read_card(opened.tuned.storage)
+            section = fix_render.render_card_section(result)
+            folder.write_bytes(CARD, cardfile.update_card(card, section, fix_render.card_data(result)).encode("utf-8"))
+        folder.commit()
+    return result
+
+
+def _weights_to_write(opened: Opened, fmt: str) -> tuple[Storage, Checkpoint]:
+    """The safetensors checkpoint the output is a patched copy of, and its storage."""
+    if fmt == "merged":
+        storage, weights = opened.base.storage, opened.base_side
+    elif fmt == "adapter":
+        assert isinstance(opened.tuned_side, AdaptedTensors)
+        storage, weights = opened.tuned.storage, opened.tuned_side.adapter.weights
+    else:
+        storage, weights = opened.tuned.storage, opened.tuned_side
+    if not isinstance(weights, Checkpoint):
+        hint = "; pass --merge to write a merged model instead" if fmt == "adapter" else ""
+        raise UnsupportedError(
+            f"{storage.label}: the weights are pickle files; ftaudit fix writes safetensors only{hint}")
+    return storage, weights
+
+
+def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, replace: Replace,
+                   progress: Progress | None) -> None:
+    files = sorted({ref.file for ref in weights.tensors.values()})
+    total, done = len(weights.tensors), 0
+
+    def step(name: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, name)
+
+    for file in files:
+        folder.write_safetensors(storage, file, replace, step)
+
+
+def _copy_files(folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool) -> list[str]:
+    """Copy the input's other files; return the weights in other formats, which are left out."""
+    written = {ref.file for ref in weights.tensors.values()}
+    tuned = opened.tuned.storage
+    sources: dict[str, Storage] = {}
+    if fmt == "merged":  # the base's files, and the adapter's own extras (a head, a tokenizer) over them
+        sources.update(dict.fromkeys(opened.base.storage.files(), opened.base.storage))
+        extras = [f for f in tuned.files() if f != ADAPTER_CONFIG and not f.startswith("adapter_model.")]
+        sources.update(dict.fromkeys(extras, tuned))
+    else:
+        sources.update(dict.fromkeys(tuned.files(), tuned))
+    if not keep_card:
+        sources.pop(CARD, None)
+    left_out = []
+    for name, storage in sorted(sources.items()):
+        if name in written:
+            continue
+        if _other_weights(name):
+            left_out.append(name)
+            continue
+        folder.copy_file(storage, name)
+    if left_out:
+        log.warning("left out %d file(s) of weights in other formats, which would keep the unpatched values: %s",
+                    len(left_out), ", ".join(left_out))
+    return left_out
+
+
+def _other_weights(name: str) -> bool:
+    lowered = PurePosixPath(name).name.lower()
+    return lowered.endswith(OTHER_WEIGHT_SUFFIXES) or any(
+        lowered.endswith(f"{suffix}.index.json") for suffix in OTHER_WEIGHT_SUFFIXES
+    )
+
+
+def _read_card(storage: Storage) -> str:
+    """The card as text, line endings untouched ('' when there is none)."""
+    if CARD not in storage.files():
+        return ""
+    try:
+        return storage.read(CARD, 0, storage.size(CARD)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{storage.label}/{CARD}: the card is not UTF-8 text") from None
+
+
+class _Patcher:
+    """The new value of each tensor the output holds, computed when the writer reaches it."""
+
+    def __init__(self, opened: Opened, before: Report, options: AuditOptions, fix_options: FixOptions,
+                 cache: SpectrumCache | None) -> None:
+        self.tuned = opened.tuned_side
+        self.base = opened.base_side
+        self.options = options
+        self.lam = fix_options.lam
+        self.only_top = fix_options.only_top
+        self.cache = cache
+        self.device = resolve_device(options.device)
+        flagged = {m.name for m in before.matrices if m.intruders > 0} if fix_options.lam != 1 else set()
+        pairing = pair_tensors(self.base.infos, self.tuned.infos, options.selection)
+        self.pairs = {p.tuned_name: p for p in pairing.pairs if p.name in flagged}
+        self.changes: list[MatrixChange] = []
+        self._pending: dict[str, torch.Tensor] = {}
+        self._factor_of: dict[str, str] = {}
+        if isinstance(self.tuned, AdaptedTensors):
+            for name in self.pairs:
+                module = self.tuned.module(name)
+                factors = [module.a, module.b] if module else [self.tuned.infos[name].name]
+                self._factor_of.update(dict.fromkeys(factors, name))
+
+    # --- the three kinds of output --------------------------------------------------------------
+
+    def model_tensor(self, info: TensorInfo) -> torch.Tensor | None:
+        """A full model's tensor: the patched matrix, or None (copy it)."""
+        pair = self.pairs.get(info.name)
+        found = self._directions(pair) if pair else None
+        if found is None:
+            return None
+        w, directions = found
+        self._record(pair, directions, [info.name])
+        return _assemble(self.tuned.load(info.name), scale_directions(w, directions.U, self.lam), pair.rows)
+
+    def adapter_tensor(self, info: TensorInfo) -> torch.Tensor | None:
+        """An adapter file's tensor: new LoRA factors, a patched whole tensor (modules_to_save), or None."""
+        if info.name in self._pending:
+            return self._pending.pop(info.name)
+        name = self._factor_of.pop(info.name, None)
+        if name is None:
+            return None
+        assert isinstance(self.tuned, AdaptedTensors)
+        pair = self.pairs[name]
+        module = self.tuned.module(name)
+        found = self._directions(pair)
+        if module is not None:
+            self._factor_of.pop(module.b if info.name == module.a else module.a, None)
+        if found is None:
+            return None
+        w, directions = found
+        if module is None:
+            self._record(pair, directions, [info.name])
+            return _assemble(self.tuned.load(name), scale_directions(w, directions.U, self.lam), pair.rows)
+        weights = self.tuned.adapter.weights
+        b, a = (upcast(weights.load(n), self.device) for n in (module.b, module.a))
+        factors = refactor_lora(b, a, w, directions.U, self.lam, module.scaling, module.transpose)
+        self._record(pair, directions, [module.a, module.b], factors.error)
+        new = {module.a: factors.a, module.b: factors.b}
+        for factor, value in new.items():
+            new[factor] = value.to(dtype=FLOAT_DTYPES[weights.infos[factor].dtype], device="cpu")
+        other = module.b if info.name == module.a else module.a
+        self._pending[other] = new[other]
+        return new[info.name]
+
+    def merged_tensor(self, info: TensorInfo) -> torch.Tensor | None:
+        """A base tensor of the merged model: adapted (and patched), replaced, or None (copy it)."""
+        if info.name not in self.tuned.infos:
+            return None
+        pair = self.pairs.get(info.name)
+        found = self._directions(pair) if pair else None
+        if found is None:
+            merged = self.tuned.load(info.name)
+        else:
+            w, directions = found
+            self._record(pair, directions, [info.name])
+            merged = scale_directions(w, directions.U, self.lam)
+        return merged.to(dtype=FLOAT_DTYPES[info.dtype], device="cpu")
+
+    def check_mergeable(self) -> None:
+        """Every tensor the adapter stores whole must have a base tensor of its shape to replace."""
+        base = self.base.infos
+        for name, info in self.tuned.infos.items():
+            if name not in base or base[name].shape != info.shape or base[name].dtype not in FLOAT_DTYPES:
+                raise UnsupportedError(
+                    f"the adapter's {info.name} has no floating-point tensor of shape {list(info.shape)} to replace "
+                    "in the base: write the adapter instead (without --merge)"
+                )
+
+    # --- one matrix -------------------------------------------------------------------------------
+
+    def _directions(self, pair: TensorPair) -> tuple[torch.Tensor, Directions] | None:
+        """The tuned matrix (float64, on the device; the compared rows) and its intruders; None when none."""
+        raw_w0 = self.base.load(pair.base_name)[: pair.rows]
+        w0 = upcast(raw_w0, self.device)
+        w = upcast(self.tuned.load(pair.tuned_name)[: pair.rows], self.device)
+        if not (torch.isfinite(w0).all() and torch.isfinite(w).all()):
+            return None
+        found = find_directions(self._basis(raw_w0, w0), w, self.options.k, self.options.epsilon, self.only_top)
+        return (w, found) if found.index else None
+
+    def _basis(self, raw_w0: torch.Tensor, w0: torch.Tensor) -> Spectrum:
+        if self.cache is None:
+            return base_basis(w0)
+        cached = self.cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
+        return Spectrum(cached.U.to(self.device), cached.S.to(self.device))
+
+    def _record(self, pair: TensorPair, found: Directions, tensors: list[str], error: float | None = None) -> None:
+        self.changes.append(MatrixChange(
+            name=pair.name, tensors=tensors, directions=found.index, sigma_before=found.sigma,
+            sigma_after=[self.lam * s for s in found.sigma], max_cos=found.max_cos, truncation_error=error,
+        ))
+
+
+def _assemble(stored: torch.Tensor, new_rows: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """The stored tensor with its first rows (all, when `rows` is None) replaced, in its dtype, on the CPU."""
+    new = new_rows.to(dtype=stored.dtype, device="cpu")
+    if rows is None:
+        return new
+    out = stored.clone()
+    out[:rows] = new
+    return out
