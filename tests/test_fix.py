@@ -1,0 +1,343 @@
+"""`ftaudit fix` on a real LoRA fine-tune of the packaged MiniLM: the adapter, its merge, and a full model.
+
+The full-model input is the example adapter merged into the base by hand, stored in bfloat16 in two
+shards with an index, so that the output's dtype, sharding and untouched bytes can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from examples import minilm_finetunes as ft
+from ftaudit.cli import main
+from ftaudit.report import Report
+from ftaudit.spectral import top_left
+from tests.models import card, folder_files
+
+BASE = ft.base_model_dir()
+ADAPTER = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
+SCALING = 16 / 8
+PEFT_PREFIX = "base_model.model."
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def merged_weights() -> dict[str, torch.Tensor]:
+    """The example adapter merged into the base, W0 + scaling·B·A, in float64 (adapted matrices only)."""
+    base, adapter = load_file(BASE / "model.safetensors"), load_file(ADAPTER / "adapter_model.safetensors")
+    out = {}
+    for name, a in adapter.items():
+        if ".lora_A." in name:
+            module = name[len(PEFT_PREFIX):].split(".lora_A.")[0]
+            b = adapter[name.replace(".lora_A.", ".lora_B.")]
+            out[f"{module}.weight"] = base[f"{module}.weight"].double() + SCALING * (b.double() @ a.double())
+    return out
+
+
+def write_full_model(folder: Path) -> Path:
+    """The merged fine-tune as a bfloat16 checkpoint in two shards, with the base's other files and a card."""
+    tensors = {**load_file(BASE / "model.safetensors"), **merged_weights()}
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+    folder.mkdir()
+    names, weight_map = sorted(tensors), {}
+    for i in range(2):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in names[i::2]}, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names[i::2], file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in ["config.json", *ft.TOKENIZER_FILES]:
+        shutil.copy(BASE / name, folder / name)
+    shutil.copy(ADAPTER / ft.HEAD_FILE, folder / ft.HEAD_FILE)
+    (folder / "README.md").write_text(card(str(BASE)))
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.onnx").write_bytes(b"an export that would keep the unpatched weights")
+    return folder
+
+
+LAYERS_4_5 = ["--exclude", "encoder.layer.[0-3].*"]
+LAYER_0 = ["--exclude", "encoder.layer.[1-5].*"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict]:
+    """Every fix the tests look at, run once through the CLI with one shared base-spectrum cache.
+
+    Most runs analyse a few layers only (--exclude), to keep the audits before and after short.
+    """
+    root = tmp_path_factory.mktemp("fix")
+    full = write_full_model(root / "full")
+    (root / "adapter1").mkdir()  # an empty --out folder is accepted
+    jobs = {
+        "adapter75": (ADAPTER, []),
+        "adapter0": (ADAPTER, ["--lambda", 0, "--only-top", 1, *LAYERS_4_5]),
+        "adapter1": (ADAPTER, ["--lambda", 1, *LAYER_0]),
+        "merged0": (ADAPTER, ["--lambda", 0, "--merge", *LAYERS_4_5]),
+        "full0": (full, ["--lambda", 0, "--card", root / "full0-card.md", *LAYER_0]),
+    }
+    out: dict[str, dict] = {"full": {"path": full}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FTAUDIT_CACHE", str(root / "spectra"))
+        for name, (model, args) in jobs.items():
+            path, record = root / name, root / f"{name}.json"
+            code, stdout, stderr = run("fix", model, "--base", BASE, "--out", path, "--json", record, *args)
+            assert code in (0, 1), stderr
+            out[name] = {"path": path, "code": code, "stdout": stdout, "record": json.loads(record.read_text())}
+    return out
+
+
+def patched(w: torch.Tensor, directions: list[int], lam: float) -> torch.Tensor:
+    """W with the singular values of these top-10 singular vectors (as the audit computes them) times λ."""
+    u = top_left(w, 10).U[:, directions]
+    v = w.T @ u / torch.linalg.vector_norm(w.T @ u, dim=0)
+    sigma = torch.linalg.vector_norm(w.T @ u, dim=0)
+    return w + (lam - 1) * (u * sigma) @ v.T
+
+
+def data_ranges(path: Path) -> tuple[bytes, dict[str, bytes]]:
+    """A safetensors file's header bytes, and each tensor's raw data bytes."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    start = 8 + n
+    return raw[:start], {k: raw[start + v["data_offsets"][0] : start + v["data_offsets"][1]] for k, v in header.items()}
+
+
+def changed_tensors(record: dict) -> set[str]:
+    return {t for c in record["changes"] for t in c["tensors"]}
+
+
+def test_adapter_fix_scales_the_intruders_and_keeps_the_rank(runs):
+    record, out = runs["adapter75"]["record"], runs["adapter75"]["path"]
+    before, after = record["before"]["summary"], record["after"]["summary"]
+    assert record["output"]["format"] == "adapter" and record["settings"]["lambda"] == 0.75
+    assert record["summary"]["directions_scaled"] == before["intruder_dimensions"] == 35
+    assert record["summary"]["matrices_changed"] == before["matrices_with_intruders"]
+    assert after["intruder_dimensions"] < before["intruder_dimensions"]
+    assert after["intruder_strength_max"] < before["intruder_strength_max"]
+    for c in record["changes"]:
+        assert c["sigma_after"] == pytest.approx([0.75 * s for s in c["sigma_before"]])
+        assert all(m < 0.5 for m in c["max_cos"]) and 0 < c["truncation_error"] < 0.5
+    assert runs["adapter75"]["code"] == (1 if record["after"]["verdict"]["status"] == "fail" else 0)
+
+    header_in, data_in = data_ranges(ADAPTER / "adapter_model.safetensors")
+    header_out, data_out = data_ranges(out / "adapter_model.safetensors")
+    assert header_out == header_in  # same names, dtypes, shapes (rank 8) and offsets
+    changed = changed_tensors(record)
+    assert len(changed) == 2 * record["summary"]["matrices_changed"]
+    for name in data_in:
+        assert (data_out[name] == data_in[name]) == (name not in changed), name
+    for name in ("adapter_config.json", ft.HEAD_FILE):
+        assert (out / name).read_bytes() == (ADAPTER / name).read_bytes()
+
+
+def test_adapter_factors_hold_the_patch_up_to_the_reported_rank_cut(runs):
+    record, out = runs["adapter0"]["record"], runs["adapter0"]["path"]
+    base, merged = load_file(BASE / "model.safetensors"), merged_weights()
+    new = load_file(out / "adapter_model.safetensors")
+    assert record["changes"]
+    for c in record["changes"]:
+        a_name, b_name = c["tensors"]
+        assert new[a_name].shape[0] == new[b_name].shape[1] == 8
+        w = merged[c["name"]]
+        patched_update = patched(w, c["directions"], 0.0) - base[c["name"]].double()
+        written = SCALING * new[b_name].double() @ new[a_name].double()
+        error = torch.linalg.norm(written - patched_update) / torch.linalg.norm(patched_update)
+        assert error.item() == pytest.approx(c["truncation_error"], abs=1e-6)
+        best = torch.linalg.svdvals(patched_update)  # the cut is the best rank-8 one: Eckart–Young
+        assert error.item() == pytest.approx((best[8:].square().sum() / best.square().sum()).sqrt().item(), abs=1e-6)
+
+
+def test_only_top_scales_the_strongest_intruder_of_each_matrix(runs):
+    record = runs["adapter0"]["record"]
+    before = {m["name"]: m for m in record["before"]["matrices"]}
+    assert record["settings"]["only_top"] == 1 and len(before) == 12
+    assert {c["name"] for c in record["changes"]} == {n for n, m in before.items() if m["intruders"]}
+    for c in record["changes"]:
+        m = before[c["name"]]
+        first = next(i for i, cos in enumerate(m["max_cos"]) if cos < 0.5)
+        assert c["directions"] == [first] and c["sigma_after"] == [0.0]
+
+
+def test_adapter_output_loads_with_peft(runs):
+    model = ft._load_encoder(runs["adapter75"]["path"])
+    new = load_file(runs["adapter75"]["path"] / "adapter_model.safetensors")
+    module = model.base_model.model.encoder.layer[5].attention.output.dense
+    name = f"{PEFT_PREFIX}encoder.layer.5.attention.output.dense.lora_A.weight"
+    assert torch.equal(module.lora_A["default"].weight.detach(), new[name])
+    assert module.r["default"] == 8
+
+
+def test_lambda_zero_removes_each_intruder_found(runs):
+    for name in ("full0", "merged0"):
+        record, out = runs[name]["record"], runs[name]["path"]
+        weights = {}
+        for file in sorted(out.glob("*.safetensors")):
+            weights.update(load_file(file))
+        shards = sorted(runs["full"]["path"].glob("model-*.safetensors"))
+        source = merged_weights() if name == "merged0" else {k: v for f in shards for k, v in load_file(f).items()}
+        for c in record["changes"]:
+            svd = torch.linalg.svd(source[c["name"]].double(), full_matrices=False)
+            u = svd.U[:, c["directions"]]
+            left = torch.linalg.norm(u.T @ weights[c["name"]].double(), dim=1) / svd.S[c["directions"]]
+            assert left.max().item() < (1e-2 if name == "full0" else 1e-4), c["name"]  # bf16 / f32 rounding
+        before, after = record["before"]["summary"], record["after"]["summary"]
+        assert record["summary"]["directions_scaled"] == before["intruder_dimensions"] >= 5
+        # directions that were below the top k can move up into it: a few may be intruders too
+        assert after["intruder_dimensions"] * 5 <= before["intruder_dimensions"]
+        assert record["after"]["verdict"]["status"] != "fail" and runs[name]["code"] == 0
+
+
+def test_full_model_keeps_dtype_sharding_and_untouched_bytes(runs):
+    full, record, out = runs["full"]["path"], runs["full0"]["record"], runs["full0"]["path"]
+    assert record["output"]["format"] == "model"
+    changed = changed_tensors(record)
+    assert changed and all(c["truncation_error"] is None for c in record["changes"])
+    shards = sorted(p.name for p in full.glob("*.safetensors"))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    seen = set()
+    for shard in shards:
+        header_in, data_in = data_ranges(full / shard)
+        header_out, data_out = data_ranges(out / shard)
+        assert header_out == header_in
+        for name in data_in:
+            assert (data_out[name] == data_in[name]) == (name not in changed), name
+        seen |= set(data_in)
+    assert changed <= seen
+    for name in ["model.safetensors.index.json", "config.json", ft.HEAD_FILE, *ft.TOKENIZER_FILES]:
+        assert (out / name).read_bytes() == (full / name).read_bytes()
+    assert record["output"]["files_left_out"] == ["onnx/model.onnx"] and not (out / "onnx").exists()
+
+
+def test_outputs_load_with_safetensors_and_transformers(runs):
+    from transformers import AutoModel
+
+    for name in ("full0", "merged0"):
+        out = runs[name]["path"]
+        source = BASE if name == "merged0" else runs["full"]["path"]
+        stored = {}
+        for file in sorted(out.glob("model*.safetensors")):
+            with safe_open(file, "pt") as f, safe_open(source / file.name, "pt") as g:
+                assert f.metadata() == g.metadata()
+                stored.update({k: f.get_tensor(k) for k in f.keys()})
+        model = AutoModel.from_pretrained(out, local_files_only=True)
+        state = model.state_dict()
+        for c in runs[name]["record"]["changes"]:
+            assert torch.equal(state[c["name"]], stored[c["name"]].to(state[c["name"]].dtype))
+
+
+def test_merge_writes_the_patched_merged_matrices_over_the_base(runs):
+    record, out = runs["merged0"]["record"], runs["merged0"]["path"]
+    assert record["output"]["format"] == "merged"
+    merged, base = merged_weights(), load_file(BASE / "model.safetensors")
+    header_in, data_in = data_ranges(BASE / "model.safetensors")
+    header_out, data_out = data_ranges(out / "model.safetensors")
+    assert header_out == header_in
+    written = load_file(out / "model.safetensors")
+    changes = {c["name"]: c for c in record["changes"]}
+    assert set(changes) <= set(merged)
+    for name, w in merged.items():
+        if name in changes:
+            w = patched(w, changes[name]["directions"], 0.0)
+        assert torch.allclose(written[name].double(), w, atol=1e-6), name
+    for name in set(base) - set(merged):
+        assert data_out[name] == data_in[name]
+    assert (out / "config.json").read_bytes() == (BASE / "config.json").read_bytes()
+    assert (out / ft.HEAD_FILE).read_bytes() == (ADAPTER / ft.HEAD_FILE).read_bytes()
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_lambda_one_reproduces_the_input_exactly(runs):
+    assert folder_files(runs["adapter1"]["path"]) == folder_files(ADAPTER)
+    record = runs["adapter1"]["record"]
+    assert record["before"]["summary"]["intruder_dimensions"] > 0 and record["changes"] == []
+    assert record["after"]["summary"] == record["before"]["summary"]
+
+
+def test_card_section_and_record_describe_the_fix(runs, tmp_path):
+    readme = (runs["adapter75"]["path"] / "README.md").read_text()
+    original = (ADAPTER / "README.md").read_text()
+    assert original.split("---\n", 2)[2].strip() in readme  # the card's own text is kept
+    assert readme.count("<!-- ftaudit:begin -->") == 1 and "## Fine-tuning audit (ftaudit)" in readme
+    assert "### Intruder dimensions reduced (ftaudit fix)" in readme and "**λ = 0.75**" in readme
+    assert "| Intruder dimensions (ε = 0.5) | 35 | " in readme
+    assert "ftaudit fix " in readme and "--lambda 0.75" in readme
+    front = readme.split("---\n")[1]
+    assert "fix:\n    lambda: 0.75\n" in front and "directions_scaled: 35" in front
+    full0 = runs["full0"]
+    assert (runs["full0"]["path"] / "README.md").read_text().endswith(
+        "<!-- ftaudit:end -->\n") and "onnx/model.onnx" in (full0["path"] / "README.md").read_text()
+    section = (full0["path"].parent / "full0-card.md").read_text()
+    assert section.strip() in (full0["path"] / "README.md").read_text()
+    for name in ("adapter75", "full0"):
+        record = runs[name]["record"]
+        assert record["schema_version"] == "1" and record["kind"] == "fix"
+        for side in ("before", "after"):
+            assert Report.from_dict(record[side]).summary.matrices_analysed == (36 if name == "adapter75" else 6)
+        assert record["after"]["model"]["id"] == str(runs[name]["path"])
+        assert record["after"]["base"] == record["before"]["base"]
+    stdout = runs["adapter75"]["stdout"]
+    assert "before" in stdout and "after" in stdout and "Intruder dimensions (ε = 0.5)" in stdout
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(runs, tmp_path):
+    taken = tmp_path / "hf_secrettoken123"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (["fix", ADAPTER, "--base", BASE, "--out", taken, "--token", "hf_secrettoken123"], "not empty"),
+        (["fix", ADAPTER, "--base", BASE, "--out", a_file], "not a folder"),
+        (["fix", runs["full"]["path"], "--base", BASE, "--out", tmp_path / "m", "--merge"], "--merge applies only"),
+        (["fix", tmp_path / "missing", "--base", BASE, "--out", tmp_path / "n"], "no such folder"),
+    ]
+    for args, message in cases:
+        code, stdout, stderr = run(*args)
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert "Traceback" not in stderr and "hf_secrettoken123" not in stderr + stdout
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "hf_secrettoken123"]
+
+
+def test_a_failure_mid_write_leaves_no_output(tmp_path, monkeypatch):
+    from ftaudit import writer
+
+    calls = []
+
+    def failing(tensor: torch.Tensor, info: object) -> bytes:
+        calls.append(info)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "encode", failing)
+    code, _, stderr = run("fix", ADAPTER, "--base", BASE, "--out", tmp_path / "out", "--k", 2, *LAYERS_4_5)
+    assert code == 2 and len(calls) == 1 and "No space left on device" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fix_of_a_hub_adapter_streams_it_and_writes_what_a_local_fix_writes(runs, hub_env, tmp_path):
+    hub_env.add_repo(ft.BASE_ID, folder_files(BASE))
+    hub_env.add_repo("me/minilm-lora", folder_files(ADAPTER))
+    record_path = tmp_path / "fix.json"
+    code, _, stderr = run("fix", "me/minilm-lora", "--out", tmp_path / "out", "--json", record_path,
+                          "--lambda", 0, "--only-top", 1, *LAYERS_4_5)
+    assert code in (0, 1), stderr
+    record = json.loads(record_path.read_text())
+    assert record["model"]["revision"] and record["base"]["declared_by"] == "card"
+    local = runs["adapter0"]["path"]
+    for name in ("adapter_model.safetensors", "adapter_config.json", ft.HEAD_FILE):
+        assert (tmp_path / "out" / name).read_bytes() == (local / name).read_bytes()
+    base_reads = [r for r in hub_env.requests if ft.BASE_ID in r.path and r.path.endswith("model.safetensors")]
+    assert all(r.range for r in base_reads if r.method == "GET")  # only tensors, by Range: never the whole file
