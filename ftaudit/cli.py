@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import click
 
-from ftaudit import __version__, cardfile, publish, policy as policy_mod
+from ftaudit import __version__, cardfile, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
 from ftaudit.cache import SpectrumCache, default_dir
 from ftaudit.check import Target, check
@@ -201,6 +201,8 @@ def check_command(
     for path, make in files.items():
         if path is not None:
             _run(debug, redactor, lambda: write_text(path, make()))
+    if push or fmt == "github":
+        from ftaudit import publish  # the Hub client: imported only when needed, to keep start-up short
     if push:
         url = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=push_mode))
         logging.getLogger("ftaudit").info("audit published: %s", url)

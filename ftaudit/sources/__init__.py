@@ -5,12 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
 from ftaudit.errors import NotFoundError, UnsupportedError, UsageError
 from ftaudit.sources.checkpoint import Checkpoint, find_weight_files
-from ftaudit.sources.hub import HubStorage
 from ftaudit.sources.local import LocalStorage
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.storage import Storage
@@ -26,12 +22,20 @@ class Snapshot:
 
 
 def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapshot:
-    """Open `spec` as a local folder if one exists there, else as a Hub model repo id."""
+    """Open `spec` as a local folder if one exists there, else as a Hub model repo id.
+
+    The Hub client is imported only for a Hub id, which keeps a local audit's start-up short.
+    """
     path = Path(spec).expanduser()
     if path.exists():
         if revision:
             raise UsageError(f"{spec} is a local folder: a revision applies only to Hub repositories")
         return Snapshot(spec, None, LocalStorage(path))
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from ftaudit.sources.hub import HubStorage
+
     try:
         validate_repo_id(spec)
     except HFValidationError:
