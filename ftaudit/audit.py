@@ -78,7 +78,8 @@ def run_audit(
     results: list[MatrixResult] = []
     heads: dict[str, dict[str, float | None]] = {}
     todo = pairing.pairs + pairing.scale_only
-    for i, (pair, w0, wt, update) in enumerate(_stream(todo, base_side, tuned_side, updates)):
+    pin = device.type == "cuda"
+    for i, (pair, w0, wt, update) in enumerate(_stream(todo, base_side, tuned_side, updates, pin)):
         if progress:
             progress(i, len(todo), pair.name)
         if pair.kind in VOCAB_KINDS and torch.isfinite(w0).all() and torch.isfinite(wt).all():
@@ -113,12 +114,18 @@ def run_audit(
 
 
 def _stream(
-    pairs: Sequence[TensorPair], base: Tensors, tuned: Tensors, updates: Updates | None
+    pairs: Sequence[TensorPair], base: Tensors, tuned: Tensors, updates: Updates | None, pin: bool
 ) -> Iterator[tuple[TensorPair, torch.Tensor, torch.Tensor, LowRankUpdate | None]]:
-    """Yield loaded pairs (with any known low-rank ΔW) in order while a background thread reads the next."""
+    """Yield loaded pairs (with any known low-rank ΔW) in order while a background thread reads the next.
+
+    With `pin` (a CUDA device) the reader also pins each tensor in page-locked host memory, so that
+    the copies to the GPU run asynchronously to the host.
+    """
 
     def load(pair: TensorPair) -> tuple[torch.Tensor, torch.Tensor, LowRankUpdate | None]:
         w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
+        if pin:
+            w0, wt = w0.pin_memory(), wt.pin_memory()
         update = updates(pair.tuned_name) if updates else None
         if pair.rows is None:
             return w0, wt, update
