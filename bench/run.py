@@ -1,10 +1,13 @@
 """ftaudit against the paper's reference implementation and the peers, measured side by side.
 
-Usage: python bench/run.py [--repeats 3] [--widths 1024 2048 4096] [--depths 1 2 4] [--no-peers]
+Usage: python bench/run.py [--repeats 3] [--widths 1024 2048 4096] [--depths 1 2 4] [--no-peers] [--once-from 4096]
 
 Builds its inputs in bench/.work (real MiniLM fine-tunes, synthetic pairs with Llama's shapes), then
 runs every tool on every input in interleaved rounds, each as its own process, and records whole-process
 wall time and peak resident memory (from wait4). Prints the table and writes docs/benchmarks.md.
+Inputs at least `--once-from` wide are measured once, without the peers (a round takes many minutes).
+The start-up floor (an interpreter that only imports torch) is measured beside them, so the table
+also gives each ratio net of it.
 Install the peers with `pip install -e '.[bench]'`.
 """
 
@@ -39,6 +42,7 @@ class Pair:
     tuned: Path
     base: Path
     largest_pair_bytes: int
+    width: int
 
 
 def synthetic(width: int, layers: int, seed: int = 0) -> Pair:
@@ -62,7 +66,7 @@ def synthetic(width: int, layers: int, seed: int = 0) -> Pair:
         for d, tensors in ((base_dir, base), (tuned_dir, tuned)):
             d.mkdir(parents=True, exist_ok=True)
             save_file(tensors, d / "model.safetensors")
-    return Pair(f"synthetic {width} wide, {layers} layer{'s' * (layers > 1)} (bf16)", tuned_dir, base_dir, largest)
+    return Pair(f"synthetic {width} wide, {layers} layer{'s' * (layers > 1)} (bf16)", tuned_dir, base_dir, largest, width)
 
 
 def minilm(kind: str) -> Pair:
@@ -73,15 +77,21 @@ def minilm(kind: str) -> Pair:
         else:
             ft.make_full(folder)
     size = 30522 * 384 * 4 * 2  # the word embeddings, read for their row-norm drift
-    return Pair(f"MiniLM {'LoRA r=8, merged' if kind == 'lora' else 'full fine-tune'}", folder, ft.base_model_dir(), size)
+    label = f"MiniLM {'LoRA r=8, merged' if kind == 'lora' else 'full fine-tune'}"
+    return Pair(label, folder, ft.base_model_dir(), size, 384)
+
+
+STARTUP = "start-up floor (import torch)"
+REFERENCE = "reference (f32 full SVD)"
 
 
 def tools(peers: bool) -> dict[str, list[str]]:
     py = sys.executable
     found = {
+        STARTUP: [py, "-c", "import torch"],
         "ftaudit cold": [py, "-m", "ftaudit", "check", "{tuned}", "--base", "{base}", "--device", "cpu", "--quiet"],
         "ftaudit warm": [py, "-m", "ftaudit", "check", "{tuned}", "--base", "{base}", "--device", "cpu", "--quiet"],
-        "reference (f32 full SVD)": [py, str(ROOT / "bench" / "reference_svd.py"), "{tuned}", "{base}"],
+        REFERENCE: [py, str(ROOT / "bench" / "reference_svd.py"), "{tuned}", "{base}"],
     }
     if peers:
         found["modeldelta"] = [py, "-m", "modeldelta", "{base}", "{tuned}", "-o", "{out}.json", "-q"]
@@ -110,25 +120,29 @@ def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     return float(wall), int(rss)
 
 
-def run(pairs: list[Pair], repeats: int, peers: bool) -> list[dict[str, object]]:
+def run(pairs: list[Pair], repeats: int, peers: bool, once_from: int) -> list[dict[str, object]]:
     rows = []
     for pair in pairs:
         cache = WORK / "cache"
         env = {**os.environ, "FTAUDIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-        samples: dict[str, list[tuple[float, int]]] = {name: [] for name in tools(peers)}
-        for _ in range(repeats):
-            for name, template in tools(peers).items():
+        once = pair.width >= once_from
+        measured = tools(peers and not once)
+        samples: dict[str, list[tuple[float, int]]] = {name: [] for name in measured}
+        for _ in range(1 if once else repeats):
+            for name, template in measured.items():
                 if name == "ftaudit cold":
                     shutil.rmtree(cache, ignore_errors=True)
                 argv = [a.format(tuned=pair.tuned, base=pair.base, out=WORK / "out") for a in template]
                 samples[name].append(measure(argv, env))
-        reference = statistics.median(w for w, _ in samples["reference (f32 full SVD)"])
+        reference = statistics.median(w for w, _ in samples[REFERENCE])
+        floor = statistics.median(w for w, _ in samples[STARTUP])
         for name, values in samples.items():
             wall = statistics.median(w for w, _ in values)
             rss = statistics.median(m for _, m in values)
+            net = None if name == STARTUP else (wall - floor) / (reference - floor)
             rows.append({"input": pair.label, "tool": name, "wall": wall, "rss": rss, "ratio": wall / reference,
-                         "budget": 4 * pair.largest_pair_bytes + 400 * 2**20})
-            print(f"{pair.label:45} {name:28} {wall:8.2f} s {rss / 2**20:8.0f} MiB  {wall / reference:5.2f}x ref",
+                         "net": net, "runs": len(values), "budget": 4 * pair.largest_pair_bytes + 400 * 2**20})
+            print(f"{pair.label:45} {name:30} {wall:8.2f} s {rss / 2**20:8.0f} MiB  {wall / reference:5.2f}x ref",
                   flush=True)
     return rows
 
@@ -139,17 +153,19 @@ def write(rows: list[dict[str, object]], repeats: int) -> None:
         "",
         f"Written by `python bench/run.py` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} CPU cores, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, device cpu. Each figure is the median "
-        f"of {repeats} runs of the whole process (start-up and imports included), tools interleaved round by round. "
-        "`ratio` is wall time over the reference's in the same run; the memory budget is the target "
-        "4 × the largest tensor pair + 400 MiB.",
+        f"of the runs counted in `runs` ({repeats} unless said) of the whole process (start-up and imports included), "
+        "tools interleaved round by round. `ratio` is wall time over the reference's in the same run; `net ratio` "
+        "is the same with the start-up floor (an interpreter importing torch, measured in the same rounds) taken "
+        "off both. The memory budget is the target 4 × the largest tensor pair + 400 MiB.",
         "",
-        "| input | tool | wall (s) | ratio to reference | peak RSS (MiB) | RSS budget (MiB) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| input | tool | runs | wall (s) | ratio | net ratio | peak RSS (MiB) | RSS budget (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        net = "" if r["net"] is None else f"{r['net']:.2f}"
         lines.append(
-            f"| {r['input']} | {r['tool']} | {r['wall']:.2f} | {r['ratio']:.2f} | {r['rss'] / 2**20:.0f} | "
-            f"{r['budget'] / 2**20:.0f} |"
+            f"| {r['input']} | {r['tool']} | {r['runs']} | {r['wall']:.2f} | {r['ratio']:.2f} | {net} | "
+            f"{r['rss'] / 2**20:.0f} | {r['budget'] / 2**20:.0f} |"
         )
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
@@ -160,12 +176,13 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="*", default=[1024, 2048, 4096])
     parser.add_argument("--depths", type=int, nargs="*", default=[1, 2, 4], help="layers, at the smallest width")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--once-from", type=int, default=4096, help="width from which inputs run once, without peers")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     pairs = [minilm("lora"), minilm("full")]
     pairs += [synthetic(min(args.widths), d) for d in args.depths]
     pairs += [synthetic(w, 1) for w in args.widths if w != min(args.widths)]
-    rows = run(pairs, args.repeats, not args.no_peers)
+    rows = run(pairs, args.repeats, not args.no_peers, args.once_from)
     write(rows, args.repeats)
 
 

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ftaudit.spectral import Spectrum, left_spectrum, refine_top_left
+from ftaudit.spectral import Spectrum, left_spectrum, refine_top_left, top_left
 
+FACTOR_ROUTE_MIN = 512
+"""Below this many rows or columns a float32 start on the tuned matrix (`top_left`) is cheaper than
+the factor route's fixed cost of SEARCH_STEPS small batched solves."""
 SECTIONS = 8
 """Each search step splits every eigenvalue's interval into this many parts (multisection)."""
 SEARCH_STEPS = 16
@@ -50,8 +53,11 @@ def top_left_updated(base: Spectrum, w0: torch.Tensor, wt: torch.Tensor, update:
     """The top-k left singular pairs of wt = w0 + update, from the base's spectrum and the factors.
 
     `base` is the base's full left basis (as from `base_basis`); `wt` serves only to refine and
-    certify the vectors (a few products with it), never to decompose it.
+    certify the vectors (a few products with it), never to decompose it. Small matrices (under
+    FACTOR_ROUTE_MIN) go through `top_left`, which is cheaper there.
     """
+    if min(wt.shape) < FACTOR_ROUTE_MIN:
+        return top_left(wt, k)
     k = min(k, *wt.shape)
     try:
         start = _secular_vectors(base, w0, update, k + 1) if k < min(wt.shape) else None

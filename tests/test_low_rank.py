@@ -21,7 +21,9 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
 
 @pytest.fixture
 def full_decompositions(monkeypatch):
-    """Counts the full decompositions of the tuned matrix that the low-rank path falls back to."""
+    """Counts the full decompositions of the tuned matrix that the factor route falls back to, and
+    sends every size through that route (in audits, matrices under FACTOR_ROUTE_MIN take `top_left`)."""
+    monkeypatch.setattr(low_rank, "FACTOR_ROUTE_MIN", 0)
     calls: list[tuple[int, ...]] = []
     original = low_rank.left_spectrum
 
@@ -86,6 +88,16 @@ def test_a_zero_update_gives_the_base_and_degenerate_cases_fall_back(full_decomp
     tuned = top_left_updated(base_basis(2 * q), 2 * q, 2 * q, tied, 3)
     assert tuned.S.tolist() == pytest.approx([2.0, 2.0, 2.0], rel=1e-12)
     assert full_decompositions[-1] == (40, 40)
+
+
+def test_small_matrices_take_the_float32_start(monkeypatch):
+    routes: list[str] = []
+    monkeypatch.setattr(low_rank, "_secular_vectors", lambda *a: routes.append("factors"))
+    monkeypatch.setattr(low_rank, "top_left", lambda w, k: routes.append("top_left"))
+    w0 = torch.randn(64, 64, dtype=torch.float64)
+    update = _update(64, 64, rank=2, scale=1.0, seed=0)
+    top_left_updated(base_basis(w0), w0, w0 + update.left @ update.right, update, 5)
+    assert routes == ["top_left"]
 
 
 @pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
