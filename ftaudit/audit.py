@@ -16,6 +16,7 @@ from ftaudit.analyses.matrix import analyse_pair
 from ftaudit.cache import SpectrumCache
 from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import VOCAB_KINDS, Selection, TensorPair, pair_tensors
+from ftaudit.parallel import in_order, threads_per_worker, worker_count
 from ftaudit.report import (
     EPSILONS,
     BaseRef,
@@ -78,21 +79,29 @@ def run_audit(
     results: list[MatrixResult] = []
     heads: dict[str, dict[str, float | None]] = {}
     todo = pairing.pairs + pairing.scale_only
-    pin = device.type == "cuda"
-    for i, (pair, w0, wt, update) in enumerate(_stream(todo, base_side, tuned_side, updates, pin)):
-        if progress:
-            progress(i, len(todo), pair.name)
+    analysed = len(pairing.pairs)
+
+    def analyse(item: tuple[int, Loaded]) -> tuple[int, TensorPair, dict[str, float | None] | None, MatrixResult | None]:
+        i, (pair, w0, wt, update) = item
+        head = None
         if pair.kind in VOCAB_KINDS and torch.isfinite(w0).all() and torch.isfinite(wt).all():
-            heads[pair.name] = row_norm_drift(upcast(w0, device), upcast(wt, device))
-        if i >= len(pairing.pairs):
-            continue
-        result = analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache, update)
-        if result is None:
-            issues.nonfinite.append(pair.name)
-        else:
-            results.append(result)
-    if progress:
-        progress(len(todo), len(todo), "")
+            head = row_norm_drift(upcast(w0, device), upcast(wt, device))
+        if i >= analysed:
+            return i, pair, head, None
+        return i, pair, head, analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache, update)
+
+    workers = worker_count(device, [pair.shape for pair in pairing.pairs])
+    stream = enumerate(_stream(todo, base_side, tuned_side, updates, pin=device.type == "cuda"))
+    with threads_per_worker(workers):
+        for i, pair, head, result in in_order(stream, analyse, workers):
+            if head is not None:
+                heads[pair.name] = head
+            if i < analysed and result is None:
+                issues.nonfinite.append(pair.name)
+            elif result is not None:
+                results.append(result)
+            if progress:
+                progress(i + 1, len(todo), pair.name)
     settings = Settings(
         k=options.k,
         epsilon=options.epsilon,
@@ -113,9 +122,11 @@ def run_audit(
     )
 
 
-def _stream(
-    pairs: Sequence[TensorPair], base: Tensors, tuned: Tensors, updates: Updates | None, pin: bool
-) -> Iterator[tuple[TensorPair, torch.Tensor, torch.Tensor, LowRankUpdate | None]]:
+Loaded = tuple[TensorPair, torch.Tensor, torch.Tensor, LowRankUpdate | None]
+"""A pair with its base and tuned tensors as stored, and the tuned side's known low-rank ΔW if any."""
+
+
+def _stream(pairs: Sequence[TensorPair], base: Tensors, tuned: Tensors, updates: Updates | None, pin: bool) -> Iterator[Loaded]:
     """Yield loaded pairs (with any known low-rank ΔW) in order while a background thread reads the next.
 
     With `pin` (a CUDA device) the reader also pins each tensor in page-locked host memory, so that

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ftaudit.spectral import Spectrum
 
 log = logging.getLogger("ftaudit")
 
-ALGORITHM = "gram-eigh-qr/f32-basis/1"
+ALGORITHM = "gram-eigh/f32-basis/2"
 """Changes whenever what is stored, or how it is computed, changes."""
 DEFAULT_MAX_BYTES = 20 * 1024**3
 
@@ -63,16 +64,21 @@ class SpectrumCache:
         self.hits = 0
         self.misses = 0
         self._disabled = False
+        self._lock = threading.Lock()  # audits analyse several pairs at once on CPU threads
 
     def get_or_compute(self, key: str, compute: Callable[[], Spectrum]) -> Spectrum:
         """The cached spectrum for `key`, or `compute()`'s, stored for next time."""
         found = self._read(key)
+        with self._lock:
+            if found is not None:
+                self.hits += 1
+            else:
+                self.misses += 1
         if found is not None:
-            self.hits += 1
             return found
-        self.misses += 1
         spectrum = compute()
-        self._write(key, spectrum)
+        with self._lock:
+            self._write(key, spectrum)
         return spectrum
 
     def _path(self, key: str) -> Path:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from examples import minilm_finetunes as ft
+import ftaudit.audit as audit_module
 from ftaudit.cli import main
 from tests import reference
 from tests.hubserver import HubServer
@@ -105,3 +106,19 @@ def test_adapter_from_the_hub_fetches_only_the_targeted_base_tensors(tunes, hub:
     assert report["summary"]["matrices_analysed"] == 36 and report["summary"]["heads"] == {}
     headers = sum(r.bytes_sent for r in base_reads if r.range in ("bytes=0-7",) or r.range.startswith("bytes=8-"))
     assert tensor_bytes - headers == targeted
+
+
+def test_pairs_analysed_at_once_give_the_report_of_one_at_a_time(tunes, monkeypatch):
+    monkeypatch.setattr(audit_module, "worker_count", lambda device, shapes: 1)
+    serial = audit(tunes["full"])
+    monkeypatch.setattr(audit_module, "worker_count", lambda device, shapes: 3)
+    parallel = audit(tunes["full"])
+    assert [m["name"] for m in parallel["matrices"]] == [m["name"] for m in serial["matrices"]]
+    for a, b in zip(parallel["matrices"], serial["matrices"]):
+        assert a["max_cos"] == pytest.approx(b["max_cos"], abs=1e-9)
+        assert a["intruders"] == b["intruders"] and a["match"] == b["match"]
+        assert a["indicators"] == pytest.approx(b["indicators"], rel=1e-9, abs=1e-12)
+    assert parallel["summary"]["heads"].keys() == serial["summary"]["heads"].keys()
+    for name, drift in serial["summary"]["heads"].items():
+        assert parallel["summary"]["heads"][name] == pytest.approx(drift, rel=1e-9)
+    assert parallel["summary"]["intruder_curve"] == serial["summary"]["intruder_curve"]

@@ -1,0 +1,79 @@
+"""Several pairs analysed at once: order, bounded memory, errors, and when it is used."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ftaudit.parallel import (
+    PARALLEL_MAX_DIM,
+    in_order,
+    threads_per_worker,
+    worker_count,
+)
+
+
+def test_results_come_in_input_order_with_a_bounded_number_in_hand():
+    drawn: list[int] = []
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def items():
+        for i in range(12):
+            drawn.append(i)
+            yield i
+
+    def work(i: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02 * (i % 3 == 0))  # every third item is slow, so later ones finish first
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    seen = []
+    for result in in_order(items(), work, workers=3):
+        # Items drawn but not yet handed back: at most the three being worked on.
+        assert len(drawn) - len(seen) <= 3
+        seen.append(result)
+    assert seen == [i * i for i in range(12)]
+    assert peak[0] == 3
+
+
+def test_an_error_in_one_item_is_raised_in_its_turn():
+    def work(i: int) -> int:
+        if i == 4:
+            raise ValueError("item 4")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="item 4"):
+        for result in in_order(range(10), work, workers=2):
+            got.append(result)
+    assert got == [0, 1, 2, 3]
+
+
+def test_one_worker_is_the_plain_loop():
+    assert list(in_order(iter("abc"), str.upper, workers=1)) == ["A", "B", "C"]
+
+
+def test_workers_only_for_small_matrices_on_a_cpu():
+    cpu = torch.device("cpu")
+    small = [(384, 384), (1536, PARALLEL_MAX_DIM)]
+    assert worker_count(cpu, small) == torch.get_num_threads()
+    assert worker_count(cpu, small + [(PARALLEL_MAX_DIM + 1, 4096)]) == 1
+    assert worker_count(torch.device("cuda"), small) == 1
+    assert worker_count(cpu, []) == 1
+
+
+def test_each_worker_gets_one_torch_thread_and_the_setting_is_restored():
+    before = torch.get_num_threads()
+    with threads_per_worker(2):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with threads_per_worker(1):
+        assert torch.get_num_threads() == before
