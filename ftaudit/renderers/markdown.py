@@ -13,8 +13,10 @@ import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
 from ftaudit.report import MatrixResult, Report
 
@@ -68,8 +70,11 @@ def environment() -> jinja2.Environment:
     """The jinja2 environment of `templates/` (the package ftaudit.templates).
 
     SVG templates are XML-escaped; Markdown templates are not, and escape with the `md` and `code`
-    filters where text from the report lands.
+    filters where text from the report lands. jinja2 is imported here, on first use: an audit that
+    renders nothing does not pay for it.
     """
+    import jinja2
+
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("ftaudit.templates", "."),
         autoescape=jinja2.select_autoescape(enabled_extensions=("svg.j2",), default_for_string=False, default=False),
