@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ftaudit import float64
 from ftaudit.errors import UsageError
 
 
@@ -38,21 +39,30 @@ class Spectrum:
     S: torch.Tensor
 
 
-def left_spectrum(w: torch.Tensor) -> Spectrum:
-    """All min(m, n) left singular vectors and values of a float64 matrix, exactly.
+GRAM_MAX_CONDITION = 1e4
+"""A tall matrix's vectors come from its column Gram WᵀW while σ1/σn is at most this; above it, from a QR."""
 
-    Wide or square: eigh of W·Wᵀ. Tall: W = QR first, then eigh of R·Rᵀ and U = Q·U_R, so the
-    vectors stay orthonormal without dividing by small singular values. Both are cheaper than a
-    full SVD and, in float64, agree with it to far below the precision of the stored weights.
+
+def left_spectrum(w: torch.Tensor, dtype: torch.dtype = torch.float64) -> Spectrum:
+    """All min(m, n) left singular vectors and values of a matrix, exactly, computed in float64.
+
+    `w` may be stored in any float dtype; it is upcast a block at a time (`float64`), and U is
+    returned in `dtype`. Wide or square: eigh of W·Wᵀ. Tall: eigh of WᵀW = V·Σ²·Vᵀ and U = W·V·Σ⁻¹,
+    which loses about κ = σ1/σn digits' worth of relative accuracy in the small values' vectors; so
+    only while κ is at most GRAM_MAX_CONDITION (float64 then keeps ~1e-8), else W = QR first, eigh of
+    R·Rᵀ and U = Q·U_R, which never divides by a singular value. All are cheaper than a full SVD and,
+    in float64, agree with it to far below the precision of the stored weights.
     """
     rows, cols = w.shape
+    eigenvalues, vectors = torch.linalg.eigh(float64.gram(w))
+    values = eigenvalues.flip(-1).clamp(min=0).sqrt()
     if rows <= cols:
-        eigenvalues, U = torch.linalg.eigh(w @ w.T)
-    else:
-        Q, R = torch.linalg.qr(w)
-        eigenvalues, U_R = torch.linalg.eigh(R @ R.T)
-        U = Q @ U_R
-    return Spectrum(U.flip(-1), eigenvalues.flip(-1).clamp(min=0).sqrt())
+        return Spectrum(vectors.flip(-1).to(dtype), values)
+    if bool(eigenvalues[-1] > 0) and bool(eigenvalues[0] * GRAM_MAX_CONDITION**2 >= eigenvalues[-1]):
+        return Spectrum(float64.times(w, vectors.flip(-1) / values, dtype), values)
+    Q, R = torch.linalg.qr(w.to(torch.float64))
+    eigenvalues, U_R = torch.linalg.eigh(R @ R.mT)
+    return Spectrum((Q @ U_R).flip(-1).to(dtype), eigenvalues.flip(-1).clamp(min=0).sqrt())
 
 
 def base_basis(w: torch.Tensor) -> Spectrum:
@@ -61,8 +71,8 @@ def base_basis(w: torch.Tensor) -> Spectrum:
     Rounding the basis to float32 moves a cosine by under 1e-6; it halves what the cache stores and
     holds, and makes cached and freshly computed audits give identical numbers.
     """
-    full = left_spectrum(w)
-    return Spectrum(full.U.to(torch.float32).contiguous(), full.S.contiguous())
+    full = left_spectrum(w, torch.float32)
+    return Spectrum(full.U.contiguous(), full.S.contiguous())
 
 
 CERTIFIED_SIN = 5e-4
@@ -78,15 +88,20 @@ KRYLOV_STEPS = 2
 """Block Krylov steps from the start: the Rayleigh–Ritz space is span(S, G·S, G²·S)."""
 
 
+REFINE_MIN = 512
+"""Below this many rows or columns the full float64 decomposition costs no more than a float32 start
+and its refinement, so `top_left` takes it directly."""
+
+
 def top_left(w: torch.Tensor, k: int) -> Spectrum:
     """The top-k left singular vectors and values of a float64 matrix, certified exact.
 
     A float32 eigendecomposition of the smaller Gram matrix gives a start that `refine_top_left`
     polishes in float64 and certifies; where it cannot certify (tied or clustered values, k close
-    to the rank), the full float64 decomposition answers instead.
+    to the rank), and for matrices under REFINE_MIN, the full float64 decomposition answers instead.
     """
     k = min(k, *w.shape)
-    if k < min(w.shape):
+    if REFINE_MIN <= min(w.shape) and k < min(w.shape):
         refined = refine_top_left(w, _float32_start(w, min(START_FACTOR * k + 1, min(w.shape))), k)
         if refined is not None:
             return refined

@@ -12,9 +12,23 @@ import torch
 from safetensors.torch import load_file
 
 from ftaudit.analyses.intruders import intruders
-from ftaudit import spectral
-from ftaudit.spectral import CERTIFIED_SIN, left_spectrum, refine_top_left, top_left
+from ftaudit import float64, spectral
+from ftaudit.spectral import CERTIFIED_SIN, base_basis, left_spectrum, refine_top_left, top_left
 from tests import reference
+
+
+@pytest.fixture(autouse=True)
+def refine_every_size(monkeypatch):
+    """The small matrices here go through the float32 start and refinement, as large ones do."""
+    monkeypatch.setattr(spectral, "REFINE_MIN", 0)
+
+
+def test_matrices_under_refine_min_take_the_full_decomposition(monkeypatch, full_decompositions):
+    monkeypatch.setattr(spectral, "REFINE_MIN", 512)
+    w = torch.randn(511, 600, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    tuned = top_left(w, 10)
+    assert full_decompositions == [(511, 600)]
+    assert torch.allclose(tuned.S, torch.linalg.svdvals(w)[:10], rtol=1e-12)
 
 
 @pytest.fixture
@@ -41,6 +55,25 @@ def test_left_spectrum_matches_svd(shape):
     # Singular vectors agree up to sign.
     assert torch.allclose((spec.U * U).sum(0).abs(), torch.ones(min(shape), dtype=torch.float64), atol=1e-8)
     assert torch.allclose(spec.U.T @ spec.U, torch.eye(min(shape), dtype=torch.float64), atol=1e-10)
+
+
+def test_only_an_ill_conditioned_tall_matrix_takes_the_qr_route(monkeypatch):
+    # σ from 1 down to 1e-7 (κ = 1e7, past GRAM_MAX_CONDITION): U·Σ⁻¹ from WᵀW would lose the small vectors.
+    g = torch.Generator().manual_seed(6)
+    q_left = torch.linalg.qr(torch.randn(90, 30, dtype=torch.float64, generator=g)).Q
+    q_right = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64, generator=g)).Q
+    sigma = torch.logspace(0, -7, 30, dtype=torch.float64)
+    w = q_left @ torch.diag(sigma) @ q_right.T
+    qr_calls = []
+    original = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda a: qr_calls.append(a.shape) or original(a))
+    spec = left_spectrum(w)
+    assert qr_calls == [(90, 30)]
+    assert torch.allclose(spec.S, sigma, rtol=1e-6)
+    assert torch.allclose((spec.U * q_left).sum(0).abs(), torch.ones(30, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(spec.U.T @ spec.U, torch.eye(30, dtype=torch.float64), atol=1e-10)
+    left_spectrum(q_left @ torch.diag(torch.linspace(2, 1, 30, dtype=torch.float64)) @ q_right.T)
+    assert qr_calls == [(90, 30)]  # well conditioned: from WᵀW, no QR
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (32, 80), (80, 32), (300, 300), (200, 520), (520, 200)])
@@ -120,3 +153,13 @@ def test_zero_matrices_give_defined_values():
     found = intruders(left_spectrum(z), top_left(z, 4))
     assert all(math.isfinite(c) for c in found.max_cos)
     assert found.sigma == [0.0] * 4
+
+
+@pytest.mark.parametrize("shape", [(40, 100), (100, 40)])
+def test_a_stored_matrix_is_decomposed_as_its_float64_value(monkeypatch, shape):
+    monkeypatch.setattr(float64, "BLOCK", 16)  # several blocks and a ragged last one
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    stored, upcast = base_basis(w), left_spectrum(w.double())
+    assert stored.U.dtype == torch.float32 and stored.U.shape == upcast.U.shape
+    assert torch.allclose(stored.S, upcast.S, rtol=1e-12)
+    assert torch.allclose((stored.U.double() * upcast.U).sum(0).abs(), torch.ones(40, dtype=torch.float64), atol=1e-6)

@@ -1,8 +1,9 @@
 """Forgetting-risk indicators of the update ΔW = Wt − W0 (RESEARCH.md §2).
 
-Pure functions of float64 tensors on any device. The expensive step, the spectrum of ΔW, is done
-once by `delta_spectrum` (eigvalsh of the smaller Gram matrix, exact in float64 and much cheaper than
-an SVD); the other per-matrix indicators take its result. Every function returns plain Python
+Pure functions of tensors on any device, computed in float64 whatever the tensors' stored dtype
+(the stored matrices are upcast a block at a time, never whole). The expensive step, the spectrum
+of ΔW, is done once by `delta_spectrum` (eigvalsh of the smaller Gram matrix, exact in float64 and
+much cheaper than an SVD); the other per-matrix indicators take its result. Every function returns plain Python
 numbers, reading back from the device once per call, never inside a loop over the data.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ftaudit import float64
 from ftaudit.sources.safetensors import FLOAT_DTYPES
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -23,9 +25,9 @@ NOISE_FACTOR = 0.5
 
 
 def relative_update_norm(base: torch.Tensor, tuned: torch.Tensor) -> float | None:
-    """‖Wt − W0‖_F / ‖W0‖_F: 0 for identical matrices, None when the base is all zeros."""
-    delta = torch.linalg.matrix_norm(tuned - base).item()
-    scale = torch.linalg.matrix_norm(base).item()
+    """‖Wt − W0‖_F / ‖W0‖_F in float64: 0 for identical matrices, None when the base is all zeros."""
+    delta = float64.frobenius(tuned, base)
+    scale = float64.frobenius(base)
     if scale == 0.0:
         return 0.0 if delta == 0.0 else None
     return delta / scale
@@ -39,10 +41,7 @@ def delta_spectrum(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     exactly zero come out as ~1e-8·σ1 (the square root of float64 eigenvalue error), which
     `numerical_rank` allows for. Identical matrices give all zeros.
     """
-    delta = tuned - base
-    rows, cols = delta.shape
-    gram = delta @ delta.mT if rows <= cols else delta.mT @ delta
-    return torch.linalg.eigvalsh(gram).flip(-1).clamp(min=0).sqrt()
+    return torch.linalg.eigvalsh(float64.gram(tuned, base)).flip(-1).clamp(min=0).sqrt()
 
 
 def spectral_spike(delta_sigma: torch.Tensor, base_sigma1: float) -> float | None:
@@ -107,8 +106,10 @@ def rounding_noise_floor(base: torch.Tensor, tuned: torch.Tensor, eps: float) ->
     """
     if eps == 0.0 or base.numel() == 0:
         return 0.0
-    rows = torch.maximum(torch.linalg.vector_norm(base, dim=1).max(), torch.linalg.vector_norm(tuned, dim=1).max())
-    cols = torch.maximum(torch.linalg.vector_norm(base, dim=0).max(), torch.linalg.vector_norm(tuned, dim=0).max())
+    rows, cols = (
+        torch.maximum(*(torch.linalg.vector_norm(w, dim=dim, dtype=torch.float64).max() for w in (base, tuned)))
+        for dim in (1, 0)
+    )
     return NOISE_FACTOR * eps * (rows + cols).item()
 
 
@@ -178,8 +179,8 @@ def row_norm_drift(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float |
     of (‖t_i‖ − ‖b_i‖) / ‖b_i‖ over rows whose base row is not all zeros; None if there are none.
     "zero_base_rows": how many base rows were all zeros (excluded from the per-row figures).
     """
-    nb = torch.linalg.vector_norm(base, dim=1)
-    nt = torch.linalg.vector_norm(tuned, dim=1)
+    nb = torch.linalg.vector_norm(base, dim=1, dtype=torch.float64)
+    nt = torch.linalg.vector_norm(tuned, dim=1, dtype=torch.float64)
     live = nb > 0
     change = (nt[live] - nb[live]) / nb[live]
     if change.numel():

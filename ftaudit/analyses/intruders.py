@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 
 from ftaudit.spectral import Spectrum
+
+BASE_BLOCK = 1024
+"""Base vectors compared at a time."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,8 @@ class IntruderResult:
 
 def intruders(base: Spectrum, tuned_top: Spectrum) -> IntruderResult:
     """Compare the tuned top-k left singular vectors with the base's full left basis."""
-    cos = base.U.to(tuned_top.U.dtype).T @ tuned_top.U
+    # Base vectors in column blocks, so no full copy of the basis in the tuned side's dtype is made.
+    cos = torch.cat([block.to(tuned_top.U.dtype).mT @ tuned_top.U for block in base.U.split(BASE_BLOCK, dim=1)])
     best, where = cos.abs().max(dim=0)
     rows, rank = base.U.shape
     if rows > rank:

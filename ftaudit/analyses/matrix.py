@@ -37,28 +37,32 @@ def analyse_pair(
     """All per-matrix analyses of one pair as stored; None when either matrix is not finite.
 
     `update`, when the tuned side is w0 + a known low-rank ΔW (an adapter), gives the tuned top-k
-    and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW.
+    and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW. ΔW and the
+    base are worked on from the stored tensors a block at a time; only the tuned matrix (and, for an
+    adapter, the base) is held whole in float64, for its top-k.
     """
-    w0, wt = upcast(raw_w0, device), upcast(raw_wt, device)
+    w0, wt = raw_w0.to(device, non_blocking=True), raw_wt.to(device, non_blocking=True)
     if not (torch.isfinite(w0).all() and torch.isfinite(wt).all()):
         return None
+    update = update.to(device) if update is not None else None
+    # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
+    # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
+    dtypes = () if raw_wt.dtype == torch.float64 else (raw_w0.dtype, raw_wt.dtype)
+    floor = rounding_noise_floor(w0, wt, storage_eps(*dtypes)) if dtypes else 0.0
+    relative = relative_update_norm(w0, wt)
+    delta_sigma = delta_spectrum(w0, wt) if update is None else update.singular_values()
     if cache is None:
         base = base_basis(w0)
     else:
         cached = cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
         base = Spectrum(cached.U.to(device), cached.S.to(device))
     if update is None:
-        tuned, delta_sigma = top_left(wt, k), delta_spectrum(w0, wt)
+        tuned = top_left(upcast(wt, device), k)
     else:
-        update = update.to(device)
-        tuned, delta_sigma = top_left_updated(base, w0, wt, update, k), update.singular_values()
+        tuned = top_left_updated(base, upcast(w0, device), upcast(wt, device), update, k)
     found = intruders(base, tuned)
     base_sigma1 = base.S[0].item()
-    # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
-    # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
-    dtypes = () if raw_wt.dtype == torch.float64 else (raw_w0.dtype, raw_wt.dtype)
-    floor = rounding_noise_floor(w0, wt, storage_eps(*dtypes)) if dtypes else 0.0
-    drift = subspace_drift(base.U.to(torch.float64), tuned.U, k)
+    drift = subspace_drift(base.U[:, :k].to(torch.float64), tuned.U, k)
     return MatrixResult(
         name=pair.name,
         kind=pair.kind,
@@ -70,7 +74,7 @@ def analyse_pair(
         match=found.match,
         outside_span=found.outside_span,
         indicators={
-            "relative_update_norm": relative_update_norm(w0, wt),
+            "relative_update_norm": relative,
             "spectral_spike": spectral_spike(delta_sigma, base_sigma1),
             "effective_rank": effective_rank(delta_sigma),
             "energy_rank_90": energy_rank(delta_sigma, 0.9),
