@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ftaudit import blockwise
 from ftaudit.spectral import Spectrum, left_spectrum, refine_top_left, top_left
 
 FACTOR_ROUTE_MIN = 512
@@ -75,7 +76,7 @@ def _secular_vectors(base: Spectrum, w0: torch.Tensor, update: LowRankUpdate, co
     u0 = base.U.to(torch.float64)
     left, right = update.left, update.right
     r = right.shape[0]
-    c = torch.cat([left, w0 @ right.mT], 1)
+    c = torch.cat([left, blockwise.times(w0, right.mT)], 1)
     c_hat = u0.mT @ c
     d = base.S.to(torch.float64).square()
     basis = [u0]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ftaudit import float64
+from ftaudit import blockwise
 from ftaudit.errors import UsageError
 
 
@@ -46,7 +46,7 @@ GRAM_MAX_CONDITION = 1e4
 def left_spectrum(w: torch.Tensor, dtype: torch.dtype = torch.float64) -> Spectrum:
     """All min(m, n) left singular vectors and values of a matrix, exactly, computed in float64.
 
-    `w` may be stored in any float dtype; it is upcast a block at a time (`float64`), and U is
+    `w` may be stored in any float dtype; it is upcast a block at a time (`blockwise`), and U is
     returned in `dtype`. Wide or square: eigh of W·Wᵀ. Tall: eigh of WᵀW = V·Σ²·Vᵀ and U = W·V·Σ⁻¹,
     which loses about κ = σ1/σn digits' worth of relative accuracy in the small values' vectors; so
     only while κ is at most GRAM_MAX_CONDITION (float64 then keeps ~1e-8), else W = QR first, eigh of
@@ -54,12 +54,12 @@ def left_spectrum(w: torch.Tensor, dtype: torch.dtype = torch.float64) -> Spectr
     in float64, agree with it to far below the precision of the stored weights.
     """
     rows, cols = w.shape
-    eigenvalues, vectors = torch.linalg.eigh(float64.gram(w))
+    eigenvalues, vectors = torch.linalg.eigh(blockwise.gram(w))
     values = eigenvalues.flip(-1).clamp(min=0).sqrt()
     if rows <= cols:
         return Spectrum(vectors.flip(-1).to(dtype), values)
     if bool(eigenvalues[-1] > 0) and bool(eigenvalues[0] * GRAM_MAX_CONDITION**2 >= eigenvalues[-1]):
-        return Spectrum(float64.times(w, vectors.flip(-1) / values, dtype), values)
+        return Spectrum(blockwise.times(w, vectors.flip(-1) / values, dtype), values)
     Q, R = torch.linalg.qr(w.to(torch.float64))
     eigenvalues, U_R = torch.linalg.eigh(R @ R.mT)
     return Spectrum((Q @ U_R).flip(-1).to(dtype), eigenvalues.flip(-1).clamp(min=0).sqrt())
@@ -94,9 +94,10 @@ and its refinement, so `top_left` takes it directly."""
 
 
 def top_left(w: torch.Tensor, k: int) -> Spectrum:
-    """The top-k left singular vectors and values of a float64 matrix, certified exact.
+    """The top-k left singular vectors and values of a matrix, certified exact, computed in float64.
 
-    A float32 eigendecomposition of the smaller Gram matrix gives a start that `refine_top_left`
+    `w` may be stored in any float dtype; it is read a block at a time and never upcast whole. A
+    float32 eigendecomposition of the smaller Gram matrix gives a start that `refine_top_left`
     polishes in float64 and certifies; where it cannot certify (tied or clustered values, k close
     to the rank), and for matrices under REFINE_MIN, the full float64 decomposition answers instead.
     """
@@ -111,26 +112,22 @@ def top_left(w: torch.Tensor, k: int) -> Spectrum:
 
 def _float32_start(w: torch.Tensor, count: int) -> torch.Tensor:
     """Approximate top `count` left singular vectors from a float32 eigh of the smaller Gram matrix."""
-    w32 = w.to(torch.float32)
-    if w.shape[0] <= w.shape[1]:
-        return torch.linalg.eigh(w32 @ w32.mT).eigenvectors[:, -count:].to(torch.float64)
-    right = torch.linalg.eigh(w32.mT @ w32).eigenvectors[:, -count:].to(torch.float64)
-    return w @ right
+    vectors = torch.linalg.eigh(blockwise.gram(w, dtype=torch.float32)).eigenvectors[:, -count:].to(torch.float64)
+    return vectors if w.shape[0] <= w.shape[1] else blockwise.times(w, vectors)
 
 
 def refine_top_left(w: torch.Tensor, start: torch.Tensor, k: int) -> Spectrum | None:
-    """The top k left singular pairs of W from approximate vectors `start` (k + 1 or more columns).
+    """The top k left singular pairs of W (any stored dtype) from approximate vectors `start` (k + 1 or more columns).
 
     Rayleigh–Ritz for G = W·Wᵀ in float64 on the block Krylov space of `start` (KRYLOV_STEPS). Each
     Ritz vector u_j is certified by the Davis–Kahan bound sin∠(u_j, exact) ≤ ‖W·Wᵀ·u_j − θ_j·u_j‖ / gap_j, gap_j the distance
     from θ_j to its neighbouring Ritz values; None unless every bound is at most CERTIFIED_SIN.
     """
-    gram = lambda x: w @ (x.mT @ w).mT  # noqa: E731  (xᵀ·W is the faster product for a thin x)
-    blocks = [torch.linalg.qr(start).Q]
+    krylov = [torch.linalg.qr(start).Q]
     for _ in range(KRYLOV_STEPS):
-        blocks.append(gram(blocks[-1]))
-    basis = torch.linalg.qr(torch.cat(blocks, 1)).Q
-    g_basis = gram(basis)
+        krylov.append(blockwise.gram_times(w, krylov[-1]))
+    basis = torch.linalg.qr(torch.cat(krylov, 1)).Q
+    g_basis = blockwise.gram_times(w, basis)
     theta, y = torch.linalg.eigh(basis.mT @ g_basis)
     theta, y = theta.flip(-1)[: k + 1], y.flip(-1)[:, : k + 1]
     vectors = basis @ y

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftaudit.analyses.intruders import intruders
-from ftaudit import float64, spectral
+from ftaudit import blockwise, spectral
 from ftaudit.spectral import CERTIFIED_SIN, base_basis, left_spectrum, refine_top_left, top_left
 from tests import reference
 
@@ -157,7 +157,7 @@ def test_zero_matrices_give_defined_values():
 
 @pytest.mark.parametrize("shape", [(40, 100), (100, 40)])
 def test_a_stored_matrix_is_decomposed_as_its_float64_value(monkeypatch, shape):
-    monkeypatch.setattr(float64, "BLOCK", 16)  # several blocks and a ragged last one
+    monkeypatch.setattr(blockwise, "BLOCK", 16)  # several blocks and a ragged last one
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     stored, upcast = base_basis(w), left_spectrum(w.double())
     assert stored.U.dtype == torch.float32 and stored.U.shape == upcast.U.shape

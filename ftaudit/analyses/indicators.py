@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ftaudit import float64
+from ftaudit import blockwise
 from ftaudit.sources.safetensors import FLOAT_DTYPES
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -26,8 +26,8 @@ NOISE_FACTOR = 0.5
 
 def relative_update_norm(base: torch.Tensor, tuned: torch.Tensor) -> float | None:
     """‖Wt − W0‖_F / ‖W0‖_F in float64: 0 for identical matrices, None when the base is all zeros."""
-    delta = float64.frobenius(tuned, base)
-    scale = float64.frobenius(base)
+    delta = blockwise.frobenius(tuned, base)
+    scale = blockwise.frobenius(base)
     if scale == 0.0:
         return 0.0 if delta == 0.0 else None
     return delta / scale
@@ -41,7 +41,7 @@ def delta_spectrum(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     exactly zero come out as ~1e-8·σ1 (the square root of float64 eigenvalue error), which
     `numerical_rank` allows for. Identical matrices give all zeros.
     """
-    return torch.linalg.eigvalsh(float64.gram(tuned, base)).flip(-1).clamp(min=0).sqrt()
+    return torch.linalg.eigvalsh(blockwise.gram(tuned, base)).flip(-1).clamp(min=0).sqrt()
 
 
 def spectral_spike(delta_sigma: torch.Tensor, base_sigma1: float) -> float | None:

@@ -21,7 +21,7 @@ from ftaudit.cache import SpectrumCache, tensor_key
 from ftaudit.low_rank import LowRankUpdate, top_left_updated
 from ftaudit.pairing import TensorPair
 from ftaudit.report import MatrixResult
-from ftaudit.spectral import Spectrum, base_basis, top_left, upcast
+from ftaudit.spectral import Spectrum, base_basis, top_left
 
 
 def analyse_pair(
@@ -37,9 +37,8 @@ def analyse_pair(
     """All per-matrix analyses of one pair as stored; None when either matrix is not finite.
 
     `update`, when the tuned side is w0 + a known low-rank ΔW (an adapter), gives the tuned top-k
-    and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW. ΔW and the
-    base are worked on from the stored tensors a block at a time; only the tuned matrix (and, for an
-    adapter, the base) is held whole in float64, for its top-k.
+    and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW. Everything is
+    computed in float64 from the stored tensors, upcast a block at a time, never whole.
     """
     w0, wt = raw_w0.to(device, non_blocking=True), raw_wt.to(device, non_blocking=True)
     if not (torch.isfinite(w0).all() and torch.isfinite(wt).all()):
@@ -56,10 +55,7 @@ def analyse_pair(
     else:
         cached = cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
         base = Spectrum(cached.U.to(device), cached.S.to(device))
-    if update is None:
-        tuned = top_left(upcast(wt, device), k)
-    else:
-        tuned = top_left_updated(base, upcast(w0, device), upcast(wt, device), update, k)
+    tuned = top_left(wt, k) if update is None else top_left_updated(base, w0, wt, update, k)
     found = intruders(base, tuned)
     base_sigma1 = base.S[0].item()
     drift = subspace_drift(base.U[:, :k].to(torch.float64), tuned.U, k)

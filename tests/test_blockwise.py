@@ -1,17 +1,17 @@
-"""Block-at-a-time float64 arithmetic on stored matrices against the same sums done whole."""
+"""Block-at-a-time arithmetic on stored matrices against the same sums done whole in float64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ftaudit import float64
+from ftaudit import blockwise
 
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of 7, so every matrix here spans several blocks and a ragged last one."""
-    monkeypatch.setattr(float64, "BLOCK", 7)
+    monkeypatch.setattr(blockwise, "BLOCK", 7)
 
 
 @pytest.mark.parametrize("shape", [(20, 45), (45, 20), (30, 30)])
@@ -22,19 +22,25 @@ def test_gram_frobenius_and_products_match_the_whole_float64_computation(shape, 
     v = torch.randn(*shape, generator=g).to(dtype)
     w64, delta = w.double(), w.double() - v.double()
     small = delta @ delta.mT if shape[0] <= shape[1] else delta.mT @ delta
-    assert float64.gram(w, v).dtype == torch.float64
-    assert torch.allclose(float64.gram(w, v), small, rtol=1e-13, atol=1e-12)
-    assert float64.frobenius(w, v) == pytest.approx(torch.linalg.matrix_norm(delta).item(), rel=1e-13)
-    assert float64.frobenius(w) == pytest.approx(torch.linalg.matrix_norm(w64).item(), rel=1e-13)
+    assert blockwise.gram(w, v).dtype == torch.float64
+    assert torch.allclose(blockwise.gram(w, v), small, rtol=1e-13, atol=1e-12)
+    assert blockwise.frobenius(w, v) == pytest.approx(torch.linalg.matrix_norm(delta).item(), rel=1e-13)
+    assert blockwise.frobenius(w) == pytest.approx(torch.linalg.matrix_norm(w64).item(), rel=1e-13)
     right = torch.randn(shape[1], 3, dtype=torch.float64, generator=g)
-    product = float64.times(w, right, torch.float32)
+    product = blockwise.times(w, right, torch.float32)
     assert product.dtype == torch.float32
     assert torch.allclose(product, (w64 @ right).float(), rtol=1e-6, atol=1e-6)
+    thin = torch.randn(shape[0], 3, dtype=torch.float64, generator=g)
+    assert torch.allclose(blockwise.transposed_times(w, thin), w64.mT @ thin, rtol=1e-13, atol=1e-12)
+    assert torch.allclose(blockwise.gram_times(w, thin), w64 @ (w64.mT @ thin), rtol=1e-13, atol=1e-11)
+    single = blockwise.gram(w, dtype=torch.float32)
+    assert single.dtype == torch.float32
+    assert torch.allclose(single.double(), blockwise.gram(w), rtol=1e-5, atol=1e-4)
 
 
 def test_a_float64_input_is_never_written_to():
     w = torch.randn(12, 9, dtype=torch.float64)
     v = torch.randn(12, 9, dtype=torch.float64)
     kept = w.clone(), v.clone()
-    float64.gram(w, v), float64.frobenius(w, v), float64.times(w, torch.eye(9, dtype=torch.float64), torch.float64)
+    blockwise.gram(w, v), blockwise.frobenius(w, v), blockwise.gram_times(w, torch.eye(12, dtype=torch.float64))
     assert torch.equal(w, kept[0]) and torch.equal(v, kept[1])
