@@ -19,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from ftaudit.errors import InvalidWeightsError
 from ftaudit.sources import safetensors as format_
@@ -46,6 +45,17 @@ def tensor_key(w: torch.Tensor) -> str:
     h = hashlib.sha256(f"{ALGORITHM}|{w.dtype}|{tuple(w.shape)}|".encode())
     h.update(w.detach().contiguous().cpu().view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+def _view(data: bytearray, info: format_.TensorInfo) -> torch.Tensor:
+    """A tensor over its bytes in a validated entry, without copying them."""
+    dtype = format_.FLOAT_DTYPES.get(info.dtype)
+    if dtype is None:
+        raise InvalidWeightsError(f"tensor {info.name!r}: dtype {info.dtype} is not a float dtype")
+    count = info.nbytes // dtype.itemsize
+    if count == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype, count=count, offset=info.start).reshape(info.shape)
 
 
 def _checksum(spectrum: Spectrum) -> str:
@@ -87,16 +97,18 @@ class SpectrumCache:
     def _read(self, key: str) -> Spectrum | None:
         path = self._path(key)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(data)
         except OSError:
             return None
         try:
-            n = format_.header_length(data[:8], len(data), path.name)
-            metadata = format_.parse_header(data[8 : 8 + n], len(data), path.name).metadata
-            tensors = load(data)
+            n = format_.header_length(bytes(data[:8]), len(data), path.name)
+            header = format_.parse_header(bytes(data[8 : 8 + n]), len(data), path.name)
+            tensors = {name: _view(data, info) for name, info in header.tensors.items()}
             spectrum = Spectrum(tensors["U"], tensors["S"])
-            valid = _checksum(spectrum) == metadata.get("sha256")
-        except (InvalidWeightsError, SafetensorError, KeyError):
+            valid = _checksum(spectrum) == header.metadata.get("sha256")
+        except (InvalidWeightsError, KeyError):
             valid = False
         if not valid:
             log.warning("cache entry %s is corrupt; recomputing it", path.name)
