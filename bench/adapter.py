@@ -9,14 +9,13 @@ the matrices are wide enough for the factor route; prints the table and writes d
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
-
-import json
 
 import torch
 from safetensors.torch import load_file, save_file

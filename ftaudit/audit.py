@@ -27,7 +27,7 @@ from ftaudit.report import (
     TensorIssues,
 )
 from ftaudit.sources.safetensors import TensorInfo
-from ftaudit.spectral import resolve_device, upcast
+from ftaudit.spectral import resolve_device
 from ftaudit.summary import summarise
 
 
@@ -85,7 +85,7 @@ def run_audit(
         i, (pair, w0, wt, update) = item
         head = None
         if pair.kind in VOCAB_KINDS and torch.isfinite(w0).all() and torch.isfinite(wt).all():
-            head = row_norm_drift(upcast(w0, device), upcast(wt, device))
+            head = row_norm_drift(w0.to(device), wt.to(device))  # norms are taken in float64
         if i >= analysed:
             return i, pair, head, None
         return i, pair, head, analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache, update)

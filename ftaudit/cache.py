@@ -80,10 +80,8 @@ class SpectrumCache:
         """The cached spectrum for `key`, or `compute()`'s, stored for next time."""
         found = self._read(key)
         with self._lock:
-            if found is not None:
-                self.hits += 1
-            else:
-                self.misses += 1
+            self.hits += found is not None
+            self.misses += found is None
         if found is not None:
             return found
         spectrum = compute()
