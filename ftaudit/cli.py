@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import click
 
-from ftaudit import __version__, cardfile, policy as policy_mod
+from ftaudit import __version__, cardfile, memory, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
 from ftaudit.cache import SpectrumCache, default_dir
 from ftaudit.check import Target, check
@@ -86,6 +86,7 @@ def _progress_bar(label: str) -> tuple[Progress | None, Callable[[], None]]:
 @click.version_option(__version__, prog_name="ftaudit")
 def main() -> None:
     """Audit what fine-tuning did to a base model: intruder dimensions and forgetting risk."""
+    memory.return_large_blocks()
 
 
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]

@@ -10,8 +10,9 @@ from ftaudit import blockwise
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 7, so every matrix here spans several blocks and a ragged last one."""
+    """Blocks of 7 and Gram pieces of 6, so every matrix here spans several of each and ragged last ones."""
     monkeypatch.setattr(blockwise, "BLOCK", 7)
+    monkeypatch.setattr(blockwise, "PIECE", 6)
 
 
 @pytest.mark.parametrize("shape", [(20, 45), (45, 20), (30, 30)])
@@ -23,6 +24,7 @@ def test_gram_frobenius_and_products_match_the_whole_float64_computation(shape, 
     w64, delta = w.double(), w.double() - v.double()
     small = delta @ delta.mT if shape[0] <= shape[1] else delta.mT @ delta
     assert blockwise.gram(w, v).dtype == torch.float64
+    assert torch.equal(blockwise.gram(w, v), blockwise.gram(w, v).mT)
     assert torch.allclose(blockwise.gram(w, v), small, rtol=1e-13, atol=1e-12)
     assert blockwise.frobenius(w, v) == pytest.approx(torch.linalg.matrix_norm(delta).item(), rel=1e-13)
     assert blockwise.frobenius(w) == pytest.approx(torch.linalg.matrix_norm(w64).item(), rel=1e-13)
