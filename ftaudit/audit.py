@@ -83,9 +83,7 @@ def run_audit(
 
     def analyse(item: tuple[int, Loaded]) -> tuple[int, TensorPair, dict[str, float | None] | None, MatrixResult | None]:
         i, (pair, w0, wt, update) = item
-        head = None
-        if pair.kind in VOCAB_KINDS and torch.isfinite(w0).all() and torch.isfinite(wt).all():
-            head = row_norm_drift(w0.to(device), wt.to(device))  # norms are taken in float64
+        head = row_norm_drift(w0.to(device), wt.to(device)) if pair.kind in VOCAB_KINDS else None
         if i >= analysed:
             return i, pair, head, None
         return i, pair, head, analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache, update)

@@ -8,6 +8,7 @@ float64 unless told otherwise), into one buffer per call, with the same sums as 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -37,22 +38,91 @@ def blocks(w: torch.Tensor, dim: int, minus: torch.Tensor | None = None, dtype: 
 
 
 def gram(w: torch.Tensor, minus: torch.Tensor | None = None, dtype: torch.dtype = F64) -> torch.Tensor:
-    """The smaller Gram matrix of W (or of W − minus) in `dtype`: W·Wᵀ when m ≤ n, else WᵀW.
+    """The smaller Gram matrix of W (or of W − minus) in `dtype`: W·Wᵀ when m ≤ n, else WᵀW."""
+    out = _empty_gram(w, dtype)
+    for block in blocks(w, _gram_dim(w), minus, dtype):
+        _add_gram(out, block, _gram_dim(w))
+    return _mirrored(out)
 
-    It is symmetric, so of its PIECE × PIECE tiles only those on or above the diagonal are
-    computed (about half the products once it spans several pieces); the rest are mirrored.
+
+def _gram_dim(w: torch.Tensor) -> int:
+    """The dimension a Gram matrix sums over: columns of a wide or square matrix, rows of a tall one."""
+    return 1 if w.shape[0] <= w.shape[1] else 0
+
+
+def _empty_gram(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    size = min(w.shape)
+    return torch.zeros(size, size, dtype=dtype, device=w.device)
+
+
+def _add_gram(out: torch.Tensor, block: torch.Tensor, dim: int) -> None:
+    """out += the Gram share of a block sliced along `dim`, in its PIECE × PIECE tiles on or above the diagonal.
+
+    A Gram matrix is symmetric, so once it spans several pieces this takes about half the products.
     """
-    rows, cols = w.shape
-    size = min(rows, cols)
-    out = torch.zeros(size, size, dtype=dtype, device=w.device)
-    starts = range(0, size, PIECE)
-    for block in blocks(w, 1 if rows <= cols else 0, minus, dtype):
-        short = block if rows <= cols else block.mT  # size × block length
-        for i in starts:
-            out[i : i + PIECE, i:].addmm_(short[i : i + PIECE], short[i:].mT)
-    for i in starts:
+    short = block if dim == 1 else block.mT  # size × block length
+    for i in range(0, out.shape[0], PIECE):
+        out[i : i + PIECE, i:].addmm_(short[i : i + PIECE], short[i:].mT)
+
+
+def _mirrored(out: torch.Tensor) -> torch.Tensor:
+    """The whole symmetric matrix from the tiles `_add_gram` filled."""
+    for i in range(0, out.shape[0], PIECE):
         out[i + PIECE :, i : i + PIECE] = out[i : i + PIECE, i + PIECE :].mT
     return out
+
+
+@dataclass(frozen=True)
+class PairSums:
+    """What one pass over a base and a tuned matrix gathers for the indicators, in float64."""
+
+    base_rows: torch.Tensor
+    """Squared L2 norm of each row of W0; `base_cols` of each column; `tuned_…` the same for Wt."""
+    base_cols: torch.Tensor
+    tuned_rows: torch.Tensor
+    tuned_cols: torch.Tensor
+    delta_square: float
+    """‖Wt − W0‖_F²."""
+    delta_gram: torch.Tensor | None
+    """The smaller Gram matrix of ΔW = Wt − W0, when asked for."""
+
+    @property
+    def finite(self) -> bool:
+        """Whether both matrices hold only finite values (a NaN or ±inf makes its row's sum so)."""
+        sums = (self.base_rows, self.base_cols, self.tuned_rows, self.tuned_cols)
+        return bool(torch.stack([torch.isfinite(s).all() for s in sums]).all())
+
+
+def pair_sums(base: torch.Tensor, tuned: torch.Tensor, with_gram: bool = True) -> PairSums:
+    """Row and column norms of both matrices, ‖ΔW‖_F² and (`with_gram`) ΔW's Gram matrix, in one
+    float64 pass that upcasts a block of each matrix at a time.
+
+    Float64 squares of stored F32, F16 or BF16 values cannot overflow, so a sum is non-finite
+    exactly when its row or column holds a NaN or ±inf (float64 weights beyond 1e154 count so too).
+    """
+    dim = _gram_dim(base)
+    other = 1 - dim
+    lengths = base.shape[other], base.shape[dim]
+    sums = [torch.zeros(n, dtype=F64, device=base.device) for n in (*lengths, *lengths)]
+    gram_out = _empty_gram(base, F64) if with_gram else None
+    delta_square = torch.zeros((), dtype=F64, device=base.device)
+    start = 0
+    for b, t in zip(blocks(base, dim), blocks(tuned, dim), strict=True):
+        length = b.shape[dim]
+        for block, (across, along) in ((b, sums[0:2]), (t, sums[2:4])):
+            square = block.square()
+            across += square.sum(dim)
+            along[start : start + length] = square.sum(other)
+        t.sub_(b)
+        delta_square += t.square().sum()
+        if gram_out is not None:
+            _add_gram(gram_out, t, dim)
+        start += length
+    rows, cols = (0, 1) if dim == 1 else (1, 0)
+    return PairSums(
+        base_rows=sums[rows], base_cols=sums[cols], tuned_rows=sums[2 + rows], tuned_cols=sums[2 + cols],
+        delta_square=delta_square.item(), delta_gram=None if gram_out is None else _mirrored(gram_out),
+    )
 
 
 def frobenius(w: torch.Tensor, minus: torch.Tensor | None = None) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -46,3 +48,31 @@ def test_a_float64_input_is_never_written_to():
     kept = w.clone(), v.clone()
     blockwise.gram(w, v), blockwise.frobenius(w, v), blockwise.gram_times(w, torch.eye(12, dtype=torch.float64))
     assert torch.equal(w, kept[0]) and torch.equal(v, kept[1])
+
+
+@pytest.mark.parametrize("shape", [(20, 45), (45, 20), (30, 30)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pair_sums_gather_every_norm_and_the_update_gram_in_one_pass(shape, dtype):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(*shape, generator=g).to(dtype)
+    tuned = (base.double() + 0.1 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+    b64, t64 = base.double(), tuned.double()
+    sums = blockwise.pair_sums(base, tuned)
+    for got, want in (
+        (sums.base_rows, b64.square().sum(1)), (sums.base_cols, b64.square().sum(0)),
+        (sums.tuned_rows, t64.square().sum(1)), (sums.tuned_cols, t64.square().sum(0)),
+    ):
+        assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-13)
+    assert sums.delta_square == pytest.approx((t64 - b64).square().sum().item(), rel=1e-13)
+    assert torch.equal(sums.delta_gram, blockwise.gram(tuned, base))
+    assert sums.finite
+    assert blockwise.pair_sums(base, tuned, with_gram=False).delta_gram is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("side", ["base", "tuned"])
+def test_pair_sums_are_not_finite_when_a_matrix_holds_a_nan_or_inf(bad, side):
+    base, tuned = torch.randn(20, 45).bfloat16(), torch.randn(20, 45).bfloat16()
+    (base if side == "base" else tuned)[13, 31] = bad
+    assert not blockwise.pair_sums(base, tuned).finite
+    assert not blockwise.pair_sums(base, tuned, with_gram=False).finite

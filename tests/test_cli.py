@@ -106,10 +106,11 @@ def test_sharded_bf16_model_gives_the_same_audit_as_float32(tmp_path):
     assert report["base"]["declared_by"] == "cli" and report["summary"]["matrices_analysed"] == 14
 
 
-def test_nonfinite_weights_fail_with_the_tensor_named(tmp_path):
+@pytest.mark.parametrize("side, bad", [("tuned", float("nan")), ("base", float("-inf"))])
+def test_nonfinite_weights_fail_with_the_tensor_named(tmp_path, side, bad):
     base = llama_like()
     tuned = small_update(base)
-    tuned["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    (tuned if side == "tuned" else base)["model.layers.1.mlp.up_proj.weight"][3, 4] = bad
     write_model(tmp_path / "base", base)
     write_model(tmp_path / "tuned", tuned)
     out = tmp_path / "r.json"

@@ -7,20 +7,19 @@ import math
 import pytest
 import torch
 
+from ftaudit.analyses import indicators
 from ftaudit.analyses.indicators import (
     classify_update,
-    delta_spectrum,
     effective_rank,
     energy_rank,
     intruder_strength,
     numerical_rank,
-    relative_update_norm,
-    rounding_noise_floor,
     row_norm_drift,
     spectral_spike,
     storage_eps,
     subspace_drift,
 )
+from ftaudit.blockwise import pair_sums
 from ftaudit.spectral import left_spectrum
 
 F64 = torch.float64
@@ -56,6 +55,18 @@ def lora_pair(shape, rank, rel, storage, seed, round_base):
     update *= rel * torch.linalg.matrix_norm(w0) / torch.linalg.matrix_norm(update)
     wt = (w0 + update).to(storage).to(F64)
     return w0, wt
+
+
+def delta_spectrum(w0, wt):
+    return indicators.delta_spectrum(pair_sums(w0, wt))
+
+
+def relative_update_norm(w0, wt):
+    return indicators.relative_update_norm(pair_sums(w0, wt, with_gram=False))
+
+
+def rounding_noise_floor(w0, wt, eps):
+    return indicators.rounding_noise_floor(pair_sums(w0, wt, with_gram=False), eps)
 
 
 def estimated_rank(w0, wt, storage):
@@ -143,6 +154,15 @@ def test_identical_weights_give_zeros():
     drift = row_norm_drift(w, w.clone())
     assert drift == {"mean_norm_ratio": 1.0, "median_relative_change": 0.0, "max_relative_change": 0.0, "zero_base_rows": 0.0}
     assert subspace_drift(left_spectrum(w).U, left_spectrum(w).U, 5) == pytest.approx([0.0] * 5, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_row_norm_drift_is_none_for_a_matrix_with_a_nan_or_inf(bad):
+    base = torch.randn(50, 8, generator=gen(6))
+    tuned = base.clone()
+    tuned[17, 3] = bad
+    assert row_norm_drift(base, tuned) is None
+    assert row_norm_drift(tuned, base) is None
 
 
 def test_all_zero_base():

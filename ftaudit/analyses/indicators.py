@@ -1,9 +1,10 @@
 """Forgetting-risk indicators of the update ΔW = Wt − W0 (RESEARCH.md §2).
 
 Pure functions of tensors on any device, computed in float64 whatever the tensors' stored dtype
-(the stored matrices are upcast a block at a time, never whole). The expensive step, the spectrum
-of ΔW, is done once by `delta_spectrum` (eigvalsh of the smaller Gram matrix, exact in float64 and
-much cheaper than an SVD); the other per-matrix indicators take its result. Every function returns plain Python
+(the stored matrices are upcast a block at a time, never whole). One pass over a pair,
+`blockwise.pair_sums`, gathers the norms and ΔW's Gram matrix; the expensive step, the spectrum
+of ΔW, is done once from it by `delta_spectrum` (eigvalsh, exact in float64 and much cheaper than
+an SVD); the other per-matrix indicators take its result. Every function returns plain Python
 numbers, reading back from the device once per call, never inside a loop over the data.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ftaudit import blockwise
+from ftaudit.blockwise import PairSums
 from ftaudit.sources.safetensors import FLOAT_DTYPES
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -24,24 +25,25 @@ NOISE_FACTOR = 0.5
 """Rounding-noise tolerance, in units of eps·(max row norm + max column norm); see `rounding_noise_floor`."""
 
 
-def relative_update_norm(base: torch.Tensor, tuned: torch.Tensor) -> float | None:
+def relative_update_norm(sums: PairSums) -> float | None:
     """‖Wt − W0‖_F / ‖W0‖_F in float64: 0 for identical matrices, None when the base is all zeros."""
-    delta = blockwise.frobenius(tuned, base)
-    scale = blockwise.frobenius(base)
+    scale = float(sums.base_rows.sum().item())
     if scale == 0.0:
-        return 0.0 if delta == 0.0 else None
-    return delta / scale
+        return 0.0 if sums.delta_square == 0.0 else None
+    return math.sqrt(sums.delta_square / scale)
 
 
-def delta_spectrum(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+def delta_spectrum(sums: PairSums) -> torch.Tensor:
     """All min(m, n) singular values of ΔW = tuned − base, descending, on the input's device.
 
-    From eigvalsh of the smaller Gram matrix (ΔW·ΔWᵀ when m ≤ n, else ΔWᵀ·ΔW), clamped at 0 and
-    square-rooted. In float64 the large values match an SVD to ~1e-15 relative; values that are
-    exactly zero come out as ~1e-8·σ1 (the square root of float64 eigenvalue error), which
-    `numerical_rank` allows for. Identical matrices give all zeros.
+    From eigvalsh of the smaller Gram matrix gathered by `pair_sums` (ΔW·ΔWᵀ when m ≤ n, else
+    ΔWᵀ·ΔW), clamped at 0 and square-rooted. In float64 the large values match an SVD to ~1e-15
+    relative; values that are exactly zero come out as ~1e-8·σ1 (the square root of float64
+    eigenvalue error), which `numerical_rank` allows for. Identical matrices give all zeros.
     """
-    return torch.linalg.eigvalsh(blockwise.gram(tuned, base)).flip(-1).clamp(min=0).sqrt()
+    if sums.delta_gram is None:
+        raise ValueError("delta_spectrum needs pair_sums(..., with_gram=True)")
+    return torch.linalg.eigvalsh(sums.delta_gram).flip(-1).clamp(min=0).sqrt()
 
 
 def spectral_spike(delta_sigma: torch.Tensor, base_sigma1: float) -> float | None:
@@ -91,7 +93,7 @@ def storage_eps(*dtypes: torch.dtype | str) -> float:
     return max(torch.finfo(d).eps for d in resolved)
 
 
-def rounding_noise_floor(base: torch.Tensor, tuned: torch.Tensor, eps: float) -> float:
+def rounding_noise_floor(sums: PairSums, eps: float) -> float:
     """Tolerance for singular values of ΔW that storage rounding alone can produce.
 
     Storing a weight w rounds it by at most half an ulp, ≤ eps·|w|/2, so ΔW carries a noise matrix E
@@ -102,15 +104,14 @@ def rounding_noise_floor(base: torch.Tensor, tuned: torch.Tensor, eps: float) ->
     norms of either matrix, and 0.28 when both matrices were rounded independently from a common
     master. The floor is NOISE_FACTOR = 0.5 times eps·(R + C): 2.5× the first, 1.8× the second;
     using the largest norms keeps it safe for weights with outlier rows or columns. `eps` is from
-    `storage_eps`; 0 (float64 storage) gives 0.
+    `storage_eps`; 0 (float64 storage) gives 0. The norms come from `pair_sums`.
     """
-    if eps == 0.0 or base.numel() == 0:
+    if eps == 0.0 or sums.base_rows.numel() == 0 or sums.base_cols.numel() == 0:
         return 0.0
-    rows, cols = (
-        torch.maximum(*(torch.linalg.vector_norm(w, dim=dim, dtype=torch.float64).max() for w in (base, tuned)))
-        for dim in (1, 0)
-    )
-    return NOISE_FACTOR * eps * (rows + cols).item()
+    largest = torch.stack(
+        [torch.maximum(sums.base_rows.max(), sums.tuned_rows.max()), torch.maximum(sums.base_cols.max(), sums.tuned_cols.max())]
+    ).sqrt().sum()
+    return NOISE_FACTOR * eps * largest.item()
 
 
 def numerical_rank(delta_sigma: torch.Tensor, shape: tuple[int, int], noise_floor: float = 0.0) -> int:
@@ -167,7 +168,7 @@ def intruder_strength(
     ]
 
 
-def row_norm_drift(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float | None]:
+def row_norm_drift(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float | None] | None:
     """Drift of row L2 norms, for output heads and embeddings (one row per class or token).
 
     A heuristic, weight-only proxy for logit-scale miscalibration: Mai et al. 2024 ("Fine-Tuning
@@ -178,9 +179,12 @@ def row_norm_drift(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float |
     the base is). "median_relative_change" (signed) and "max_relative_change" (largest absolute)
     of (‖t_i‖ − ‖b_i‖) / ‖b_i‖ over rows whose base row is not all zeros; None if there are none.
     "zero_base_rows": how many base rows were all zeros (excluded from the per-row figures).
+    None when either matrix holds a NaN or ±inf (its row's float64 norm then does too).
     """
     nb = torch.linalg.vector_norm(base, dim=1, dtype=torch.float64)
     nt = torch.linalg.vector_norm(tuned, dim=1, dtype=torch.float64)
+    if not bool(torch.isfinite(nb.sum() + nt.sum())):
+        return None
     live = nb > 0
     change = (nt[live] - nb[live]) / nb[live]
     if change.numel():

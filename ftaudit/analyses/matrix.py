@@ -17,6 +17,7 @@ from ftaudit.analyses.indicators import (
     subspace_drift,
 )
 from ftaudit.analyses.intruders import intruders
+from ftaudit.blockwise import pair_sums
 from ftaudit.cache import SpectrumCache, tensor_key
 from ftaudit.low_rank import LowRankUpdate, top_left_updated
 from ftaudit.pairing import TensorPair
@@ -34,22 +35,23 @@ def analyse_pair(
     cache: SpectrumCache | None = None,
     update: LowRankUpdate | None = None,
 ) -> MatrixResult | None:
-    """All per-matrix analyses of one pair as stored; None when either matrix is not finite.
+    """All per-matrix analyses of one pair as stored; None when either matrix holds a NaN or ±inf.
 
     `update`, when the tuned side is w0 + a known low-rank ΔW (an adapter), gives the tuned top-k
     and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW. Everything is
     computed in float64 from the stored tensors, upcast a block at a time, never whole.
     """
     w0, wt = raw_w0.to(device, non_blocking=True), raw_wt.to(device, non_blocking=True)
-    if not (torch.isfinite(w0).all() and torch.isfinite(wt).all()):
-        return None
     update = update.to(device) if update is not None else None
+    sums = pair_sums(w0, wt, with_gram=update is None)
+    if not sums.finite:
+        return None
     # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
     # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
     dtypes = () if raw_wt.dtype == torch.float64 else (raw_w0.dtype, raw_wt.dtype)
-    floor = rounding_noise_floor(w0, wt, storage_eps(*dtypes)) if dtypes else 0.0
-    relative = relative_update_norm(w0, wt)
-    delta_sigma = delta_spectrum(w0, wt) if update is None else update.singular_values()
+    floor = rounding_noise_floor(sums, storage_eps(*dtypes)) if dtypes else 0.0
+    relative = relative_update_norm(sums)
+    delta_sigma = delta_spectrum(sums) if update is None else update.singular_values()
     if cache is None:
         base = base_basis(w0)
     else:
