@@ -78,13 +78,15 @@ def run_audit(
     )
     results: list[MatrixResult] = []
     heads: dict[str, dict[str, float | None]] = {}
-    todo = pairing.pairs + pairing.scale_only
-    analysed = len(pairing.pairs)
+    # Embeddings and heads measured only for their row norms are often the largest tensors: read
+    # first, they are analysed beside the matrices instead of after them.
+    todo = pairing.scale_only + pairing.pairs
+    scale_only = len(pairing.scale_only)
 
     def analyse(item: tuple[int, Loaded]) -> tuple[int, TensorPair, dict[str, float | None] | None, MatrixResult | None]:
         i, (pair, w0, wt, update) = item
         head = row_norm_drift(w0.to(device), wt.to(device)) if pair.kind in VOCAB_KINDS else None
-        if i >= analysed:
+        if i < scale_only:
             return i, pair, head, None
         return i, pair, head, analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache, update)
 
@@ -94,7 +96,7 @@ def run_audit(
         for i, pair, head, result in in_order(stream, analyse, workers):
             if head is not None:
                 heads[pair.name] = head
-            if i < analysed and result is None:
+            if i >= scale_only and result is None:
                 issues.nonfinite.append(pair.name)
             elif result is not None:
                 results.append(result)

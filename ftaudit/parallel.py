@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from itertools import islice
 from typing import TypeVar
@@ -45,25 +45,40 @@ def threads_per_worker(workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+AHEAD = 4
+"""How many items per worker may be drawn before the oldest one's result has been handed back."""
+
+
 def in_order(items: Iterable[T], work: Callable[[T], R], workers: int) -> Iterator[R]:
     """work(item) for each item, in the items' order, computed on `workers` threads.
 
-    An item is drawn only when a worker is free, and only results are handed back, so at most
-    `workers` items are held at once: memory stays bounded by the largest few. An exception in
-    `work` is raised when its item's turn comes.
+    An item is drawn whenever a worker is free, so one slow item does not hold up the rest; items
+    that finish before their turn wait as results (at most AHEAD per worker), not as inputs. At
+    most `workers` items are worked on at once, so memory stays bounded by the largest few. An
+    exception in `work` is raised when its item's turn comes.
     """
     if workers <= 1:
         yield from map(work, items)
         return
     source = iter(items)
-    pending: deque[Future[R]] = deque()
+    order: deque[Future[R]] = deque()
+    running: set[Future[R]] = set()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftaudit-analyse") as pool:
         try:
+            exhausted = False
             while True:
-                pending.extend(pool.submit(work, item) for item in islice(source, workers - len(pending)))
-                if not pending:
+                running = {future for future in running if not future.done()}
+                free = max(0, min(workers - len(running), AHEAD * workers - len(order)))
+                drawn = [pool.submit(work, item) for item in islice(source, free)]
+                exhausted = exhausted or len(drawn) < free
+                order.extend(drawn)
+                running.update(drawn)
+                while order and order[0].done():
+                    yield order.popleft().result()
+                if order:
+                    wait(running | {order[0]}, return_when=FIRST_COMPLETED)
+                elif exhausted:
                     return
-                yield pending.popleft().result()
         finally:
-            for future in pending:
+            for future in order:
                 future.cancel()

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from ftaudit import parallel
 from ftaudit.parallel import (
     PARALLEL_MAX_DIM,
     in_order,
@@ -37,11 +38,24 @@ def test_results_come_in_input_order_with_a_bounded_number_in_hand():
 
     seen = []
     for result in in_order(items(), work, workers=3):
-        # Items drawn but not yet handed back: at most the three being worked on.
-        assert len(drawn) - len(seen) <= 3
+        # Items drawn but not yet handed back: those being worked on and finished ones awaiting their turn.
+        assert len(drawn) - len(seen) <= parallel.AHEAD * 3
         seen.append(result)
     assert seen == [i * i for i in range(12)]
     assert peak[0] == 3
+
+
+def test_a_slow_item_does_not_hold_up_the_items_after_it():
+    third_started = threading.Event()
+
+    def work(i: int) -> int:
+        if i == 3:
+            third_started.set()
+        if i == 0:  # finishes only once item 3 has been drawn and started on the other worker
+            assert third_started.wait(timeout=10), "item 3 waited for item 0"
+        return i
+
+    assert list(in_order(range(6), work, workers=2)) == list(range(6))
 
 
 def test_an_error_in_one_item_is_raised_in_its_turn():

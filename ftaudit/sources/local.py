@@ -40,11 +40,12 @@ class LocalStorage:
         except FileNotFoundError:
             raise NotFoundError(f"{self.label}: no file {name}") from None
 
-    def read(self, name: str, start: int, length: int) -> bytes:
+    def read(self, name: str, start: int, length: int) -> bytearray:
+        data = bytearray(length)
         with open(self._path(name), "rb") as f:
             f.seek(start)
-            data = f.read(length)
-        if len(data) != length:
+            got = f.readinto(data)
+        if got != length:
             raise InvalidWeightsError(f"{self.label}/{name}: file ends before byte {start + length}")
         return data
 

@@ -23,8 +23,9 @@ class Storage(Protocol):
         """Size of a file in bytes."""
         ...
 
-    def read(self, name: str, start: int, length: int) -> bytes:
-        """Exactly `length` bytes from offset `start`, or an ftaudit error."""
+    def read(self, name: str, start: int, length: int) -> bytes | bytearray:
+        """Exactly `length` bytes from offset `start`, or an ftaudit error; a bytearray where the
+        bytes could be read straight into one, so that a tensor can use them without a copy."""
         ...
 
     def read_text(self, name: str) -> str | None:
