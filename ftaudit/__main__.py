@@ -1,3 +1,3 @@
-from ftaudit.cli import main
+from ftaudit.cli import run
 
-main()
+run()

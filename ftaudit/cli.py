@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -87,6 +88,30 @@ def _progress_bar(label: str) -> tuple[Progress | None, Callable[[], None]]:
 def main() -> None:
     """Audit what fine-tuning did to a base model: intruder dimensions and forgetting risk."""
     memory.return_large_blocks()
+
+
+def run() -> None:
+    """The `ftaudit` command: `main`, then an exit that skips the interpreter's teardown.
+
+    Once the output is flushed nothing is left to do, and unloading torch's modules takes a
+    quarter of a second, a tenth of a small audit.
+    """
+    try:
+        main()
+        code: int | str | None = 0
+    except SystemExit as e:
+        code = e.code
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that has gone, such as `| head`
+            pass
+    os._exit(code)
 
 
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]

@@ -174,6 +174,16 @@ def test_console_script_runs_as_a_process(pair):
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == ""
 
 
+def test_the_process_flushes_its_output_and_keeps_the_exit_codes(pair, tmp_path):
+    in_process = run("check", pair["lora"])
+    proc = subprocess.run([sys.executable, "-m", "ftaudit", "check", str(pair["lora"])],
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (in_process[0], in_process[1]) and "intruder" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "ftaudit", "check", str(tmp_path / "absent")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_same_inputs_give_the_same_report(pair, tmp_path):
     first, second = tmp_path / "1.json", tmp_path / "2.json"
     assert run("check", pair["lora"], "--json", first)[0] == 1
