@@ -4,7 +4,9 @@ Entries are keyed by a hash of the base tensor's stored bytes (with its dtype, s
 algorithm version), so the same base weights hit the cache whether they come from a Hub commit
 or a local folder, and changed weights can never hit a stale entry. Each entry is a safetensors
 file written atomically (temporary file + rename) with a checksum of its payload, verified on
-read; a corrupt entry is recomputed. The directory is size-capped, least recently used out first.
+read; a corrupt entry is recomputed. The directory is size-capped: entries of earlier audits go
+least recently used first; an audit never evicts its own, and keeps those that fit when they alone
+exceed the cap (so that repeated audits of a base larger than the cap still hit most entries).
 A cache that cannot be written is skipped with one warning: the audit goes on without it.
 """
 
@@ -74,6 +76,10 @@ class SpectrumCache:
         self.hits = 0
         self.misses = 0
         self._disabled = False
+        self._full = False
+        self._used: set[Path] = set()
+        """Entries this audit has read or written: never evicted by it, so an audit larger than the
+        cap keeps what fits instead of evicting its own entries in a cycle that no later audit could hit."""
         self._lock = threading.Lock()  # audits analyse several pairs at once on CPU threads
 
     def get_or_compute(self, key: str, compute: Callable[[], Spectrum]) -> Spectrum:
@@ -115,10 +121,12 @@ class SpectrumCache:
             os.utime(path)
         except OSError:
             pass
+        with self._lock:
+            self._used.add(path)
         return spectrum
 
     def _write(self, key: str, spectrum: Spectrum) -> None:
-        if self._disabled:
+        if self._disabled or self._full:
             return
         path = self._path(key)
         blob = save(
@@ -135,24 +143,32 @@ class SpectrumCache:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            self._evict()
+            self._used.add(path)
+            self._evict(path)
         except OSError as e:
             self._disabled = True
             log.warning("cache %s is not writable (%s); going on without it", self.directory, e.strerror or e)
 
-    def _evict(self) -> None:
-        """Remove least recently used entries until the cache fits its cap."""
-        entries = []
+    def _evict(self, written: Path) -> None:
+        """Remove least recently used entries of earlier audits until the cache fits its cap; when
+        this audit's own entries exceed it, drop the one just `written` and keep no more."""
+        entries, total = [], 0
         for p in self.directory.glob("*/*.safetensors"):
             try:
                 st = p.stat()
             except OSError:
                 continue
-            entries.append((st.st_mtime, st.st_size, p))
-        total = sum(size for _, size, _ in entries)
+            total += st.st_size
+            if p not in self._used:
+                entries.append((st.st_mtime, st.st_size, p))
         for _, size, p in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
                 break
             p.unlink(missing_ok=True)
             total -= size
-
+        if total > self.max_bytes:
+            written.unlink(missing_ok=True)
+            self._used.discard(written)
+            self._full = True
+            log.warning("cache %s is full (cap %.1f GiB): this audit's further base spectra are not kept; "
+                        "raise --cache-size to keep them all", self.directory, self.max_bytes / 1024**3)

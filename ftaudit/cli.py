@@ -20,7 +20,7 @@ import click
 
 from ftaudit import __version__, cardfile, memory, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
-from ftaudit.cache import SpectrumCache, default_dir
+from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
 from ftaudit.check import Target, check
 from ftaudit.errors import FtauditError
 from ftaudit.files import write_text
@@ -32,6 +32,7 @@ from ftaudit.report import Report
 from ftaudit.secrets import Redactor
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+GIB = 1024**3
 T = TypeVar("T")
 
 
@@ -147,6 +148,10 @@ _model_options = _options(
 )
 _run_options = _options(
     click.option("--no-cache", is_flag=True, help="Neither read nor write the base-spectrum cache."),
+    click.option("--cache-size", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_BYTES / GIB,
+                 show_default=True, envvar="FTAUDIT_CACHE_SIZE", metavar="GIB",
+                 help="Cap on the base-spectrum cache in GiB, least recently used out first "
+                 "(a 7B base's spectra take about 21 GiB). Also FTAUDIT_CACHE_SIZE."),
     click.option("--quiet", is_flag=True, help="Print only errors."),
     click.option("--debug", is_flag=True, help="Show tracebacks and request retries."),
 )
@@ -166,7 +171,7 @@ class _Setup:
 def _setup(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
-    allow_pickle: bool, policy_path: Path | None, no_cache: bool, debug: bool,
+    allow_pickle: bool, policy_path: Path | None, no_cache: bool, cache_size: float, debug: bool,
 ) -> _Setup:
     redactor = Redactor.for_token(token)
     _setup_logging(debug, redactor)
@@ -178,7 +183,7 @@ def _setup(
         selection=Selection.from_options(include, exclude),
     )
     target = Target(model, base, revision, base_revision, token, allow_pickle)
-    cache = None if no_cache else SpectrumCache(default_dir())
+    cache = None if no_cache else SpectrumCache(default_dir(), max_bytes=int(cache_size * GIB))
     return _Setup(redactor, policy, options, target, cache)
 
 
@@ -207,11 +212,11 @@ def check_command(
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
     allow_pickle: bool, policy_path: Path | None, json_path: Path | None, fmt: str, card_path: Path | None,
     badge_path: Path | None, badge_json_path: Path | None, heatmap_path: Path | None, push: bool, push_mode: str,
-    no_cache: bool, quiet: bool, debug: bool,
+    no_cache: bool, cache_size: float, quiet: bool, debug: bool,
 ) -> None:
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
-                   policy_path, no_cache, debug)
+                   policy_path, no_cache, cache_size, debug)
     redactor = setup.redactor
     progress, close = _progress_bar("Auditing") if not quiet else (None, lambda: None)
     try:
@@ -267,14 +272,14 @@ def fix_command(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
     allow_pickle: bool, policy_path: Path | None, out: Path, lam: float, only_top: int | None, merge: bool,
-    json_path: Path | None, card_path: Path | None, no_cache: bool, quiet: bool, debug: bool,
+    json_path: Path | None, card_path: Path | None, no_cache: bool, cache_size: float, quiet: bool, debug: bool,
 ) -> None:
     """Scale down MODEL's intruder dimensions and write the patched model to --out, then audit it.
 
     Exit code: that of `ftaudit check` on the output (0 pass or warn, 1 fail), 2 when nothing was written.
     """
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
-                   policy_path, no_cache, debug)
+                   policy_path, no_cache, cache_size, debug)
     redactor = setup.redactor
     phases, close = _phase_bars() if not quiet else (None, lambda: None)
     fix_options = FixOptions(lam=lam, only_top=only_top, merge=merge)

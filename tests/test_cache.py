@@ -146,19 +146,48 @@ def test_a_filesystem_that_fills_up_keeps_the_complete_entries_only(models, tmp_
     assert code == uncached[0] and report["matrices"] == uncached[2]["matrices"] and len(entries(kept)) == 14
 
 
-def test_size_cap_evicts_least_recently_used(tmp_path):
-    g = torch.Generator().manual_seed(0)
+def _entry_size(tmp_path: Path) -> int:
     probe = SpectrumCache(tmp_path / "probe")
     probe.get_or_compute("probe", lambda: base_basis(torch.randn(64, 128, dtype=torch.float64)))
-    entry_size = entries(tmp_path / "probe")[0].stat().st_size
-    cache = SpectrumCache(tmp_path / "capped", max_bytes=3 * entry_size)
+    return entries(tmp_path / "probe")[0].stat().st_size
+
+
+def _bases(count: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(64, 128, generator=g) for _ in range(count)]
+
+
+def test_size_cap_evicts_the_least_recently_used_entries_of_earlier_audits(tmp_path):
+    cap = 3 * _entry_size(tmp_path)
     keys = []
-    for i in range(5):
-        w = torch.randn(64, 128, generator=g)
+    for w in _bases(5):  # five audits of one base matrix each
         keys.append(tensor_key(w))
-        cache.get_or_compute(keys[-1], lambda w=w: base_basis(w.double()))
-    stored = {p.stem for p in entries(tmp_path / "capped")}
-    assert stored == set(keys[2:])
+        SpectrumCache(tmp_path / "capped", max_bytes=cap).get_or_compute(keys[-1], lambda w=w: base_basis(w.double()))
+    assert {p.stem for p in entries(tmp_path / "capped")} == set(keys[2:])
+
+
+def test_an_audit_larger_than_the_cap_keeps_what_fits_and_the_next_one_hits_it(tmp_path, caplog):
+    cap, bases = 3 * _entry_size(tmp_path), _bases(5)
+    for run in range(2):
+        cache = SpectrumCache(tmp_path / "capped", max_bytes=cap)
+        for w in bases:
+            cache.get_or_compute(tensor_key(w), lambda w=w: base_basis(w.double()))
+        assert {p.stem for p in entries(tmp_path / "capped")} == {tensor_key(w) for w in bases[:3]}
+        # Evicting its own entries, each audit would have missed every one of them.
+        assert (cache.hits, cache.misses) == ((0, 5) if run == 0 else (3, 2))
+    assert [r.message.count("is full") for r in caplog.records] == [1, 1]
+
+
+def test_the_cap_is_set_on_the_command_line_or_in_the_environment(models, monkeypatch):
+    cache_dir = Path(os.environ["FTAUDIT_CACHE"])
+    code, _, _ = audit(models["a"], models["base"], "--cache-size", 1e-9)  # about one byte: nothing is kept
+    assert code == 1 and entries(cache_dir) == []
+    monkeypatch.setenv("FTAUDIT_CACHE_SIZE", "1")
+    code, _, _ = audit(models["a"], models["base"])
+    assert code == 1 and len(entries(cache_dir)) == 14
+    for bad in ("0", "-2", "lots"):
+        result = CliRunner().invoke(main, ["check", str(models["a"]), "--base", str(models["base"]), "--cache-size", bad])
+        assert result.exit_code == 2 and "--cache-size" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_keys_follow_the_stored_bytes_not_the_name():
