@@ -1,0 +1,209 @@
+"""A Llama-2-7B-shaped audit on a GPU, against the disk's read rate and a decomposition ceiling.
+
+Usage: python bench/gpu.py [--layers 32] [--hidden 4096] [--mlp 11008] [--vocab 32000] [--device cuda]
+
+Makes, on the device, a BF16 base with Llama's shapes and a tuned copy with a rank-16 update on every
+attention and MLP matrix, one safetensors shard per layer (bench/.work/gpu-LAYERSxHIDDEN). Then measures,
+each audit as its own process and with both models' pages evicted from the page cache first, so that
+the weights come from the disk:
+
+- the disk's read rate: both models read once, in 64 MiB pieces;
+- the ceiling: what the device takes for the kernels an audit cannot avoid, timed on one matrix of
+  each shape and multiplied by the count: float64 Gram and eigh of the base (and U = W·V·Σ⁻¹ for a
+  tall one), float32 Gram and eigh of the tuned matrix (the start of its top-k), float64 Gram and
+  eigvalsh of ΔW; warm, without the base's share;
+- ftaudit cold (empty cache) and warm (the base's spectra cached).
+
+Prints the table and writes docs/benchmarks-gpu.md. `--device cpu` with small sizes checks the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from run import ROOT, WORK, measure
+
+RANK = 16
+PIECE = 64 * 2**20
+
+
+def make_pair(folder: Path, layers: int, hidden: int, mlp: int, vocab: int, device: torch.device) -> tuple[Path, Path]:
+    """The base and tuned model folders, made once: sharded BF16 safetensors with an index."""
+    base_dir, tuned_dir = folder / "base", folder / "tuned"
+    if (tuned_dir / "model.safetensors.index.json").exists():
+        return base_dir, tuned_dir
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
+    g = torch.Generator(device=device).manual_seed(0)
+    maps: dict[Path, dict[str, str]] = {base_dir: {}, tuned_dir: {}}
+    for d in maps:
+        d.mkdir(parents=True, exist_ok=True)
+    for shard in range(layers + 1):
+        file = f"model-{shard:05d}.safetensors"
+        base: dict[str, torch.Tensor] = {}
+        tuned: dict[str, torch.Tensor] = {}
+        if shard == layers:
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                base[name] = tuned[name] = (torch.randn(vocab, hidden, generator=g, device=device) * 0.02).bfloat16().cpu()
+        else:
+            for module, (rows, cols) in shapes.items():
+                name = f"model.layers.{shard}.{module}.weight"
+                w = torch.randn(rows, cols, generator=g, device=device) / cols**0.5
+                delta = torch.randn(rows, RANK, generator=g, device=device) @ torch.randn(RANK, cols, generator=g, device=device)
+                base[name] = w.bfloat16().cpu()
+                tuned[name] = (w + delta * (0.02 / cols**0.5)).bfloat16().cpu()
+        for d, tensors in ((base_dir, base), (tuned_dir, tuned)):
+            save_file(tensors, d / file)
+            maps[d].update(dict.fromkeys(tensors, file))
+    for d, weight_map in maps.items():
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return base_dir, tuned_dir
+
+
+def weight_files(*folders: Path) -> list[Path]:
+    return sorted(p for d in folders for p in d.glob("*.safetensors"))
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache, so the next read comes from the disk."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_read(files: list[Path]) -> tuple[float, int]:
+    """Seconds to read the files from the disk, and their bytes."""
+    evict(files)
+    buffer = bytearray(PIECE)
+    start, total = time.perf_counter(), 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+    return time.perf_counter() - start, total
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of fn() on the device, after one untimed call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def ceiling(layers: int, hidden: int, mlp: int, device: torch.device) -> tuple[float, float, dict[str, float]]:
+    """Seconds the unavoidable kernels take, cold and warm, and each kernel's time per matrix shape."""
+    counts = {(hidden, hidden): 4 * layers, (mlp, hidden): 2 * layers, (hidden, mlp): layers}
+    cold = warm = 0.0
+    kernels: dict[str, float] = {}
+    for (rows, cols), count in counts.items():
+        w = torch.randn(rows, cols, device=device, dtype=torch.float64) / cols**0.5
+        small = (lambda a: a @ a.mT) if rows <= cols else (lambda a: a.mT @ a)
+        g64, g32 = small(w), small(w.float())
+        vectors = torch.linalg.eigh(g64).eigenvectors
+        shared = {
+            "float32 Gram": timed(lambda: small(w.float()), device),
+            "float32 eigh": timed(lambda: torch.linalg.eigh(g32), device),
+            "float64 Gram": timed(lambda: small(w), device),
+            "float64 eigvalsh": timed(lambda: torch.linalg.eigvalsh(g64), device),
+        }
+        base = {"base float64 eigh": timed(lambda: torch.linalg.eigh(g64), device)}  # its Gram costs ΔW's
+        if rows > cols:
+            base["base U = W·V·Σ⁻¹"] = timed(lambda: w @ vectors, device)
+        for name, seconds in {**shared, **base}.items():
+            kernels[f"{name}, {rows}×{cols}"] = seconds
+        warm += count * sum(shared.values())
+        cold += count * (sum(shared.values()) + shared["float64 Gram"] + sum(base.values()))
+    return cold, warm, kernels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--mlp", type=int, default=11008)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run on a GPU machine, or pass --device cpu with small sizes")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    folder = WORK / f"gpu-{args.layers}x{args.hidden}"
+    start = time.perf_counter()
+    base_dir, tuned_dir = make_pair(folder, args.layers, args.hidden, args.mlp, args.vocab, device)
+    print(f"inputs ready in {time.perf_counter() - start:.0f} s", flush=True)
+    files = weight_files(base_dir, tuned_dir)
+    read_s, read_bytes = disk_read(files)
+    gigabytes = read_bytes / 1e9
+    print(f"disk: {gigabytes:.1f} GB in {read_s:.1f} s", flush=True)
+    cold_ceiling, warm_ceiling, kernels = ceiling(args.layers, args.hidden, args.mlp, device)
+    print(f"ceiling: cold {cold_ceiling:.1f} s, warm {warm_ceiling:.1f} s", flush=True)
+    cache = folder / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "FTAUDIT_CACHE": str(cache), "FTAUDIT_CACHE_SIZE": "64", "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "ftaudit", "check", str(tuned_dir), "--base", str(base_dir),
+            "--device", args.device, "--quiet"]
+    runs = {}
+    for label in ("cold", "warm"):
+        evict(files)
+        runs[label] = measure(argv, env)
+        print(f"ftaudit {label}: {runs[label][0]:.1f} s", flush=True)
+    write(name, args, gigabytes, read_s, cold_ceiling, warm_ceiling, kernels, runs)
+
+
+def write(name: str, args: argparse.Namespace, gigabytes: float, read_s: float, cold_ceiling: float,
+          warm_ceiling: float, kernels: dict[str, float], runs: dict[str, tuple[float, int]]) -> None:
+    bounds = {"cold": (cold_ceiling, max(read_s, cold_ceiling)), "warm": (warm_ceiling, max(read_s, warm_ceiling))}
+    lines = [
+        "# GPU benchmark",
+        "",
+        f"Written by `python bench/gpu.py` on {time.strftime('%Y-%m-%d')}: {name}, torch {torch.__version__}. "
+        f"Input: a BF16 pair with Llama's shapes, {args.layers} layers, hidden {args.hidden}, MLP {args.mlp}, "
+        f"vocabulary {args.vocab}, a rank-{RANK} update on each of its {7 * args.layers} matrices. Each audit is "
+        "one whole process with both models evicted from the page cache first. The lower bound is the larger "
+        "of the disk's read time and the ceiling (reading and decomposing overlap).",
+        "",
+        f"Disk: both models, {gigabytes:.1f} GB, read in {read_s:.1f} s: {gigabytes / read_s:.2f} GB/s.",
+        "",
+        "| audit | wall (s) | achieved GB/s | decomposition ceiling (s) | lower bound (s) | wall / bound | peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, (wall, rss) in runs.items():
+        ceiling_s, bound = bounds[label]
+        lines.append(f"| ftaudit {label} | {wall:.1f} | {gigabytes / wall:.2f} | {ceiling_s:.1f} | {bound:.1f} | "
+                     f"{wall / bound:.2f} | {rss / 2**20:.0f} |")
+    lines += ["", "Kernel times per matrix (median of 3) that make up the ceiling (cold also counts the base's float64 "
+              "Gram, which costs what ΔW's does):", "",
+              "| kernel | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in kernels.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (ROOT / "docs" / "benchmarks-gpu.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
