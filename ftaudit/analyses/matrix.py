@@ -52,6 +52,7 @@ def analyse_pair(
     floor = rounding_noise_floor(sums, storage_eps(*dtypes)) if dtypes else 0.0
     relative = relative_update_norm(sums)
     delta_sigma = delta_spectrum(sums) if update is None else update.singular_values()
+    del sums  # ΔW's Gram matrix is as large as the base's, which is decomposed next
     if cache is None:
         base = base_basis(w0)
     else:
