@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from run import ROOT, WORK, measure
+from run import ROOT, WORK, llama_shapes, measure
 
 RANK = 16
 PIECE = 64 * 2**20
@@ -43,9 +43,7 @@ def make_pair(folder: Path, layers: int, hidden: int, mlp: int, vocab: int, devi
     base_dir, tuned_dir = folder / "base", folder / "tuned"
     if (tuned_dir / "model.safetensors.index.json").exists():
         return base_dir, tuned_dir
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
-              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
+    shapes = llama_shapes(hidden, mlp)
     g = torch.Generator(device=device).manual_seed(0)
     maps: dict[Path, dict[str, str]] = {base_dir: {}, tuned_dir: {}}
     for d in maps:

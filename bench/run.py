@@ -45,21 +45,25 @@ class Pair:
     width: int
 
 
+def llama_shapes(hidden: int, mlp: int) -> dict[str, tuple[int, int]]:
+    """The seven matrices of one Llama layer, by module path, as (rows, columns)."""
+    attention = {f"self_attn.{m}": (hidden, hidden) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    return {**attention, "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
+
+
 def synthetic(width: int, layers: int, seed: int = 0) -> Pair:
     """A Llama-shaped bf16 base and a tuned copy with a rank-16 update on every matrix."""
     folder = WORK / f"synthetic-{width}x{layers}"
     base_dir, tuned_dir = folder / "base", folder / "tuned"
     ffn = round(width * LLAMA_MLP_RATIO / 64) * 64
-    shapes = {"q_proj": (width, width), "k_proj": (width, width), "v_proj": (width, width),
-              "o_proj": (width, width), "gate_proj": (ffn, width), "up_proj": (ffn, width), "down_proj": (width, ffn)}
+    shapes = llama_shapes(width, ffn)
     largest = max(r * c for r, c in shapes.values()) * 2 * 2
     if not (tuned_dir / "model.safetensors").exists():
         g = torch.Generator().manual_seed(seed)
         base, tuned = {}, {}
         for i in range(layers):
             for module, (rows, cols) in shapes.items():
-                group = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-                name = f"model.layers.{i}.{group}.{module}.weight"
+                name = f"model.layers.{i}.{module}.weight"
                 w = torch.randn(rows, cols, generator=g) / cols**0.5
                 delta = torch.randn(rows, 16, generator=g) @ torch.randn(16, cols, generator=g) * (0.02 / cols**0.5)
                 base[name], tuned[name] = w.to(torch.bfloat16), (w + delta).to(torch.bfloat16)

@@ -39,9 +39,9 @@ def blocks(w: torch.Tensor, dim: int, minus: torch.Tensor | None = None, dtype: 
 
 def gram(w: torch.Tensor, minus: torch.Tensor | None = None, dtype: torch.dtype = F64) -> torch.Tensor:
     """The smaller Gram matrix of W (or of W − minus) in `dtype`: W·Wᵀ when m ≤ n, else WᵀW."""
-    out = _empty_gram(w, dtype)
-    for block in blocks(w, _gram_dim(w), minus, dtype):
-        _add_gram(out, block, _gram_dim(w))
+    out, dim = _empty_gram(w, dtype), _gram_dim(w)
+    for block in blocks(w, dim, minus, dtype):
+        _add_gram(out, block, dim)
     return _mirrored(out)
 
 
@@ -123,14 +123,6 @@ def pair_sums(base: torch.Tensor, tuned: torch.Tensor, with_gram: bool = True) -
         base_rows=sums[rows], base_cols=sums[cols], tuned_rows=sums[2 + rows], tuned_cols=sums[2 + cols],
         delta_square=delta_square.item(), delta_gram=None if gram_out is None else _mirrored(gram_out),
     )
-
-
-def frobenius(w: torch.Tensor, minus: torch.Tensor | None = None) -> float:
-    """‖W‖_F (or ‖W − minus‖_F), accumulated in float64."""
-    total = torch.zeros((), dtype=F64, device=w.device)
-    for block in blocks(w, 0, minus):
-        total += block.square().sum()
-    return total.sqrt().item()
 
 
 def times(w: torch.Tensor, right: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:

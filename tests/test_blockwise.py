@@ -19,7 +19,7 @@ def small_blocks(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(20, 45), (45, 20), (30, 30)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_gram_frobenius_and_products_match_the_whole_float64_computation(shape, dtype):
+def test_gram_and_products_match_the_whole_float64_computation(shape, dtype):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(*shape, generator=g).to(dtype)
     v = torch.randn(*shape, generator=g).to(dtype)
@@ -28,8 +28,6 @@ def test_gram_frobenius_and_products_match_the_whole_float64_computation(shape, 
     assert blockwise.gram(w, v).dtype == torch.float64
     assert torch.equal(blockwise.gram(w, v), blockwise.gram(w, v).mT)
     assert torch.allclose(blockwise.gram(w, v), small, rtol=1e-13, atol=1e-12)
-    assert blockwise.frobenius(w, v) == pytest.approx(torch.linalg.matrix_norm(delta).item(), rel=1e-13)
-    assert blockwise.frobenius(w) == pytest.approx(torch.linalg.matrix_norm(w64).item(), rel=1e-13)
     right = torch.randn(shape[1], 3, dtype=torch.float64, generator=g)
     product = blockwise.times(w, right, torch.float32)
     assert product.dtype == torch.float32
@@ -46,7 +44,7 @@ def test_a_float64_input_is_never_written_to():
     w = torch.randn(12, 9, dtype=torch.float64)
     v = torch.randn(12, 9, dtype=torch.float64)
     kept = w.clone(), v.clone()
-    blockwise.gram(w, v), blockwise.frobenius(w, v), blockwise.gram_times(w, torch.eye(12, dtype=torch.float64))
+    blockwise.gram(w, v), blockwise.pair_sums(v, w), blockwise.gram_times(w, torch.eye(12, dtype=torch.float64))
     assert torch.equal(w, kept[0]) and torch.equal(v, kept[1])
 
 
