@@ -12,7 +12,7 @@ import torch
 
 from ftaudit import __version__
 from ftaudit.analyses.indicators import row_norm_drift
-from ftaudit.analyses.matrix import analyse_pair
+from ftaudit.analyses.matrix import StoredPair, analyse_pair
 from ftaudit.cache import SpectrumCache
 from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import VOCAB_KINDS, Selection, TensorPair, pair_tensors
@@ -84,11 +84,11 @@ def run_audit(
     scale_only = len(pairing.scale_only)
 
     def analyse(item: tuple[int, Loaded]) -> tuple[int, TensorPair, dict[str, float | None] | None, MatrixResult | None]:
-        i, (pair, w0, wt, update) = item
-        head = row_norm_drift(w0.to(device), wt.to(device)) if pair.kind in VOCAB_KINDS else None
+        i, (pair, stored, update) = item
+        head = row_norm_drift(stored.base.to(device), stored.tuned.to(device)) if pair.kind in VOCAB_KINDS else None
         if i < scale_only:
             return i, pair, head, None
-        return i, pair, head, analyse_pair(pair, w0, wt, options.k, options.epsilon, device, cache, update)
+        return i, pair, head, analyse_pair(pair, stored, options.k, options.epsilon, device, cache, update)
 
     workers = worker_count(device, [pair.shape for pair in pairing.pairs])
     stream = enumerate(_stream(todo, base_side, tuned_side, updates, pin=device.type == "cuda"))
@@ -122,7 +122,7 @@ def run_audit(
     )
 
 
-Loaded = tuple[TensorPair, torch.Tensor, torch.Tensor, LowRankUpdate | None]
+Loaded = tuple[TensorPair, StoredPair, LowRankUpdate | None]
 """A pair with its base and tuned tensors as stored, and the tuned side's known low-rank ΔW if any."""
 
 
@@ -133,21 +133,22 @@ def _stream(pairs: Sequence[TensorPair], base: Tensors, tuned: Tensors, updates:
     the copies to the GPU run asynchronously to the host.
     """
 
-    def load(pair: TensorPair) -> tuple[torch.Tensor, torch.Tensor, LowRankUpdate | None]:
+    def load(pair: TensorPair) -> Loaded:
         w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
         if pin:
             w0, wt = w0.pin_memory(), wt.pin_memory()
         update = updates(pair.tuned_name) if updates else None
         if pair.rows is None:
-            return w0, wt, update
-        return w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None
+            return pair, StoredPair(w0, wt), update
+        return pair, StoredPair(w0[: pair.rows], wt[: pair.rows]), update.rows(pair.rows) if update else None
 
     if not pairs:
         return
+    # The tensors are held only by the StoredPair yielded, never by a name here, so the analysis can free them.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftaudit-read") as pool:
         pending = pool.submit(load, pairs[0])
-        for i, pair in enumerate(pairs):
-            w0, wt, update = pending.result()
-            if i + 1 < len(pairs):
-                pending = pool.submit(load, pairs[i + 1])
-            yield pair, w0, wt, update
+        for following in [*pairs[1:], None]:
+            loaded = pending.result()
+            if following is not None:
+                pending = pool.submit(load, following)
+            yield loaded

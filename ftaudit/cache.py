@@ -25,11 +25,11 @@ from safetensors.torch import save
 
 from ftaudit.errors import InvalidWeightsError
 from ftaudit.sources import safetensors as format_
-from ftaudit.spectral import Spectrum
+from ftaudit.spectral import Basis
 
 log = logging.getLogger("ftaudit")
 
-ALGORITHM = "gram-eigh/f32-basis/2"
+ALGORITHM = "gram-eigh/f32-basis/3"
 """Changes whenever what is stored, or how it is computed, changes."""
 DEFAULT_MAX_BYTES = 20 * 1024**3
 
@@ -60,15 +60,21 @@ def _view(data: bytearray, info: format_.TensorInfo) -> torch.Tensor:
     return torch.frombuffer(data, dtype=dtype, count=count, offset=info.start).reshape(info.shape)
 
 
-def _checksum(spectrum: Spectrum) -> str:
+def _payload(basis: Basis) -> dict[str, torch.Tensor]:
+    """The tensors an entry holds: the vectors, as "V" for a basis held by its right vectors, else "U", and "S"."""
+    return {"V" if basis.right else "U": basis.vectors.cpu().contiguous(), "S": basis.S.cpu().contiguous()}
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for t in (spectrum.U, spectrum.S):
-        h.update(t.contiguous().view(torch.uint8).numpy().data)
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
 class SpectrumCache:
-    """A directory of cached base spectra."""
+    """A directory of cached base bases (`Basis`)."""
 
     def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.directory = directory
@@ -82,23 +88,23 @@ class SpectrumCache:
         cap keeps what fits instead of evicting its own entries in a cycle that no later audit could hit."""
         self._lock = threading.Lock()  # audits analyse several pairs at once on CPU threads
 
-    def get_or_compute(self, key: str, compute: Callable[[], Spectrum]) -> Spectrum:
-        """The cached spectrum for `key`, or `compute()`'s, stored for next time."""
+    def get_or_compute(self, key: str, compute: Callable[[], Basis]) -> Basis:
+        """The cached basis for `key`, or `compute()`'s, stored for next time."""
         found = self._read(key)
         with self._lock:
             self.hits += found is not None
             self.misses += found is None
         if found is not None:
             return found
-        spectrum = compute()
+        basis = compute()
         with self._lock:
-            self._write(key, spectrum)
-        return spectrum
+            self._write(key, basis)
+        return basis
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 
-    def _read(self, key: str) -> Spectrum | None:
+    def _read(self, key: str) -> Basis | None:
         path = self._path(key)
         try:
             with path.open("rb") as f:
@@ -110,8 +116,9 @@ class SpectrumCache:
             n = format_.header_length(bytes(data[:8]), len(data), path.name)
             header = format_.parse_header(bytes(data[8 : 8 + n]), len(data), path.name)
             tensors = {name: _view(data, info) for name, info in header.tensors.items()}
-            spectrum = Spectrum(tensors["U"], tensors["S"])
-            valid = _checksum(spectrum) == header.metadata.get("sha256")
+            right = "V" in tensors
+            basis = Basis(tensors["V" if right else "U"], tensors["S"], right)
+            valid = set(tensors) in ({"U", "S"}, {"V", "S"}) and _checksum(tensors) == header.metadata.get("sha256")
         except (InvalidWeightsError, KeyError):
             valid = False
         if not valid:
@@ -123,16 +130,14 @@ class SpectrumCache:
             pass
         with self._lock:
             self._used.add(path)
-        return spectrum
+        return basis
 
-    def _write(self, key: str, spectrum: Spectrum) -> None:
+    def _write(self, key: str, basis: Basis) -> None:
         if self._disabled or self._full:
             return
         path = self._path(key)
-        blob = save(
-            {"U": spectrum.U.cpu().contiguous(), "S": spectrum.S.cpu().contiguous()},
-            metadata={"sha256": _checksum(spectrum), "algorithm": ALGORITHM},
-        )
+        tensors = _payload(basis)
+        blob = save(tensors, metadata={"sha256": _checksum(tensors), "algorithm": ALGORITHM})
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

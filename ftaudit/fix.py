@@ -35,7 +35,7 @@ from ftaudit.sources.adapters import AdaptedTensors
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 from ftaudit.sources.storage import Storage
-from ftaudit.spectral import Spectrum, base_basis, resolve_device, upcast
+from ftaudit.spectral import Basis, base_basis, resolve_device, upcast
 from ftaudit.writer import ModelFolder, Replace, check_destination
 
 log = logging.getLogger("ftaudit")
@@ -286,14 +286,13 @@ class _Patcher:
         w = upcast(self.tuned.load(pair.tuned_name)[: pair.rows], self.device)
         if not (torch.isfinite(w0).all() and torch.isfinite(w).all()):
             return None
-        found = find_directions(self._basis(raw_w0, w0), w, self.options.k, self.options.epsilon, self.only_top)
+        found = find_directions(self._basis(raw_w0, w0), w0, w, self.options.k, self.options.epsilon, self.only_top)
         return (w, found) if found.index else None
 
-    def _basis(self, raw_w0: torch.Tensor, w0: torch.Tensor) -> Spectrum:
+    def _basis(self, raw_w0: torch.Tensor, w0: torch.Tensor) -> Basis:
         if self.cache is None:
             return base_basis(w0)
-        cached = self.cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
-        return Spectrum(cached.U.to(self.device), cached.S.to(self.device))
+        return self.cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0)).to(self.device)
 
     def _record(self, pair: TensorPair, found: Directions, tensors: list[str], error: float | None = None) -> None:
         self.changes.append(MatrixChange(

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from ftaudit import blockwise
-from ftaudit.spectral import Spectrum, left_spectrum, refine_top_left, top_left
+from ftaudit.spectral import Basis, Spectrum, left_spectrum, refine_top_left, top_left
 
 FACTOR_ROUTE_MIN = 512
 """Below this many rows or columns a float32 start on the tuned matrix (`top_left`) is cheaper than
 the factor route's fixed cost of SEARCH_STEPS small batched solves."""
+OUTSIDE_FLOOR = 1e-4
+"""Part of C, relative to ‖C‖₂, below which a direction found outside a tall base's column space is
+rounding of its basis (float32 U, or V with U = W·V·Σ⁻¹: at most κ·6e-8 ≤ 6e-5), not the update's."""
 SECTIONS = 8
 """Each search step splits every eigenvalue's interval into this many parts (multisection)."""
 SEARCH_STEPS = 16
@@ -50,7 +53,7 @@ class LowRankUpdate:
         return torch.cat([values, values.new_zeros(max(size - values.numel(), 0))])[:size]
 
 
-def top_left_updated(base: Spectrum, w0: torch.Tensor, wt: torch.Tensor, update: LowRankUpdate, k: int) -> Spectrum:
+def top_left_updated(base: Basis, w0: torch.Tensor, wt: torch.Tensor, update: LowRankUpdate, k: int) -> Spectrum:
     """The top-k left singular pairs of wt = w0 + update, from the base's spectrum and the factors.
 
     `base` is the base's full left basis (as from `base_basis`); `wt` serves only to refine and
@@ -71,19 +74,21 @@ def top_left_updated(base: Spectrum, w0: torch.Tensor, wt: torch.Tensor, update:
     return Spectrum(full.U[:, :k], full.S[:k])
 
 
-def _secular_vectors(base: Spectrum, w0: torch.Tensor, update: LowRankUpdate, count: int) -> torch.Tensor | None:
+def _secular_vectors(base: Basis, w0: torch.Tensor, update: LowRankUpdate, count: int) -> torch.Tensor | None:
     """The top `count` eigenvectors of G = (w0 + L·R)(w0 + L·R)ᵀ, as columns; None if not finite."""
-    u0 = base.U.to(torch.float64)
     left, right = update.left, update.right
     r = right.shape[0]
     c = torch.cat([left, blockwise.times(w0, right.mT)], 1)
-    c_hat = u0.mT @ c
+    c_hat = base.transposed_times(w0, c)
     d = base.S.to(torch.float64).square()
-    basis = [u0]
-    if u0.shape[0] > u0.shape[1]:  # tall: the update may leave the base's column space
-        outside = c - u0 @ c_hat
-        outside = torch.linalg.qr(outside - u0 @ (u0.mT @ outside)).Q
-        basis.append(outside)
+    outside = None
+    if w0.shape[0] > base.rank:  # tall: the update may leave the base's column space
+        outside = c - base.times(w0, c_hat)
+        outside = outside - base.times(w0, base.transposed_times(w0, outside))
+        # What the projections leave of C's part inside the column space is rounding of the basis,
+        # at most OUTSIDE_FLOOR of C: kept as a direction, it would enter D with value 0.
+        directions, sizes, _ = torch.linalg.svd(outside, full_matrices=False)
+        outside = directions[:, sizes > OUTSIDE_FLOOR * torch.linalg.matrix_norm(c, 2)]
         c_hat = torch.cat([c_hat, outside.mT @ c])
         d = torch.cat([d, d.new_zeros(outside.shape[1])])
     eye, zero = torch.eye(r, dtype=c.dtype, device=c.device), torch.zeros(r, r, dtype=c.dtype, device=c.device)
@@ -111,6 +116,8 @@ def _secular_vectors(base: Spectrum, w0: torch.Tensor, update: LowRankUpdate, co
     theta = (low + high) / 2
     values, vectors = torch.linalg.eigh(secular(theta))
     null = vectors[torch.arange(count), :, values.abs().argmin(1)]
-    coords = (null @ c_hat.mT) / (theta[:, None] - d[None, :])
-    x = torch.cat(basis, 1) @ coords.mT
+    coords = ((null @ c_hat.mT) / (theta[:, None] - d[None, :])).mT
+    x = base.times(w0, coords[: base.rank])
+    if outside is not None:
+        x = x + outside @ coords[base.rank :]
     return x if bool(torch.isfinite(x).all()) else None

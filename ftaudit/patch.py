@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ftaudit.analyses.intruders import intruders
-from ftaudit.spectral import Spectrum, top_left
+from ftaudit.spectral import Basis, top_left
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,15 @@ class Directions:
     max_cos: list[float]
 
 
-def find_directions(base: Spectrum, w: torch.Tensor, k: int, epsilon: float, only_top: int | None) -> Directions:
-    """The top-k singular vectors of `w` whose largest |cos| with the base's basis is under ε.
+def find_directions(
+    base: Basis, w0: torch.Tensor, w: torch.Tensor, k: int, epsilon: float, only_top: int | None
+) -> Directions:
+    """The top-k singular vectors of `w` whose largest |cos| with the basis of the base matrix w0 is under ε.
 
     `only_top` keeps only that many of them, those of largest singular value.
     """
     top = top_left(w, k)
-    found = intruders(base, top)
+    found = intruders(base, w0, top)
     index = [j for j, c in enumerate(found.max_cos) if c < epsilon][:only_top]
     return Directions(index, top.U[:, index], [found.sigma[j] for j in index], [found.max_cos[j] for j in index])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from ftaudit.cache import SpectrumCache, tensor_key
 from ftaudit.cli import main
@@ -53,6 +54,21 @@ def test_second_model_on_the_same_base_reuses_every_base_spectrum(models, tmp_pa
     assert cold["matrices"] == warm["matrices"]
     code, stderr, _ = audit(models["a"], models["base"], "--no-cache")
     assert "cache" not in stderr
+
+
+def test_a_tall_base_is_stored_as_its_smaller_right_vectors(models):
+    cache_dir = Path(os.environ["FTAUDIT_CACHE"])
+    _, _, cold = audit(models["a"], models["base"])
+    held = []
+    for path in entries(cache_dir):
+        tensors = load_file(path)
+        assert set(tensors) in ({"U", "S"}, {"V", "S"})
+        held.append(("V" if "V" in tensors else "U", tuple(tensors.get("V", tensors.get("U")).shape)))
+    # Per layer: 4 attention matrices (32 × 32) and down (32 × 48) hold U (32 × 32); gate and up
+    # (48 × 32, tall) hold V (32 × 32) instead of U (48 × 32).
+    assert sorted(held) == [("U", (32, 32))] * 10 + [("V", (32, 32))] * 4
+    _, _, warm = audit(models["a"], models["base"])
+    assert warm["matrices"] == cold["matrices"]
 
 
 def test_corrupt_entries_are_detected_and_recomputed(models):

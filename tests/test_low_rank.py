@@ -48,7 +48,7 @@ def test_matches_the_reference_without_decomposing_the_tuned_matrix(shape, scale
     update = _update(*shape, rank=8, scale=scale, seed=1)
     wt = w0 + update.left @ update.right
     base = base_basis(w0)
-    found = intruders(base, top_left_updated(base, w0, wt, update, 10))
+    found = intruders(base, w0, top_left_updated(base, w0, wt, update, 10))
     assert full_decompositions == []
     assert found.max_cos == pytest.approx(reference.max_cos(w0, wt), abs=CERTIFIED_SIN)
     assert found.sigma == pytest.approx(torch.linalg.svdvals(wt)[:10].tolist(), rel=1e-8)
@@ -70,7 +70,7 @@ def test_the_real_adapter_matches_its_merged_matrices(full_decompositions):
         update = LowRankUpdate(scaling * factors[name.replace("lora_A", "lora_B")].double(), factors[name].double())
         wt = w0 + update.left @ update.right
         base = base_basis(w0)
-        found = intruders(base, top_left_updated(base, w0, wt, update, 10))
+        found = intruders(base, w0, top_left_updated(base, w0, wt, update, 10))
         assert found.max_cos == pytest.approx(reference.max_cos(w0, wt), abs=CERTIFIED_SIN)
         checked += 1
     assert checked == 36 and full_decompositions == []

@@ -1,12 +1,21 @@
-"""Freed large blocks leave the process once `memory.return_large_blocks` has run."""
+"""Memory given back: freed large blocks leave the process, and stored tensors are freed once used."""
 
 from __future__ import annotations
 
 import ctypes
 import subprocess
 import sys
+import weakref
 
 import pytest
+import torch
+
+import ftaudit.audit as audit_module
+from ftaudit.analyses import matrix
+from ftaudit.audit import AuditOptions, run_audit
+from ftaudit.report import BaseRef, ModelRef
+from ftaudit.sources.safetensors import TensorInfo
+from tests.models import llama_like, low_rank_update
 
 ROUNDS = """
 import torch
@@ -35,3 +44,40 @@ def _kept_after_freeing(fix: bool) -> int:
 def test_freed_large_blocks_are_returned_to_the_system():
     assert _kept_after_freeing(fix=False) >= 12 * 2**20  # the behaviour this works around
     assert _kept_after_freeing(fix=True) < 4 * 2**20
+
+
+class _InMemory:
+    """A side of an audit over tensors in memory: each load is a fresh copy, tracked while it lives."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+        self.live: dict[int, str] = {}
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return {n: TensorInfo(n, "F32", tuple(t.shape), 0, t.numel() * 4) for n, t in self._tensors.items()}
+
+    def load(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name].clone()
+        self.live[id(tensor)] = name
+        weakref.finalize(tensor, self.live.pop, id(tensor))
+        return tensor
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_tuned_tensor_is_freed_before_the_base_is_decomposed(monkeypatch, workers):
+    base = llama_like(layers=3, hidden=24, ffn=40)
+    base_side, tuned_side = _InMemory(base), _InMemory(low_rank_update(base))
+    held: list[str] = []
+    decompose = matrix.base_basis
+
+    def checked(w: torch.Tensor):
+        name = base_side.live[id(w)]  # on the CPU the analysis decomposes the loaded tensor itself
+        held.extend(n for n in tuned_side.live.values() if n == name)
+        return decompose(w)
+
+    monkeypatch.setattr(matrix, "base_basis", checked)
+    monkeypatch.setattr(audit_module, "worker_count", lambda device, shapes: workers)
+    report = run_audit(ModelRef("tuned", None), BaseRef("base", None, "cli"), tuned_side, base_side, AuditOptions(device="cpu"))
+    assert len(report.matrices) == 21 and report.summary.intruder_dimensions > 0
+    assert held == []

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ftaudit.analyses.intruders import intruders
 from ftaudit import blockwise, spectral
-from ftaudit.spectral import CERTIFIED_SIN, base_basis, left_spectrum, refine_top_left, top_left
+from ftaudit.spectral import CERTIFIED_SIN, Basis, base_basis, left_spectrum, refine_top_left, top_left
 from tests import reference
 
 
@@ -81,7 +81,7 @@ def test_intruders_match_the_reference(shape):
     g = torch.Generator().manual_seed(5)
     w0 = torch.randn(*shape, dtype=torch.float64, generator=g)
     wt = w0 + 4 * torch.randn(shape[0], 2, dtype=torch.float64, generator=g) @ torch.randn(2, shape[1], dtype=torch.float64, generator=g)
-    found = intruders(left_spectrum(w0), top_left(wt, 10))
+    found = intruders(base_basis(w0), w0, top_left(wt, 10))
     assert found.max_cos == pytest.approx(reference.max_cos(w0, wt), abs=CERTIFIED_SIN)
     assert found.sigma == pytest.approx(torch.linalg.svdvals(wt)[:10].tolist(), rel=1e-8)
 
@@ -117,7 +117,7 @@ def test_tied_singular_values_fall_back_to_the_full_decomposition(full_decomposi
 
 def test_identical_matrices_have_no_intruders():
     w = torch.randn(30, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    found = intruders(left_spectrum(w), top_left(w, 10))
+    found = intruders(exact(w), w, top_left(w, 10))
     assert found.max_cos == pytest.approx([1.0] * 10, abs=1e-9)
     assert found.count(0.99) == 0
     assert found.match == list(range(10))
@@ -130,7 +130,7 @@ def test_a_direction_spread_over_base_directions_is_an_intruder():
     # Add a dominant direction spread evenly over all e_i: |cos| with each is 1/sqrt(d) = 0.25.
     u = torch.full((d,), 1 / math.sqrt(d), dtype=torch.float64)
     wt = w0 + 1000 * torch.outer(u, u)
-    found = intruders(left_spectrum(w0), top_left(wt, 3))
+    found = intruders(exact(w0), w0, top_left(wt, 3))
     assert found.max_cos[0] == pytest.approx(0.25, abs=1e-3)
     assert found.max_cos == pytest.approx(reference.max_cos(w0, wt, 3), abs=1e-9)
     assert found.count(0.5) == 1 and found.count(0.2) == 0
@@ -143,16 +143,22 @@ def test_tall_matrix_reports_energy_outside_the_base_column_space():
     w0[:4, :4] = torch.eye(4)
     wt = w0.clone()
     wt[7, 0] = 5.0
-    found = intruders(left_spectrum(w0), top_left(wt, 1))
+    found = intruders(exact(w0), w0, top_left(wt, 1))
     assert found.outside_span[0] == pytest.approx(1 - 1 / 26, abs=1e-9)
     assert found.max_cos[0] == pytest.approx(1 / math.sqrt(26), abs=1e-9)
 
 
 def test_zero_matrices_give_defined_values():
     z = torch.zeros(6, 9, dtype=torch.float64)
-    found = intruders(left_spectrum(z), top_left(z, 4))
+    found = intruders(exact(z), z, top_left(z, 4))
     assert all(math.isfinite(c) for c in found.max_cos)
     assert found.sigma == [0.0] * 4
+
+
+def exact(w: torch.Tensor) -> Basis:
+    """The base's basis as explicit float64 vectors, for testing the intruder kernel alone."""
+    full = left_spectrum(w)
+    return Basis(full.U, full.S)
 
 
 @pytest.mark.parametrize("shape", [(40, 100), (100, 40)])
@@ -160,6 +166,30 @@ def test_a_stored_matrix_is_decomposed_as_its_float64_value(monkeypatch, shape):
     monkeypatch.setattr(blockwise, "BLOCK", 16)  # several blocks and a ragged last one
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     stored, upcast = base_basis(w), left_spectrum(w.double())
-    assert stored.U.dtype == torch.float32 and stored.U.shape == upcast.U.shape
+    assert stored.vectors.dtype == torch.float32 and stored.vectors.shape == (40, 40)
+    assert stored.right == (shape[0] > shape[1])  # tall: held as V (40 × 40), not U (100 × 40)
     assert torch.allclose(stored.S, upcast.S, rtol=1e-12)
-    assert torch.allclose((stored.U.double() * upcast.U).sum(0).abs(), torch.ones(40, dtype=torch.float64), atol=1e-6)
+    U = stored.top(w, 40)
+    assert U.dtype == torch.float64 and U.shape == upcast.U.shape
+    assert torch.allclose((U * upcast.U).sum(0).abs(), torch.ones(40, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("condition", [10.0, 900.0, 5e3])
+def test_a_tall_basis_is_held_by_its_right_vectors_while_well_conditioned(monkeypatch, condition):
+    monkeypatch.setattr(spectral, "BASIS_BLOCK", 16)  # several blocks and a ragged last one
+    g = torch.Generator().manual_seed(3)
+    left = torch.linalg.qr(torch.randn(120, 40, dtype=torch.float64, generator=g)).Q
+    right = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=g)).Q
+    sigma = torch.logspace(0, -math.log10(condition), 40, dtype=torch.float64)
+    w = (left * sigma) @ right.mT
+    basis = base_basis(w)
+    assert basis.right == (condition <= spectral.RIGHT_MAX_CONDITION)
+    assert basis.vectors.shape == ((40, 40) if basis.right else (120, 40))
+    x, y = torch.randn(120, 3, dtype=torch.float64, generator=g), torch.randn(40, 3, dtype=torch.float64, generator=g)
+    # Same signs as `left`, so the products can be compared with the exact basis's directly.
+    signs = torch.sign((basis.top(w, 40) * left).sum(0))
+    exact_left = left * signs
+    tolerance = condition * 1e-7 if basis.right else 1e-6
+    assert torch.allclose(basis.top(w, 40), exact_left, atol=tolerance)
+    assert torch.allclose(basis.transposed_times(w, x), exact_left.mT @ x, atol=tolerance * 12)
+    assert torch.allclose(basis.times(w, y), exact_left @ y, atol=tolerance * 12)

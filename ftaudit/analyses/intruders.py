@@ -16,10 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ftaudit.spectral import Spectrum
-
-BASE_BLOCK = 1024
-"""Base vectors compared at a time."""
+from ftaudit.spectral import Basis, Spectrum
 
 
 @dataclass(frozen=True)
@@ -40,13 +37,11 @@ class IntruderResult:
         return sum(c < epsilon for c in self.max_cos)
 
 
-def intruders(base: Spectrum, tuned_top: Spectrum) -> IntruderResult:
-    """Compare the tuned top-k left singular vectors with the base's full left basis."""
-    # Base vectors in column blocks, so no full copy of the basis in the tuned side's dtype is made.
-    cos = torch.cat([block.to(tuned_top.U.dtype).mT @ tuned_top.U for block in base.U.split(BASE_BLOCK, dim=1)])
+def intruders(base: Basis, w0: torch.Tensor, tuned_top: Spectrum) -> IntruderResult:
+    """Compare the tuned top-k left singular vectors with the full left basis of the base matrix w0."""
+    cos = base.transposed_times(w0, tuned_top.U.to(torch.float64))
     best, where = cos.abs().max(dim=0)
-    rows, rank = base.U.shape
-    if rows > rank:
+    if w0.shape[0] > base.rank:
         outside = (1.0 - (cos * cos).sum(dim=0)).clamp(min=0.0).tolist()
     else:
         outside = [0.0] * cos.shape[1]  # the base vectors are a complete basis of R^m

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ftaudit.analyses.indicators import (
@@ -25,10 +27,46 @@ from ftaudit.report import MatrixResult
 from ftaudit.spectral import Spectrum, base_basis, top_left
 
 
+class StoredPair:
+    """A pair's base and tuned tensors as stored, handed over to `analyse_pair`.
+
+    The holder is the caller's only hold on the tensors, so that `analyse_pair` can let go of the
+    tuned one (`take_tuned`) once it is measured, before the base's decomposition, the step that
+    needs the most memory.
+    """
+
+    def __init__(self, base: torch.Tensor, tuned: torch.Tensor) -> None:
+        self.base = base
+        self._tuned: torch.Tensor | None = tuned
+        self.tuned_dtype = tuned.dtype
+
+    @property
+    def tuned(self) -> torch.Tensor:
+        if self._tuned is None:
+            raise RuntimeError("the tuned tensor was already taken")
+        return self._tuned
+
+    def take_tuned(self) -> torch.Tensor:
+        """The tuned tensor, which this holder no longer keeps."""
+        tuned = self.tuned
+        self._tuned = None
+        return tuned
+
+
+@dataclass(frozen=True)
+class _Update:
+    """What is measured on ΔW = tuned − base before the base's decomposition."""
+
+    relative_norm: float | None
+    sigma: torch.Tensor
+    noise_floor: float
+    tuned_top: Spectrum | None
+    """The tuned top-k, when it needs no base spectrum (no known factors)."""
+
+
 def analyse_pair(
     pair: TensorPair,
-    raw_w0: torch.Tensor,
-    raw_wt: torch.Tensor,
+    stored: StoredPair,
     k: int,
     epsilon: float,
     device: torch.device,
@@ -39,29 +77,33 @@ def analyse_pair(
 
     `update`, when the tuned side is w0 + a known low-rank ΔW (an adapter), gives the tuned top-k
     and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW. Everything is
-    computed in float64 from the stored tensors, upcast a block at a time, never whole.
+    computed in float64 from the stored tensors, upcast a block at a time, never whole. Without
+    `update`, the tuned tensor is taken from `stored` and freed before the base is decomposed.
     """
-    w0, wt = raw_w0.to(device, non_blocking=True), raw_wt.to(device, non_blocking=True)
-    update = update.to(device) if update is not None else None
-    sums = pair_sums(w0, wt, with_gram=update is None)
-    if not sums.finite:
-        return None
+    w0 = stored.base.to(device, non_blocking=True)
     # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
     # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
-    dtypes = () if raw_wt.dtype == torch.float64 else (raw_w0.dtype, raw_wt.dtype)
-    floor = rounding_noise_floor(sums, storage_eps(*dtypes)) if dtypes else 0.0
-    relative = relative_update_norm(sums)
-    delta_sigma = delta_spectrum(sums) if update is None else update.singular_values()
-    del sums  # ΔW's Gram matrix is as large as the base's, which is decomposed next
+    dtypes = () if stored.tuned_dtype == torch.float64 else (stored.base.dtype, stored.tuned_dtype)
+    if update is None:
+        measured = _measure_update(w0, stored.take_tuned().to(device, non_blocking=True), dtypes, k, None)
+    else:
+        update = update.to(device)
+        measured = _measure_update(w0, stored.tuned.to(device, non_blocking=True), dtypes, k, update)
+    if measured is None:
+        return None
     if cache is None:
         base = base_basis(w0)
     else:
-        cached = cache.get_or_compute(tensor_key(raw_w0), lambda: base_basis(w0))
-        base = Spectrum(cached.U.to(device), cached.S.to(device))
-    tuned = top_left(wt, k) if update is None else top_left_updated(base, w0, wt, update, k)
-    found = intruders(base, tuned)
+        cached = cache.get_or_compute(tensor_key(stored.base), lambda: base_basis(w0))
+        base = cached.to(device)
+    tuned = measured.tuned_top
+    if tuned is None:  # known factors: the tuned top-k comes from the base's spectrum
+        assert update is not None
+        tuned = top_left_updated(base, w0, stored.tuned.to(device, non_blocking=True), update, k)
+    delta_sigma = measured.sigma
+    found = intruders(base, w0, tuned)
     base_sigma1 = base.S[0].item()
-    drift = subspace_drift(base.U[:, :k].to(torch.float64), tuned.U, k)
+    drift = subspace_drift(base.top(w0, k), tuned.U, k)
     return MatrixResult(
         name=pair.name,
         kind=pair.kind,
@@ -73,12 +115,26 @@ def analyse_pair(
         match=found.match,
         outside_span=found.outside_span,
         indicators={
-            "relative_update_norm": relative,
+            "relative_update_norm": measured.relative_norm,
             "spectral_spike": spectral_spike(delta_sigma, base_sigma1),
             "effective_rank": effective_rank(delta_sigma),
             "energy_rank_90": energy_rank(delta_sigma, 0.9),
-            "numerical_rank": numerical_rank(delta_sigma, pair.shape, floor),
+            "numerical_rank": numerical_rank(delta_sigma, pair.shape, measured.noise_floor),
             "subspace_drift_deg": drift[-1] if drift else 0.0,
         },
         intruder_strength=intruder_strength(found.sigma, found.max_cos, epsilon, base_sigma1),
     )
+
+
+def _measure_update(
+    w0: torch.Tensor, wt: torch.Tensor, dtypes: tuple[torch.dtype, ...], k: int, update: LowRankUpdate | None
+) -> _Update | None:
+    """ΔW's norm, spectrum and rounding floor, and (without `update`) the tuned top-k; None if not finite."""
+    sums = pair_sums(w0, wt, with_gram=update is None)
+    if not sums.finite:
+        return None
+    floor = rounding_noise_floor(sums, storage_eps(*dtypes)) if dtypes else 0.0
+    relative = relative_update_norm(sums)
+    sigma = delta_spectrum(sums) if update is None else update.singular_values()
+    del sums  # ΔW's Gram matrix is freed before the tuned matrix is decomposed
+    return _Update(relative, sigma, floor, top_left(wt, k) if update is None else None)

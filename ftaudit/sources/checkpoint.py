@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ class Checkpoint:
     def __init__(self, storage: Storage, weight_files: list[str], weight_map: dict[str, str] | None = None) -> None:
         self.storage = storage
         self.tensors: dict[str, TensorRef] = {}
-        self._last: tuple[str, torch.Tensor] | None = None
+        self._last: tuple[str, weakref.ref[torch.Tensor]] | None = None
         self._lock = threading.Lock()
         for name in weight_files:
             for info in read_header(storage, name).tensors.values():
@@ -50,13 +51,15 @@ class Checkpoint:
         return {name: ref.info for name, ref in self.tensors.items()}
 
     def load(self, name: str) -> torch.Tensor:
-        """One tensor as a CPU tensor of its stored dtype; the last one is kept for a repeated load."""
+        """One tensor as a CPU tensor of its stored dtype; a repeated load of the last one, while it is
+        still in use, returns it again (an adapter's tuned side loads the base tensor just loaded)."""
         with self._lock:
-            if self._last is not None and self._last[0] == name:
-                return self._last[1]
+            last = self._last[1]() if self._last is not None and self._last[0] == name else None
+            if last is not None:
+                return last
             ref = self.tensors[name]
             tensor = safetensors.decode(self.storage.read(ref.file, ref.info.start, ref.info.nbytes), ref.info)
-            self._last = (name, tensor)
+            self._last = (name, weakref.ref(tensor))
             return tensor
 
 
