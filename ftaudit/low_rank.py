@@ -70,8 +70,7 @@ def top_left_updated(base: Basis, w0: torch.Tensor, wt: torch.Tensor, update: Lo
     refined = refine_top_left(wt, start, k) if start is not None else None
     if refined is not None:
         return refined
-    full = left_spectrum(wt)
-    return Spectrum(full.U[:, :k], full.S[:k])
+    return left_spectrum(wt, count=k)
 
 
 def _secular_vectors(base: Basis, w0: torch.Tensor, update: LowRankUpdate, count: int) -> torch.Tensor | None:

@@ -43,8 +43,9 @@ GRAM_MAX_CONDITION = 1e4
 """A tall matrix's vectors come from its column Gram WᵀW while σ1/σn is at most this; above it, from a QR."""
 
 
-def left_spectrum(w: torch.Tensor, dtype: torch.dtype = torch.float64) -> Spectrum:
-    """All min(m, n) left singular vectors and values of a matrix, exactly, computed in float64.
+def left_spectrum(w: torch.Tensor, dtype: torch.dtype = torch.float64, count: int | None = None) -> Spectrum:
+    """The first `count` (default: all min(m, n)) left singular vectors and values of a matrix,
+    exactly, computed in float64.
 
     `w` may be stored in any float dtype; it is upcast a block at a time (`blockwise`), and U is
     returned in `dtype`. Wide or square: eigh of W·Wᵀ. Tall: eigh of WᵀW = V·Σ²·Vᵀ and U = W·V·Σ⁻¹,
@@ -54,7 +55,7 @@ def left_spectrum(w: torch.Tensor, dtype: torch.dtype = torch.float64) -> Spectr
     in float64, agree with it to far below the precision of the stored weights.
     """
     eigenvalues, vectors = torch.linalg.eigh(blockwise.gram(w))
-    return _left_from_gram(w, eigenvalues, vectors, dtype)
+    return _left_from_gram(w, eigenvalues, vectors, dtype, min(w.shape) if count is None else count)
 
 
 def _within_condition(eigenvalues: torch.Tensor, limit: float) -> bool:
@@ -62,17 +63,20 @@ def _within_condition(eigenvalues: torch.Tensor, limit: float) -> bool:
     return bool(eigenvalues[-1] > 0) and bool(eigenvalues[0] * limit**2 >= eigenvalues[-1])
 
 
-def _left_from_gram(w: torch.Tensor, eigenvalues: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype) -> Spectrum:
+def _left_from_gram(
+    w: torch.Tensor, eigenvalues: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, count: int
+) -> Spectrum:
     """`left_spectrum` from the eigendecomposition of W's smaller Gram matrix (ascending)."""
     rows, cols = w.shape
-    values = eigenvalues.flip(-1).clamp(min=0).sqrt()
+    values = eigenvalues.flip(-1).clamp(min=0).sqrt()[:count]
+    top = vectors[:, vectors.shape[1] - count :].flip(-1)  # the eigenvectors of the `count` largest values
     if rows <= cols:
-        return Spectrum(vectors.to(dtype).flip(-1), values)
+        return Spectrum(top.to(dtype), values)
     if _within_condition(eigenvalues, GRAM_MAX_CONDITION):
-        return Spectrum(blockwise.times(w, vectors.flip(-1).div_(values), dtype), values)
+        return Spectrum(blockwise.times(w, top.div_(values), dtype), values)
     Q, R = torch.linalg.qr(w.to(torch.float64))
     eigenvalues, U_R = torch.linalg.eigh(R @ R.mT)
-    return Spectrum((Q @ U_R).flip(-1).to(dtype), eigenvalues.flip(-1).clamp(min=0).sqrt())
+    return Spectrum((Q @ U_R[:, U_R.shape[1] - count :]).flip(-1).to(dtype), eigenvalues.flip(-1).clamp(min=0).sqrt()[:count])
 
 
 RIGHT_MAX_CONDITION = 1e3
@@ -131,7 +135,7 @@ def base_basis(w: torch.Tensor) -> Basis:
     eigenvalues, vectors = torch.linalg.eigh(blockwise.gram(w))
     if w.shape[0] > w.shape[1] and _within_condition(eigenvalues, RIGHT_MAX_CONDITION):
         return Basis(vectors.to(torch.float32).flip(-1), eigenvalues.flip(-1).sqrt(), right=True)
-    full = _left_from_gram(w, eigenvalues, vectors, torch.float32)
+    full = _left_from_gram(w, eigenvalues, vectors, torch.float32, min(w.shape))
     return Basis(full.U.contiguous(), full.S.contiguous())
 
 
@@ -166,8 +170,7 @@ def top_left(w: torch.Tensor, k: int) -> Spectrum:
         refined = refine_top_left(w, _float32_start(w, min(START_FACTOR * k + 1, min(w.shape))), k)
         if refined is not None:
             return refined
-    full = left_spectrum(w)
-    return Spectrum(full.U[:, :k], full.S[:k])
+    return left_spectrum(w, count=k)
 
 
 def _float32_start(w: torch.Tensor, count: int) -> torch.Tensor:

@@ -27,9 +27,9 @@ def full_decompositions(monkeypatch):
     calls: list[tuple[int, ...]] = []
     original = low_rank.left_spectrum
 
-    def counted(w):
+    def counted(w, *args, **kwargs):
         calls.append(tuple(w.shape))
-        return original(w)
+        return original(w, *args, **kwargs)
 
     monkeypatch.setattr(low_rank, "left_spectrum", counted)
     return calls

@@ -37,9 +37,9 @@ def full_decompositions(monkeypatch):
     calls: list[tuple[int, ...]] = []
     original = spectral.left_spectrum
 
-    def counted(w):
+    def counted(w, *args, **kwargs):
         calls.append(tuple(w.shape))
-        return original(w)
+        return original(w, *args, **kwargs)
 
     monkeypatch.setattr(spectral, "left_spectrum", counted)
     return calls
@@ -193,3 +193,15 @@ def test_a_tall_basis_is_held_by_its_right_vectors_while_well_conditioned(monkey
     assert torch.allclose(basis.top(w, 40), exact_left, atol=tolerance)
     assert torch.allclose(basis.transposed_times(w, x), exact_left.mT @ x, atol=tolerance * 12)
     assert torch.allclose(basis.times(w, y), exact_left @ y, atol=tolerance * 12)
+
+
+@pytest.mark.parametrize("condition", [10.0, 1e6])
+@pytest.mark.parametrize("shape", [(30, 70), (70, 30)])
+def test_the_first_vectors_alone_are_those_of_the_whole_spectrum(shape, condition):
+    g = torch.Generator().manual_seed(6)
+    left = torch.linalg.qr(torch.randn(shape[0], 30, dtype=torch.float64, generator=g)).Q
+    right = torch.linalg.qr(torch.randn(shape[1], 30, dtype=torch.float64, generator=g)).Q
+    w = (left * torch.logspace(0, -math.log10(condition), 30, dtype=torch.float64)) @ right.mT
+    whole, first = left_spectrum(w), left_spectrum(w, count=3)
+    assert first.U.shape == (shape[0], 3) and torch.equal(first.S, whole.S[:3])
+    assert torch.allclose(first.U, whole.U[:, :3], atol=1e-12)
