@@ -13,7 +13,7 @@ import torch
 from ftaudit import __version__
 from ftaudit.analyses.indicators import row_norm_drift
 from ftaudit.analyses.matrix import StoredPair, analyse_pair
-from ftaudit.cache import SpectrumCache
+from ftaudit.cache import SpectrumCache, tensor_key
 from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import VOCAB_KINDS, Selection, TensorPair, pair_tensors
 from ftaudit.parallel import in_order, threads_per_worker, worker_count
@@ -91,7 +91,7 @@ def run_audit(
         return i, pair, head, analyse_pair(pair, stored, options.k, options.epsilon, device, cache, update)
 
     workers = worker_count(device, [pair.shape for pair in pairing.pairs])
-    stream = enumerate(_stream(todo, base_side, tuned_side, updates, pin=device.type == "cuda"))
+    stream = enumerate(_stream(todo, base_side, tuned_side, updates, pin=device.type == "cuda", key=cache is not None, scale_only=scale_only))
     with threads_per_worker(workers):
         for i, pair, head, result in in_order(stream, analyse, workers):
             if head is not None:
@@ -126,29 +126,40 @@ Loaded = tuple[TensorPair, StoredPair, LowRankUpdate | None]
 """A pair with its base and tuned tensors as stored, and the tuned side's known low-rank ΔW if any."""
 
 
-def _stream(pairs: Sequence[TensorPair], base: Tensors, tuned: Tensors, updates: Updates | None, pin: bool) -> Iterator[Loaded]:
+def _stream(
+    pairs: Sequence[TensorPair],
+    base: Tensors,
+    tuned: Tensors,
+    updates: Updates | None,
+    pin: bool,
+    key: bool,
+    scale_only: int,
+) -> Iterator[Loaded]:
     """Yield loaded pairs (with any known low-rank ΔW) in order while a background thread reads the next.
 
     With `pin` (a CUDA device) the reader also pins each tensor in page-locked host memory, so that
-    the copies to the GPU run asynchronously to the host.
+    the copies to the GPU run asynchronously to the host. With `key` the reader also hashes each
+    analysed base tensor for the cache, off the analysis's path; the first `scale_only` pairs are
+    measured for their row norms only and need no key.
     """
 
-    def load(pair: TensorPair) -> Loaded:
+    def load(i: int) -> Loaded:
+        pair = pairs[i]
         w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
         if pin:
             w0, wt = w0.pin_memory(), wt.pin_memory()
         update = updates(pair.tuned_name) if updates else None
-        if pair.rows is None:
-            return pair, StoredPair(w0, wt), update
-        return pair, StoredPair(w0[: pair.rows], wt[: pair.rows]), update.rows(pair.rows) if update else None
+        if pair.rows is not None:
+            w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None
+        return pair, StoredPair(w0, wt, tensor_key(w0) if key and i >= scale_only else None), update
 
+    # The tensors are held only by the StoredPair yielded, never by a name here, so the analysis can free them.
     if not pairs:
         return
-    # The tensors are held only by the StoredPair yielded, never by a name here, so the analysis can free them.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftaudit-read") as pool:
-        pending = pool.submit(load, pairs[0])
-        for following in [*pairs[1:], None]:
+        pending = pool.submit(load, 0)
+        for following in range(1, len(pairs) + 1):
             loaded = pending.result()
-            if following is not None:
+            if following < len(pairs):
                 pending = pool.submit(load, following)
             yield loaded

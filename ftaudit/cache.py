@@ -1,10 +1,10 @@
 """The base-spectrum cache: a base matrix's singular basis, computed once and reused.
 
-Entries are keyed by a hash of the base tensor's stored bytes (with its dtype, shape and the
-algorithm version), so the same base weights hit the cache whether they come from a Hub commit
-or a local folder, and changed weights can never hit a stale entry. Each entry is a safetensors
-file written atomically (temporary file + rename) with a checksum of its payload, verified on
-read; a corrupt entry is recomputed. The directory is size-capped: entries of earlier audits go
+Entries are keyed by a digest of the base tensor's stored bytes (with its dtype, shape and the
+algorithm version; `digest`, hashed on all cores), so the same base weights hit the cache whether
+they come from a Hub commit or a local folder, and changed weights can never hit a stale entry.
+Each entry is a safetensors file written atomically (temporary file + rename) with a digest of its
+payload, verified on read; a corrupt entry is recomputed. The directory is size-capped: entries of earlier audits go
 least recently used first; an audit never evicts its own, and keeps those that fit when they alone
 exceed the cap (so that repeated audits of a base larger than the cap still hit most entries).
 A cache that cannot be written is skipped with one warning: the audit goes on without it.
@@ -12,17 +12,18 @@ A cache that cannot be written is skipped with one warning: the audit goes on wi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors.torch import save
 
+from ftaudit.digest import digest
 from ftaudit.errors import InvalidWeightsError
 from ftaudit.sources import safetensors as format_
 from ftaudit.spectral import Basis
@@ -43,21 +44,21 @@ def default_dir() -> Path:
 
 
 def tensor_key(w: torch.Tensor) -> str:
-    """Hash of the tensor's stored bytes, dtype, shape and the algorithm version."""
-    h = hashlib.sha256(f"{ALGORITHM}|{w.dtype}|{tuple(w.shape)}|".encode())
-    h.update(w.detach().contiguous().cpu().view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    """Digest of the tensor's stored bytes, dtype, shape and the algorithm version."""
+    return digest(f"{ALGORITHM}|{w.dtype}|{tuple(w.shape)}", [w.cpu()])
 
 
-def _view(data: bytearray, info: format_.TensorInfo) -> torch.Tensor:
-    """A tensor over its bytes in a validated entry, without copying them."""
+def _load(f: BinaryIO, info: format_.TensorInfo) -> torch.Tensor:
+    """One tensor of a validated entry, read into memory allocated as a computed basis's is (the
+    float64 products with it then round exactly as with a freshly computed one)."""
     dtype = format_.FLOAT_DTYPES.get(info.dtype)
     if dtype is None:
         raise InvalidWeightsError(f"tensor {info.name!r}: dtype {info.dtype} is not a float dtype")
-    count = info.nbytes // dtype.itemsize
-    if count == 0:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype, count=count, offset=info.start).reshape(info.shape)
+    tensor = torch.empty(info.shape, dtype=dtype)
+    f.seek(info.start)
+    if f.readinto(tensor.view(torch.uint8).reshape(-1).numpy()) != info.nbytes:
+        raise InvalidWeightsError(f"tensor {info.name!r}: truncated")
+    return tensor
 
 
 def _payload(basis: Basis) -> dict[str, torch.Tensor]:
@@ -66,11 +67,8 @@ def _payload(basis: Basis) -> dict[str, torch.Tensor]:
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    names = sorted(tensors)
+    return digest("|".join(f"{n}:{tensors[n].dtype}:{tuple(tensors[n].shape)}" for n in names), [tensors[n] for n in names])
 
 
 class SpectrumCache:
@@ -88,17 +86,26 @@ class SpectrumCache:
         cap keeps what fits instead of evicting its own entries in a cycle that no later audit could hit."""
         self._lock = threading.Lock()  # audits analyse several pairs at once on CPU threads
 
-    def get_or_compute(self, key: str, compute: Callable[[], Basis]) -> Basis:
-        """The cached basis for `key`, or `compute()`'s, stored for next time."""
+    def get(self, key: str) -> Basis | None:
+        """The cached basis for `key`, verified, or None (counted as a hit or a miss)."""
         found = self._read(key)
         with self._lock:
             self.hits += found is not None
             self.misses += found is None
+        return found
+
+    def put(self, key: str, basis: Basis) -> None:
+        """Store `basis` for `key`, within the cap."""
+        with self._lock:
+            self._write(key, basis)
+
+    def get_or_compute(self, key: str, compute: Callable[[], Basis]) -> Basis:
+        """The cached basis for `key`, or `compute()`'s, stored for next time."""
+        found = self.get(key)
         if found is not None:
             return found
         basis = compute()
-        with self._lock:
-            self._write(key, basis)
+        self.put(key, basis)
         return basis
 
     def _path(self, key: str) -> Path:
@@ -108,19 +115,18 @@ class SpectrumCache:
         path = self._path(key)
         try:
             with path.open("rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                f.readinto(data)
+                size = os.fstat(f.fileno()).st_size
+                try:
+                    n = format_.header_length(f.read(8), size, path.name)
+                    header = format_.parse_header(f.read(n), size, path.name)
+                    tensors = {name: _load(f, info) for name, info in header.tensors.items()}
+                    right = "V" in tensors
+                    basis = Basis(tensors["V" if right else "U"], tensors["S"], right)
+                    valid = set(tensors) in ({"U", "S"}, {"V", "S"}) and _checksum(tensors) == header.metadata.get("digest")
+                except (InvalidWeightsError, KeyError):
+                    valid = False
         except OSError:
             return None
-        try:
-            n = format_.header_length(bytes(data[:8]), len(data), path.name)
-            header = format_.parse_header(bytes(data[8 : 8 + n]), len(data), path.name)
-            tensors = {name: _view(data, info) for name, info in header.tensors.items()}
-            right = "V" in tensors
-            basis = Basis(tensors["V" if right else "U"], tensors["S"], right)
-            valid = set(tensors) in ({"U", "S"}, {"V", "S"}) and _checksum(tensors) == header.metadata.get("sha256")
-        except (InvalidWeightsError, KeyError):
-            valid = False
         if not valid:
             log.warning("cache entry %s is corrupt; recomputing it", path.name)
             return None
@@ -137,7 +143,7 @@ class SpectrumCache:
             return
         path = self._path(key)
         tensors = _payload(basis)
-        blob = save(tensors, metadata={"sha256": _checksum(tensors), "algorithm": ALGORITHM})
+        blob = save(tensors, metadata={"digest": _checksum(tensors), "algorithm": ALGORITHM})
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

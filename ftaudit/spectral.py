@@ -134,7 +134,7 @@ def base_basis(w: torch.Tensor) -> Basis:
     """The base side of the comparison: its full left basis (`Basis`), computed exactly in float64."""
     eigenvalues, vectors = torch.linalg.eigh(blockwise.gram(w))
     if w.shape[0] > w.shape[1] and _within_condition(eigenvalues, RIGHT_MAX_CONDITION):
-        return Basis(vectors.to(torch.float32).flip(-1), eigenvalues.flip(-1).sqrt(), right=True)
+        return Basis(vectors.to(torch.float32).flip(-1).contiguous(), eigenvalues.flip(-1).sqrt(), right=True)
     full = _left_from_gram(w, eigenvalues, vectors, torch.float32, min(w.shape))
     return Basis(full.U.contiguous(), full.S.contiguous())
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import ftaudit.audit as audit_module
 from ftaudit.cache import SpectrumCache, tensor_key
 from ftaudit.cli import main
 from ftaudit.spectral import base_basis
@@ -224,3 +226,32 @@ def test_concurrent_audits_never_corrupt_the_cache(models):
     code, stderr, _ = audit(models["a"], models["base"])
     assert "14 hits, 0 misses" in stderr and "corrupt" not in stderr
     assert not list(Path(os.environ["FTAUDIT_CACHE"]).glob("*/.tmp-*"))
+
+
+def test_base_tensors_are_hashed_by_the_reader_ahead_of_their_analysis(models, monkeypatch):
+    threads: list[str] = []
+
+    def recorded(w):
+        threads.append(threading.current_thread().name)
+        return tensor_key(w)
+
+    monkeypatch.setattr(audit_module, "tensor_key", recorded)
+    code, stderr, _ = audit(models["a"], models["base"])
+    assert code == 1 and "0 hits, 14 misses" in stderr
+    assert len(threads) == 14 and all(name.startswith("ftaudit-read") for name in threads)
+
+
+@pytest.mark.parametrize("shape", [(1536, 384), (384, 1536), (384, 384)])
+def test_a_cached_basis_gives_bitwise_the_products_of_a_fresh_one(tmp_path, shape):
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(*shape, generator=g) / 20).to(torch.bfloat16)
+    fresh = base_basis(w)
+    cache = SpectrumCache(tmp_path)
+    cache.put(tensor_key(w), fresh)
+    cached = SpectrumCache(tmp_path).get(tensor_key(w))
+    assert cached is not None and cached.right == fresh.right
+    x = torch.randn(shape[0], 10, dtype=torch.float64, generator=g)
+    y = torch.randn(min(shape), 10, dtype=torch.float64, generator=g)
+    assert torch.equal(cached.transposed_times(w, x), fresh.transposed_times(w, x))
+    assert torch.equal(cached.times(w, y), fresh.times(w, y))
+    assert torch.equal(cached.top(w, 10), fresh.top(w, 10))

@@ -28,17 +28,19 @@ from ftaudit.spectral import Spectrum, base_basis, top_left
 
 
 class StoredPair:
-    """A pair's base and tuned tensors as stored, handed over to `analyse_pair`.
+    """A pair's base and tuned tensors as stored, handed over to `analyse_pair`, with the base's
+    cache key when the reader has computed it (`tensor_key`).
 
     The holder is the caller's only hold on the tensors, so that `analyse_pair` can let go of the
     tuned one (`take_tuned`) once it is measured, before the base's decomposition, the step that
     needs the most memory.
     """
 
-    def __init__(self, base: torch.Tensor, tuned: torch.Tensor) -> None:
+    def __init__(self, base: torch.Tensor, tuned: torch.Tensor, base_key: str | None = None) -> None:
         self.base = base
         self._tuned: torch.Tensor | None = tuned
         self.tuned_dtype = tuned.dtype
+        self.base_key = base_key
 
     @property
     def tuned(self) -> torch.Tensor:
@@ -94,8 +96,8 @@ def analyse_pair(
     if cache is None:
         base = base_basis(w0)
     else:
-        cached = cache.get_or_compute(tensor_key(stored.base), lambda: base_basis(w0))
-        base = cached.to(device)
+        key = stored.base_key if stored.base_key is not None else tensor_key(stored.base)
+        base = cache.get_or_compute(key, lambda: base_basis(w0)).to(device)
     tuned = measured.tuned_top
     if tuned is None:  # known factors: the tuned top-k comes from the base's spectrum
         assert update is not None
