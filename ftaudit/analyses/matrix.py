@@ -20,7 +20,7 @@ from ftaudit.analyses.indicators import (
 )
 from ftaudit.analyses.intruders import intruders
 from ftaudit.blockwise import pair_sums
-from ftaudit.cache import SpectrumCache, tensor_key
+from ftaudit.cache import SpectrumCache
 from ftaudit.low_rank import LowRankUpdate, top_left_updated
 from ftaudit.pairing import TensorPair
 from ftaudit.report import MatrixResult
@@ -29,7 +29,7 @@ from ftaudit.spectral import Spectrum, base_basis, top_left
 
 class StoredPair:
     """A pair's base and tuned tensors as stored, handed over to `analyse_pair`, with the base's
-    cache key when the reader has computed it (`tensor_key`).
+    cache key (`tensor_key`), computed by the reader when there is a cache.
 
     The holder is the caller's only hold on the tensors, so that `analyse_pair` can let go of the
     tuned one (`take_tuned`) once it is measured, before the base's decomposition, the step that
@@ -60,7 +60,7 @@ class _Update:
     """What is measured on ΔW = tuned − base before the base's decomposition."""
 
     relative_norm: float | None
-    sigma: torch.Tensor
+    delta_sigma: torch.Tensor
     noise_floor: float
     tuned_top: Spectrum | None
     """The tuned top-k, when it needs no base spectrum (no known factors)."""
@@ -96,13 +96,13 @@ def analyse_pair(
     if cache is None:
         base = base_basis(w0)
     else:
-        key = stored.base_key if stored.base_key is not None else tensor_key(stored.base)
-        base = cache.get_or_compute(key, lambda: base_basis(w0)).to(device)
+        assert stored.base_key is not None, "with a cache, the reader keys every analysed base tensor"
+        base = cache.get_or_compute(stored.base_key, lambda: base_basis(w0)).to(device)
     tuned = measured.tuned_top
     if tuned is None:  # known factors: the tuned top-k comes from the base's spectrum
         assert update is not None
         tuned = top_left_updated(base, w0, stored.tuned.to(device, non_blocking=True), update, k)
-    delta_sigma = measured.sigma
+    delta_sigma = measured.delta_sigma
     found = intruders(base, w0, tuned)
     base_sigma1 = base.S[0].item()
     drift = subspace_drift(base.top(w0, k), tuned.U, k)
