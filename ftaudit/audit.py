@@ -91,7 +91,8 @@ def run_audit(
         return i, pair, head, analyse_pair(pair, stored, options.k, options.epsilon, device, cache, update)
 
     workers = worker_count(device, [pair.shape for pair in pairing.pairs])
-    stream = enumerate(_stream(todo, base_side, tuned_side, updates, pin=device.type == "cuda", key=cache is not None, scale_only=scale_only))
+    loaded = _stream(todo, base_side, tuned_side, updates, pin=device.type == "cuda", key=cache is not None, scale_only=scale_only)
+    stream = enumerate(loaded)
     with threads_per_worker(workers):
         for i, pair, head, result in in_order(stream, analyse, workers):
             if head is not None:

@@ -4,9 +4,10 @@ Entries are keyed by a digest of the base tensor's stored bytes (with its dtype,
 algorithm version; `digest`, hashed on all cores), so the same base weights hit the cache whether
 they come from a Hub commit or a local folder, and changed weights can never hit a stale entry.
 Each entry is a safetensors file written atomically (temporary file + rename) with a digest of its
-payload, verified on read; a corrupt entry is recomputed. The directory is size-capped: entries of earlier audits go
-least recently used first; an audit never evicts its own, and keeps those that fit when they alone
-exceed the cap (so that repeated audits of a base larger than the cap still hit most entries).
+payload, verified on read; a corrupt entry is recomputed. The directory is size-capped: entries of
+earlier audits go least recently used first; an audit never evicts its own, and keeps those that
+fit when they alone exceed the cap (so that repeated audits of a base larger than the cap still
+hit most entries).
 A cache that cannot be written is skipped with one warning: the audit goes on without it.
 """
 

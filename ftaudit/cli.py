@@ -151,7 +151,7 @@ _run_options = _options(
     click.option("--cache-size", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_BYTES / GIB,
                  show_default=True, envvar="FTAUDIT_CACHE_SIZE", metavar="GIB",
                  help="Cap on the base-spectrum cache in GiB, least recently used out first "
-                 "(a 7B base's spectra take about 21 GiB). Also FTAUDIT_CACHE_SIZE."),
+                 "(a Llama-2-7B-shaped base's spectra take about 14 GiB). Also FTAUDIT_CACHE_SIZE."),
     click.option("--quiet", is_flag=True, help="Print only errors."),
     click.option("--debug", is_flag=True, help="Show tracebacks and request retries."),
 )

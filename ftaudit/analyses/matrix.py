@@ -86,11 +86,12 @@ def analyse_pair(
     # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
     # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
     dtypes = () if stored.tuned_dtype == torch.float64 else (stored.base.dtype, stored.tuned_dtype)
-    if update is None:
+    if update is None:  # the tuned matrix is needed only to measure ΔW and its own top k
+        wt = None
         measured = _measure_update(w0, stored.take_tuned().to(device, non_blocking=True), dtypes, k, None)
-    else:
-        update = update.to(device)
-        measured = _measure_update(w0, stored.tuned.to(device, non_blocking=True), dtypes, k, update)
+    else:  # it also refines the top k found from the base's spectrum, below: moved to the device once
+        update, wt = update.to(device), stored.tuned.to(device, non_blocking=True)
+        measured = _measure_update(w0, wt, dtypes, k, update)
     if measured is None:
         return None
     if cache is None:
@@ -100,8 +101,8 @@ def analyse_pair(
         base = cache.get_or_compute(stored.base_key, lambda: base_basis(w0)).to(device)
     tuned = measured.tuned_top
     if tuned is None:  # known factors: the tuned top-k comes from the base's spectrum
-        assert update is not None
-        tuned = top_left_updated(base, w0, stored.tuned.to(device, non_blocking=True), update, k)
+        assert update is not None and wt is not None
+        tuned = top_left_updated(base, w0, wt, update, k)
     delta_sigma = measured.delta_sigma
     found = intruders(base, w0, tuned)
     base_sigma1 = base.S[0].item()
