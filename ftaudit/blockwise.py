@@ -66,8 +66,12 @@ def _add_gram(out: torch.Tensor, block: torch.Tensor, dim: int) -> None:
 
 
 def _mirrored(out: torch.Tensor) -> torch.Tensor:
-    """The whole symmetric matrix from the tiles `_add_gram` filled."""
+    """The whole, exactly symmetric matrix from the tiles `_add_gram` filled (its upper triangle:
+    a diagonal tile's two triangles come from separate dot products, which some BLAS kernels round
+    differently)."""
     for i in range(0, out.shape[0], PIECE):
+        tile = out[i : i + PIECE, i : i + PIECE]
+        tile.copy_(tile.triu() + tile.triu(1).mT)
         out[i + PIECE :, i : i + PIECE] = out[i : i + PIECE, i + PIECE :].mT
     return out
 

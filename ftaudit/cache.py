@@ -31,7 +31,7 @@ from ftaudit.spectral import Basis
 
 log = logging.getLogger("ftaudit")
 
-ALGORITHM = "gram-eigh/f32-basis/3"
+ALGORITHM = "gram-eigh/f32-basis/4"
 """Changes whenever what is stored, or how it is computed, changes."""
 DEFAULT_MAX_BYTES = 20 * 1024**3
 
