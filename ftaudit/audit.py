@@ -13,7 +13,7 @@ import torch
 from ftaudit import __version__
 from ftaudit.analyses.indicators import row_norm_drift
 from ftaudit.analyses.matrix import StoredPair, analyse_pair
-from ftaudit.cache import SpectrumCache, tensor_key
+from ftaudit.cache import SpectrumCache, flushed, tensor_key
 from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import VOCAB_KINDS, Selection, TensorPair, pair_tensors
 from ftaudit.parallel import in_order, threads_per_worker, worker_count
@@ -93,7 +93,7 @@ def run_audit(
     workers = worker_count(device, [pair.shape for pair in pairing.pairs])
     loaded = _stream(todo, base_side, tuned_side, updates, pin=device.type == "cuda", key=cache is not None, scale_only=scale_only)
     stream = enumerate(loaded)
-    with threads_per_worker(workers):
+    with flushed(cache), threads_per_worker(workers):
         for i, pair, head, result in in_order(stream, analyse, workers):
             if head is not None:
                 heads[pair.name] = head

@@ -8,6 +8,9 @@ payload, verified on read; a corrupt entry is recomputed. The directory is size-
 earlier audits go least recently used first; an audit never evicts its own, and keeps those that
 fit when they alone exceed the cap (so that repeated audits of a base larger than the cap still
 hit most entries).
+Entries are written by a background thread, so that the audit goes on (and a GPU stays busy) while
+they are serialised, digested and written; at most PENDING wait at once, and `flush` (called at the
+end of every audit, and on leaving a `with` block) waits until all are on disk.
 A cache that cannot be written is skipped with one warning: the audit goes on without it.
 """
 
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +39,8 @@ log = logging.getLogger("ftaudit")
 ALGORITHM = "gram-eigh/f32-basis/4"
 """Changes whenever what is stored, or how it is computed, changes."""
 DEFAULT_MAX_BYTES = 20 * 1024**3
+PENDING = 1
+"""Computed bases waiting for the writer at most, besides the one being written: `put` waits beyond."""
 
 
 def default_dir() -> Path:
@@ -72,6 +79,11 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest("|".join(f"{n}:{tensors[n].dtype}:{tuple(tensors[n].shape)}" for n in names), [tensors[n] for n in names])
 
 
+def flushed(cache: SpectrumCache | None) -> AbstractContextManager[object]:
+    """A block at whose end everything put in `cache` (if any) is written."""
+    return nullcontext() if cache is None else cache
+
+
 class SpectrumCache:
     """A directory of cached base bases (`Basis`)."""
 
@@ -86,19 +98,61 @@ class SpectrumCache:
         """Entries this audit has read or written: never evicted by it, so an audit larger than the
         cap keeps what fits instead of evicting its own entries in a cycle that no later audit could hit."""
         self._lock = threading.Lock()  # audits analyse several pairs at once on CPU threads
+        self._pending: dict[str, Basis] = {}
+        """Put, not yet written: `get` answers from here meanwhile."""
+        self._queue: queue.Queue[tuple[str, Basis]] = queue.Queue(maxsize=PENDING)
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def __enter__(self) -> SpectrumCache:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Flush; with an exception on its way out, only wait for the writer (raising nothing of its own)."""
+        if kind is None:
+            self.flush()
+        else:
+            self._queue.join()
 
     def get(self, key: str) -> Basis | None:
         """The cached basis for `key`, verified, or None (counted as a hit or a miss)."""
-        found = self._read(key)
+        with self._lock:
+            found = self._pending.get(key)
+        found = found if found is not None else self._read(key)
         with self._lock:
             self.hits += found is not None
             self.misses += found is None
         return found
 
     def put(self, key: str, basis: Basis) -> None:
-        """Store `basis` for `key`, within the cap."""
+        """Store `basis` for `key`, within the cap, in the background (waits while PENDING are queued)."""
         with self._lock:
-            self._write(key, basis)
+            if self._disabled or self._full:
+                return
+            self._pending[key] = basis
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="ftaudit-cache", daemon=True)
+                self._writer.start()
+        self._queue.put((key, basis))
+
+    def flush(self) -> None:
+        """Wait until every entry put is written (or given up); raise what the writer failed with."""
+        self._queue.join()
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def _write_queued(self) -> None:
+        while True:
+            key, basis = self._queue.get()
+            try:
+                self._write(key, basis)
+            except BaseException as e:  # not a full or read-only disk (handled): raised by `flush`
+                self._failure = self._failure or e
+            finally:
+                with self._lock:
+                    self._pending.pop(key, None)
+                self._queue.task_done()
 
     def get_or_compute(self, key: str, compute: Callable[[], Basis]) -> Basis:
         """The cached basis for `key`, or `compute()`'s, stored for next time."""
@@ -155,8 +209,9 @@ class SpectrumCache:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            self._used.add(path)
-            self._evict(path)
+            with self._lock:
+                self._used.add(path)
+                self._evict(path)
         except OSError as e:
             self._disabled = True
             log.warning("cache %s is not writable (%s); going on without it", self.directory, e.strerror or e)

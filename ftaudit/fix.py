@@ -22,7 +22,7 @@ import torch
 
 from ftaudit import __version__, cardfile
 from ftaudit.audit import AuditOptions, Progress
-from ftaudit.cache import SpectrumCache, tensor_key
+from ftaudit.cache import SpectrumCache, flushed, tensor_key
 from ftaudit.check import Opened, Target, audit_opened, check, open_target
 from ftaudit.errors import UnsupportedError, UsageError
 from ftaudit.fixreport import FixResult, FixSettings, MatrixChange
@@ -86,7 +86,7 @@ def fix(
         patcher.check_mergeable()
     replace: Replace = {"model": patcher.model_tensor, "adapter": patcher.adapter_tensor,
                         "merged": patcher.merged_tensor}[fmt]
-    with ModelFolder(out) as folder:
+    with ModelFolder(out) as folder, flushed(cache):
         _write_weights(folder, storage, weights, replace, phase("writing"))
         changed = bool(patcher.changes) or fmt == "merged"
         left_out = _copy_files(folder, opened, fmt, weights, keep_card=not changed)

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ftaudit.audit as audit_module
-from ftaudit.cache import SpectrumCache, tensor_key
+import ftaudit.cache as cache_module
+from ftaudit.cache import PENDING, SpectrumCache, tensor_key
 from ftaudit.cli import main
 from ftaudit.spectral import base_basis
 from tests.models import llama_like, low_rank_update, small_update, write_model
@@ -165,8 +166,8 @@ def test_a_filesystem_that_fills_up_keeps_the_complete_entries_only(models, tmp_
 
 
 def _entry_size(tmp_path: Path) -> int:
-    probe = SpectrumCache(tmp_path / "probe")
-    probe.get_or_compute("probe", lambda: base_basis(torch.randn(64, 128, dtype=torch.float64)))
+    with SpectrumCache(tmp_path / "probe") as probe:
+        probe.get_or_compute("probe", lambda: base_basis(torch.randn(64, 128, dtype=torch.float64)))
     return entries(tmp_path / "probe")[0].stat().st_size
 
 
@@ -180,16 +181,17 @@ def test_size_cap_evicts_the_least_recently_used_entries_of_earlier_audits(tmp_p
     keys = []
     for w in _bases(5):  # five audits of one base matrix each
         keys.append(tensor_key(w))
-        SpectrumCache(tmp_path / "capped", max_bytes=cap).get_or_compute(keys[-1], lambda w=w: base_basis(w.double()))
+        with SpectrumCache(tmp_path / "capped", max_bytes=cap) as cache:
+            cache.get_or_compute(keys[-1], lambda w=w: base_basis(w.double()))
     assert {p.stem for p in entries(tmp_path / "capped")} == set(keys[2:])
 
 
 def test_an_audit_larger_than_the_cap_keeps_what_fits_and_the_next_one_hits_it(tmp_path, caplog):
     cap, bases = 3 * _entry_size(tmp_path), _bases(5)
     for run in range(2):
-        cache = SpectrumCache(tmp_path / "capped", max_bytes=cap)
-        for w in bases:
-            cache.get_or_compute(tensor_key(w), lambda w=w: base_basis(w.double()))
+        with SpectrumCache(tmp_path / "capped", max_bytes=cap) as cache:
+            for w in bases:
+                cache.get_or_compute(tensor_key(w), lambda w=w: base_basis(w.double()))
         assert {p.stem for p in entries(tmp_path / "capped")} == {tensor_key(w) for w in bases[:3]}
         # Evicting its own entries, each audit would have missed every one of them.
         assert (cache.hits, cache.misses) == ((0, 5) if run == 0 else (3, 2))
@@ -241,13 +243,69 @@ def test_base_tensors_are_hashed_by_the_reader_ahead_of_their_analysis(models, m
     assert len(threads) == 14 and all(name.startswith("ftaudit-read") for name in threads)
 
 
+def test_entries_are_written_in_the_background_and_are_on_disk_when_the_audit_returns(models, monkeypatch):
+    threads: list[str] = []
+    write = SpectrumCache._write
+
+    def recorded(self, key, basis):
+        threads.append(threading.current_thread().name)
+        write(self, key, basis)
+
+    monkeypatch.setattr(SpectrumCache, "_write", recorded)
+    code, stderr, _ = audit(models["a"], models["base"])
+    assert code == 1 and "0 hits, 14 misses" in stderr
+    assert threads == ["ftaudit-cache"] * 14 and len(entries(Path(os.environ["FTAUDIT_CACHE"]))) == 14
+
+
+def test_put_waits_while_entries_are_queued_and_get_answers_them_before_they_are_written(tmp_path, monkeypatch):
+    release = threading.Event()
+    write = SpectrumCache._write
+
+    def held(self, key, basis):
+        release.wait(timeout=60)
+        write(self, key, basis)
+
+    monkeypatch.setattr(SpectrumCache, "_write", held)
+    bases = {f"k{i}": base_basis(w.double()) for i, w in enumerate(_bases(PENDING + 2))}
+    cache, put = SpectrumCache(tmp_path), []
+
+    def put_all() -> None:
+        for key, basis in bases.items():
+            cache.put(key, basis)
+            put.append(key)
+
+    putter = threading.Thread(target=put_all)
+    putter.start()
+    putter.join(timeout=1.0)
+    # One entry being written and PENDING queued: the next put waits, so memory stays bounded.
+    assert putter.is_alive() and put == list(bases)[: PENDING + 1] and entries(tmp_path) == []
+    assert all(cache.get(key) is bases[key] for key in put) and (cache.hits, cache.misses) == (PENDING + 1, 0)
+    release.set()
+    putter.join(timeout=60)
+    cache.flush()
+    assert {p.stem for p in entries(tmp_path)} == set(bases)
+    assert all(torch.equal(SpectrumCache(tmp_path).get(key).vectors, basis.vectors) for key, basis in bases.items())
+
+
+def test_what_the_writer_fails_with_is_raised_by_flush(tmp_path, monkeypatch):
+    def broken(basis):
+        raise RuntimeError("cannot serialise")
+
+    monkeypatch.setattr(cache_module, "_payload", broken)
+    cache = SpectrumCache(tmp_path)
+    cache.put("k0", base_basis(_bases(1)[0].double()))
+    with pytest.raises(RuntimeError, match="cannot serialise"):
+        cache.flush()
+    assert entries(tmp_path) == [] and cache.get("k0") is None
+
+
 @pytest.mark.parametrize("shape", [(1536, 384), (384, 1536), (384, 384)])
 def test_a_cached_basis_gives_bitwise_the_products_of_a_fresh_one(tmp_path, shape):
     g = torch.Generator().manual_seed(4)
     w = (torch.randn(*shape, generator=g) / 20).to(torch.bfloat16)
     fresh = base_basis(w)
-    cache = SpectrumCache(tmp_path)
-    cache.put(tensor_key(w), fresh)
+    with SpectrumCache(tmp_path) as cache:
+        cache.put(tensor_key(w), fresh)
     cached = SpectrumCache(tmp_path).get(tensor_key(w))
     assert cached is not None and cached.right == fresh.right
     x = torch.randn(shape[0], 10, dtype=torch.float64, generator=g)
