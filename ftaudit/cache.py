@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors.torch import save
 
 from ftaudit.digest import digest
 from ftaudit.errors import InvalidWeightsError
@@ -144,15 +143,17 @@ class SpectrumCache:
 
     def _write_queued(self) -> None:
         while True:
-            key, basis = self._queue.get()
-            try:
-                self._write(key, basis)
-            except BaseException as e:  # not a full or read-only disk (handled): raised by `flush`
-                self._failure = self._failure or e
-            finally:
-                with self._lock:
-                    self._pending.pop(key, None)
-                self._queue.task_done()
+            self._write_next(*self._queue.get())
+            self._queue.task_done()  # only now: no name here holds the basis written, nor did it linger
+
+    def _write_next(self, key: str, basis: Basis) -> None:
+        try:
+            self._write(key, basis)
+        except BaseException as e:  # not a full or read-only disk (handled): raised by `flush`
+            self._failure = self._failure or e
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
 
     def get_or_compute(self, key: str, compute: Callable[[], Basis]) -> Basis:
         """The cached basis for `key`, or `compute()`'s, stored for next time."""
@@ -198,13 +199,15 @@ class SpectrumCache:
             return
         path = self._path(key)
         tensors = _payload(basis)
-        blob = save(tensors, metadata={"digest": _checksum(tensors), "algorithm": ALGORITHM})
+        header = format_.encode_header(tensors, {"digest": _checksum(tensors), "algorithm": ALGORITHM})
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
+                with os.fdopen(fd, "wb") as f:  # the tensors' own memory, not a serialised copy
+                    f.write(header)
+                    for t in tensors.values():
+                        f.write(t.view(torch.uint8).reshape(-1).numpy())
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

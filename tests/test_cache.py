@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -285,6 +286,16 @@ def test_put_waits_while_entries_are_queued_and_get_answers_them_before_they_are
     cache.flush()
     assert {p.stem for p in entries(tmp_path)} == set(bases)
     assert all(torch.equal(SpectrumCache(tmp_path).get(key).vectors, basis.vectors) for key, basis in bases.items())
+
+
+def test_the_writer_lets_go_of_a_basis_once_it_is_written(tmp_path):
+    basis = base_basis(_bases(1)[0].double())
+    vectors = weakref.ref(basis.vectors)
+    with SpectrumCache(tmp_path) as cache:
+        cache.put("k0", basis)
+    del basis
+    # Held until the next put, it would sit beside the next base's decomposition, the peak of memory.
+    assert vectors() is None and len(entries(tmp_path)) == 1
 
 
 def test_what_the_writer_fails_with_is_raised_by_flush(tmp_path, monkeypatch):

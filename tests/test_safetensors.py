@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import load
 
 from ftaudit.errors import InvalidWeightsError
 from ftaudit.sources import safetensors as st
@@ -41,6 +42,24 @@ def test_parses_what_the_library_writes_and_decodes_every_float_dtype():
     with pytest.raises(InvalidWeightsError, match="not a float dtype"):
         info = header.tensors["ids"]
         st.decode(blob[info.start : info.end], info)
+
+
+def test_an_encoded_header_and_the_raw_bytes_make_a_file_that_both_readers_accept():
+    tensors = {
+        "V": torch.randn(5, 3),
+        "S": torch.rand(3, dtype=torch.float64),
+        "h": torch.randn(2, 7).to(torch.bfloat16),
+        "e": torch.empty(0, 4, dtype=torch.float16),
+    }
+    blob = st.encode_header(tensors, {"digest": "abc"}) + b"".join(
+        t.view(torch.uint8).reshape(-1).numpy().tobytes() for t in tensors.values())
+    header = parse(blob)
+    assert header.metadata == {"digest": "abc"} and header.data_start % 8 == 0
+    for name, t in tensors.items():
+        info = header.tensors[name]
+        assert torch.equal(st.decode(blob[info.start : info.end], info), t)
+    loaded = load(blob)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
 
 
 GOOD = {"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}

@@ -1,4 +1,4 @@
-"""The safetensors format: header parsing, complete validation, and tensor decoding.
+"""The safetensors format: header parsing, complete validation, tensor decoding, and headers to write.
 
 Layout: 8-byte little-endian header length N, N bytes of JSON, then the data. Every tensor entry
 is checked (dtype, shape, offsets, sizes, coverage of the data) before any byte of data is used.
@@ -53,6 +53,20 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
+
+
+def encode_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The length prefix and header of a file holding the float `tensors`' bytes back to back, in order."""
+    names = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
+    entries: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
 
 
 def header_length(prefix: bytes, file_size: int, label: str) -> int:
