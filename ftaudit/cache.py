@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import tempfile
 import threading
 from collections.abc import Callable
@@ -96,11 +95,11 @@ class SpectrumCache:
         self._used: set[Path] = set()
         """Entries this audit has read or written: never evicted by it, so an audit larger than the
         cap keeps what fits instead of evicting its own entries in a cycle that no later audit could hit."""
-        self._lock = threading.Lock()  # audits analyse several pairs at once on CPU threads
+        self._lock = threading.Condition()  # audits analyse several pairs at once on CPU threads
         self._pending: dict[str, Basis] = {}
-        """Put, not yet written: `get` answers from here meanwhile."""
-        self._queue: queue.Queue[tuple[str, Basis]] = queue.Queue(maxsize=PENDING)
-        self._writer: threading.Thread | None = None
+        """Put and not yet written, oldest first, the first one being written: `get` answers from here."""
+        self._writing = False
+        """Whether a writer thread is running: it ends when nothing is pending, and `put` starts another."""
         self._failure: BaseException | None = None
 
     def __enter__(self) -> SpectrumCache:
@@ -111,7 +110,7 @@ class SpectrumCache:
         if kind is None:
             self.flush()
         else:
-            self._queue.join()
+            self._written()
 
     def get(self, key: str) -> Basis | None:
         """The cached basis for `key`, verified, or None (counted as a hit or a miss)."""
@@ -126,34 +125,48 @@ class SpectrumCache:
     def put(self, key: str, basis: Basis) -> None:
         """Store `basis` for `key`, within the cap, in the background (waits while PENDING are queued)."""
         with self._lock:
+            self._lock.wait_for(lambda: len(self._pending) <= PENDING)
             if self._disabled or self._full:
                 return
             self._pending[key] = basis
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_queued, name="ftaudit-cache", daemon=True)
-                self._writer.start()
-        self._queue.put((key, basis))
+            if not self._writing:
+                self._writing = True
+                threading.Thread(target=self._write_pending, name="ftaudit-cache", daemon=True).start()
 
     def flush(self) -> None:
         """Wait until every entry put is written (or given up); raise what the writer failed with."""
-        self._queue.join()
-        if self._failure is not None:
+        self._written()
+        with self._lock:
             failure, self._failure = self._failure, None
+        if failure is not None:
             raise failure
 
-    def _write_queued(self) -> None:
-        while True:
-            self._write_next(*self._queue.get())
-            self._queue.task_done()  # only now: no name here holds the basis written, nor did it linger
+    def _written(self) -> None:
+        with self._lock:
+            self._lock.wait_for(lambda: not self._pending)
 
-    def _write_next(self, key: str, basis: Basis) -> None:
+    def _write_pending(self) -> None:
+        while self._write_oldest():
+            pass
+
+    def _write_oldest(self) -> bool:
+        """Write the oldest pending entry; False, the thread ending, when none is left."""
+        with self._lock:
+            if not self._pending:
+                self._writing = False
+                return False
+            key = next(iter(self._pending))
+            basis = self._pending[key]
         try:
             self._write(key, basis)
         except BaseException as e:  # not a full or read-only disk (handled): raised by `flush`
             self._failure = self._failure or e
         finally:
+            del basis  # let go of it before `flush` can return
             with self._lock:
-                self._pending.pop(key, None)
+                del self._pending[key]
+                self._lock.notify_all()
+        return True
 
     def get_or_compute(self, key: str, compute: Callable[[], Basis]) -> Basis:
         """The cached basis for `key`, or `compute()`'s, stored for next time."""

@@ -298,6 +298,18 @@ def test_the_writer_lets_go_of_a_basis_once_it_is_written(tmp_path):
     assert vectors() is None and len(entries(tmp_path)) == 1
 
 
+def test_the_writer_thread_ends_once_nothing_is_pending_and_a_later_put_starts_another(tmp_path):
+    def writers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "ftaudit-cache"]
+
+    for i, w in enumerate(_bases(3)):  # three audits in one long-lived process
+        with SpectrumCache(tmp_path / str(i)) as cache:
+            cache.put("k0", base_basis(w.double()))
+        for thread in writers():
+            thread.join(timeout=10)
+        assert writers() == [] and len(entries(tmp_path / str(i))) == 1
+
+
 def test_what_the_writer_fails_with_is_raised_by_flush(tmp_path, monkeypatch):
     def broken(basis):
         raise RuntimeError("cannot serialise")
