@@ -97,9 +97,8 @@ class SpectrumCache:
         cap keeps what fits instead of evicting its own entries in a cycle that no later audit could hit."""
         self._lock = threading.Condition()  # audits analyse several pairs at once on CPU threads
         self._pending: dict[str, Basis] = {}
-        """Put and not yet written, oldest first, the first one being written: `get` answers from here."""
-        self._writing = False
-        """Whether a writer thread is running: it ends when nothing is pending, and `put` starts another."""
+        """Put and not yet written, oldest first, the first one being written: `get` answers from here.
+        A writer thread runs exactly while this is not empty."""
         self._failure: BaseException | None = None
 
     def __enter__(self) -> SpectrumCache:
@@ -128,9 +127,9 @@ class SpectrumCache:
             self._lock.wait_for(lambda: len(self._pending) <= PENDING)
             if self._disabled or self._full:
                 return
+            idle = not self._pending
             self._pending[key] = basis
-            if not self._writing:
-                self._writing = True
+            if idle:
                 threading.Thread(target=self._write_pending, name="ftaudit-cache", daemon=True).start()
 
     def flush(self) -> None:
@@ -150,23 +149,19 @@ class SpectrumCache:
             pass
 
     def _write_oldest(self) -> bool:
-        """Write the oldest pending entry; False, the thread ending, when none is left."""
+        """Write the oldest pending entry; whether any is left (if not, the thread ends)."""
         with self._lock:
-            if not self._pending:
-                self._writing = False
-                return False
             key = next(iter(self._pending))
             basis = self._pending[key]
         try:
             self._write(key, basis)
         except BaseException as e:  # not a full or read-only disk (handled): raised by `flush`
             self._failure = self._failure or e
-        finally:
-            del basis  # let go of it before `flush` can return
-            with self._lock:
-                del self._pending[key]
-                self._lock.notify_all()
-        return True
+        del basis  # let go of it before `flush` can return
+        with self._lock:
+            del self._pending[key]
+            self._lock.notify_all()
+            return bool(self._pending)
 
     def get_or_compute(self, key: str, compute: Callable[[], Basis]) -> Basis:
         """The cached basis for `key`, or `compute()`'s, stored for next time."""
