@@ -121,13 +121,13 @@ def ceiling(layers: int, hidden: int, mlp: int, device: torch.device) -> tuple[f
     counts = {(hidden, hidden): 4 * layers, (mlp, hidden): 2 * layers, (hidden, mlp): layers}
     cold = warm = 0.0
     kernels: dict[str, float] = {}
+    block = START_FACTOR * K + 1
     for (rows, cols), count in counts.items():
         w = torch.randn(rows, cols, device=device, dtype=torch.float64) / cols**0.5
         small = (lambda a: a @ a.mT) if rows <= cols else (lambda a: a.mT @ a)
         g64, g32 = small(w), small(w.float())
-        count = START_FACTOR * K + 1
-        if iterated_start(g32, count, K) is not None:
-            start = "float32 start (iterated)", timed(lambda: iterated_start(g32, count, K), device)
+        if iterated_start(g32, block, K) is not None:
+            start = "float32 start (iterated)", timed(lambda: iterated_start(g32, block, K), device)
         else:
             start = "float32 start (eigh)", timed(lambda: torch.linalg.eigh(g32), device)
         shared = {
