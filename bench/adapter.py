@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from run import ROOT, WORK, measure, minilm, synthetic
+from common import ROOT, WORK, measure
+from run import minilm, synthetic
 
 ADAPTER = ROOT / "examples" / "minilm-lora-r8"
 RANK, ALPHA = 16, 32

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from run import ROOT, WORK, llama_shapes, measure
+from common import ROOT, WORK, llama_shapes, measure
 
 from ftaudit.spectral import START_FACTOR, iterated_start
 

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,11 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "bench" / ".work"
-sys.path.insert(0, str(ROOT))
+from common import ROOT, WORK, llama_shapes, measure
 
-from examples import minilm_finetunes as ft  # noqa: E402
+from examples import minilm_finetunes as ft
 
 LLAMA_MLP_RATIO = 11008 / 4096
 
@@ -43,12 +40,6 @@ class Pair:
     base: Path
     largest_pair_bytes: int
     width: int
-
-
-def llama_shapes(hidden: int, mlp: int) -> dict[str, tuple[int, int]]:
-    """The seven matrices of one Llama layer, by module path, as (rows, columns)."""
-    attention = {f"self_attn.{m}": (hidden, hidden) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    return {**attention, "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
 
 
 def synthetic(width: int, layers: int, seed: int = 0) -> Pair:
@@ -101,27 +92,6 @@ def tools(peers: bool) -> dict[str, list[str]]:
         found["modeldelta"] = [py, "-m", "modeldelta", "{base}", "{tuned}", "-o", "{out}.json", "-q"]
         found["WeightWatcher (base_model)"] = [py, str(ROOT / "bench" / "weightwatcher_run.py"), "{tuned}", "{base}"]
     return found
-
-
-LAUNCHER = """
-import os, subprocess, sys, time
-start = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-err = proc.stderr.read()
-_, status, usage = os.wait4(proc.pid, 0)
-print(time.perf_counter() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))
-sys.stderr.write(err.decode(errors="replace")[-500:])
-"""
-
-
-def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one process, started from a small launcher process so
-    that its peak memory is its own (a child forked from this large process would count its pages)."""
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], env=env, capture_output=True, text=True)
-    wall, rss, code = done.stdout.split()
-    if int(code) not in (0, 1) or "Traceback" in done.stderr:
-        raise SystemExit(f"{argv[:4]} failed with {code}: {done.stderr}")
-    return float(wall), int(rss)
 
 
 def run(pairs: list[Pair], repeats: int, peers: bool, once_from: int) -> list[dict[str, object]]:
