@@ -129,6 +129,13 @@ def pair_sums(base: torch.Tensor, tuned: torch.Tensor, with_gram: bool = True) -
     )
 
 
+def row_norms(w: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row of W, in float64."""
+    if w.shape[0] == 0:
+        return torch.zeros(0, dtype=F64, device=w.device)
+    return torch.cat([torch.linalg.vector_norm(block, dim=1) for block in blocks(w, 0)])
+
+
 def times(w: torch.Tensor, right: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:
     """W·right (right in float64), computed in float64 by row blocks and stored in `dtype`."""
     out = torch.empty(w.shape[0], right.shape[1], dtype=dtype, device=w.device)

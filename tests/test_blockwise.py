@@ -40,6 +40,15 @@ def test_gram_and_products_match_the_whole_float64_computation(shape, dtype):
     assert torch.allclose(single.double(), blockwise.gram(w), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 7, 30])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_norms_are_the_whole_float64_row_norms(rows, dtype):
+    w = torch.randn(rows, 9, generator=torch.Generator().manual_seed(2)).to(dtype)
+    norms = blockwise.row_norms(w)
+    assert norms.dtype == torch.float64 and norms.shape == (rows,)
+    assert torch.allclose(norms, torch.linalg.vector_norm(w.double(), dim=1), rtol=1e-15, atol=0)
+
+
 def test_a_float64_input_is_never_written_to():
     w = torch.randn(12, 9, dtype=torch.float64)
     v = torch.randn(12, 9, dtype=torch.float64)

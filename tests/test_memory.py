@@ -46,6 +46,28 @@ def test_freed_large_blocks_are_returned_to_the_system():
     assert _kept_after_freeing(fix=True) < 4 * 2**20
 
 
+ROW_NORMS = """
+import resource, torch
+from ftaudit.analyses.indicators import row_norm_drift
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+g = torch.Generator().manual_seed(0)
+base = torch.randn(16384, 1024, generator=g, dtype=torch.bfloat16)  # 32 MiB, 128 MiB in float64
+tuned = base.clone()
+tuned[::2] *= 2
+before = peak()
+assert row_norm_drift(base, tuned)["mean_norm_ratio"] > 1
+print(peak() - before)
+"""
+
+
+def test_row_norm_drift_never_upcasts_a_whole_matrix():
+    done = subprocess.run([sys.executable, "-c", ROW_NORMS], capture_output=True, text=True, check=True)
+    assert int(done.stdout) < 48 * 2**20  # a float64 copy of either matrix alone would take 128 MiB
+
+
 class _InMemory:
     """A side of an audit over tensors in memory: each load is a fresh copy, tracked while it lives."""
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ftaudit.blockwise import PairSums
+from ftaudit.blockwise import PairSums, row_norms
 from ftaudit.sources.safetensors import FLOAT_DTYPES
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -181,8 +181,7 @@ def row_norm_drift(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float |
     "zero_base_rows": how many base rows were all zeros (excluded from the per-row figures).
     None when either matrix holds a NaN or ±inf (its row's float64 norm then does too).
     """
-    nb = torch.linalg.vector_norm(base, dim=1, dtype=torch.float64)
-    nt = torch.linalg.vector_norm(tuned, dim=1, dtype=torch.float64)
+    nb, nt = row_norms(base), row_norms(tuned)
     if not bool(torch.isfinite(nb.sum() + nt.sum())):
         return None
     live = nb > 0
