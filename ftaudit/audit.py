@@ -138,16 +138,17 @@ def _stream(
 ) -> Iterator[Loaded]:
     """Yield loaded pairs (with any known low-rank ΔW) in order while a background thread reads the next.
 
-    With `pin` (a CUDA device) the reader also pins each tensor in page-locked host memory, so that
-    the copies to the GPU run asynchronously to the host. With `key` the reader also hashes each
-    analysed base tensor for the cache, off the analysis's path; the first `scale_only` pairs are
-    measured for their row norms only and need no key.
+    With `pin` (a CUDA device) the reader also pins each analysed pair in page-locked host memory, so
+    that its copies to the GPU run asynchronously to the host. The first `scale_only` pairs, measured
+    for their row norms only and often the largest tensors, are copied once and synchronously instead:
+    pinned memory stays reserved once used. With `key` the reader also hashes each analysed base
+    tensor for the cache, off the analysis's path.
     """
 
     def load(i: int) -> Loaded:
         pair = pairs[i]
         w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
-        if pin:
+        if pin and i >= scale_only:
             w0, wt = w0.pin_memory(), wt.pin_memory()
         update = updates(pair.tuned_name) if updates else None
         if pair.rows is not None:

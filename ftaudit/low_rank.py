@@ -114,7 +114,7 @@ def _secular_vectors(base: Basis, w0: torch.Tensor, update: LowRankUpdate, count
         low, high = grid.gather(1, below).squeeze(1), grid.gather(1, below + 1).squeeze(1)
     theta = (low + high) / 2
     values, vectors = torch.linalg.eigh(secular(theta))
-    null = vectors[torch.arange(count), :, values.abs().argmin(1)]
+    null = vectors[torch.arange(count, device=vectors.device), :, values.abs().argmin(1)]
     coords = ((null @ c_hat.mT) / (theta[:, None] - d[None, :])).mT
     x = base.times(w0, coords[: base.rank])
     if outside is not None:

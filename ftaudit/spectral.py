@@ -21,6 +21,8 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
     return device

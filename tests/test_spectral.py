@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftaudit.analyses.intruders import intruders
+from ftaudit.errors import UsageError
 from ftaudit import blockwise, spectral
 from ftaudit.spectral import CERTIFIED_SIN, Basis, base_basis, left_spectrum, refine_top_left, top_left
 from tests import reference
@@ -250,3 +252,23 @@ def test_the_first_vectors_alone_are_those_of_the_whole_spectrum(shape, conditio
     whole, first = left_spectrum(w), left_spectrum(w, count=3)
     assert first.U.shape == (shape[0], 3) and torch.equal(first.S, whole.S[:3])
     assert torch.allclose(first.U, whole.U[:, :3], atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "gpus", "message"), [
+    ("cuda", 0, "torch sees no CUDA GPU"),
+    ("cuda:1", 1, "torch sees 1 CUDA GPU(s)"),
+    ("cuda:x", 1, "unknown device"),
+    ("mps", 0, "not supported"),
+])
+def test_devices_that_cannot_be_used_are_refused_up_front(monkeypatch, name, gpus, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        spectral.resolve_device(name)
+
+
+def test_an_existing_gpu_index_is_accepted(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert spectral.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert spectral.resolve_device("auto") == torch.device("cuda")
