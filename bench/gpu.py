@@ -4,8 +4,8 @@ Usage: python bench/gpu.py [--layers 32] [--hidden 4096] [--mlp 11008] [--vocab 
 
 Makes, on the device, a BF16 base with Llama's shapes and a tuned copy with a rank-16 update on every
 attention and MLP matrix, one safetensors shard per layer (bench/.work/gpu-LAYERSxHIDDEN). Then measures,
-each audit as its own process and with both models' pages evicted from the page cache first, so that
-the weights come from the disk:
+each audit as its own process, after asking the kernel to drop both models' pages from the page
+cache, so that the weights come from the disk where it does:
 
 - the disk's read rate: both models read once, in 64 MiB pieces;
 - the ceiling: what the device takes for the kernels an audit cannot avoid, timed on one matrix of
@@ -79,12 +79,15 @@ def weight_files(*folders: Path) -> list[Path]:
 
 
 def evict(files: list[Path]) -> None:
-    """Drop the files' pages from the page cache, so the next read comes from the disk."""
+    """Ask the kernel to drop the files' pages from the page cache, so the next read comes from the
+    disk. A kernel may ignore it (a sandbox's, say): the disk's read rate then shows memory's."""
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as error:
+            print(f"{path.name}: the page cache was not dropped ({error.strerror})", flush=True)
         finally:
             os.close(fd)
 
@@ -207,8 +210,9 @@ def write(name: str, args: argparse.Namespace, gigabytes: float, read_s: float, 
         f"Written by `python bench/gpu.py` on {time.strftime('%Y-%m-%d')}: {name}, torch {torch.__version__}. "
         f"Input: a BF16 pair with Llama's shapes, {args.layers} layers, hidden {args.hidden}, MLP {args.mlp}, "
         f"vocabulary {args.vocab}, a rank-{RANK} update on each of its {7 * args.layers} matrices. Each audit is "
-        "one whole process with both models evicted from the page cache first. The lower bound is the larger "
-        "of the disk's read time and the ceiling (reading and decomposing overlap).",
+        "one whole process, after asking the kernel to drop both models from the page cache (posix_fadvise; "
+        "a kernel that ignores it leaves them in memory, and the disk rate below is then memory's). The lower "
+        "bound is the larger of the disk's read time and the ceiling (reading and decomposing overlap).",
         "",
         f"Disk: both models, {gigabytes:.1f} GB, read in {read_s:.1f} s: {gigabytes / read_s:.2f} GB/s.",
         "",
