@@ -91,7 +91,7 @@ def run_audit(
         return i, pair, head, analyse_pair(pair, stored, options.k, options.epsilon, device, cache, update)
 
     workers = worker_count(device, [pair.shape for pair in pairing.pairs])
-    loaded = _stream(todo, base_side, tuned_side, updates, pin=device.type == "cuda", key=cache is not None, scale_only=scale_only)
+    loaded = _stream(todo, base_side, tuned_side, updates, pin=device if device.type == "cuda" else None, key=cache is not None, scale_only=scale_only)
     stream = enumerate(loaded)
     with flushed(cache), threads_per_worker(workers):
         for i, pair, head, result in in_order(stream, analyse, workers):
@@ -132,24 +132,25 @@ def _stream(
     base: Tensors,
     tuned: Tensors,
     updates: Updates | None,
-    pin: bool,
+    pin: torch.device | None,
     key: bool,
     scale_only: int,
 ) -> Iterator[Loaded]:
     """Yield loaded pairs (with any known low-rank ΔW) in order while a background thread reads the next.
 
-    With `pin` (a CUDA device) the reader also pins each analysed pair in page-locked host memory, so
-    that its copies to the GPU run asynchronously to the host. The first `scale_only` pairs, measured
-    for their row norms only and often the largest tensors, are copied once and synchronously instead:
-    pinned memory stays reserved once used. With `key` the reader also hashes each analysed base
-    tensor for the cache, off the analysis's path.
+    With `pin`, a CUDA device, the reader also pins each analysed pair in page-locked host memory (in
+    that device's context, not the first GPU's), so that its copies to the GPU run asynchronously to
+    the host. The first `scale_only` pairs, measured for their row norms only and often the largest
+    tensors, are copied once and synchronously instead: pinned memory stays reserved once used. With
+    `key` the reader also hashes each analysed base tensor for the cache, off the analysis's path.
     """
 
     def load(i: int) -> Loaded:
         pair = pairs[i]
         w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
-        if pin and i >= scale_only:
-            w0, wt = w0.pin_memory(), wt.pin_memory()
+        if pin is not None and i >= scale_only:
+            with torch.cuda.device(pin):
+                w0, wt = w0.pin_memory(), wt.pin_memory()
         update = updates(pair.tuned_name) if updates else None
         if pair.rows is not None:
             w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None
