@@ -1,20 +1,23 @@
 """A Llama-2-7B-shaped audit on a GPU, against the disk's read rate and a decomposition ceiling.
 
-Usage: python bench/gpu.py [--layers 32] [--hidden 4096] [--mlp 11008] [--vocab 32000] [--device cuda]
+Usage: python bench/gpu.py [--layers 32] [--hidden 4096] [--mlp 11008] [--vocab 32000] [--device cuda] [--doc PATH]
 
-Makes, on the device, a BF16 base with Llama's shapes and a tuned copy with a rank-16 update on every
-attention and MLP matrix, one safetensors shard per layer (bench/.work/gpu-LAYERSxHIDDEN). Then measures,
-each audit as its own process, after asking the kernel to drop both models' pages from the page
-cache, so that the weights come from the disk where it does:
+Measures, in this order:
 
-- the disk's read rate: both models read once, in 64 MiB pieces;
 - the ceiling: what the device takes for the kernels an audit cannot avoid, timed on one matrix of
   each shape and multiplied by the count: float64 Gram and eigh of the base, float32 Gram of the
   tuned matrix and the start of its top-k (the iterated start, or the float32 eigh where that does
   not converge), float64 Gram and eigvalsh of ΔW; warm, without the base's share;
-- ftaudit cold (empty cache) and warm (the base's spectra cached, 14 GiB, under the default cap).
+- the disk's read rate, after making on the device a BF16 base with Llama's shapes and a tuned copy
+  with a rank-16 update on every attention and MLP matrix, one safetensors shard per layer
+  (bench/.work/gpu-LAYERSxHIDDEN): both models read once, in 64 MiB pieces;
+- ftaudit cold (empty cache) and warm (the base's spectra cached, 14 GiB, under the default cap),
+  each as its own process.
 
-Prints the table and writes docs/benchmarks-gpu.md. `--device cpu` with small sizes checks the script.
+Before each read the kernel is asked to drop both models' pages from the page cache, so that the
+weights come from the disk where it does. The table (docs/benchmarks-gpu.md, or --doc) is rewritten
+after each step, so a run cut short keeps what it measured. `--device cpu` with small sizes checks
+the script.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -166,6 +170,20 @@ def ceiling(layers: int, hidden: int, mlp: int, device: torch.device) -> tuple[f
     return cold, warm, kernels
 
 
+@dataclass
+class Findings:
+    """What the benchmark has measured so far; written out after each step, so a run cut short keeps it."""
+
+    name: str
+    args: argparse.Namespace
+    ceiling: tuple[float, float] | None = None
+    kernels: dict[str, float] = field(default_factory=dict)
+    disk: tuple[float, float] | None = None
+    """Gigabytes read and seconds taken."""
+    runs: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Wall seconds and peak RSS bytes, by audit."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
@@ -173,63 +191,74 @@ def main() -> None:
     parser.add_argument("--mlp", type=int, default=11008)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks-gpu.md",
+                        help="Where to write the table, rewritten after each step.")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run on a GPU machine, or pass --device cpu with small sizes")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    found = Findings(name, args)
+    cold_ceiling, warm_ceiling, found.kernels = ceiling(args.layers, args.hidden, args.mlp, device)
+    found.ceiling = cold_ceiling, warm_ceiling
+    print(f"ceiling: cold {cold_ceiling:.1f} s, warm {warm_ceiling:.1f} s", flush=True)
+    write(found)
     folder = WORK / f"gpu-{args.layers}x{args.hidden}"
     start = time.perf_counter()
     base_dir, tuned_dir = make_pair(folder, args.layers, args.hidden, args.mlp, args.vocab, device)
     print(f"inputs ready in {time.perf_counter() - start:.0f} s", flush=True)
     files = weight_files(base_dir, tuned_dir)
     read_s, read_bytes = disk_read(files)
-    gigabytes = read_bytes / 1e9
-    print(f"disk: {gigabytes:.1f} GB in {read_s:.1f} s", flush=True)
-    cold_ceiling, warm_ceiling, kernels = ceiling(args.layers, args.hidden, args.mlp, device)
-    print(f"ceiling: cold {cold_ceiling:.1f} s, warm {warm_ceiling:.1f} s", flush=True)
+    found.disk = read_bytes / 1e9, read_s
+    print(f"disk: {read_bytes / 1e9:.1f} GB in {read_s:.1f} s", flush=True)
+    write(found)
     cache = folder / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "FTAUDIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "ftaudit", "check", str(tuned_dir), "--base", str(base_dir),
             "--device", args.device, "--quiet"]
-    runs = {}
     for label in ("cold", "warm"):
         evict(files)
-        runs[label] = measure(argv, env)
-        print(f"ftaudit {label}: {runs[label][0]:.1f} s", flush=True)
-    write(name, args, gigabytes, read_s, cold_ceiling, warm_ceiling, kernels, runs)
+        found.runs[label] = measure(argv, env)
+        print(f"ftaudit {label}: {found.runs[label][0]:.1f} s", flush=True)
+        write(found)
+    print(args.doc.read_text())
 
 
-def write(name: str, args: argparse.Namespace, gigabytes: float, read_s: float, cold_ceiling: float,
-          warm_ceiling: float, kernels: dict[str, float], runs: dict[str, tuple[float, int]]) -> None:
-    bounds = {"cold": (cold_ceiling, max(read_s, cold_ceiling)), "warm": (warm_ceiling, max(read_s, warm_ceiling))}
+def write(found: Findings) -> None:
+    """The table of what was measured so far, written to `found.args.doc`."""
+    args = found.args
     lines = [
         "# GPU benchmark",
         "",
-        f"Written by `python bench/gpu.py` on {time.strftime('%Y-%m-%d')}: {name}, torch {torch.__version__}. "
+        f"Written by `python bench/gpu.py` on {time.strftime('%Y-%m-%d')}: {found.name}, torch {torch.__version__}. "
         f"Input: a BF16 pair with Llama's shapes, {args.layers} layers, hidden {args.hidden}, MLP {args.mlp}, "
         f"vocabulary {args.vocab}, a rank-{RANK} update on each of its {7 * args.layers} matrices. Each audit is "
         "one whole process, after asking the kernel to drop both models from the page cache (posix_fadvise; "
         "a kernel that ignores it leaves them in memory, and the disk rate below is then memory's). The lower "
         "bound is the larger of the disk's read time and the ceiling (reading and decomposing overlap).",
         "",
-        f"Disk: both models, {gigabytes:.1f} GB, read in {read_s:.1f} s: {gigabytes / read_s:.2f} GB/s.",
-        "",
-        "| audit | wall (s) | achieved GB/s | decomposition ceiling (s) | lower bound (s) | wall / bound | peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, (wall, rss) in runs.items():
-        ceiling_s, bound = bounds[label]
-        lines.append(f"| ftaudit {label} | {wall:.1f} | {gigabytes / wall:.2f} | {ceiling_s:.1f} | {bound:.1f} | "
-                     f"{wall / bound:.2f} | {rss / 2**20:.0f} |")
-    lines += ["", "Kernel times per matrix (median of 3) that make up the ceiling (cold also counts the base's float64 "
-              "Gram, which costs what ΔW's does; rows marked MAGMA are the same solvers in that library, not counted):", "",
-              "| kernel | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in kernels.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (ROOT / "docs" / "benchmarks-gpu.md").write_text(text)
+    if found.disk is not None:
+        gigabytes, read_s = found.disk
+        lines += [f"Disk: both models, {gigabytes:.1f} GB, read in {read_s:.1f} s: {gigabytes / read_s:.2f} GB/s.", ""]
+    if found.runs and found.disk is not None and found.ceiling is not None:
+        lines += ["| audit | wall (s) | achieved GB/s | decomposition ceiling (s) | lower bound (s) | wall / bound "
+                  "| peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for label, (wall, rss) in found.runs.items():
+            ceiling_s = found.ceiling[0 if label == "cold" else 1]
+            bound = max(found.disk[1], ceiling_s)
+            lines.append(f"| ftaudit {label} | {wall:.1f} | {found.disk[0] / wall:.2f} | {ceiling_s:.1f} | {bound:.1f} "
+                         f"| {wall / bound:.2f} | {rss / 2**20:.0f} |")
+        lines.append("")
+    elif found.ceiling is not None:
+        lines += [f"Decomposition ceiling: cold {found.ceiling[0]:.1f} s, warm {found.ceiling[1]:.1f} s.", ""]
+    lines += ["Kernel times per matrix (median of 3) that make up the ceiling (cold also counts the base's float64 "
+              "Gram, which costs what ΔW's does; rows marked MAGMA are the same solvers in that library, not "
+              "counted):", "", "| kernel | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in found.kernels.items()]
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 # that compare the GPU's audits with the CPU's, then the Llama-2-7B-shaped benchmark.
 #
 # Usage: bash bench/gpu.sh [LAYERS] [OUT]   (LAYERS 32 by default; OUT defaults to $OUT, else bench/.work/gpu-out)
-# OUT receives the device's description, both logs and docs/benchmarks-gpu.md. Exit status: non-zero
-# when the tests or the benchmark failed.
+# OUT receives the device's description, both logs and benchmarks-gpu.md, which the benchmark
+# rewrites after each step (and which is copied to docs/ at the end). Exit status: non-zero when the
+# tests or the benchmark failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 layers=${1:-32}
@@ -17,7 +18,7 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() 
     | tee "$out/device.txt"
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
 tests=${PIPESTATUS[0]}
-python3 bench/gpu.py --layers "$layers" 2>&1 | tee "$out/gpu.log"
+python3 bench/gpu.py --layers "$layers" --doc "$out/benchmarks-gpu.md" 2>&1 | tee "$out/gpu.log"
 bench=${PIPESTATUS[0]}
-cp docs/benchmarks-gpu.md "$out/" 2>/dev/null
+cp "$out/benchmarks-gpu.md" docs/ 2>/dev/null
 exit $((tests || bench))
