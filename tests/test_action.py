@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def evaluate(value: str, context: dict[str, str]) -> str:
 def action_context(inputs: dict[str, str], runner_temp: Path, outputs: dict[str, str] | None = None) -> dict[str, str]:
     context = {f"inputs.{name}": str(spec.get("default", "")) for name, spec in ACTION["inputs"].items()}
     context |= {f"inputs.{name}": value for name, value in inputs.items()}
-    context |= {"github.action_path": str(ACTION_DIR), "runner.temp": str(runner_temp)}
+    context |= {"github.action_path": str(ACTION_DIR), "runner.temp": str(runner_temp), "runner.os": "Linux"}
     context |= {f"steps.audit.outputs.{name}": value for name, value in (outputs or {}).items()}
     return context
 
@@ -141,6 +142,46 @@ def test_could_not_audit_fails_the_audit_step(hub, models, tmp_path):
     assert bad.returncode == 2 and "fail-on must be fail, warn or never" in bad.stdout
 
 
+def test_the_cache_is_kept_between_runs_under_a_key_named_by_its_entries(models, tmp_path):
+    base, tuned = models
+    audit, name = step(ACTION["runs"]["steps"], "audit"), step(ACTION["runs"]["steps"], "spectra")
+
+    def run_on_runner(runner: str, inputs: dict[str, str], restored: Path | None = None) -> tuple[Path, str | None]:
+        """The audit and the key step on a fresh runner, after restoring `restored` as actions/cache would."""
+        temp, work = tmp_path / runner, tmp_path / runner / "work"
+        work.mkdir(parents=True)
+        spectra = temp / "ftaudit-spectra"
+        if restored is not None:
+            shutil.copytree(restored, spectra)
+            for entry in spectra.rglob("*.safetensors"):
+                os.utime(entry, (1, 1))
+        context = action_context({"model": str(tuned), "base": str(base), **inputs}, temp)
+        assert run_step(audit, context, work).returncode == 0
+        assert run_step(name, context, work).returncode == 0
+        return spectra, parse_outputs(work / "github_output").get("key")
+
+    cold, key = run_on_runner("first", {})
+    entries = sorted(p.relative_to(cold) for p in cold.rglob("*.safetensors"))
+    assert len(entries) == 14 and key is not None and re.fullmatch(r"ftaudit-spectra-Linux-[0-9a-f]{16}", key)
+    warm, warm_key = run_on_runner("second", {}, restored=cold)
+    assert warm_key == key  # nothing new: the save step is skipped, the restored key being this one
+    assert sorted(p.relative_to(warm) for p in warm.rglob("*.safetensors")) == entries
+    assert all(p.stat().st_mtime > 1 for p in warm.rglob("*.safetensors"))  # every entry was read
+
+    other = write_model(tmp_path / "other-base", llama_like(seed=7))
+    grown, grown_key = run_on_runner("third", {"base": str(other)}, restored=cold)
+    assert len(list(grown.rglob("*.safetensors"))) == 28 and grown_key not in (None, key)
+
+    unused, no_key = run_on_runner("fourth", {"cache": "false"})
+    assert not unused.exists() and no_key is None
+
+
+def test_cache_input_is_checked(models, tmp_path):
+    context = action_context({"model": str(models[1]), "base": str(models[0]), "cache": "yes"}, tmp_path)
+    bad = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
+    assert bad.returncode == 2 and "cache must be true or false" in bad.stdout
+
+
 @pytest.mark.parametrize(
     ("status", "fail_on", "code"),
     [("pass", "fail", 0), ("warn", "fail", 0), ("fail", "fail", 1), ("pass", "warn", 0), ("warn", "warn", 1),
@@ -174,6 +215,21 @@ def test_action_definition():
     assert upload["uses"] == "actions/upload-artifact@v4" and upload["if"] == "always()"
     assert upload["with"]["path"] == "${{ runner.temp }}/ftaudit-report.json"
     assert steps[-1]["name"] == "Apply fail-on"
+
+    # The cache: restored before the audit (the newest with the prefix), saved after it under a key
+    # named by its entries unless that is the key restored, before fail-on can fail the job.
+    assert defaults["cache"] == "true" and defaults["cache-size"] == "8"
+    restore, save = step(steps, "restore-spectra"), step(steps, "Save the base-spectrum cache")
+    names = [s.get("id") or s.get("name") for s in steps]
+    assert names.index("restore-spectra") < names.index("audit") < names.index("spectra") < names.index(save["name"])
+    assert restore["uses"] == "actions/cache/restore@v4" and save["uses"] == "actions/cache/save@v4"
+    path = "${{ runner.temp }}/ftaudit-spectra"
+    assert restore["with"]["path"] == save["with"]["path"] == path
+    assert step(steps, "audit")["env"]["FTAUDIT_CACHE"] == step(steps, "spectra")["env"]["FTAUDIT_CACHE"] == path
+    assert restore["with"]["restore-keys"] == step(steps, "spectra")["env"]["PREFIX"] == "ftaudit-spectra-${{ runner.os }}-"
+    assert restore["if"] == step(steps, "spectra")["if"] == "inputs.cache == 'true'"
+    assert save["with"]["key"] == "${{ steps.spectra.outputs.key }}"
+    assert "steps.spectra.outputs.key != steps.restore-spectra.outputs.cache-matched-key" in save["if"]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.yml")))
