@@ -139,8 +139,8 @@ def test_fix_on_the_gpu_writes_what_it_writes_on_the_cpu(models, tmp_path):
         written[device] = load_file(out / "adapter_model.safetensors")
     cpu, gpu = written["cpu"], written[DEVICE]
     assert cpu.keys() == gpu.keys()
-    changed = [name for name in cpu if not torch.equal(cpu[name], load_file(
-        models["adapter"] / "adapter_model.safetensors")[name])]
+    given = load_file(models["adapter"] / "adapter_model.safetensors")
+    changed = [name for name in cpu if not torch.equal(cpu[name], given[name])]
     assert changed, "the fix changed no factor"
     for name in cpu:
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-7, msg=name)
