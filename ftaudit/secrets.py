@@ -4,27 +4,55 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from huggingface_hub.utils import get_token
+from huggingface_hub import constants  # the paths only: the Hub client loads slowly, and a local audit never needs it
 
 MASK = "***"
+
+
+def saved_login() -> str | None:
+    """The token `hf auth login` saved, read from where huggingface_hub keeps it."""
+    try:
+        return Path(constants.HF_TOKEN_PATH).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _resolved_by_hub() -> str | None:
+    """The token the Hub client resolves (a Colab secret, an OIDC exchange, a refreshed login), once it is loaded:
+    until then none of these can have been fetched."""
+    hub_utils = sys.modules.get("huggingface_hub.utils")
+    get_token = getattr(hub_utils, "get_token", None)
+    if get_token is None:
+        return None
+    try:
+        return get_token()
+    except Exception:  # noqa: BLE001 - a token that could not be obtained was never used
+        return None
 
 
 @dataclass(frozen=True)
 class Redactor:
     """Replaces every known secret in a text by a mask."""
 
-    secrets: tuple[str, ...]
+    known: frozenset[str]
 
     @classmethod
     def for_token(cls, token: str | None) -> Redactor:
-        """The explicit token, HF_TOKEN and the saved login, whichever exist."""
-        found = {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"), get_token()}
-        return cls(tuple(sorted((s for s in found if s and len(s) >= 4), key=len, reverse=True)))
+        """The explicit token, HF_TOKEN and the saved login, whichever exist, and whatever the Hub client resolves."""
+        found = {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"), saved_login()}
+        return cls(frozenset(s for s in found if s))
+
+    def secrets(self) -> list[str]:
+        """Every secret, longest first (so that one holding another is masked whole)."""
+        found = self.known | {_resolved_by_hub()}
+        return sorted((s for s in found if s and len(s) >= 4), key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
-        for secret in self.secrets:
+        for secret in self.secrets():
             text = text.replace(secret, MASK)
         return text
 
