@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ftaudit.errors import InvalidWeightsError, NotFoundError
 from ftaudit.sources.storage import MAX_TEXT_BYTES
 
 
 class LocalStorage:
-    """A folder on disk, read by slices."""
+    """A folder on disk, read by slices. Its files may be links to elsewhere, as in the Hugging Face cache."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, label: str | None = None) -> None:
         if not root.is_dir():
             raise NotFoundError(f"{root}: not a folder")
         self.root = root
-        self.label = str(root)
+        self.label = label or str(root)
 
     def files(self) -> list[str]:
         return sorted(
@@ -26,10 +26,11 @@ class LocalStorage:
         )
 
     def _path(self, name: str) -> Path:
-        path = (self.root / name).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        """The file a name read from the snapshot (an index's weight map) gives, if it names one inside the folder."""
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts or "\\" in name:
             raise InvalidWeightsError(f"{self.label}: file name {name!r} points outside the folder")
-        return path
+        return self.root / relative
 
     def local_path(self, name: str) -> Path:
         return self._path(name)
