@@ -22,7 +22,7 @@ from ftaudit import __version__, cardfile, memory, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
 from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
 from ftaudit.check import Target, check
-from ftaudit.errors import FtauditError
+from ftaudit.errors import FtauditError, UsageError
 from ftaudit.files import write_text
 from ftaudit.fix import FixOptions, Phases, fix
 from ftaudit.pairing import KINDS, Selection
@@ -218,6 +218,8 @@ def check_command(
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
                    policy_path, no_cache, cache_size, debug)
     redactor = setup.redactor
+    if push:
+        _run(debug, redactor, _refuse_push_offline)
     progress, close = _progress_bar("Auditing") if not quiet else (None, lambda: None)
     try:
         report = _run(debug, redactor, lambda: check(setup.target, setup.options, setup.policy, progress, setup.cache))
@@ -242,6 +244,14 @@ def check_command(
     if not quiet:
         click.echo(redactor(_stdout(report, fmt)))
     sys.exit(EXIT_FAIL if report.verdict.status == "fail" else EXIT_PASS)
+
+
+def _refuse_push_offline() -> None:
+    """--push in offline mode fails before the audit, not after it."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise UsageError("--push writes to the Hub, which HF_HUB_OFFLINE turns off")
 
 
 def _stdout(report: Report, fmt: str) -> str:

@@ -22,7 +22,8 @@ class Snapshot:
 
 
 def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapshot:
-    """Open `spec` as a local folder if one exists there, else as a Hub model repo id.
+    """Open `spec` as a local folder if one exists there, else as a Hub model repo id: read from the Hub, or in
+    offline mode (HF_HUB_OFFLINE) from the Hugging Face cache.
 
     The Hub client is imported only for a Hub id, which keeps a local audit's start-up short.
     """
@@ -31,15 +32,21 @@ def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapsho
         if revision:
             raise UsageError(f"{spec} is a local folder: a revision applies only to Hub repositories")
         return Snapshot(spec, None, LocalStorage(path))
+    from huggingface_hub import constants
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
-
-    from ftaudit.sources.hub import HubStorage
 
     try:
         validate_repo_id(spec)
     except HFValidationError:
         raise NotFoundError(f"{spec}: no such folder, and not a Hub repository id (org/name)") from None
+    if constants.is_offline_mode():
+        from ftaudit.sources.hub_cache import cached_snapshot
+
+        sha, cached = cached_snapshot(spec, revision)
+        return Snapshot(spec, sha, cached)
+    from ftaudit.sources.hub import HubStorage
+
     storage = HubStorage(spec, revision, token)
     return Snapshot(spec, storage.sha, storage)
 

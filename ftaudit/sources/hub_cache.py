@@ -1,0 +1,30 @@
+"""A Hub repository's snapshot in the local Hugging Face cache, opened in offline mode (HF_HUB_OFFLINE)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+from ftaudit.errors import NotFoundError
+from ftaudit.sources.local import LocalStorage
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> tuple[str, LocalStorage]:
+    """The commit sha of `repo_id` at `revision` (a branch, tag or sha; default main) as the cache last saw it, and
+    its snapshot folder; NotFoundError when the cache does not hold it whole."""
+    wanted = f"{repo_id}@{revision or 'main'}"
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except IncompleteSnapshotError:
+        raise NotFoundError(
+            f"{wanted}: only part of it is in the Hugging Face cache, and HF_HUB_OFFLINE is set: "
+            "download it whole first, or unset HF_HUB_OFFLINE"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise NotFoundError(
+            f"{wanted}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: "
+            "download it first, or unset HF_HUB_OFFLINE"
+        ) from None
+    return folder.name, LocalStorage(folder, label=f"{repo_id}@{folder.name[:12]} (Hugging Face cache)")

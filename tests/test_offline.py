@@ -1,0 +1,145 @@
+"""Offline mode (HF_HUB_OFFLINE): Hub ids are read from the Hugging Face cache, whose files are links to blobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import constants, hf_hub_download
+
+from ftaudit.cli import main
+from ftaudit.errors import InvalidWeightsError
+from ftaudit.sources.local import LocalStorage
+from tests.hubserver import HubServer
+from tests.models import card, folder_files, llama_like, low_rank_update, write_model
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def publish(hub: HubServer, tmp_path: Path) -> dict[str, str]:
+    """org/base, and org/tuned (declaring it) on branches main and v1; the sha of each."""
+    base = llama_like(layers=2)
+    hub.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    tuned = folder_files(write_model(tmp_path / "tuned", low_rank_update(base), readme=card("org/base")))
+    return {"main": hub.add_repo("org/tuned", tuned), "v1": hub.add_repo("org/tuned", tuned, revision_name="v1")}
+
+
+def download(hub: HubServer, repo: str, revision: str = "main", skip: str = "") -> Path:
+    """Every file of `repo` into the Hugging Face cache, as transformers would fetch them (but those named `skip`)."""
+    folder = None
+    for name in sorted(hub_files(hub, repo)):
+        if name != skip:
+            folder = Path(hf_hub_download(repo, name, revision=revision, endpoint=hub.url)).parent
+    assert folder is not None
+    return folder
+
+
+def hub_files(hub: HubServer, repo: str) -> list[str]:
+    from huggingface_hub import HfApi
+
+    return [s.rfilename for s in HfApi(endpoint=hub.url).model_info(repo).siblings or []]
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_an_offline_audit_of_cached_repos_matches_the_online_one_without_a_request(hub_env, tmp_path, monkeypatch):
+    shas = publish(hub_env, tmp_path)
+    code, _, stderr = run("check", "org/tuned", "--json", tmp_path / "online.json")
+    assert code == 1, stderr
+    snapshot = download(hub_env, "org/tuned")
+    download(hub_env, "org/base")
+    assert (snapshot / "model.safetensors").is_symlink()  # the cache's layout: links into blobs/
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = len(hub_env.requests)
+    code, stdout, stderr = run("check", "org/tuned", "--json", tmp_path / "offline.json")
+    assert code == 1, stderr
+    assert len(hub_env.requests) == before
+    online, offline = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("online", "offline"))
+    assert offline["model"] == online["model"] and offline["model"]["revision"] == shas["main"]
+    assert offline["base"] == online["base"] and offline["base"]["declared_by"] == "card"
+    assert offline["matrices"] == online["matrices"] and offline["verdict"] == online["verdict"]
+    assert "org/tuned" in stdout
+
+
+def test_offline_revisions_resolve_through_the_cache(hub_env, tmp_path, offline):
+    shas = publish(hub_env, tmp_path)
+    constants.HF_HUB_OFFLINE = False
+    download(hub_env, "org/tuned", "v1")
+    download(hub_env, "org/base")
+    constants.HF_HUB_OFFLINE = True
+    for revision in ("v1", shas["v1"]):
+        code, _, stderr = run("check", "org/tuned", "--revision", revision, "--json", tmp_path / "r.json")
+        assert code == 1, stderr
+        assert json.loads((tmp_path / "r.json").read_text())["model"]["revision"] == shas["v1"]
+    code, _, stderr = run("check", "org/tuned", "--revision", "v2")
+    assert code == 2 and stderr == (
+        f"ftaudit: error: org/tuned@v2: not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE "
+        "is set: download it first, or unset HF_HUB_OFFLINE\n")
+
+
+def test_offline_without_the_base_in_the_cache_names_it(hub_env, tmp_path, offline):
+    publish(hub_env, tmp_path)
+    constants.HF_HUB_OFFLINE = False
+    download(hub_env, "org/tuned")
+    constants.HF_HUB_OFFLINE = True
+    code, _, stderr = run("check", "org/tuned")
+    assert code == 2 and stderr.startswith("ftaudit: error: org/base@main: not in the Hugging Face cache")
+    assert len(stderr.splitlines()) == 1
+
+
+def test_offline_a_partly_cached_model_is_a_clear_error(hub_env, tmp_path, offline):
+    publish(hub_env, tmp_path)
+    constants.HF_HUB_OFFLINE = False
+    download(hub_env, "org/tuned", skip="model.safetensors")
+    download(hub_env, "org/base")
+    constants.HF_HUB_OFFLINE = True
+    code, _, stderr = run("check", "org/tuned")
+    assert code == 2 and stderr.startswith("ftaudit: error: org/tuned@") and "(Hugging Face cache)" in stderr, stderr
+    assert len(stderr.splitlines()) == 1
+
+
+def test_fix_offline_writes_the_patched_model_from_the_cache(hub_env, tmp_path, offline):
+    publish(hub_env, tmp_path)
+    constants.HF_HUB_OFFLINE = False
+    download(hub_env, "org/tuned")
+    download(hub_env, "org/base")
+    constants.HF_HUB_OFFLINE = True
+    out = tmp_path / "fixed"
+    code, _, stderr = run("fix", "org/tuned", "--out", out, "--json", tmp_path / "fix.json")
+    assert code in (0, 1), stderr
+    record = json.loads((tmp_path / "fix.json").read_text())
+    assert record["kind"] == "fix" and (out / "model.safetensors").is_file() and not (out / "model.safetensors").is_symlink()
+
+
+def test_push_offline_is_refused_before_the_audit(hub_env, tmp_path, offline, monkeypatch):
+    publish(hub_env, tmp_path)
+    audited = []
+    monkeypatch.setattr("ftaudit.cli.check", lambda *a: audited.append(a))
+    code, _, stderr = run("check", "org/tuned", "--push")
+    assert code == 2 and stderr == "ftaudit: error: --push writes to the Hub, which HF_HUB_OFFLINE turns off\n"
+    assert not audited
+
+
+def test_a_cache_snapshot_folder_audits_as_a_local_folder(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    tuned, base = download(hub_env, "org/tuned"), download(hub_env, "org/base")
+    code, _, stderr = run("check", tuned, "--base", base, "--json", tmp_path / "r.json")
+    assert code == 1, stderr
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["matrices_analysed"] > 0
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "a/../../b", "..\\b"])
+def test_a_local_folder_refuses_names_that_leave_it(tmp_path, name):
+    (tmp_path / "outside.safetensors").write_bytes(b"x" * 16)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with pytest.raises(InvalidWeightsError, match="points outside the folder"):
+        LocalStorage(folder).read(name, 0, 1)
