@@ -163,3 +163,24 @@ def test_a_stalled_server_times_out_is_retried_then_reported(env, tmp_path, monk
     code, _, stderr = run("check", "org/tuned")
     assert code == 2 and "still failing after 2 attempts" in stderr and "Timeout" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("FTAUDIT_HTTP_RETRIES", "abc", "FTAUDIT_HTTP_RETRIES must be a whole number of attempts, at least 1, not 'abc'"),
+        ("FTAUDIT_HTTP_RETRIES", "0", "FTAUDIT_HTTP_RETRIES must be a whole number of attempts, at least 1, not '0'"),
+        ("FTAUDIT_HTTP_BACKOFF", "x", "FTAUDIT_HTTP_BACKOFF must be a number of seconds, at least 0, not 'x'"),
+        ("FTAUDIT_HTTP_BACKOFF", "-1", "FTAUDIT_HTTP_BACKOFF must be a number of seconds, at least 0, not '-1'"),
+        ("FTAUDIT_HTTP_TIMEOUT", "nan", "FTAUDIT_HTTP_TIMEOUT must be a number of seconds above 0, not 'nan'"),
+        ("FTAUDIT_HTTP_TIMEOUT", "0", "FTAUDIT_HTTP_TIMEOUT must be a number of seconds above 0, not '0'"),
+        ("HF_ENDPOINT", "hub.example", "HF_ENDPOINT must be an http:// or https:// URL, not 'hub.example'"),
+        ("HF_ENDPOINT", "ftp://hub.example", "HF_ENDPOINT must be an http:// or https:// URL, not 'ftp://hub.example'"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_before_any_request(env, tmp_path, monkeypatch, name, value, message):
+    publish(env, tmp_path)
+    monkeypatch.setenv(name, value)
+    code, _, stderr = run("check", "org/tuned")
+    assert code == 2 and stderr == f"ftaudit: error: {message}\n"
+    assert not env.requests

@@ -7,12 +7,14 @@ The revision is resolved to a commit sha once, and every read is pinned to that 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, get_session, hf_hub_download, hf_hub_url
@@ -25,7 +27,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
 
-from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError
+from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError, UsageError
 from ftaudit.sources.storage import MAX_TEXT_BYTES
 
 log = logging.getLogger("ftaudit")
@@ -37,19 +39,38 @@ CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 def endpoint() -> str:
     """The Hub endpoint: HF_ENDPOINT as set now, else huggingface_hub's default."""
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    url = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"HF_ENDPOINT must be an http:// or https:// URL, not {url!r}")
+    return url
+
+
+def _setting(name: str, default: float, parse: Callable[[str], float], valid: Callable[[float], bool], what: str) -> float:
+    """The number in environment variable `name` (`default` when unset); UsageError unless `valid`."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = parse(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and valid(value)):
+        raise UsageError(f"{name} must be {what}, not {text!r}")
+    return value
 
 
 def _retries() -> int:
-    return max(1, int(os.environ.get("FTAUDIT_HTTP_RETRIES", "5")))
+    return int(_setting("FTAUDIT_HTTP_RETRIES", 5, int, lambda n: n >= 1, "a whole number of attempts, at least 1"))
 
 
 def _backoff() -> float:
-    return float(os.environ.get("FTAUDIT_HTTP_BACKOFF", "0.5"))
+    return _setting("FTAUDIT_HTTP_BACKOFF", 0.5, float, lambda s: s >= 0, "a number of seconds, at least 0")
 
 
 def _timeout() -> httpx2.Timeout:
-    return httpx2.Timeout(float(os.environ.get("FTAUDIT_HTTP_TIMEOUT", "60")), connect=10.0)
+    seconds = _setting("FTAUDIT_HTTP_TIMEOUT", 60.0, float, lambda s: s > 0, "a number of seconds above 0")
+    return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
 
 
 class _Transient(Exception):
@@ -66,6 +87,7 @@ class HubStorage:
     def __init__(self, repo_id: str, revision: str | None, token: str | None) -> None:
         self.repo_id = repo_id
         self.endpoint = endpoint()
+        self._attempts, self._backoff, self._timeout = _retries(), _backoff(), _timeout()
         self.token = token
         self._has_token = bool(token or get_token())
         self.label = repo_id
@@ -121,7 +143,7 @@ class HubStorage:
     def _read_range(self, name: str, start: int, length: int) -> bytes:
         end = start + length - 1
         headers = self._headers({"Range": f"bytes={start}-{end}"})
-        with get_session().stream("GET", self._url(name), headers=headers, timeout=_timeout()) as r:
+        with get_session().stream("GET", self._url(name), headers=headers, timeout=self._timeout) as r:
             _raise_for_status(r)
             if r.status_code == 206:
                 _check_content_range(r.headers.get("Content-Range"), start, end)
@@ -139,7 +161,7 @@ class HubStorage:
         return data
 
     def _read_whole(self, name: str) -> bytes:
-        with get_session().stream("GET", self._url(name), headers=self._headers(), timeout=_timeout()) as r:
+        with get_session().stream("GET", self._url(name), headers=self._headers(), timeout=self._timeout) as r:
             _raise_for_status(r)
             chunks, total = [], 0
             for chunk in r.iter_bytes():
@@ -151,7 +173,7 @@ class HubStorage:
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         """Run one request with bounded retries, mapping failures to ftaudit errors."""
-        attempts, attempt = _retries(), 0
+        attempts, attempt = self._attempts, 0
         while True:
             try:
                 return fn()
@@ -171,7 +193,7 @@ class HubStorage:
                 raise NetworkError(
                     f"{self.label}: {what}: still failing after {attempts} attempts ({failure})"
                 ) from None
-            delay = failure.retry_after if failure.retry_after is not None else _backoff() * 2 ** (attempt - 1)
+            delay = failure.retry_after if failure.retry_after is not None else self._backoff * 2 ** (attempt - 1)
             log.debug("%s: %s: %s; retrying in %.1fs", self.label, what, failure, delay)
             time.sleep(min(delay, 30.0))
 
