@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
 from ftaudit import __version__, cardfile, memory, policy as policy_mod
 from ftaudit.audit import AuditOptions, Progress
@@ -84,7 +87,44 @@ def _progress_bar(label: str) -> tuple[Progress | None, Callable[[], None]]:
     return update, close
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineError(click.ClickException):
+    """A bad command line (an invalid value, a missing argument, an unknown option or command), shown as one line
+    with exit code 2, like every other error, instead of click's usage block."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, error: click.ClickException) -> None:
+        context = getattr(error, "ctx", None)
+        hint = f" (see {context.command_path} --help)" if context is not None else ""
+        super().__init__(error.format_message() + hint)
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"ftaudit: error: {self.format_message()}", err=True)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except (_OneLineError, NoArgsIsHelpError):  # a group run bare shows its help, as click does
+        raise
+    except click.ClickException as e:
+        raise _OneLineError(e) from None
+
+
+class _Group(click.Group):
+    """The command group, parsing its own and its commands' options with `_one_line_errors`."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftaudit")
 def main() -> None:
     """Audit what fine-tuning did to a base model: intruder dimensions and forgetting risk."""
@@ -118,6 +158,16 @@ def run() -> None:
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]
 
 
+class _FiniteRange(click.FloatRange):
+    """A float range that also refuses NaN and ±inf, which every comparison with a bound lets through."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
+
+
 def _options(*options: Decorator) -> Decorator:
     """Several click options as one decorator, in the order given."""
 
@@ -136,7 +186,7 @@ _model_options = _options(
     click.option("--base-revision", help="Revision of the base on the Hub."),
     click.option("--token", help="Hugging Face token. Default: HF_TOKEN, then the saved login."),
     click.option("--k", "k", type=click.IntRange(min=1), help="Top singular vectors examined per matrix [policy: 10]."),
-    click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5]."),
+    click.option("--epsilon", type=_FiniteRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5]."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--include", multiple=True, metavar="KIND|GLOB",
                  help=f"Also analyse these module kinds ({', '.join(k for k in KINDS if k != 'norm')}) "
@@ -148,7 +198,7 @@ _model_options = _options(
 )
 _run_options = _options(
     click.option("--no-cache", is_flag=True, help="Neither read nor write the base-spectrum cache."),
-    click.option("--cache-size", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_BYTES / GIB,
+    click.option("--cache-size", type=_FiniteRange(min=0, min_open=True), default=DEFAULT_MAX_BYTES / GIB,
                  show_default=True, envvar="FTAUDIT_CACHE_SIZE", metavar="GIB",
                  help="Cap on the base-spectrum cache in GiB, least recently used out first "
                  "(a Llama-2-7B-shaped base's spectra take about 14 GiB). Also FTAUDIT_CACHE_SIZE."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -74,7 +75,7 @@ def _build(doc: dict[str, object], source: str) -> Policy:
         if metric not in METRICS:
             raise fail(f"unknown risk metric {metric!r} (known: {', '.join(METRICS)})")
         if not isinstance(levels, dict) or not set(levels) <= {"medium", "high"} or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels.values()
+            isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in levels.values()
         ):
             raise fail(f"risk.{metric} must be {{medium: number, high: number}}")
     verdict = doc["verdict"]

@@ -85,7 +85,8 @@ def test_policy_file_changes_the_verdict_and_options_override_it(pair, tmp_path)
 @pytest.mark.parametrize(
     ("text", "message"),
     [("risk: {intruder_count: {high: 1}}", "unknown risk metric"), ("verdict: {fail_at: sometimes}", "fail_at"),
-     ("k: 0", "k must be"), ("[1, 2", "not valid YAML"), ("bogus: 1", "unknown key")],
+     ("k: 0", "k must be"), ("[1, 2", "not valid YAML"), ("bogus: 1", "unknown key"),
+     ("epsilon: .nan", "epsilon must be"), ("risk: {intruder_rate: {medium: .nan, high: 1}}", "risk.intruder_rate")],
 )
 def test_bad_policies_are_one_line_errors(pair, tmp_path, text, message):
     policy = tmp_path / "policy.yaml"
@@ -157,6 +158,13 @@ def write_pickle_only(folder: Path) -> Path:
         (lambda p, t: ["check", p["full"], "--revision", "main"], "local folder"),
         (lambda p, t: ["check", p["full"], "--device", "tpu"], "device 'tpu'"),
         (lambda p, t: ["check", p["full"], "--json", t / "no" / "dir" / "r.json"], "cannot write"),
+        (lambda p, t: ["check", p["full"], "--epsilon", "nan"], "'--epsilon': nan is not a finite number"),
+        (lambda p, t: ["check", p["full"], "--cache-size", "inf"], "'--cache-size': inf is not a finite number"),
+        (lambda p, t: ["check", p["full"], "--k", "0"], "'--k': 0 is not in the range"),
+        (lambda p, t: ["check", p["full"], "--bogus"], "No such option '--bogus'"),
+        (lambda p, t: ["check"], "Missing argument 'MODEL'. (see "),
+        (lambda p, t: ["chek", p["full"]], "No such command 'chek'"),
+        (lambda p, t: ["policy", "extra"], "unexpected extra argument"),
     ],
 )
 def test_bad_inputs_are_one_line_errors_with_exit_code_2(pair, tmp_path, make, message):
