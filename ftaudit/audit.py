@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from ftaudit.report import (
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.spectral import resolve_device
 from ftaudit.summary import summarise
+
+log = logging.getLogger("ftaudit")
 
 
 class Tensors(Protocol):
@@ -67,6 +70,8 @@ def run_audit(
     """Audit every selected matrix pair; the verdict is left to the policy."""
     device = resolve_device(options.device)
     pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection)
+    for glob in pairing.unmatched_globs:
+        log.warning("%r matches no weight matrix of either model (names as in the report)", glob)
     issues = TensorIssues(
         missing_in_base=pairing.missing_in_base,
         missing_in_model=pairing.missing_in_model,

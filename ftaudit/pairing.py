@@ -75,6 +75,8 @@ class Pairing:
     not_selected: int = 0
     scale_only: list[TensorPair] = field(default_factory=list)
     """Heads and embeddings not analysed in full, whose row-norm drift is still measured."""
+    unmatched_globs: list[str] = field(default_factory=list)
+    """--include and --exclude globs that match no matrix of either side (a likely typo)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,11 @@ class Selection:
         if any(fnmatch.fnmatchcase(name, g) for g in self.exclude):
             return False
         return kind in self.kinds or any(fnmatch.fnmatchcase(name, g) for g in self.globs)
+
+    def unmatched(self, names: Iterable[str]) -> list[str]:
+        """The include and exclude globs that match none of `names`."""
+        names = list(names)
+        return [g for g in (*self.globs, *self.exclude) if not any(fnmatch.fnmatchcase(n, g) for n in names)]
 
 
 def _prefixes(names: Iterable[str]) -> set[str]:
@@ -134,6 +141,7 @@ def pair_tensors(base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], sele
     """Pair the floating-point 2-D tensors of both sides and pick those to analyse."""
     result = Pairing()
     b_map, t_map = align(_matrices(base), _matrices(tuned))
+    result.unmatched_globs = selection.unmatched(b_map.keys() | t_map.keys())
     for key in sorted(b_map.keys() | t_map.keys()):
         b_name, t_name = b_map.get(key), t_map.get(key)
         kind = module_kind(key)

@@ -82,6 +82,14 @@ def test_policy_file_changes_the_verdict_and_options_override_it(pair, tmp_path)
     assert all(len(m["max_cos"]) == 2 for m in report["matrices"])
 
 
+def test_a_glob_that_matches_nothing_is_warned_about(pair, tmp_path):
+    out = tmp_path / "r.json"
+    code, _, stderr = run("check", pair["full"], "--exclude", "*.q_porj.*", "--exclude", "*.k_proj.*", "--json", out)
+    assert code == 0 and stderr == "ftaudit: WARNING: '*.q_porj.*' matches no weight matrix of either model " \
+        "(names as in the report)\n"
+    assert not any(".k_proj." in m["name"] for m in json.loads(out.read_text())["matrices"])
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("risk: {intruder_count: {high: 1}}", "unknown risk metric"), ("verdict: {fail_at: sometimes}", "fail_at"),

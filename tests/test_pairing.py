@@ -67,3 +67,11 @@ def test_non_float_and_empty_matrices_are_never_analysed():
     base = infos({"a.q_proj.weight": (4, 4)}, dtype="I8") | infos({"b.q_proj.weight": (0, 4)})
     p = pair_tensors(base, base, Selection())
     assert p.pairs == [] and p.not_selected == 0
+
+
+def test_globs_that_match_nothing_are_named():
+    base = infos({"model.layers.0.self_attn.q_proj.weight": (4, 4), "model.layers.0.mlp.up_proj.weight": (6, 4)})
+    tuned = {("base_model.model." + n): i for n, i in base.items()}
+    selection = Selection.from_options(["head", "*.q_porj.*", "model.layers.0.mlp.*"], ["*.up_proj.weight", "*.k_proj.*"])
+    assert pair_tensors(base, tuned, selection).unmatched_globs == ["*.q_porj.*", "*.k_proj.*"]
+    assert pair_tensors(base, tuned, Selection()).unmatched_globs == []
