@@ -26,7 +26,7 @@ from ftaudit.audit import AuditOptions, Progress
 from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
 from ftaudit.check import Target, check
 from ftaudit.errors import FtauditError, UsageError
-from ftaudit.files import write_text
+from ftaudit.files import check_writable, write_text
 from ftaudit.fix import FixOptions, Phases, fix
 from ftaudit.pairing import KINDS, Selection
 from ftaudit.renderers import badge, card, heatmap, markdown, text
@@ -222,9 +222,14 @@ def _setup(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
     allow_pickle: bool, policy_path: Path | None, no_cache: bool, cache_size: float, debug: bool,
+    outputs: tuple[Path | None, ...],
 ) -> _Setup:
+    """Also checks that every output file can be written, so that no error comes after the work."""
     redactor = Redactor.for_token(token)
     _setup_logging(debug, redactor)
+    for path in outputs:
+        if path is not None:
+            _run(debug, redactor, lambda path=path: check_writable(path))
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
     options = AuditOptions(
         k=k or policy.k,
@@ -266,7 +271,8 @@ def check_command(
 ) -> None:
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
-                   policy_path, no_cache, cache_size, debug)
+                   policy_path, no_cache, cache_size, debug,
+                   (json_path, card_path, badge_path, badge_json_path, heatmap_path))
     redactor = setup.redactor
     if push:
         _run(debug, redactor, _refuse_push_offline)
@@ -318,7 +324,7 @@ def _stdout(report: Report, fmt: str) -> str:
 @_model_options
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Folder to write the patched model to; must not exist, or be empty.")
-@click.option("--lambda", "lam", type=click.FloatRange(0, 1), default=0.75, show_default=True,
+@click.option("--lambda", "lam", type=_FiniteRange(0, 1), default=0.75, show_default=True,
               help="Scale each intruder's singular value by this (1: unchanged, 0: removed).")
 @click.option("--only-top", type=click.IntRange(min=1), metavar="N",
               help="Scale only the N intruders of largest singular value in each matrix.")
@@ -339,7 +345,7 @@ def fix_command(
     Exit code: that of `ftaudit check` on the output (0 pass or warn, 1 fail), 2 when nothing was written.
     """
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
-                   policy_path, no_cache, cache_size, debug)
+                   policy_path, no_cache, cache_size, debug, (json_path, card_path))
     redactor = setup.redactor
     phases, close = _phase_bars() if not quiet else (None, lambda: None)
     fix_options = FixOptions(lam=lam, only_top=only_top, merge=merge)

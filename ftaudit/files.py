@@ -15,3 +15,11 @@ def write_text(path: Path, content: str) -> None:
         tmp.replace(path)
     except OSError as e:
         raise UsageError(f"{path}: cannot write ({e.strerror})") from None
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, before any work, where `path` could not be written afterwards: no folder for it, or a folder there."""
+    if path.is_dir():
+        raise UsageError(f"{path}: cannot write (a folder is there)")
+    if not path.parent.is_dir():
+        raise UsageError(f"{path}: cannot write (no folder {path.parent})")

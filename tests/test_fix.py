@@ -303,6 +303,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(runs, tmp_path):
         (["fix", ADAPTER, "--base", BASE, "--out", a_file], "not a folder"),
         (["fix", runs["full"]["path"], "--base", BASE, "--out", tmp_path / "m", "--merge"], "--merge applies only"),
         (["fix", tmp_path / "missing", "--base", BASE, "--out", tmp_path / "n"], "no such folder"),
+        (["fix", ADAPTER, "--base", BASE, "--out", tmp_path / "o", "--json", tmp_path / "no" / "r.json"],
+         "r.json: cannot write (no folder"),
+        (["fix", ADAPTER, "--base", BASE, "--out", tmp_path / "o", "--card", tmp_path], "cannot write (a folder is there)"),
+        (["fix", ADAPTER, "--base", BASE, "--out", tmp_path / "o", "--lambda", "nan"], "nan is not a finite number"),
     ]
     for args, message in cases:
         code, stdout, stderr = run(*args)
