@@ -99,7 +99,7 @@ class _OneLineError(click.ClickException):
         super().__init__(error.format_message() + hint)
 
     def show(self, file: object = None) -> None:
-        click.echo(f"ftaudit: error: {self.format_message()}", err=True)
+        click.echo(f"ftaudit: error: {Redactor.for_token(None)(self.format_message())}", err=True)
 
 
 @contextmanager

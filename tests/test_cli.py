@@ -82,6 +82,12 @@ def test_policy_file_changes_the_verdict_and_options_override_it(pair, tmp_path)
     assert all(len(m["max_cos"]) == 2 for m in report["matrices"])
 
 
+def test_a_command_line_error_is_redacted_too(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_InTheEnvironmentAbcdefghijklmn")
+    code, _, stderr = run("policy", "hf_InTheEnvironmentAbcdefghijklmn")
+    assert code == 2 and stderr == "ftaudit: error: Got unexpected extra argument (***) (see main policy --help)\n"
+
+
 def test_a_glob_that_matches_nothing_is_warned_about(pair, tmp_path):
     out = tmp_path / "r.json"
     code, _, stderr = run("check", pair["full"], "--exclude", "*.q_porj.*", "--exclude", "*.k_proj.*", "--json", out)
