@@ -1,7 +1,9 @@
 """Model files in a Hugging Face Hub repository, read by HTTP Range requests.
 
 Everything goes through huggingface_hub: its session, URLs, auth headers and error classes.
-The revision is resolved to a commit sha once, and every read is pinned to that sha.
+The revision is resolved to a commit sha once, and every read is pinned to that sha. A file that the
+Hugging Face cache already holds at that commit (fetched earlier by transformers, `hf download`, ...)
+is read from there instead, without a request.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_hf_file_metadata, get_session, hf_hub_download, hf_hub_url
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_hf_file_metadata,
+    get_session,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -28,6 +38,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
 
 from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError, UsageError
+from ftaudit.sources.local import read_range, read_small_text
 from ftaudit.sources.storage import MAX_TEXT_BYTES
 
 log = logging.getLogger("ftaudit")
@@ -99,12 +110,25 @@ class HubStorage:
         self.label = f"{repo_id}@{self.sha[:12]}"
         self._files = sorted(s.rfilename for s in info.siblings or [])
         self._sizes: dict[str, int] = {}
+        self._cached_files: dict[str, Path | None] = {}
         self._warned_no_range = False
 
     def files(self) -> list[str]:
         return list(self._files)
 
+    def _cached(self, name: str) -> Path | None:
+        """The file in the Hugging Face cache at this commit, if an earlier download (by any tool) put it there."""
+        if name not in self._cached_files:
+            found = try_to_load_from_cache(self.repo_id, name, revision=self.sha) if name in self._files else None
+            self._cached_files[name] = Path(found) if isinstance(found, str) else None
+            if isinstance(found, str):
+                log.debug("%s/%s: read from the Hugging Face cache", self.label, name)
+        return self._cached_files[name]
+
     def size(self, name: str) -> int:
+        cached = self._cached(name)
+        if cached is not None:
+            return cached.stat().st_size
         if name not in self._sizes:
             url = self._url(name)
             meta = self._call(lambda: get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint), name)
@@ -114,7 +138,10 @@ class HubStorage:
         return self._sizes[name]
 
     def local_path(self, name: str) -> Path:
-        """Download the whole file into the Hugging Face cache."""
+        """The file in the Hugging Face cache, downloaded whole first if it is not there."""
+        cached = self._cached(name)
+        if cached is not None:
+            return cached
         return Path(self._call(
             lambda: hf_hub_download(self.repo_id, name, revision=self.sha, token=self.token, endpoint=self.endpoint),
             name,
@@ -123,11 +150,17 @@ class HubStorage:
     def read(self, name: str, start: int, length: int) -> bytes:
         if length == 0:
             return b""
+        cached = self._cached(name)
+        if cached is not None:
+            return read_range(cached, start, length, f"{self.label}/{name}")
         return self._call(lambda: self._read_range(name, start, length), name)
 
     def read_text(self, name: str) -> str | None:
         if name not in self._files:
             return None
+        cached = self._cached(name)
+        if cached is not None:
+            return read_small_text(cached, f"{self.label}/{name}")
         data = self._call(lambda: self._read_whole(name), name)
         try:
             return data.decode("utf-8")

@@ -42,21 +42,29 @@ class LocalStorage:
             raise NotFoundError(f"{self.label}: no file {name}") from None
 
     def read(self, name: str, start: int, length: int) -> bytearray:
-        data = bytearray(length)
-        with open(self._path(name), "rb") as f:
-            f.seek(start)
-            got = f.readinto(data)
-        if got != length:
-            raise InvalidWeightsError(f"{self.label}/{name}: file ends before byte {start + length}")
-        return data
+        return read_range(self._path(name), start, length, f"{self.label}/{name}")
 
     def read_text(self, name: str) -> str | None:
         path = self._path(name)
-        if not path.is_file():
-            return None
-        if path.stat().st_size > MAX_TEXT_BYTES:
-            raise InvalidWeightsError(f"{self.label}/{name}: too large for a metadata file")
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InvalidWeightsError(f"{self.label}/{name}: not UTF-8 text") from None
+        return read_small_text(path, f"{self.label}/{name}") if path.is_file() else None
+
+
+def read_range(path: Path, start: int, length: int, label: str) -> bytearray:
+    """Exactly `length` bytes of a file from offset `start`, read straight into a bytearray."""
+    data = bytearray(length)
+    with open(path, "rb") as f:
+        f.seek(start)
+        got = f.readinto(data)
+    if got != length:
+        raise InvalidWeightsError(f"{label}: file ends before byte {start + length}")
+    return data
+
+
+def read_small_text(path: Path, label: str) -> str:
+    """A metadata file (a card, a config, an index): UTF-8 text of at most MAX_TEXT_BYTES."""
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise InvalidWeightsError(f"{label}: too large for a metadata file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidWeightsError(f"{label}: not UTF-8 text") from None

@@ -1,4 +1,5 @@
-"""Offline mode (HF_HUB_OFFLINE): Hub ids are read from the Hugging Face cache, whose files are links to blobs."""
+"""The Hugging Face cache: files it holds at the audited commit are read from it, and in offline mode
+(HF_HUB_OFFLINE) Hub ids are resolved in it alone; its snapshots (files that link to blobs) audit as folders."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ def run(*args: object) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def publish(hub: HubServer, tmp_path: Path) -> dict[str, str]:
+def publish(hub: HubServer, tmp_path: Path, shards: int = 1) -> dict[str, str]:
     """org/base, and org/tuned (declaring it) on branches main and v1; the sha of each."""
     base = llama_like(layers=2)
     hub.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
-    tuned = folder_files(write_model(tmp_path / "tuned", low_rank_update(base), readme=card("org/base")))
+    tuned = folder_files(write_model(tmp_path / "tuned", low_rank_update(base), readme=card("org/base"), shards=shards))
     return {"main": hub.add_repo("org/tuned", tuned), "v1": hub.add_repo("org/tuned", tuned, revision_name="v1")}
 
 
@@ -67,6 +68,22 @@ def test_an_offline_audit_of_cached_repos_matches_the_online_one_without_a_reque
     assert offline["base"] == online["base"] and offline["base"]["declared_by"] == "card"
     assert offline["matrices"] == online["matrices"] and offline["verdict"] == online["verdict"]
     assert "org/tuned" in stdout
+
+
+def test_an_online_audit_reads_what_the_cache_holds_and_requests_only_the_rest(hub_env, tmp_path):
+    publish(hub_env, tmp_path, shards=2)
+    code, _, stderr = run("check", "org/tuned", "--json", tmp_path / "uncached.json")
+    assert code == 1, stderr
+    download(hub_env, "org/tuned", skip="model-00002-of-00002.safetensors")
+    before = len(hub_env.requests)
+    code, _, stderr = run("check", "org/tuned", "--json", tmp_path / "cached.json", "--debug")
+    assert code == 1, stderr
+    reads = [r.path for r in hub_env.requests[before:] if r.method == "GET" and "/resolve/" in r.path]
+    assert {p.rsplit("/", 1)[1] for p in reads if "org/tuned" in p} == {"model-00002-of-00002.safetensors"}
+    assert any("org/base" in p and p.endswith("model.safetensors") for p in reads)  # not in the cache: by range
+    assert "model-00001-of-00002.safetensors: read from the Hugging Face cache" in stderr
+    uncached, cached = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("uncached", "cached"))
+    assert cached["model"] == uncached["model"] and cached["matrices"] == uncached["matrices"]
 
 
 def test_offline_revisions_resolve_through_the_cache(hub_env, tmp_path, offline):
