@@ -22,13 +22,14 @@ import click
 from click.exceptions import NoArgsIsHelpError
 
 from ftaudit import __version__, cardfile, memory, policy as policy_mod
-from ftaudit.audit import AuditOptions, Progress
+from ftaudit.audit import AuditOptions
 from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
 from ftaudit.check import Target, check
 from ftaudit.errors import FtauditError, UsageError
 from ftaudit.files import check_writable, write_text
-from ftaudit.fix import FixOptions, Phases, fix
+from ftaudit.fix import FixOptions, fix
 from ftaudit.pairing import KINDS, Selection
+from ftaudit.progress import phase_displays, progress_display
 from ftaudit.renderers import badge, card, heatmap, markdown, text
 from ftaudit.renderers import fix as fix_render
 from ftaudit.report import Report
@@ -63,28 +64,6 @@ def _setup_logging(debug: bool, redactor: Redactor) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
-
-
-def _progress_bar(label: str) -> tuple[Progress | None, Callable[[], None]]:
-    """A progress bar on stderr when it is a terminal; nothing otherwise."""
-    if not sys.stderr.isatty():
-        return None, lambda: None
-    state: dict[str, object] = {}
-
-    def update(done: int, total: int, name: str) -> None:
-        bar = state.get("bar")
-        if bar is None:
-            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-            bar.__enter__()
-            state["bar"] = bar
-        bar.update(done - bar.pos, name)  # type: ignore[attr-defined]
-
-    def close() -> None:
-        bar = state.get("bar")
-        if bar is not None:
-            bar.__exit__(None, None, None)  # type: ignore[attr-defined]
-
-    return update, close
 
 
 class _OneLineError(click.ClickException):
@@ -276,7 +255,7 @@ def check_command(
     redactor = setup.redactor
     if push:
         _run(debug, redactor, _refuse_push_offline)
-    progress, close = _progress_bar("Auditing") if not quiet else (None, lambda: None)
+    progress, close = progress_display("Auditing") if not quiet else (None, lambda: None)
     try:
         report = _run(debug, redactor, lambda: check(setup.target, setup.options, setup.policy, progress, setup.cache))
     finally:
@@ -347,7 +326,7 @@ def fix_command(
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
                    policy_path, no_cache, cache_size, debug, (json_path, card_path))
     redactor = setup.redactor
-    phases, close = _phase_bars() if not quiet else (None, lambda: None)
+    phases, close = phase_displays() if not quiet else (None, lambda: None)
     fix_options = FixOptions(lam=lam, only_top=only_top, merge=merge)
     try:
         result = _run(debug, redactor, lambda: fix(
@@ -362,23 +341,6 @@ def fix_command(
     if not quiet:
         click.echo(redactor(fix_render.render_text(result)))
     sys.exit(EXIT_FAIL if result.after.verdict.status == "fail" else EXIT_PASS)
-
-
-def _phase_bars() -> tuple[Phases, Callable[[], None]]:
-    """One progress bar per phase of a fix, each closed when the next starts."""
-    closers: list[Callable[[], None]] = []
-
-    def close() -> None:
-        while closers:
-            closers.pop()()
-
-    def phase(name: str) -> Progress | None:
-        close()
-        progress, closer = _progress_bar(name.capitalize())
-        closers.append(closer)
-        return progress
-
-    return phase, close
 
 
 @main.group("card")
