@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from huggingface_hub import constants  # the paths only: the Hub client loads slowly, and a local audit never needs it
 
@@ -34,6 +35,14 @@ def _resolved_by_hub() -> str | None:
         return None
 
 
+def _endpoint_password() -> str | None:
+    """The password of a mirror's URL given as https://user:password@host in HF_ENDPOINT."""
+    try:
+        return urlsplit(os.environ.get("HF_ENDPOINT", "")).password
+    except ValueError:  # a malformed URL, refused with its own error when the Hub is used
+        return None
+
+
 @dataclass(frozen=True)
 class Redactor:
     """Replaces every known secret in a text by a mask."""
@@ -42,8 +51,10 @@ class Redactor:
 
     @classmethod
     def for_token(cls, token: str | None) -> Redactor:
-        """The explicit token, HF_TOKEN and the saved login, whichever exist, and whatever the Hub client resolves."""
-        found = {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"), saved_login()}
+        """The explicit token, HF_TOKEN, the saved login and a password in HF_ENDPOINT, whichever exist, and whatever
+        the Hub client resolves."""
+        found = {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"), saved_login(),
+                 _endpoint_password()}
         return cls(frozenset(s for s in found if s))
 
     def secrets(self) -> list[str]:

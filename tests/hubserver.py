@@ -125,6 +125,9 @@ class HubServer:
         self.ignore_range = False
         self.delay = 0.0
         self.redirect_lfs = False
+        self.proxy_auth: str | None = None
+        """An Authorization header (such as HTTP Basic credentials) that a proxy in front would take: sent with no
+        token, it reads as anonymous."""
         self._lock = threading.Lock()
         self._repos: dict[str, _Repo] = {}
         self._tokens: dict[str, _Grant] = {}
@@ -297,6 +300,8 @@ class HubServer:
     ) -> _Repo | _Response:
         """The repo if the credentials may read it (its files, with `files`; commit to it, with `write`)."""
         token = None
+        if authorization is not None and authorization == self.proxy_auth:
+            authorization = None
         if authorization is not None:
             token = authorization.removeprefix("Bearer ").strip()
             if not authorization.startswith("Bearer ") or token not in self._tokens:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import weakref
 from pathlib import Path
@@ -184,3 +185,12 @@ def test_bad_settings_are_one_line_errors_before_any_request(env, tmp_path, monk
     code, _, stderr = run("check", "org/tuned")
     assert code == 2 and stderr == f"ftaudit: error: {message}\n"
     assert not env.requests
+
+
+def test_a_password_in_the_endpoint_stays_out_of_messages(env, tmp_path, monkeypatch):
+    publish(env, tmp_path)
+    env.proxy_auth = "Basic " + base64.b64encode(b"mirror:s3cr3t-Passw0rd").decode()
+    monkeypatch.setenv("HF_ENDPOINT", env.url.replace("://", "://mirror:s3cr3t-Passw0rd@"))
+    code, stdout, stderr = run("check", "org/tuned", "--base", "org/missing", "--debug")
+    assert code == 2 and "no such model repository on http://mirror:***@127.0.0.1" in stderr, stderr
+    assert "s3cr3t-Passw0rd" not in stdout + stderr

@@ -34,6 +34,12 @@ def test_every_source_is_masked(login, monkeypatch):
     assert redact(text) == f"a {MASK} b {MASK} c {MASK} d"
 
 
+def test_a_password_in_the_endpoint_url_is_masked(login, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror:s3cr3t-Passw0rd@hub.example.org")
+    assert Redactor.for_token(None)("on https://mirror:s3cr3t-Passw0rd@hub.example.org") == \
+        f"on https://mirror:{MASK}@hub.example.org"
+
+
 def test_the_saved_login_is_masked_without_the_hub_client(login, monkeypatch):
     monkeypatch.delitem(sys.modules, "huggingface_hub.utils")
     assert Redactor.for_token(None)(f"token={LOGIN}") == f"token={MASK}"
