@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
-from ftaudit.base import DeclaredBase, adapter_config, declared_base
-from ftaudit.errors import UnsupportedError
+from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base
+from ftaudit.errors import BaseResolutionError, UnsupportedError
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
 from ftaudit.sources import Snapshot, open_snapshot, open_weights
@@ -40,6 +41,14 @@ class Opened:
     base_ref: BaseRef
 
 
+def _same_model(declared: str, model: str) -> bool:
+    """Whether a declared base names the model itself: the same folder, or the same Hub id."""
+    paths = [Path(name).expanduser() for name in (declared, model)]
+    if all(path.exists() for path in paths):
+        return paths[0].resolve() == paths[1].resolve()
+    return declared.lower() == model.lower()
+
+
 def open_target(target: Target) -> Opened:
     """Open the tuned model and the base it declares (or `target.base`); an adapter is applied to the base."""
     tuned = open_snapshot(target.model, target.revision, target.token)
@@ -47,6 +56,11 @@ def open_target(target: Target) -> Opened:
         declared = DeclaredBase(target.base, target.base_revision, "cli")
     else:
         declared = declared_base(tuned.storage)
+        if _same_model(declared.id, target.model):
+            raise BaseResolutionError(
+                f"{tuned.storage.label}: declares itself as its base model ({declared.declared_by}: {declared.id}), "
+                f"which would find no change at all; {PASS_BASE}"
+            )
         if target.base_revision:
             declared = DeclaredBase(declared.id, target.base_revision, declared.declared_by)
     base = open_snapshot(declared.id, declared.revision, target.token)

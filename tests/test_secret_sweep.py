@@ -102,6 +102,7 @@ CASES: dict[str, tuple[Arrange, int, str]] = {
                         "may not read this repository (HTTP 403)"),
     "no declared base": (published(readme=card()), 2, "declares no base model"),
     "several bases": (published(readme=card(["org/base", "org/other"])), 2, "declares 2 base models"),
+    "itself as base": (published(readme=card("Org/Tuned")), 2, "declares itself as its base model (card: Org/Tuned)"),
     "quantized": (published(readme=card("org/base", base_model_relation="quantized")), 2, "quantized model"),
     "architecture mismatch": (published(tuned=llama_like(layers=1, hidden=16, ffn=24)), 2, "matches the base in shape"),
     "corrupt header": (published(edit=corrupt_header), 2, "implausible safetensors header length"),
