@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
-from click.exceptions import NoArgsIsHelpError
 
 from ftaudit import __version__, cardfile, memory, policy as policy_mod
 from ftaudit.audit import AuditOptions
+from ftaudit.cli_parsing import FiniteRange, OneLineErrorGroup
 from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
 from ftaudit.check import Target, check
-from ftaudit.errors import FtauditError, UsageError
+from ftaudit.errors import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, FtauditError, UsageError
 from ftaudit.files import check_writable, write_text
 from ftaudit.fix import FixOptions, fix
 from ftaudit.pairing import KINDS, Selection
@@ -35,7 +33,6 @@ from ftaudit.renderers import fix as fix_render
 from ftaudit.report import Report
 from ftaudit.secrets import Redactor
 
-EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 GIB = 1024**3
 T = TypeVar("T")
 
@@ -66,44 +63,7 @@ def _setup_logging(debug: bool, redactor: Redactor) -> None:
     log.propagate = False
 
 
-class _OneLineError(click.ClickException):
-    """A bad command line (an invalid value, a missing argument, an unknown option or command), shown as one line
-    with exit code 2, like every other error, instead of click's usage block."""
-
-    exit_code = EXIT_ERROR
-
-    def __init__(self, error: click.ClickException) -> None:
-        context = getattr(error, "ctx", None)
-        hint = f" (see {context.command_path} --help)" if context is not None else ""
-        super().__init__(error.format_message() + hint)
-
-    def show(self, file: object = None) -> None:
-        click.echo(f"ftaudit: error: {Redactor.for_token(None)(self.format_message())}", err=True)
-
-
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    try:
-        yield
-    except (_OneLineError, NoArgsIsHelpError):  # a group run bare shows its help, as click does
-        raise
-    except click.ClickException as e:
-        raise _OneLineError(e) from None
-
-
-class _Group(click.Group):
-    """The command group, parsing its own and its commands' options with `_one_line_errors`."""
-
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        with _one_line_errors():
-            return super().make_context(*args, **kwargs)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        with _one_line_errors():
-            return super().invoke(ctx)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftaudit")
 def main() -> None:
     """Audit what fine-tuning did to a base model: intruder dimensions and forgetting risk."""
@@ -137,16 +97,6 @@ def run() -> None:
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]
 
 
-class _FiniteRange(click.FloatRange):
-    """A float range that also refuses NaN and ±inf, which every comparison with a bound lets through."""
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value} is not a finite number.", param, ctx)
-        return number
-
-
 def _options(*options: Decorator) -> Decorator:
     """Several click options as one decorator, in the order given."""
 
@@ -165,7 +115,7 @@ _model_options = _options(
     click.option("--base-revision", help="Revision of the base on the Hub."),
     click.option("--token", help="Hugging Face token. Default: HF_TOKEN, then the saved login."),
     click.option("--k", "k", type=click.IntRange(min=1), help="Top singular vectors examined per matrix [policy: 10]."),
-    click.option("--epsilon", type=_FiniteRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5]."),
+    click.option("--epsilon", type=FiniteRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5]."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--include", multiple=True, metavar="KIND|GLOB",
                  help=f"Also analyse these module kinds ({', '.join(k for k in KINDS if k != 'norm')}) "
@@ -177,7 +127,7 @@ _model_options = _options(
 )
 _run_options = _options(
     click.option("--no-cache", is_flag=True, help="Neither read nor write the base-spectrum cache."),
-    click.option("--cache-size", type=_FiniteRange(min=0, min_open=True), default=DEFAULT_MAX_BYTES / GIB,
+    click.option("--cache-size", type=FiniteRange(min=0, min_open=True), default=DEFAULT_MAX_BYTES / GIB,
                  show_default=True, envvar="FTAUDIT_CACHE_SIZE", metavar="GIB",
                  help="Cap on the base-spectrum cache in GiB, least recently used out first "
                  "(a Llama-2-7B-shaped base's spectra take about 14 GiB). Also FTAUDIT_CACHE_SIZE."),
@@ -303,7 +253,7 @@ def _stdout(report: Report, fmt: str) -> str:
 @_model_options
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Folder to write the patched model to; must not exist, or be empty.")
-@click.option("--lambda", "lam", type=_FiniteRange(0, 1), default=0.75, show_default=True,
+@click.option("--lambda", "lam", type=FiniteRange(0, 1), default=0.75, show_default=True,
               help="Scale each intruder's singular value by this (1: unchanged, 0: removed).")
 @click.option("--only-top", type=click.IntRange(min=1), metavar="N",
               help="Scale only the N intruders of largest singular value in each matrix.")

@@ -1,5 +1,8 @@
 """Errors a caller can act on. Each carries a one-line message meant for the user."""
 
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+"""The command's exit codes (a contract): audited and passed (or warned), audited and failed the policy, could not audit."""
+
 
 class FtauditError(Exception):
     """Base class: the audit could not be done (exit code 2)."""

@@ -1,0 +1,61 @@
+"""Parsing the command line: a group whose parsing errors read like every other ftaudit error, and a number type."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from click.exceptions import NoArgsIsHelpError
+
+from ftaudit.errors import EXIT_ERROR
+from ftaudit.secrets import Redactor
+
+
+class OneLineError(click.ClickException):
+    """A bad command line (an invalid value, a missing argument, an unknown option or command), shown as one line
+    with exit code 2, like every other error, instead of click's usage block."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, error: click.ClickException) -> None:
+        context = getattr(error, "ctx", None)
+        hint = f" (see {context.command_path} --help)" if context is not None else ""
+        super().__init__(error.format_message() + hint)
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"ftaudit: error: {Redactor.for_token(None)(self.format_message())}", err=True)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except (OneLineError, NoArgsIsHelpError):  # a group run bare shows its help, as click does
+        raise
+    except click.ClickException as e:
+        raise OneLineError(e) from None
+
+
+class OneLineErrorGroup(click.Group):
+    """The command group, parsing its own and its commands' options with `_one_line_errors`."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+class FiniteRange(click.FloatRange):
+    """A float range that also refuses NaN and ±inf, which every comparison with a bound lets through."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
