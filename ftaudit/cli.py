@@ -53,13 +53,13 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
     sys.exit(EXIT_ERROR)
 
 
-def _setup_logging(debug: bool, redactor: Redactor) -> None:
+def _setup_logging(debug: bool, quiet: bool, redactor: Redactor) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("ftaudit: %(levelname)s: %(message)s"))
     handler.addFilter(redactor.log_filter)
     log = logging.getLogger("ftaudit")
     log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
 
 
@@ -131,7 +131,7 @@ _run_options = _options(
                  show_default=True, envvar="FTAUDIT_CACHE_SIZE", metavar="GIB",
                  help="Cap on the base-spectrum cache in GiB, least recently used out first "
                  "(a Llama-2-7B-shaped base's spectra take about 14 GiB). Also FTAUDIT_CACHE_SIZE."),
-    click.option("--quiet", is_flag=True, help="Print only errors."),
+    click.option("--quiet", is_flag=True, help="Print only warnings and errors: no report, no progress."),
     click.option("--debug", is_flag=True, help="Show tracebacks and request retries."),
 )
 
@@ -150,12 +150,12 @@ class _Setup:
 def _setup(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
-    allow_pickle: bool, policy_path: Path | None, no_cache: bool, cache_size: float, debug: bool,
+    allow_pickle: bool, policy_path: Path | None, no_cache: bool, cache_size: float, quiet: bool, debug: bool,
     outputs: tuple[Path | None, ...],
 ) -> _Setup:
     """Also checks that every output file can be written, so that no error comes after the work."""
     redactor = Redactor.for_token(token)
-    _setup_logging(debug, redactor)
+    _setup_logging(debug, quiet, redactor)
     for path in outputs:
         if path is not None:
             _run(debug, redactor, lambda path=path: check_writable(path))
@@ -200,7 +200,7 @@ def check_command(
 ) -> None:
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
-                   policy_path, no_cache, cache_size, debug,
+                   policy_path, no_cache, cache_size, quiet, debug,
                    (json_path, card_path, badge_path, badge_json_path, heatmap_path))
     redactor = setup.redactor
     if push:
@@ -274,7 +274,7 @@ def fix_command(
     Exit code: that of `ftaudit check` on the output (0 pass or warn, 1 fail), 2 when nothing was written.
     """
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
-                   policy_path, no_cache, cache_size, debug, (json_path, card_path))
+                   policy_path, no_cache, cache_size, quiet, debug, (json_path, card_path))
     redactor = setup.redactor
     phases, close = phase_displays() if not quiet else (None, lambda: None)
     fix_options = FixOptions(lam=lam, only_top=only_top, merge=merge)

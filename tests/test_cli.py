@@ -94,6 +94,8 @@ def test_a_glob_that_matches_nothing_is_warned_about(pair, tmp_path):
     assert code == 0 and stderr == "ftaudit: WARNING: '*.q_porj.*' matches no weight matrix of either model " \
         "(names as in the report)\n"
     assert not any(".k_proj." in m["name"] for m in json.loads(out.read_text())["matrices"])
+    code, stdout, quiet_stderr = run("check", pair["full"], "--exclude", "*.q_porj.*", "--quiet")
+    assert code == 0 and stdout == "" and quiet_stderr == stderr  # --quiet keeps warnings
 
 
 @pytest.mark.parametrize(
