@@ -110,8 +110,10 @@ class Report:
         return {"schema_version": data.pop("schema_version"), **data}
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> Report:
+    def from_dict(cls, data: object) -> Report:
         """A report read back from its JSON form (same schema version)."""
+        if not isinstance(data, dict):
+            raise UsageError(f"not an ftaudit report (a JSON {type(data).__name__}, not an object)")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise UsageError(f"report schema version {data.get('schema_version')!r} is not {SCHEMA_VERSION!r}")
         try:
@@ -140,6 +142,8 @@ class Report:
             raise UsageError(f"{path}: cannot read the report ({e.strerror})") from None
         except ValueError:
             raise UsageError(f"{path}: not valid JSON") from None
+        except UsageError as e:
+            raise UsageError(f"{path}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"

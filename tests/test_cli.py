@@ -309,8 +309,13 @@ def test_reports_read_back_into_the_same_report(pair, tmp_path):
     report = Report.read(out)
     assert report.to_json() == out.read_text()
     (tmp_path / "bad.json").write_text('{"schema_version": "1", "tool": {}}')
-    with pytest.raises(UsageError, match="not an ftaudit report"):
+    with pytest.raises(UsageError, match="bad.json: not an ftaudit report"):
         Report.read(tmp_path / "bad.json")
+    for text, message in [("[1, 2]", "a JSON list, not an object"), ('{"schema_version": "9"}', "schema version '9'"),
+                          ('{"schema_version": "1", "matrices": 5}', "not an ftaudit report")]:
+        (tmp_path / "bad.json").write_text(text)
+        code, _, stderr = run("card", "update", tmp_path / "card.md", "--report", tmp_path / "bad.json")
+        assert code == 2 and stderr.startswith(f"ftaudit: error: {tmp_path / 'bad.json'}: ") and message in stderr
 
 
 def test_card_badge_heatmap_and_formats(pair, tmp_path):
