@@ -158,5 +158,18 @@ def test_a_local_folder_refuses_names_that_leave_it(tmp_path, name):
     (tmp_path / "outside.safetensors").write_bytes(b"x" * 16)
     folder = tmp_path / "model"
     folder.mkdir()
-    with pytest.raises(InvalidWeightsError, match="points outside the folder"):
+    with pytest.raises(InvalidWeightsError, match="points outside the snapshot"):
         LocalStorage(folder).read(name, 0, 1)
+
+
+def test_a_repo_whose_index_names_a_file_outside_it_is_refused_before_any_lookup(hub_env, tmp_path):
+    publish(hub_env, tmp_path, shards=2)
+    files = folder_files(tmp_path / "tuned")
+    index = json.loads(files["model.safetensors.index.json"])
+    index["weight_map"] = {k: "../" + v for k, v in index["weight_map"].items()}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    files.update({"../" + name: data for name, data in list(files.items()) if name.startswith("model-")})
+    hub_env.add_repo("org/tuned", files)
+    code, _, stderr = run("check", "org/tuned")
+    assert code == 2 and "file name '../model-0000" in stderr and "points outside the snapshot" in stderr, stderr
+    assert not any("/../" in r.path or "%2E%2E" in r.path.upper() for r in hub_env.requests)

@@ -38,7 +38,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
 
 from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError, UsageError
-from ftaudit.sources.local import read_range, read_small_text
+from ftaudit.sources.local import inside, read_range, read_small_text
 from ftaudit.sources.storage import MAX_TEXT_BYTES
 
 log = logging.getLogger("ftaudit")
@@ -119,7 +119,9 @@ class HubStorage:
     def _cached(self, name: str) -> Path | None:
         """The file in the Hugging Face cache at this commit, if an earlier download (by any tool) put it there."""
         if name not in self._cached_files:
-            found = try_to_load_from_cache(self.repo_id, name, revision=self.sha) if name in self._files else None
+            found = None
+            if name in self._files:
+                found = try_to_load_from_cache(self.repo_id, str(inside(name, self.label)), revision=self.sha)
             self._cached_files[name] = Path(found) if isinstance(found, str) else None
             if isinstance(found, str):
                 log.debug("%s/%s: read from the Hugging Face cache", self.label, name)

@@ -26,11 +26,7 @@ class LocalStorage:
         )
 
     def _path(self, name: str) -> Path:
-        """The file a name read from the snapshot (an index's weight map) gives, if it names one inside the folder."""
-        relative = PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts or "\\" in name:
-            raise InvalidWeightsError(f"{self.label}: file name {name!r} points outside the folder")
-        return self.root / relative
+        return self.root / inside(name, self.label)
 
     def local_path(self, name: str) -> Path:
         return self._path(name)
@@ -47,6 +43,14 @@ class LocalStorage:
     def read_text(self, name: str) -> str | None:
         path = self._path(name)
         return read_small_text(path, f"{self.label}/{name}") if path.is_file() else None
+
+
+def inside(name: str, label: str) -> PurePosixPath:
+    """A file name read from a snapshot (its listing, an index's weight map) as a path that stays inside it."""
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+        raise InvalidWeightsError(f"{label}: file name {name!r} points outside the snapshot")
+    return relative
 
 
 def read_range(path: Path, start: int, length: int, label: str) -> bytearray:
