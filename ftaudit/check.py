@@ -8,7 +8,7 @@ from pathlib import Path
 from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base
-from ftaudit.errors import BaseResolutionError, UnsupportedError
+from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
 from ftaudit.sources import Snapshot, open_snapshot, open_weights
@@ -64,6 +64,10 @@ def open_target(target: Target) -> Opened:
         if target.base_revision:
             declared = DeclaredBase(declared.id, target.base_revision, declared.declared_by)
     base = open_snapshot(declared.id, declared.revision, target.token)
+    if adapter_config(base.storage) is not None:
+        raise UsageError(
+            f"{base.storage.label}: a PEFT adapter (adapter_config.json), not a base model: "
+            "pass the model it adapts with --base")
     base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
     config = adapter_config(tuned.storage)
     model_ref = ModelRef(tuned.id, tuned.revision)

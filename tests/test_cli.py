@@ -154,6 +154,11 @@ def test_missing_tensors_are_reported_and_can_fail(tmp_path):
     assert run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--policy", policy)[0] == 1
 
 
+def write_adapter_config(folder: Path) -> Path:
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    return folder
+
+
 def write_pickle_only(folder: Path) -> Path:
     folder.mkdir()
     torch.save({"w": torch.zeros(2, 2)}, folder / "pytorch_model.bin")
@@ -172,6 +177,8 @@ def write_pickle_only(folder: Path) -> Path:
          "no matrix of the model matches the base in shape"),
         (lambda p, t: ["check", write_pickle_only(t / "m"), "--base", p["base"]], "pickle"),
         (lambda p, t: ["check", p["full"], "--revision", "main"], "local folder"),
+        (lambda p, t: ["check", p["full"], "--base", write_adapter_config(write_model(t / "a", llama_like()))],
+         "a PEFT adapter (adapter_config.json), not a base model: pass the model it adapts with --base"),
         (lambda p, t: ["check", write_model(t / "m", llama_like(), readme=card(str(t / "m")))],
          "declares itself as its base model (card: "),
         (lambda p, t: ["check", write_model(t / "m", llama_like(), readme=card(str(t / "." / "m" / "..") + "/m"))],
