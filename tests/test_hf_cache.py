@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download
 
 from ftaudit.cli import main
 from ftaudit.errors import InvalidWeightsError
@@ -31,19 +31,12 @@ def publish(hub: HubServer, tmp_path: Path, shards: int = 1) -> dict[str, str]:
 
 
 def download(hub: HubServer, repo: str, revision: str = "main", skip: str = "") -> Path:
-    """Every file of `repo` into the Hugging Face cache, as transformers would fetch them (but those named `skip`)."""
-    folder = None
-    for name in sorted(hub_files(hub, repo)):
-        if name != skip:
-            folder = Path(hf_hub_download(repo, name, revision=revision, endpoint=hub.url)).parent
-    assert folder is not None
-    return folder
-
-
-def hub_files(hub: HubServer, repo: str) -> list[str]:
-    from huggingface_hub import HfApi
-
-    return [s.rfilename for s in HfApi(endpoint=hub.url).model_info(repo).siblings or []]
+    """Every file of `repo` (but `skip`) into the Hugging Face cache, one by one as transformers fetches them; the
+    snapshot folder."""
+    info = HfApi(endpoint=hub.url).model_info(repo, revision=revision)
+    for name in sorted(s.rfilename for s in info.siblings or [] if s.rfilename != skip):
+        hf_hub_download(repo, name, revision=revision, endpoint=hub.url)
+    return Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots" / str(info.sha)
 
 
 @pytest.fixture
