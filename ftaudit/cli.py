@@ -53,9 +53,19 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
     sys.exit(EXIT_ERROR)
 
 
-def _setup_logging(debug: bool, quiet: bool, redactor: Redactor) -> None:
+class _AnnotatedWarnings(logging.Formatter):
+    """Log lines as usual, but warnings as workflow commands, which GitHub shows on the run's page (--format github)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.WARNING:
+            return markdown.workflow_warning(record.getMessage())
+        return super().format(record)
+
+
+def _setup_logging(debug: bool, quiet: bool, annotate: bool, redactor: Redactor) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("ftaudit: %(levelname)s: %(message)s"))
+    line = "ftaudit: %(levelname)s: %(message)s"
+    handler.setFormatter(_AnnotatedWarnings(line) if annotate else logging.Formatter(line))
     handler.addFilter(redactor.log_filter)
     log = logging.getLogger("ftaudit")
     log.handlers[:] = [handler]
@@ -151,11 +161,12 @@ def _setup(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
     allow_pickle: bool, policy_path: Path | None, no_cache: bool, cache_size: float, quiet: bool, debug: bool,
-    outputs: tuple[Path | None, ...],
+    outputs: tuple[Path | None, ...], annotate: bool = False,
 ) -> _Setup:
-    """Also checks that every output file can be written, so that no error comes after the work."""
+    """Also checks that every output file can be written, so that no error comes after the work. `annotate`: warnings
+    as GitHub workflow commands."""
     redactor = Redactor.for_token(token)
-    _setup_logging(debug, quiet, redactor)
+    _setup_logging(debug, quiet, annotate, redactor)
     for path in outputs:
         if path is not None:
             _run(debug, redactor, lambda path=path: check_writable(path))
@@ -201,7 +212,7 @@ def check_command(
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
                    policy_path, no_cache, cache_size, quiet, debug,
-                   (json_path, card_path, badge_path, badge_json_path, heatmap_path))
+                   (json_path, card_path, badge_path, badge_json_path, heatmap_path), annotate=fmt == "github")
     redactor = setup.redactor
     if push:
         _run(debug, redactor, _refuse_push_offline)

@@ -98,6 +98,15 @@ def test_a_glob_that_matches_nothing_is_warned_about(pair, tmp_path):
     assert code == 0 and stdout == "" and quiet_stderr == stderr  # --quiet keeps warnings
 
 
+def test_with_format_github_warnings_are_workflow_commands_and_stay_redacted(pair, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_InTheEnvironmentAbcdefghijklmn")
+    glob = "50%_hf_InTheEnvironmentAbcdefghijklmn"
+    code, stdout, stderr = run("check", pair["full"], "--format", "github", "--exclude", glob)
+    assert code == 0 and stdout.startswith("::notice ")
+    assert stderr == "::warning title=ftaudit::'50%25_***' matches no weight matrix of either model " \
+        "(names as in the report)\n"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("risk: {intruder_count: {high: 1}}", "unknown risk metric"), ("verdict: {fail_at: sometimes}", "fail_at"),

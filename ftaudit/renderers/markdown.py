@@ -305,6 +305,11 @@ def github_annotations(report: Report, limit: int = 10) -> list[str]:
     return [f"::{level} title={title}::{_escape_data(m)}" for m in messages[:limit]]
 
 
+def workflow_warning(message: str) -> str:
+    """A `::warning::` workflow command: the run's page shows `message` as an ftaudit warning."""
+    return f"::warning title=ftaudit::{_escape_data(message)}"
+
+
 def _escape_data(text: str) -> str:
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
