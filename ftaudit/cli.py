@@ -167,9 +167,7 @@ def _setup(
     as GitHub workflow commands."""
     redactor = Redactor.for_token(token)
     _setup_logging(debug, quiet, annotate, redactor)
-    for path in outputs:
-        if path is not None:
-            _run(debug, redactor, lambda path=path: check_writable(path))
+    _run(debug, redactor, lambda: [check_writable(path) for path in outputs if path is not None])
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
     options = AuditOptions(
         k=k or policy.k,

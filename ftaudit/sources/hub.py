@@ -122,9 +122,10 @@ class HubStorage:
             found = None
             if name in self._files:
                 found = try_to_load_from_cache(self.repo_id, str(inside(name, self.label)), revision=self.sha)
-            self._cached_files[name] = Path(found) if isinstance(found, str) else None
-            if isinstance(found, str):
+            cached = Path(found) if isinstance(found, str) else None  # not a path: absent, or cached as missing
+            if cached is not None:
                 log.debug("%s/%s: read from the Hugging Face cache", self.label, name)
+            self._cached_files[name] = cached
         return self._cached_files[name]
 
     def size(self, name: str) -> int:
