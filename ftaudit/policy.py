@@ -43,6 +43,8 @@ def load(path: Path | None) -> Policy:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise PolicyError(f"{path}: cannot read the policy ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}: the policy is not UTF-8 text") from None
     try:
         user = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -52,6 +54,8 @@ def load(path: Path | None) -> Policy:
     unknown = set(user) - set(default)
     if unknown:
         raise PolicyError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(default)})")
+    if not isinstance(user.get("verdict") or {}, dict):
+        raise PolicyError(f"{path}: verdict must be a mapping")
     verdict = {**default["verdict"], **(user.get("verdict") or {})}
     merged = {**default, **user, "verdict": verdict}
     return _build(merged, str(path))
@@ -66,7 +70,7 @@ def _build(doc: dict[str, object], source: str) -> Policy:
     k, epsilon = doc.get("k"), doc.get("epsilon")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise fail("k must be a positive integer")
-    if not isinstance(epsilon, (int, float)) or not 0 < epsilon <= 1:
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0 < epsilon <= 1:
         raise fail("epsilon must be a number in (0, 1]")
     risk = doc.get("risk") or {}
     if not isinstance(risk, dict):
@@ -78,6 +82,8 @@ def _build(doc: dict[str, object], source: str) -> Policy:
             isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in levels.values()
         ):
             raise fail(f"risk.{metric} must be {{medium: number, high: number}}")
+        if levels.get("medium", -math.inf) > levels.get("high", math.inf):
+            raise fail(f"risk.{metric}: medium ({levels['medium']:g}) must not exceed high ({levels['high']:g})")
     verdict = doc["verdict"]
     if not isinstance(verdict, dict):
         raise fail("verdict must be a mapping")

@@ -111,13 +111,17 @@ def test_with_format_github_warnings_are_workflow_commands_and_stay_redacted(pai
     ("text", "message"),
     [("risk: {intruder_count: {high: 1}}", "unknown risk metric"), ("verdict: {fail_at: sometimes}", "fail_at"),
      ("k: 0", "k must be"), ("[1, 2", "not valid YAML"), ("bogus: 1", "unknown key"),
-     ("epsilon: .nan", "epsilon must be"), ("risk: {intruder_rate: {medium: .nan, high: 1}}", "risk.intruder_rate")],
+     ("epsilon: .nan", "epsilon must be"), ("risk: {intruder_rate: {medium: .nan, high: 1}}", "risk.intruder_rate"),
+     ("verdict: [fail]", "verdict must be a mapping"), ("verdict: fail", "verdict must be a mapping"),
+     ("epsilon: true", "epsilon must be"), ("k: 4\nnote: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+     ("risk: {intruder_rate: {medium: 0.5, high: 0.1}}", "risk.intruder_rate: medium (0.5) must not exceed high (0.1)")],
 )
 def test_bad_policies_are_one_line_errors(pair, tmp_path, text, message):
     policy = tmp_path / "policy.yaml"
-    policy.write_text(text)
+    policy.write_bytes(text if isinstance(text, bytes) else text.encode())
     code, _, stderr = run("check", pair["full"], "--policy", policy)
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert "internal error" not in stderr
 
 
 def test_sharded_bf16_model_gives_the_same_audit_as_float32(tmp_path):
