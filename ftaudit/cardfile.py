@@ -29,7 +29,7 @@ KEY = "ftaudit"
 
 _BOM = "\ufeff"
 _FRONT_MATTER = re.compile(
-    r"\A---[ \t]*\r?\n(?P<body>.*?)(?<=\n)---[ \t]*(?:\r?\n|\Z)"   # --- body ---
+    r"\A\s*---[ \t]*\r?\n(?P<body>.*?)(?<=\n)---[ \t]*(?:\r?\n|\Z)"   # --- body --- (blank lines before: as the Hub)
     r"|\A---[ \t]*\r?\n---[ \t]*(?:\r?\n|\Z)",                    # an empty front matter
     re.DOTALL,
 )

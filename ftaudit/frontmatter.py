@@ -6,7 +6,8 @@ import re
 
 import yaml
 
-FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*(\r?\n|\Z)", re.S | re.M)
+FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)^---[ \t]*(\r?\n|\Z)", re.S | re.M)
+"""As the Hub reads it (huggingface_hub.repocard.REGEX_YAML_BLOCK): blank lines may come before the opening `---`."""
 
 
 def read(card: str) -> dict[str, object]:

@@ -143,6 +143,19 @@ def test_bom_and_empty_front_matter():
     assert update_card(out, "s", DATA) == out
 
 
+@pytest.mark.parametrize("lead", ["\n", "\n\n", "  \n", "\r\n"])
+def test_front_matter_after_blank_lines_is_the_one_the_hub_reads(lead):
+    from huggingface_hub import ModelCard
+
+    text = (lead + USER_FRONT + BODY).replace("\n", "\r\n" if lead == "\r\n" else "\n").replace("\r\r", "\r")
+    assert ModelCard(text).data.to_dict()["license"] == "apache-2.0"  # the Hub's own parser sees the front matter
+    assert frontmatter.read(text)["base_model"] == "org/base"
+    once = update_card(text, "s", DATA)
+    assert once.startswith(text.split("tags:")[0]) and once.count("---") == 2
+    assert ModelCard(once).data.to_dict() == {**ModelCard(text).data.to_dict(), "ftaudit": DATA}
+    assert read_card_data(once) == DATA and update_card(once, "s", DATA) == once
+
+
 def test_cards_that_cannot_be_updated_without_guessing():
     with pytest.raises(UsageError, match="begin.*no.*end|no <!-- ftaudit:end -->"):
         update_card(f"# T\n\n{BEGIN}\nuser text that must not be lost\n", "s", DATA)
