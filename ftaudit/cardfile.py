@@ -3,7 +3,8 @@
 Two places of the card are ftaudit's, everything else is kept byte for byte:
 
 - the section between `<!-- ftaudit:begin -->` and `<!-- ftaudit:end -->` (replaced when the
-  markers are there, appended after one blank line when they are not);
+  markers are there, appended after one blank line when they are not; further sections, which would
+  stay stale, are removed);
 - the top-level `ftaudit:` key of the YAML front matter, which is inserted or replaced as text
   (the rest of the front matter is never re-serialised: users' key order, comments and quoting
   stay). A card without front matter gets one holding only that key.
@@ -122,9 +123,12 @@ def section_block(section: str, nl: str = "\n") -> str:
 
 def _set_section(text: str, section: str, nl: str) -> str:
     block = section_block(section, nl)
-    span, open_fence = _marker_span(text)
-    if span is not None:
-        start, end = span
+    spans, open_fence = _marker_spans(text)
+    if spans:
+        (start, end), *later = spans
+        for a, b in reversed(later):  # a section repeated further down (an edit, a merge) would stay stale: drop it
+            b += text[b:].startswith(nl) and len(nl)
+            text = text[:a] + text[b:]
         return text[:start] + block + text[end:]
     if open_fence:
         # the card ends inside a code block that is never closed: close it (Markdown closes it at the
@@ -139,9 +143,10 @@ def _set_section(text: str, section: str, nl: str) -> str:
     return text + nl + nl + block + nl
 
 
-def _marker_span(text: str) -> tuple[tuple[int, int] | None, str | None]:
-    """From the begin marker to the end of the end marker, each alone on a line outside code fences;
-    and the fence left open at the end of the card, if any."""
+def _marker_spans(text: str) -> tuple[list[tuple[int, int]], str | None]:
+    """Each section: from a begin marker (from its line's start after the first) to the end of its end marker, each
+    alone on a line outside code fences; and the fence left open at the end of the card, if any."""
+    spans: list[tuple[int, int]] = []
     begin = None
     fence: str | None = None
     offset = 0
@@ -155,13 +160,14 @@ def _marker_span(text: str) -> tuple[tuple[int, int] | None, str | None]:
         elif opening:
             fence = opening[1]
         elif begin is None and stripped == BEGIN:
-            begin = offset + line.index(BEGIN)
+            begin = offset + (line.index(BEGIN) if not spans else 0)
         elif begin is not None and stripped == END:
-            return (begin, offset + line.index(END) + len(END)), None
+            spans.append((begin, offset + line.index(END) + len(END)))
+            begin = None
         offset += len(line) + 1
     if begin is not None:
         raise UsageError(f"the card has {BEGIN} but no {END} after it: add the end marker or remove the begin one")
-    return None, fence
+    return spans, fence
 
 
 # --- the front matter -------------------------------------------------------------------------

@@ -87,6 +87,17 @@ def test_an_existing_section_is_replaced_exactly():
     assert out[new_front_end:] == before[len(USER_FRONT):start] + section_block("new") + before[end:]
 
 
+@pytest.mark.parametrize("nl", ["\n", "\r\n"])
+def test_a_repeated_section_is_dropped_and_the_first_replaced(nl):
+    card = (USER_FRONT + f"# T\n\n{BEGIN}\nold 1\n{END}\n\nuser text\n\n  {BEGIN}\nold 2\n{END}\n"
+            f"## After\n\n```\n{BEGIN}\nexample\n{END}\n```\n").replace("\n", nl)
+    out = update_card(card, "new", DATA)
+    assert "old 1" not in out and "old 2" not in out and out.count(section_block("new", nl)) == 1
+    assert out.endswith(f"{section_block('new', nl)}{nl}{nl}user text{nl}{nl}## After{nl}{nl}```{nl}{BEGIN}{nl}"
+                        f"example{nl}{END}{nl}```{nl}")
+    assert update_card(out, "new", DATA) == out
+
+
 def test_markers_in_code_fences_or_inline_are_not_the_section():
     doc = (f"# Docs\n\nThe section is wrapped in `{BEGIN}` and `{END}`:\n\n"
            f"```markdown\n{BEGIN}\nexample\n{END}\n```\n\n~~~\n{BEGIN}\n~~~\n")
