@@ -45,6 +45,8 @@ OTHER_WEIGHT_SUFFIXES = (
 )
 """Weights in formats the fix does not rewrite: left out of the output, which would otherwise hold
 both the patched and the unpatched values."""
+OTHER_COPY_STEMS = ("consolidated",)
+"""Safetensors files of these names, beside the weights the fix writes, are other copies of them (Mistral's)."""
 ADAPTER_CONFIG = "adapter_config.json"
 CARD = "README.md"
 
@@ -144,8 +146,9 @@ def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, r
 
 
 def _copy_files(folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool) -> list[str]:
-    """Copy the input's other files; return the weights in other formats, which are left out."""
+    """Copy the input's other files; return the weights in other formats or other copies, which are left out."""
     written = {ref.file for ref in weights.tensors.values()}
+    stem = "adapter_model" if fmt == "adapter" else "model"
     tuned = opened.tuned.storage
     sources: dict[str, Storage] = {}
     if fmt == "merged":  # the base's files, and the adapter's own extras (a head, a tokenizer) over them
@@ -160,14 +163,24 @@ def _copy_files(folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoi
     for name, storage in sorted(sources.items()):
         if name in written:
             continue
-        if _other_weights(name):
+        if _other_weights(name) or _other_copy(name, stem):
             left_out.append(name)
             continue
         folder.copy_file(storage, name)
     if left_out:
-        log.warning("left out %d file(s) of weights in other formats, which would keep the unpatched values: %s",
-                    len(left_out), ", ".join(left_out))
+        log.warning("left out %d file(s) of weights in other formats or other copies, which would keep the unpatched "
+                    "values: %s", len(left_out), ", ".join(left_out))
     return left_out
+
+
+def _other_copy(name: str, stem: str) -> bool:
+    """A safetensors copy of the weights that is not the one written: `model.safetensors` beside the shards of
+    `model.safetensors.index.json` (which transformers loads first), a variant (`model.fp16.safetensors`), ..."""
+    if "/" in name or name == f"{stem}.safetensors.index.json":
+        return False
+    if not name.endswith((".safetensors", ".safetensors.index.json")):
+        return False
+    return name.startswith(tuple(f"{s}{sep}" for s in (stem, *OTHER_COPY_STEMS) for sep in ".-"))
 
 
 def _other_weights(name: str) -> bool:

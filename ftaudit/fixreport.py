@@ -52,7 +52,8 @@ class FixResult:
     after: Report
     changes: list[MatrixChange] = field(default_factory=list)
     files_left_out: list[str] = field(default_factory=list)
-    """Weights in other formats (pickle, ONNX, ...) that would still hold the unpatched values."""
+    """Weights in other formats (pickle, ONNX, ...) or other copies (`model.safetensors` beside shards) that would
+    still hold the unpatched values."""
 
     @property
     def directions_scaled(self) -> int:

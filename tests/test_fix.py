@@ -238,6 +238,27 @@ def test_outputs_load_with_safetensors_and_transformers(runs):
             assert torch.equal(state[c["name"]], stored[c["name"]].to(state[c["name"]].dtype))
 
 
+def test_a_single_file_copy_beside_the_shards_is_left_out_so_transformers_loads_the_patch(tmp_path):
+    from transformers import AutoModel
+
+    full = write_full_model(tmp_path / "full")
+    shards = {}
+    for file in sorted(full.glob("model-*.safetensors")):
+        shards.update(load_file(file))
+    save_file(shards, full / "model.safetensors", metadata={"format": "pt"})  # what transformers loads first
+    out, record_path = tmp_path / "fixed", tmp_path / "fix.json"
+    code, _, stderr = run("fix", full, "--base", BASE, "--out", out, "--json", record_path, "--lambda", 0, *LAYER_0)
+    assert code in (0, 1), stderr
+    record = json.loads(record_path.read_text())
+    assert record["changes"] and "model.safetensors" in record["output"]["files_left_out"]
+    assert not (out / "model.safetensors").exists() and "model.safetensors" in stderr
+    state = AutoModel.from_pretrained(out, local_files_only=True).state_dict()
+    for c in record["changes"]:
+        stored = load_file(out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][c["name"]])
+        assert torch.equal(state[c["name"]], stored[c["name"]].to(state[c["name"]].dtype))
+        assert not torch.equal(stored[c["name"]], shards[c["name"]])
+
+
 def test_merge_writes_the_patched_merged_matrices_over_the_base(runs):
     record, out = runs["merged0"]["record"], runs["merged0"]["path"]
     assert record["output"]["format"] == "merged"
