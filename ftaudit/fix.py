@@ -86,6 +86,7 @@ def fix(
     patcher = _Patcher(opened, before, options, fix_options, cache)
     if fmt == "merged":
         patcher.check_mergeable()
+    card = _card_to_update(opened.tuned.storage) if patcher.pairs or fmt == "merged" else ""
     replace: Replace = {"model": patcher.model_tensor, "adapter": patcher.adapter_tensor,
                         "merged": patcher.merged_tensor}[fmt]
     with ModelFolder(out) as folder, flushed(cache):
@@ -107,7 +108,6 @@ def fix(
             before=before, after=after, changes=patcher.changes, files_left_out=left_out,
         )
         if changed:
-            card = _read_card(opened.tuned.storage)
             section = fix_render.render_card_section(result)
             folder.write_bytes(CARD, cardfile.update_card(card, section, fix_render.card_data(result)).encode("utf-8"))
         folder.commit()
@@ -198,6 +198,16 @@ def _read_card(storage: Storage) -> str:
         return storage.read(CARD, 0, storage.size(CARD)).decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{storage.label}/{CARD}: the card is not UTF-8 text") from None
+
+
+def _card_to_update(storage: Storage) -> str:
+    """The card, checked now, before the work, that it can take the fix's section and front-matter key."""
+    card = _read_card(storage)
+    try:
+        cardfile.update_card(card, "", {})
+    except UsageError as e:
+        raise UsageError(f"{storage.label}/{CARD}: {e}") from None
+    return card
 
 
 class _Patcher:

@@ -337,6 +337,22 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "hf_secrettoken123"]
 
 
+def test_a_card_that_cannot_take_the_fix_is_refused_before_any_write(tmp_path, monkeypatch):
+    from ftaudit import writer
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, adapter)
+    (adapter / "README.md").write_text("---\n- a list, not a mapping\n---\n# My adapter\n")
+    written = []
+    monkeypatch.setattr(writer.ModelFolder, "write_safetensors", lambda *args: written.append(args))
+    code, _, stderr = run("fix", adapter, "--base", BASE, "--out", tmp_path / "out", *LAYERS_4_5)
+    assert code == 2 and not written and not (tmp_path / "out").exists()
+    assert stderr == f"ftaudit: error: {adapter}/README.md: the card's front matter is not a YAML mapping: fix it first\n"
+    monkeypatch.undo()
+    code, _, stderr = run("fix", adapter, "--base", BASE, "--out", tmp_path / "same", "--lambda", 1, *LAYERS_4_5)
+    assert code in (0, 1) and folder_files(tmp_path / "same") == folder_files(adapter)  # nothing to change: a copy
+
+
 def test_a_failure_mid_write_leaves_no_output(tmp_path, monkeypatch):
     from ftaudit import writer
 
