@@ -14,6 +14,7 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
 from ftaudit import policy as policy_mod
 from ftaudit.audit import AuditOptions
@@ -166,6 +167,22 @@ def test_card_section_of_a_gentle_fine_tune(reports):
     assert "not pinned" in text
     assert "```bash\nftaudit check " in text and f"--base {report.base.id}" in text
     assert_tables_well_formed(text)
+
+
+def test_renderers_when_no_matrix_could_be_analysed(tmp_path):
+    base = llama_like()
+    nan = {k: torch.full_like(v, math.nan) if "proj" in k else v for k, v in base.items()}
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "nan", nan)
+    report = check(Target(str(tmp_path / "nan"), str(tmp_path / "base")), AuditOptions(), policy_mod.load(None))
+    assert report.summary.matrices_analysed == 0 and report.verdict.status == "fail"
+    text = card.render_card_section(report)
+    assert "No weight matrix could be analysed" in text and "14 matrices with NaN or Inf weights" in text
+    assert "line up" not in text and "no weight-space sign of forgetting" not in text
+    assert_tables_well_formed(text)
+    ET.fromstring(heatmap.render_heatmap_svg(report))
+    ET.fromstring(badge.render_badge_svg(report))
+    assert "14 matrices with NaN or Inf weights" in markdown.render_job_summary(report)
 
 
 def test_card_section_escapes_what_comes_from_the_report(reports):

@@ -52,6 +52,12 @@ def revision_text(revision: str | None) -> str:
 def plain_reading(report: Report) -> str:
     """One paragraph that says what the numbers mean for someone who wants to use the model."""
     s, risk = report.summary, report.summary.risk
+    if not s.matrices_analysed:  # every matrix skipped (NaN or Inf weights): nothing was measured
+        return (
+            "No weight matrix could be analysed (see *Not analysed* above), so the audit measured no intruder "
+            "dimensions and no update size, and says nothing about forgetting: the verdict comes from the policy's "
+            "rules for matrices that could not be analysed."
+        )
     eps = format_number(report.settings.epsilon)
     norm = _norm_phrase(report)
     if s.intruder_dimensions:
