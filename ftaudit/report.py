@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ftaudit.errors import UsageError
@@ -122,13 +122,13 @@ class Report:
             return cls(
                 tool=d["tool"],
                 created_at=d["created_at"],
-                model=ModelRef(**d["model"]),
-                base=BaseRef(**d["base"]),
-                settings=Settings(**d["settings"]),
-                summary=Summary(**d["summary"]),
-                tensors=TensorIssues(**d["tensors"]),
-                matrices=[MatrixResult(**m) for m in d["matrices"]],
-                verdict=Verdict(**d["verdict"]),
+                model=ModelRef(**_known(ModelRef, d["model"])),
+                base=BaseRef(**_known(BaseRef, d["base"])),
+                settings=Settings(**_known(Settings, d["settings"])),
+                summary=Summary(**_known(Summary, d["summary"])),
+                tensors=TensorIssues(**_known(TensorIssues, d["tensors"])),
+                matrices=[MatrixResult(**_known(MatrixResult, m)) for m in d["matrices"]],
+                verdict=Verdict(**_known(Verdict, d["verdict"])),
             )
         except (KeyError, TypeError) as e:
             raise UsageError(f"not an ftaudit report ({type(e).__name__}: {e})") from None
@@ -151,3 +151,11 @@ class Report:
     def write(self, path: Path) -> None:
         """Write the JSON atomically (a reader never sees half a report)."""
         write_text(path, self.to_json())
+
+
+def _known(cls: type, data: object) -> dict[str, object]:
+    """The fields of `cls` in `data`: a later ftaudit may add fields within a schema version, which this one skips."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} must be a JSON object, not {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}

@@ -338,6 +338,21 @@ def test_reports_read_back_into_the_same_report(pair, tmp_path):
         assert code == 2 and stderr.startswith(f"ftaudit: error: {tmp_path / 'bad.json'}: ") and message in stderr
 
 
+def test_a_report_with_fields_added_within_the_schema_version_updates_a_card(pair, tmp_path):
+    out, later, card = tmp_path / "r.json", tmp_path / "later.json", tmp_path / "README.md"
+    run("check", pair["lora"], "--json", out, "--quiet")
+    doc = json.loads(out.read_text())
+    for part in (doc, doc["model"], doc["base"], doc["settings"], doc["summary"], doc["tensors"], doc["verdict"],
+                 *doc["matrices"]):
+        part["added_by_a_later_ftaudit"] = {"x": 1}  # "fields are only ever added within a version"
+    later.write_text(json.dumps(doc))
+    code, _, stderr = run("card", "update", card, "--report", later)
+    assert code == 0, stderr
+    expected = tmp_path / "EXPECTED.md"
+    assert run("card", "update", expected, "--report", out)[0] == 0
+    assert card.read_text() == expected.read_text()
+
+
 def test_card_badge_heatmap_and_formats(pair, tmp_path):
     import xml.etree.ElementTree as ET
     paths = {opt: tmp_path / name for opt, name in
