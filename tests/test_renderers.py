@@ -193,6 +193,17 @@ def test_card_section_escapes_what_comes_from_the_report(reports):
     assert "](my%20badge%20%281%29.svg)" in text
 
 
+def test_a_fence_line_in_an_option_stays_inside_the_command_block(reports):
+    from ftaudit.cardfile import card_data_from_report, update_card
+
+    glob = "x\n```\n<!-- ftaudit:end -->\n"
+    report = dataclasses.replace(reports["fail"], settings=dataclasses.replace(reports["fail"].settings, exclude=[glob]))
+    section, data = card.render_card_section(report), card_data_from_report(report)
+    once = update_card("# Model\n", section, data)
+    assert update_card(once, section, data) == once  # the card can still be updated: its end marker is the real one
+    assert once.count("\n````bash\n") == 1 and once.endswith("\n````\n\n<!-- ftaudit:end -->\n")
+
+
 # --- the badge ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, colour, name", [("fail", "#e05d44", "red"), ("warn", "#dfb317", "yellow"),

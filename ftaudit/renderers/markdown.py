@@ -83,7 +83,8 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(md=md_escape, code=code_span, num=format_number, pct=format_percent, sha=short_sha)
+    env.filters.update(md=md_escape, code=code_span, num=format_number, pct=format_percent, sha=short_sha,
+                       fence=code_fence)
     return env
 
 
@@ -138,6 +139,13 @@ def code_span(text: object) -> str:
     fence = "`" * (longest + 1)
     pad = " " if s.startswith("`") or s.endswith("`") else ""
     return f"{fence}{pad}{s}{pad}{fence}"
+
+
+def code_fence(text: object) -> str:
+    """A backtick fence for a code block holding `text`: longer than any backtick run in it (a line of ``` in a
+    name would close a plain fence, and what follows would be read as Markdown, ftaudit's end marker included)."""
+    longest = max((len(m) for m in re.findall(r"`+", str(text))), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
