@@ -120,12 +120,16 @@ def _branch_at(api: HfApi, repo: str, sha: str) -> str:
 
 
 def _readme(api: HfApi, repo: str, sha: str) -> str:
-    """README.md at the audited commit; empty when the repo has none."""
+    """README.md at the audited commit, line endings untouched (text mode would turn CRLF into LF on every line);
+    empty when the repo has none."""
     try:
         path = api.hf_hub_download(repo, "README.md", revision=sha)
     except RemoteEntryNotFoundError:
         return ""
-    return Path(path).read_text(encoding="utf-8")
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{repo}/README.md: the card is not UTF-8 text") from None
 
 
 def _call(fn: Callable[[], T], repo: str, *, writing: bool) -> T:

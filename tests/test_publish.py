@@ -117,6 +117,17 @@ def test_commit_mode_changes_main_and_a_second_push_replaces_the_section(hub_env
     assert section(read(hub_env, "README.md", "refs/pr/1"))
 
 
+def test_a_crlf_card_keeps_its_line_endings_and_bom(hub_env, tmp_path):
+    original = "\ufeff" + card("org/base", tags=["lora"]).replace("\n", "\r\n")
+    publish(hub_env, tmp_path, readme=original)
+    push_card(audit(base="org/base"), token=TOKEN)
+    local = HfApi(endpoint=hub_env.url, token=TOKEN).hf_hub_download("org/tuned", "README.md", revision="refs/pr/1")
+    pushed = Path(local).read_bytes().decode("utf-8")
+    assert "\n" not in pushed.replace("\r\n", "") and pushed.startswith("\ufeff---\r\nlicense: apache-2.0\r\n")
+    assert pushed.replace(section(pushed), "").startswith(original.split("# A model")[0].split("tags:")[0])
+    assert original.split("---\r\n", 2)[2] in pushed  # the body, byte for byte
+
+
 def test_repo_without_a_card_gets_a_new_one(hub_env, tmp_path):
     publish(hub_env, tmp_path, readme=None, update=small_update)
     report = audit(base="org/base")
