@@ -12,7 +12,7 @@ FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)^---[ \t]*(\r?\n|\Z)", re.S 
 
 def read(card: str) -> dict[str, object]:
     """The card's front matter as a mapping; empty when it has none or it is not a YAML mapping."""
-    match = FRONT_MATTER.match(card)
+    match = FRONT_MATTER.match(card.removeprefix("\ufeff"))  # a BOM, as ftaudit.cardfile reads it
     if not match:
         return {}
     try:

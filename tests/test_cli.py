@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -351,6 +352,17 @@ def test_a_report_with_fields_added_within_the_schema_version_updates_a_card(pai
     expected = tmp_path / "EXPECTED.md"
     assert run("card", "update", expected, "--report", out)[0] == 0
     assert card.read_text() == expected.read_text()
+
+
+@pytest.mark.parametrize("lead", ["\ufeff", "\n"])
+def test_the_base_is_read_from_a_card_with_a_bom_or_a_blank_first_line(pair, tmp_path, lead):
+    tuned = tmp_path / "tuned"
+    shutil.copytree(pair["full"], tuned)
+    (tuned / "README.md").write_bytes((lead + card(str(pair["base"]))).replace("\n", "\r\n").encode())
+    out = tmp_path / "r.json"
+    code, _, stderr = run("check", tuned, "--json", out, "--quiet")
+    assert code == 0, stderr
+    assert json.loads(out.read_text())["base"] == {"id": str(pair["base"]), "revision": None, "declared_by": "card"}
 
 
 def test_card_badge_heatmap_and_formats(pair, tmp_path):
