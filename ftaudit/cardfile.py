@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from ftaudit.errors import UsageError
+from ftaudit.files import write_bytes
 from ftaudit.report import Report
 
 BEGIN = "<!-- ftaudit:begin -->"
@@ -101,12 +102,7 @@ def update_card_file(path: Path, section: str, front_matter_data: dict[str, obje
     new = update_card(old, section, front_matter_data)
     if new == old:
         return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(new.encode("utf-8"))
-        tmp.replace(path)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot write the card ({e.strerror})") from None
+    write_bytes(path, new.encode("utf-8"), "the card")
     return True
 
 

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from pathlib import Path
 
 from ftaudit.errors import UsageError
 
 
 def write_text(path: Path, content: str) -> None:
-    """Write `content` to `path` through a temporary file, so a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write `content` to `path` as UTF-8, atomically (see `write_bytes`)."""
+    write_bytes(path, content.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes, what: str = "") -> None:
+    """Write `data` to `path` through a temporary file beside it, so a reader never sees half of it.
+
+    A link is written through (its target is replaced, the link stays), a file's permissions are
+    kept, and a failed write leaves neither the temporary file nor a changed `path`. `what` names the
+    file in the error (`cannot write the card`).
+    """
+    target = path.resolve() if path.is_symlink() else path
+    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(content, encoding="utf-8")
-        tmp.replace(path)
+        tmp.write_bytes(data)
+        if target.exists():
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        tmp.replace(target)
     except OSError as e:
-        raise UsageError(f"{path}: cannot write ({e.strerror})") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UsageError(f"{path}: cannot write{' ' + what if what else ''} ({e.strerror})") from None
 
 
 def check_writable(path: Path) -> None:

@@ -262,3 +262,30 @@ def test_update_card_file_keeps_bytes_and_reports_changes(report, tmp_path):
     fresh = tmp_path / "new" / "README.md"
     fresh.parent.mkdir()
     assert update_card_file(fresh, section, data) is True and read_card_data(fresh.read_text()) == data
+
+
+def test_a_linked_card_is_updated_through_the_link_keeping_its_mode(report, tmp_path):
+    real = tmp_path / "cards" / "model.md"
+    real.parent.mkdir()
+    real.write_text(USER_FRONT + BODY)
+    real.chmod(0o640)
+    link = tmp_path / "README.md"
+    link.symlink_to(real)
+    assert update_card_file(link, render_card_section(report), card_data_from_report(report)) is True
+    assert link.is_symlink() and link.resolve() == real
+    assert read_card_data(real.read_text()) == card_data_from_report(report)
+    assert real.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_failed_card_write_leaves_the_card_and_no_temporary_file(report, tmp_path, monkeypatch):
+    path = tmp_path / "README.md"
+    path.write_text(USER_FRONT + BODY)
+
+    def disk_full(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(path), "replace", disk_full)
+    with pytest.raises(UsageError, match=r"README.md: cannot write the card \(No space left on device\)"):
+        update_card_file(path, render_card_section(report), card_data_from_report(report))
+    assert path.read_text() == USER_FRONT + BODY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
