@@ -337,6 +337,16 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "hf_secrettoken123"]
 
 
+def test_the_current_folder_is_refused_as_out_before_the_audit(tmp_path, monkeypatch):
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, stdout, stderr = run("fix", ADAPTER, "--base", BASE, "--out", ".")
+    assert (code, stdout) == (2, "")
+    assert stderr == "ftaudit: error: .: is the current folder, which the finished model cannot replace; choose a new --out\n"
+    assert not any(here.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 def test_a_card_that_cannot_take_the_fix_is_refused_before_any_write(tmp_path, monkeypatch):
     from ftaudit import writer
 
