@@ -289,6 +289,18 @@ def test_heatmap_of_intruders(reports):
     assert_inside(root)
 
 
+def test_control_characters_in_names_leave_the_svgs_readable(reports):
+    report = copy.deepcopy(reports["fail"])
+    report.model = dataclasses.replace(report.model, id="org/model\x01\x1b[31m")
+    report.matrices[0].name = "model.layers.0.self_attn.q_proj\x00\x07.weight"
+    for svg in (heatmap.render_heatmap_svg(report), badge.render_badge_svg(report)):
+        ET.fromstring(svg)  # XML 1.0 forbids these characters: one would make the document unreadable
+        assert "\x00" not in svg and "\x01" not in svg and "\x1b" not in svg
+    tooltips = [r.find(f"{SVG}title").text for r in cells(ET.fromstring(heatmap.render_heatmap_svg(report)))]
+    assert "model.layers.0.self_attn.q_proj\ufffd\ufffd.weight" in {t.split(":")[0] for t in tooltips}
+    assert "\x00" not in card.render_card_section(report)
+
+
 def test_heatmap_of_an_indicator(reports):
     report = reports["pass"]
     root = ET.fromstring(heatmap.render_heatmap_svg(report, metric="relative_update_norm"))

@@ -70,7 +70,8 @@ def environment() -> jinja2.Environment:
     """The jinja2 environment of `templates/` (the package ftaudit.templates).
 
     SVG templates are XML-escaped; Markdown templates are not, and escape with the `md` and `code`
-    filters where text from the report lands. jinja2 is imported here, on first use: an audit that
+    filters where text from the report lands. Control characters in any value (a tensor name can hold
+    them) become U+FFFD: XML forbids them, so one would make the whole SVG unreadable. jinja2 is imported here, on first use: an audit that
     renders nothing does not pay for it.
     """
     import jinja2
@@ -82,6 +83,7 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        finalize=printable,
     )
     env.filters.update(md=md_escape, code=code_span, num=format_number, pct=format_percent, sha=short_sha,
                        fence=code_fence)
@@ -93,6 +95,14 @@ def render_template(name: str, **context: object) -> str:
 
 
 # --- formatting -------------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def printable(value: object) -> object:
+    """`value` with the control characters XML forbids (all but tab and line breaks) replaced by U+FFFD."""
+    return _CONTROL.sub("\ufffd", value) if isinstance(value, str) else value
+
 
 def format_number(value: object, digits: int = 4) -> str:
     """An int as is, a float to `digits` significant digits, None as n/a."""
