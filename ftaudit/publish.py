@@ -26,7 +26,7 @@ from ftaudit.renderers.card import render_card_section
 from ftaudit.renderers.heatmap import render_heatmap_svg
 from ftaudit.renderers.markdown import render_job_summary, status_headline
 from ftaudit.report import Report
-from ftaudit.sources.hub import endpoint
+from ftaudit.sources.hub import bound_session, endpoint
 
 T = TypeVar("T")
 MODES = ("pr", "commit")
@@ -46,6 +46,7 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
     if sha is None:
         raise UsageError("--push needs a Hub repository")
     api = HfApi(endpoint=endpoint(), token=token)
+    bound_session()
     branch = _call(lambda: _branch_at(api, repo, sha), repo, writing=False)
     readme = _call(lambda: _readme(api, repo, sha), repo, writing=False)
     files = {}

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, get_session
 
 from ftaudit import frontmatter, policy
 from ftaudit.audit import AuditOptions
@@ -187,6 +187,20 @@ def test_network_failures_are_reported(hub_env, tmp_path):
     hub_env.stop()
     with pytest.raises(FtauditError, match="could not reach"):
         push_card(report, token=TOKEN)
+
+
+
+def test_a_stalled_server_times_out_instead_of_holding_the_push(hub_env, tmp_path, monkeypatch):
+    publish(hub_env, tmp_path)
+    report = audit()
+    session = get_session()
+    monkeypatch.setattr(session, "timeout", session.timeout)  # the push sets it; put it back afterwards
+    monkeypatch.setenv("FTAUDIT_HTTP_TIMEOUT", "0.3")
+    hub_env.delay = 3.0
+    with pytest.raises(FtauditError, match=r"could not reach .* \(ReadTimeout\)"):
+        push_card(report, token=TOKEN)
+    hub_env.delay = 0.0
+    assert not HfApi(endpoint=hub_env.url).list_repo_refs("org/tuned", include_pull_requests=True).pull_requests
 
 
 def test_github_outputs_and_job_summary(hub_env, tmp_path):

@@ -84,6 +84,12 @@ def _timeout() -> httpx2.Timeout:
     return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
 
 
+def bound_session() -> None:
+    """Give huggingface_hub's shared HTTP client the timeout above as its default: it has none, so a server that
+    stalls would hold a request (one that takes no timeout of its own) forever."""
+    get_session().timeout = _timeout()
+
+
 class _Transient(Exception):
     """A failure worth retrying: a dropped connection, a short body, HTTP 429 or 5xx."""
 
@@ -103,7 +109,10 @@ class HubStorage:
         self._has_token = bool(token or get_token())
         self.label = repo_id
         api = HfApi(endpoint=self.endpoint, token=token)
-        info = self._call(lambda: api.model_info(repo_id, revision=revision), f"revision {revision or 'main'}")
+        info = self._call(
+            lambda: api.model_info(repo_id, revision=revision, timeout=self._timeout),  # type: ignore[arg-type]
+            f"revision {revision or 'main'}",
+        )
         if not info.sha:
             raise NetworkError(f"{repo_id}: the server did not say which commit {revision or 'main'} is")
         self.sha: str = info.sha
