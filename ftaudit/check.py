@@ -9,6 +9,7 @@ from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base
 from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
+from ftaudit.pairing import quantized_matrix
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
 from ftaudit.sources import Snapshot, open_snapshot, open_weights
@@ -69,10 +70,12 @@ def open_target(target: Target) -> Opened:
             f"{base.storage.label}: a PEFT adapter (adapter_config.json), not a base model: "
             "pass the model it adapts with --base")
     base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
+    _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
     model_ref = ModelRef(tuned.id, tuned.revision)
     if config is None:
         tuned_side: Tensors = open_weights(tuned.storage, allow_pickle=target.allow_pickle)
+        _refuse_quantized(tuned.storage.label, tuned_side, "audit the model before quantization")
     else:
         weights = open_weights(tuned.storage, "adapter_model", target.allow_pickle)
         adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side)
@@ -80,6 +83,16 @@ def open_target(target: Target) -> Opened:
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
     return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref)
+
+
+def _refuse_quantized(label: str, weights: Checkpoint | PickleCheckpoint, what_to_do: str) -> None:
+    """UnsupportedError when `weights` hold quantized matrices, whose stored values are not the weights."""
+    found = quantized_matrix(weights.infos)
+    if found is not None:
+        raise UnsupportedError(
+            f"{label}: quantized weights ({found.name} is {found.dtype}); ftaudit audits full-precision weights: "
+            f"{what_to_do}"
+        )
 
 
 def check(

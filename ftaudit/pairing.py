@@ -183,5 +183,14 @@ def _pair(
     return None
 
 
+def quantized_matrix(tensors: dict[str, TensorInfo]) -> TensorInfo | None:
+    """An attention or MLP matrix stored in an integer or 8-bit float dtype (GPTQ and AWQ `qweight`, bitsandbytes,
+    FP8): quantized values, not weights that can be compared with a base's."""
+    for info in tensors.values():
+        if len(info.shape) == 2 and info.dtype not in FLOAT_DTYPES and module_kind(info.name) in DEFAULT_KINDS:
+            return info
+    return None
+
+
 def _matrices(tensors: dict[str, TensorInfo]) -> list[str]:
     return [n for n, t in tensors.items() if len(t.shape) == 2 and min(t.shape) > 0 and t.dtype in FLOAT_DTYPES]

@@ -8,13 +8,16 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import ftaudit.audit as audit_module
 from ftaudit.cli import main
 from ftaudit.sources import checkpoint
 from tests.hubserver import HubServer
-from tests.models import card, folder_files, llama_like, low_rank_update, small_update, write_model
+from tests.models import (
+    card, folder_files, llama_like, low_rank_update, safetensors_bytes, small_update, write_model,
+)
 
 TOKEN = "hf_SeCrEtToKeN1234567890abcdef"
 
@@ -205,3 +208,59 @@ def test_a_password_in_the_endpoint_stays_out_of_messages(env, tmp_path, monkeyp
     code, stdout, stderr = run("check", "org/tuned", "--base", "org/missing", "--debug")
     assert code == 2 and "no such model repository on http://mirror:***@127.0.0.1" in stderr, stderr
     assert "s3cr3t-Passw0rd" not in stdout + stderr
+
+
+def quantize(tensors: dict[str, torch.Tensor], scheme: str) -> dict[str, torch.Tensor]:
+    """The attention and MLP weights stored as a quantized checkpoint stores them (the values are random: only the
+    layout matters)."""
+    out = {}
+    for name, w in tensors.items():
+        if w.ndim != 2 or "proj" not in name:
+            out[name] = w
+        elif scheme == "gptq":  # 4-bit values packed 8 to an int32, transposed; scales beside
+            out[name.replace(".weight", ".qweight")] = torch.randint(0, 2**31 - 1, (w.shape[1] // 8, w.shape[0]),
+                                                                     dtype=torch.int32)
+            out[name.replace(".weight", ".scales")] = torch.ones(1, w.shape[0], dtype=torch.float16)
+        elif scheme == "bnb-4bit":  # 4-bit values packed 2 to a byte, as a column
+            out[name] = torch.randint(0, 255, (w.numel() // 2, 1), dtype=torch.uint8)
+            out[name + ".absmax"] = torch.ones(w.numel() // 64)
+        elif scheme == "int8":  # LLM.int8: the same shape, int8, with row scales
+            out[name] = torch.randint(-127, 127, w.shape, dtype=torch.int8)
+            out[name.replace(".weight", ".SCB")] = torch.ones(w.shape[0])
+        else:  # fp8, with a scale
+            out[name] = w.to(torch.float8_e4m3fn)
+            out[name + "_scale"] = torch.ones(())
+    return out
+
+
+def lora_adapter(base: dict[str, torch.Tensor], base_id: str, rank: int = 4) -> dict[str, bytes]:
+    """A PEFT LoRA adapter of the q projections, declaring `base_id`."""
+    g = torch.Generator().manual_seed(5)
+    factors = {}
+    for name, w in base.items():
+        if name.endswith("q_proj.weight"):
+            module = "base_model.model." + name.removesuffix(".weight")
+            factors[f"{module}.lora_A.weight"] = torch.randn(rank, w.shape[1], generator=g)
+            factors[f"{module}.lora_B.weight"] = torch.randn(w.shape[0], rank, generator=g)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["q_proj"],
+              "base_model_name_or_path": base_id}
+    return {"adapter_model.safetensors": safetensors_bytes(factors), "adapter_config.json": json.dumps(config).encode()}
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "bnb-4bit", "int8", "fp8"])
+def test_quantized_weights_are_refused_with_a_message_that_says_so(env, tmp_path, scheme):
+    base = llama_like()
+    env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    env.add_repo("org/base-q", {"model.safetensors": safetensors_bytes(quantize(base, scheme))})
+    quantized = quantize(low_rank_update(base), scheme)
+    env.add_repo("org/tuned-q", {"model.safetensors": safetensors_bytes(quantized), "README.md": card("org/base").encode()})
+    env.add_repo("org/qlora", lora_adapter(base, "org/base-q"))  # trained on a quantized base, as QLoRA is
+
+    code, _, stderr = run("check", "org/tuned-q")
+    assert code == 2 and "org/tuned-q@" in stderr and "quantized weights (model.layers.0." in stderr, stderr
+    assert "audit the model before quantization" in stderr and len(stderr.splitlines()) == 1
+    for args in (["org/qlora"], ["org/tuned-q", "--base", "org/base-q"]):
+        code, _, stderr = run("check", *args)
+        assert code == 2 and "org/base-q@" in stderr and "quantized weights" in stderr, stderr
+        assert "pass the full-precision base with --base" in stderr
+    assert run("check", "org/qlora", "--base", "org/base")[0] in (0, 1)  # the same adapter on the full base
