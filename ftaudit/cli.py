@@ -213,7 +213,7 @@ def check_command(
                    (json_path, card_path, badge_path, badge_json_path, heatmap_path), annotate=fmt == "github")
     redactor = setup.redactor
     if push:
-        _run(debug, redactor, _refuse_push_offline)
+        _run(debug, redactor, lambda: _refuse_push(model))
     progress, close = progress_display("Auditing") if not quiet else (None, lambda: None)
     try:
         report = _run(debug, redactor, lambda: check(setup.target, setup.options, setup.policy, progress, setup.cache))
@@ -240,10 +240,12 @@ def check_command(
     sys.exit(EXIT_FAIL if report.verdict.status == "fail" else EXIT_PASS)
 
 
-def _refuse_push_offline() -> None:
-    """--push in offline mode fails before the audit, not after it."""
+def _refuse_push(model: str) -> None:
+    """--push of a local folder, or in offline mode, fails before the audit, not after it."""
     from huggingface_hub import constants
 
+    if Path(model).expanduser().exists():
+        raise UsageError(f"--push needs a Hub repository: {model} is a local folder")
     if constants.is_offline_mode():
         raise UsageError("--push writes to the Hub, which HF_HUB_OFFLINE turns off")
 

@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from huggingface_hub import HfApi, get_session
 
 from ftaudit import frontmatter, policy
 from ftaudit.audit import AuditOptions
 from ftaudit.cardfile import card_data_from_report
 from ftaudit.check import Target, check
+from ftaudit.cli import main
 from ftaudit.errors import AccessError, FtauditError, UsageError
 from ftaudit.publish import push_card, write_github_outputs
 from ftaudit.renderers.badge import render_badge_svg, shields_endpoint
@@ -175,6 +177,17 @@ def test_local_folders_and_stale_audits_cannot_be_pushed(hub_env, tmp_path):
         push_card(report, token=TOKEN)
     with pytest.raises(UsageError, match="--push-mode"):
         push_card(report, token=TOKEN, mode="force")
+
+
+
+def test_push_of_a_local_folder_is_refused_before_the_audit(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "tuned"), "--base", str(tmp_path / "base"), "--push",
+                                       "--json", str(report)])
+    assert result.exit_code == 2
+    assert result.stderr == f"ftaudit: error: --push needs a Hub repository: {tmp_path / 'tuned'} is a local folder\n"
+    assert not report.exists()  # refused before the audit, not after it
 
 
 def test_network_failures_are_reported(hub_env, tmp_path):
