@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -70,6 +71,7 @@ def run_step(spec: dict[str, Any], context: dict[str, str], tmp: Path, extra_env
         "GITHUB_OUTPUT": str(tmp / "github_output"),
         "GITHUB_STEP_SUMMARY": str(tmp / "step_summary"),
         "FTAUDIT_CACHE": os.environ["FTAUDIT_CACHE"],
+        **{name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ},  # the checkout under test
         **{name: evaluate(str(value), context) for name, value in (spec.get("env") or {}).items()},
         **(extra_env or {}),
     }
@@ -140,6 +142,23 @@ def test_could_not_audit_fails_the_audit_step(hub, models, tmp_path):
     context = action_context({"model": str(tuned), "fail-on": "often"}, tmp_path)
     bad = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
     assert bad.returncode == 2 and "fail-on must be fail, warn or never" in bad.stdout
+
+
+
+def test_weights_checked_out_without_lfs_say_so(models, tmp_path):
+    base, tuned = models
+    weights = tuned / "model.safetensors"
+    data = weights.read_bytes()
+    # What actions/checkout leaves without `lfs: true`: the pointer git stores, not the file.
+    weights.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
+                       f"size {len(data)}\n")
+    context = action_context({"model": str(tuned), "base": str(base)}, tmp_path)
+    result = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ftaudit: error: {weights}: a Git LFS pointer, not the file: fetch the LFS files "
+        "(git lfs pull; in GitHub Actions, actions/checkout with lfs: true)"
+    )
 
 
 def test_the_cache_is_kept_between_runs_under_a_key_named_by_its_entries(models, tmp_path):

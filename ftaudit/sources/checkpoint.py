@@ -14,6 +14,8 @@ from ftaudit.sources import safetensors
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+"""How the text file that Git LFS stores in place of a file begins (a checkout that did not fetch LFS files)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -67,7 +69,13 @@ def read_header(storage: Storage, name: str) -> safetensors.Header:
     """Fetch and validate the header of one safetensors file."""
     label = f"{storage.label}/{name}"
     size = storage.size(name)
-    n = safetensors.header_length(storage.read(name, 0, min(size, 8)), size, label)
+    prefix = storage.read(name, 0, min(size, 8))
+    if prefix == LFS_POINTER[:8] and storage.read(name, 0, min(size, len(LFS_POINTER))) == LFS_POINTER:
+        raise InvalidWeightsError(
+            f"{label}: a Git LFS pointer, not the file: fetch the LFS files "
+            "(git lfs pull; in GitHub Actions, actions/checkout with lfs: true)"
+        )
+    n = safetensors.header_length(prefix, size, label)
     return safetensors.parse_header(storage.read(name, 8, n), size, label)
 
 
