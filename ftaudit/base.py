@@ -35,14 +35,25 @@ def declared_base(storage: Storage) -> DeclaredBase:
                 f"{storage.label}: the card declares {len(declared)} base models (a merge); {PASS_BASE}"
             )
         declared = declared[0]
+    from_adapter = _adapter_base(storage)
     if isinstance(declared, str) and declared.strip():
-        return DeclaredBase(declared.strip(), None, "card")
+        name = declared.strip()
+        # A PEFT card names the base without its revision; adapter_config.json has it.
+        revision = from_adapter.revision if from_adapter is not None and from_adapter.id == name else None
+        return DeclaredBase(name, revision, "card")
+    if from_adapter is not None:
+        return from_adapter
+    raise BaseResolutionError(f"{storage.label}: declares no base model (card base_model or adapter_config.json); {PASS_BASE}")
+
+
+def _adapter_base(storage: Storage) -> DeclaredBase | None:
+    """The base (and its revision) that adapter_config.json names, if any."""
     adapter = adapter_config(storage)
     name = adapter.get("base_model_name_or_path") if adapter else None
-    if isinstance(name, str) and name.strip():
-        revision = adapter.get("revision")
-        return DeclaredBase(name.strip(), revision if isinstance(revision, str) and revision else None, "adapter_config")
-    raise BaseResolutionError(f"{storage.label}: declares no base model (card base_model or adapter_config.json); {PASS_BASE}")
+    if not (isinstance(name, str) and name.strip()):
+        return None
+    revision = adapter.get("revision") if adapter else None
+    return DeclaredBase(name.strip(), revision if isinstance(revision, str) and revision else None, "adapter_config")
 
 
 def adapter_config(storage: Storage) -> dict[str, object] | None:

@@ -264,3 +264,22 @@ def test_quantized_weights_are_refused_with_a_message_that_says_so(env, tmp_path
         assert code == 2 and "org/base-q@" in stderr and "quantized weights" in stderr, stderr
         assert "pass the full-precision base with --base" in stderr
     assert run("check", "org/qlora", "--base", "org/base")[0] in (0, 1)  # the same adapter on the full base
+
+
+def test_an_adapter_is_audited_against_the_base_revision_its_config_names_card_or_not(env, tmp_path):
+    base = llama_like()
+    trained_on = env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    env.add_repo("org/base", folder_files(write_model(tmp_path / "base2", llama_like(seed=9))))  # main moved on
+    files = lora_adapter(base, "org/base")
+    files["adapter_config.json"] = json.dumps({**json.loads(files["adapter_config.json"]), "revision": trained_on}).encode()
+    env.add_repo("org/adapter", files)
+    env.add_repo("org/adapter-with-card", {**files, "README.md": card("org/base", library_name="peft").encode()})
+    reports = {}
+    for repo in ("org/adapter", "org/adapter-with-card"):
+        out = tmp_path / f"{repo.split('/')[1]}.json"
+        code, _, stderr = run("check", repo, "--json", out)
+        assert code in (0, 1), stderr
+        reports[repo] = json.loads(out.read_text())
+    assert reports["org/adapter"]["base"] == {"id": "org/base", "revision": trained_on, "declared_by": "adapter_config"}
+    assert reports["org/adapter-with-card"]["base"] == {"id": "org/base", "revision": trained_on, "declared_by": "card"}
+    assert reports["org/adapter-with-card"]["matrices"] == reports["org/adapter"]["matrices"]
