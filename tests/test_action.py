@@ -195,10 +195,13 @@ def test_the_cache_is_kept_between_runs_under_a_key_named_by_its_entries(models,
     assert not unused.exists() and no_key is None
 
 
-def test_cache_input_is_checked(models, tmp_path):
-    context = action_context({"model": str(models[1]), "base": str(models[0]), "cache": "yes"}, tmp_path)
+@pytest.mark.parametrize("name", ["cache", "push-card"])
+def test_true_false_inputs_are_checked(models, tmp_path, name):
+    # "yes" would otherwise read as false: push-card: yes would audit, push nothing, and pass.
+    context = action_context({"model": str(models[1]), "base": str(models[0]), name: "yes"}, tmp_path)
     bad = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
-    assert bad.returncode == 2 and "cache must be true or false" in bad.stdout
+    assert bad.returncode == 2 and f"::error::{name} must be true or false, not 'yes'" in bad.stdout
+    assert not (tmp_path / "ftaudit-report.json").exists()
 
 
 @pytest.mark.parametrize(
