@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -66,10 +66,12 @@ def run_audit(
     progress: Progress | None = None,
     cache: SpectrumCache | None = None,
     updates: Updates | None = None,
+    unchanged: Collection[str] = frozenset(),
 ) -> Report:
-    """Audit every selected matrix pair; the verdict is left to the policy."""
+    """Audit every selected matrix pair; the verdict is left to the policy. `unchanged` names the base
+    tensors a tuned side that lists only what it changes (an adapter) leaves as they are."""
     device = resolve_device(options.device)
-    pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection)
+    pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection, unchanged)
     for glob in pairing.unmatched_globs:
         log.warning("%r matches no weight matrix of either model (names as in the report)", glob)
     issues = TensorIssues(

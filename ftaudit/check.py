@@ -115,9 +115,10 @@ def audit_opened(
 ) -> Report:
     """Audit two opened sides and apply the policy."""
     tuned_side = opened.tuned_side
-    updates = tuned_side.low_rank if isinstance(tuned_side, AdaptedTensors) else None
+    adapter = tuned_side if isinstance(tuned_side, AdaptedTensors) else None
     report = run_audit(
-        opened.model_ref, opened.base_ref, tuned_side, opened.base_side, options, progress, cache, updates
+        opened.model_ref, opened.base_ref, tuned_side, opened.base_side, options, progress, cache,
+        adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(),
     )
     if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
         raise UnsupportedError(_nothing_to_audit(report))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
@@ -137,8 +137,12 @@ def align(base: Iterable[str], tuned: Iterable[str]) -> tuple[dict[str, str], di
     return best[2], best[3]
 
 
-def pair_tensors(base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], selection: Selection) -> Pairing:
-    """Pair the floating-point 2-D tensors of both sides and pick those to analyse."""
+def pair_tensors(
+    base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], selection: Selection,
+    unchanged: Collection[str] = frozenset(),
+) -> Pairing:
+    """Pair the floating-point 2-D tensors of both sides and pick those to analyse. `unchanged` names
+    base tensors that the tuned side leaves as they are (an adapter's untargeted ones): not missing."""
     result = Pairing()
     b_map, t_map = align(_matrices(base), _matrices(tuned))
     result.unmatched_globs = selection.unmatched(b_map.keys() | t_map.keys())
@@ -152,7 +156,8 @@ def pair_tensors(base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], sele
             if pair is not None:
                 result.scale_only.append(pair)
         elif t_name is None:
-            result.missing_in_model.append(key)
+            if b_name not in unchanged:
+                result.missing_in_model.append(key)
         elif b_name is None:
             result.missing_in_base.append(key)
         else:

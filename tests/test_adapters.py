@@ -60,3 +60,25 @@ def test_adapter_on_the_wrong_base_is_refused(tmp_path):
     base = write_model(tmp_path / "base", llama_like())
     result = CliRunner().invoke(main, ["check", str(adapter(tmp_path)), "--base", str(base)])
     assert result.exit_code == 2 and "which the base does not have" in result.stderr
+
+
+def only_query_and_value(t: dict) -> dict:
+    return {n: v for n, v in t.items() if ".attention.self.query." in n or ".attention.self.value." in n}
+
+
+def test_matrices_an_adapter_leaves_unchanged_are_not_missing_in_the_model(tmp_path):
+    """An adapter of some modules (PEFT's default for Llama is q_proj and v_proj) leaves the base's other
+    matrices as they are: the model has them, unchanged. They had been listed as missing in the model,
+    a reason in every verdict, and a failed audit under fail_on_missing."""
+    folder = adapter(tmp_path, tensors=only_query_and_value)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("verdict:\n  fail_on_missing: true\n  fail_at: never\n")
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        main, ["check", str(folder), "--base", str(ft.base_model_dir()), "--policy", str(policy), "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert result.exit_code == 0, result.stderr
+    assert report["tensors"]["missing_in_model"] == [] and report["tensors"]["missing_in_base"] == []
+    names = {m["name"] for m in report["matrices"]}
+    assert len(names) == 12 and all(".query." in n or ".value." in n for n in names)
+    assert not any("missing" in reason for reason in report["verdict"]["reasons"])

@@ -163,6 +163,11 @@ class AdaptedTensors:
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
+    @property
+    def unchanged(self) -> frozenset[str]:
+        """The base tensors the adapter leaves as they are: the tuned model has them, unchanged."""
+        return frozenset(self.base.infos.keys() - self._infos.keys())
+
     def module(self, name: str) -> LoraModule | None:
         """The LoRA module that adapts tensor `name`, if any."""
         kind, source = self._sources[name]
