@@ -36,6 +36,10 @@ def without_one_b(t: dict) -> dict:
     return {n: v for n, v in t.items() if n != next(n for n in t if n.endswith("lora_B.weight"))}
 
 
+def rank_zero(t: dict) -> dict:
+    return {n: v[:0] if "lora_A" in n else v[:, :0] if "lora_B" in n else v for n, v in t.items()}
+
+
 @pytest.mark.parametrize(
     ("config", "tensors", "message"),
     [
@@ -46,6 +50,11 @@ def without_one_b(t: dict) -> dict:
         (None, with_magnitude, "DoRA (use_dora) magnitude vectors are not supported"),
         (None, without_one_b, "has lora_A but not its pair"),
         ({"lora_alpha": "sixteen"}, None, "lora_alpha must be a number"),
+        ({"lora_alpha": float("nan")}, None, "lora_alpha must be a number (got nan)"),
+        ({"lora_alpha": float("inf")}, None, "lora_alpha must be a number (got inf)"),
+        ({"alpha_pattern": {"query": "big"}}, None, "alpha_pattern must map module patterns to numbers"),
+        ({"alpha_pattern": {"(query": 32}}, None, "alpha_pattern: '(query' is not a valid regular expression"),
+        (None, rank_zero, "have rank 0"),
     ],
 )
 def test_unsupported_or_broken_adapters_are_refused(tmp_path, config, tensors, message):

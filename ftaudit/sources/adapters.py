@@ -79,6 +79,10 @@ class LoraAdapter:
                 f"{self.label}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} disagree on the rank"
             )
         rank = a_shape[0]
+        if rank == 0:
+            raise InvalidWeightsError(
+                f"{self.label}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} have rank 0"
+            )
         alpha = float(_pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8)))
         scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
@@ -106,8 +110,23 @@ def _check_config(config: dict[str, object], label: str) -> None:
     if config.get("target_parameters"):
         raise UnsupportedError(f"{label}: LoRA on raw parameters (target_parameters) is not supported")
     alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise InvalidWeightsError(f"{label}/adapter_config.json: lora_alpha must be a number")
+    if not _is_number(alpha):
+        raise InvalidWeightsError(f"{label}/adapter_config.json: lora_alpha must be a number (got {alpha!r})")
+    patterns = config.get("alpha_pattern")
+    if isinstance(patterns, dict):
+        if not all(_is_number(value) for value in patterns.values()):
+            raise InvalidWeightsError(f"{label}/adapter_config.json: alpha_pattern must map module patterns to numbers")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error:
+                raise InvalidWeightsError(
+                    f"{label}/adapter_config.json: alpha_pattern: {pattern!r} is not a valid regular expression"
+                ) from None
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _strip_peft(name: str) -> str:
