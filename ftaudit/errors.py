@@ -17,7 +17,7 @@ class NotFoundError(FtauditError):
 
 
 class AccessError(FtauditError):
-    """The repository exists (or may) but the token does not grant access."""
+    """The repository exists (or may) but the token does not grant access; or a local file cannot be read."""
 
 
 class BaseResolutionError(FtauditError):

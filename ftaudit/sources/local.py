@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from ftaudit.errors import InvalidWeightsError, NotFoundError
+from ftaudit.errors import AccessError, InvalidWeightsError, NotFoundError
 from ftaudit.sources.storage import MAX_TEXT_BYTES
 
 
@@ -36,13 +36,19 @@ class LocalStorage:
             return os.stat(self._path(name)).st_size
         except FileNotFoundError:
             raise NotFoundError(f"{self.label}: no file {name}") from None
+        except OSError as e:
+            raise cannot_read(f"{self.label}/{name}", e) from None
 
     def read(self, name: str, start: int, length: int) -> bytearray:
         return read_range(self._path(name), start, length, f"{self.label}/{name}")
 
     def read_text(self, name: str) -> str | None:
-        path = self._path(name)
-        return read_small_text(path, f"{self.label}/{name}") if path.is_file() else None
+        path, label = self._path(name), f"{self.label}/{name}"
+        try:
+            exists = path.is_file()
+        except OSError as e:
+            raise cannot_read(label, e) from None
+        return read_small_text(path, label) if exists else None
 
 
 def inside(name: str, label: str) -> PurePosixPath:
@@ -56,9 +62,12 @@ def inside(name: str, label: str) -> PurePosixPath:
 def read_range(path: Path, start: int, length: int, label: str) -> bytearray:
     """Exactly `length` bytes of a file from offset `start`, read straight into a bytearray."""
     data = bytearray(length)
-    with open(path, "rb") as f:
-        f.seek(start)
-        got = f.readinto(data)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            got = f.readinto(data)
+    except OSError as e:
+        raise cannot_read(label, e) from None
     if got != length:
         raise InvalidWeightsError(f"{label}: file ends before byte {start + length}")
     return data
@@ -66,9 +75,16 @@ def read_range(path: Path, start: int, length: int, label: str) -> bytearray:
 
 def read_small_text(path: Path, label: str) -> str:
     """A metadata file (a card, a config, an index): UTF-8 text of at most MAX_TEXT_BYTES."""
-    if path.stat().st_size > MAX_TEXT_BYTES:
-        raise InvalidWeightsError(f"{label}: too large for a metadata file")
     try:
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise InvalidWeightsError(f"{label}: too large for a metadata file")
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InvalidWeightsError(f"{label}: not UTF-8 text") from None
+    except OSError as e:
+        raise cannot_read(label, e) from None
+
+
+def cannot_read(label: str, error: OSError) -> AccessError:
+    """A file on disk that the operating system will not read (permissions, a vanished file, an I/O error)."""
+    return AccessError(f"{label}: cannot read ({error.strerror or type(error).__name__})")

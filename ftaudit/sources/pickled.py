@@ -11,6 +11,7 @@ import pickle
 import torch
 
 from ftaudit.errors import InvalidWeightsError
+from ftaudit.sources.local import cannot_read
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
 
@@ -48,6 +49,8 @@ def _load(storage: Storage, name: str) -> dict[str, object]:
             if "mmap" not in str(e):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise cannot_read(label, e) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidWeightsError(f"{label}: refused by torch.load(weights_only=True): {reason}") from None

@@ -1,0 +1,61 @@
+"""Local folders whose files cannot be read give a one-line error naming the file, never an internal error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.models import llama_like, low_rank_update, write_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_unprivileged(*args: object) -> subprocess.CompletedProcess[str]:
+    """`ftaudit check` in a process that file permissions apply to (root without its override capabilities)."""
+    command = [sys.executable, "-m", "ftaudit", "check", *map(str, args), "--no-cache"]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: file permissions cannot be made to apply")
+        drop = "-dac_override,-dac_read_search"
+        command = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", *command]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("pickle", [False, True])
+def test_an_unreadable_weights_file_is_a_one_line_error(tmp_path, pickle):
+    base = llama_like()
+    write_model(tmp_path / "base", base)
+    tuned = tmp_path / "tuned"
+    if pickle:
+        tuned.mkdir()
+        torch.save(low_rank_update(base), tuned / "pytorch_model.bin")
+        weights = tuned / "pytorch_model.bin"
+    else:
+        weights = write_model(tuned, low_rank_update(base)) / "model.safetensors"
+    weights.chmod(0)
+    try:
+        result = check_unprivileged(tuned, "--base", tmp_path / "base", "--allow-pickle")
+    finally:
+        weights.chmod(0o644)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"ftaudit: error: {tuned}/{weights.name}: cannot read (Permission denied)"
+
+
+def test_an_unreadable_folder_is_a_one_line_error(tmp_path):
+    write_model(tmp_path / "base", llama_like())
+    tuned = write_model(tmp_path / "tuned", low_rank_update(llama_like()))
+    tuned.chmod(0)
+    try:
+        result = check_unprivileged(tuned, "--base", tmp_path / "base")
+    finally:
+        tuned.chmod(0o755)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot read (Permission denied)" in result.stderr
