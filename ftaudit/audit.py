@@ -74,6 +74,10 @@ def run_audit(
     pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection, unchanged)
     for glob in pairing.unmatched_globs:
         log.warning("%r matches no weight matrix of either model (names as in the report)", glob)
+    if pairing.stacked:
+        name, shape = pairing.stacked[0]
+        log.warning("%d 3-D weight(s) not analysed (stacked experts? e.g. %s %s): ftaudit analyses 2-D matrices",
+                    len(pairing.stacked), name, list(shape))
     issues = TensorIssues(
         missing_in_base=pairing.missing_in_base,
         missing_in_model=pairing.missing_in_model,

@@ -77,6 +77,8 @@ class Pairing:
     """Heads and embeddings not analysed in full, whose row-norm drift is still measured."""
     unmatched_globs: list[str] = field(default_factory=list)
     """--include and --exclude globs that match no matrix of either side (a likely typo)."""
+    stacked: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    """Selected 3-D floating-point tensors of the tuned side (experts stacked in one tensor): not analysed."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,10 @@ def pair_tensors(
     result = Pairing()
     b_map, t_map = align(_matrices(base), _matrices(tuned))
     result.unmatched_globs = selection.unmatched(b_map.keys() | t_map.keys())
+    result.stacked = [
+        (n, t.shape) for n, t in sorted(tuned.items())
+        if len(t.shape) == 3 and t.dtype in FLOAT_DTYPES and selection.selects(n, module_kind(n))
+    ]
     for key in sorted(b_map.keys() | t_map.keys()):
         b_name, t_name = b_map.get(key), t_map.get(key)
         kind = module_kind(key)

@@ -75,3 +75,26 @@ def test_globs_that_match_nothing_are_named():
     selection = Selection.from_options(["head", "*.q_porj.*", "model.layers.0.mlp.*"], ["*.up_proj.weight", "*.k_proj.*"])
     assert pair_tensors(base, tuned, selection).unmatched_globs == ["*.q_porj.*", "*.k_proj.*"]
     assert pair_tensors(base, tuned, Selection()).unmatched_globs == []
+
+
+def test_stacked_expert_weights_are_named_not_silently_skipped(tmp_path):
+    """A mixture-of-experts checkpoint that stores its experts as one 3-D tensor (Llama 4, gpt-oss) had them
+    left out of the audit without a word, which could pass a model whose experts alone were changed."""
+    import torch
+    from click.testing import CliRunner
+
+    from ftaudit.cli import main
+    from tests.models import llama_like, write_model
+
+    base, tuned = llama_like(), llama_like()
+    stack = "model.layers.0.mlp.experts.gate_up_proj"
+    base[stack] = torch.randn(4, 96, 32)
+    tuned[stack] = base[stack] + torch.randn(4, 96, 32)
+    assert pair_tensors(infos({n: tuple(t.shape) for n, t in base.items()}), infos(
+        {n: tuple(t.shape) for n, t in tuned.items()}), Selection()).stacked == [(stack, (4, 96, 32))]
+    result = CliRunner().invoke(main, [
+        "check", str(write_model(tmp_path / "tuned", tuned)), "--base", str(write_model(tmp_path / "base", base)),
+        "--quiet"])
+    assert result.exit_code == 0 and result.stderr == (
+        f"ftaudit: WARNING: 1 3-D weight(s) not analysed (stacked experts? e.g. {stack} [4, 96, 32]): "
+        "ftaudit analyses 2-D matrices\n")
