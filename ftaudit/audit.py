@@ -15,6 +15,7 @@ from ftaudit import __version__
 from ftaudit.analyses.indicators import row_norm_drift
 from ftaudit.analyses.matrix import StoredPair, analyse_pair
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
+from ftaudit.layout import as_analysed
 from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import VOCAB_KINDS, Selection, TensorPair, pair_tensors
 from ftaudit.parallel import in_order, threads_per_worker, worker_count
@@ -67,11 +68,13 @@ def run_audit(
     cache: SpectrumCache | None = None,
     updates: Updates | None = None,
     unchanged: Collection[str] = frozenset(),
+    conv1d: bool = False,
 ) -> Report:
     """Audit every selected matrix pair; the verdict is left to the policy. `unchanged` names the base
-    tensors a tuned side that lists only what it changes (an adapter) leaves as they are."""
+    tensors a tuned side that lists only what it changes (an adapter) leaves as they are; `conv1d`
+    says the models are of a family whose Conv1D matrices are stored transposed (ftaudit.layout)."""
     device = resolve_device(options.device)
-    pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection, unchanged)
+    pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection, unchanged, conv1d)
     for glob in pairing.unmatched_globs:
         log.warning("%r matches no weight matrix of either model (names as in the report)", glob)
     if pairing.stacked:
@@ -159,12 +162,15 @@ def _stream(
     def load(i: int) -> Loaded:
         pair = pairs[i]
         w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
-        if pin is not None and i >= scale_only:
-            with torch.cuda.device(pin):
-                w0, wt = w0.pin_memory(), wt.pin_memory()
         update = updates(pair.tuned_name) if updates else None
         if pair.rows is not None:
             w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None
+        if pair.transposed:
+            w0, wt = as_analysed(w0, pair), as_analysed(wt, pair)
+            update = update.transposed() if update else None
+        if pin is not None and i >= scale_only:
+            with torch.cuda.device(pin):
+                w0, wt = w0.pin_memory(), wt.pin_memory()
         return pair, StoredPair(w0, wt, tensor_key(w0) if key and i >= scale_only else None), update
 
     # The tensors are held only by the StoredPair yielded, never by a name here, so the analysis can free them.

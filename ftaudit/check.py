@@ -9,6 +9,7 @@ from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base
 from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
+from ftaudit.layout import conv1d_model
 from ftaudit.pairing import quantized_matrix
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
@@ -40,6 +41,8 @@ class Opened:
     base_side: Checkpoint | PickleCheckpoint
     model_ref: ModelRef
     base_ref: BaseRef
+    conv1d: bool = False
+    """The models are of a family whose Conv1D matrices are stored in × out (ftaudit.layout)."""
 
 
 def _same_model(declared: str, model: str) -> bool:
@@ -82,7 +85,7 @@ def open_target(target: Target) -> Opened:
         model_ref.adapter = adapted.adapter.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
-    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref)
+    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, conv1d_model(tuned.storage, base.storage))
 
 
 def _refuse_quantized(label: str, weights: Checkpoint | PickleCheckpoint, what_to_do: str) -> None:
@@ -118,7 +121,7 @@ def audit_opened(
     adapter = tuned_side if isinstance(tuned_side, AdaptedTensors) else None
     report = run_audit(
         opened.model_ref, opened.base_ref, tuned_side, opened.base_side, options, progress, cache,
-        adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(),
+        adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(), opened.conv1d,
     )
     if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
         raise UnsupportedError(_nothing_to_audit(report))

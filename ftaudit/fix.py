@@ -26,6 +26,7 @@ from ftaudit.cache import SpectrumCache, flushed, tensor_key
 from ftaudit.check import Opened, Target, audit_opened, check, open_target
 from ftaudit.errors import UnsupportedError, UsageError
 from ftaudit.fixreport import FixResult, FixSettings, MatrixChange
+from ftaudit.layout import as_analysed
 from ftaudit.pairing import TensorPair, pair_tensors
 from ftaudit.patch import Directions, find_directions, refactor_lora, scale_directions
 from ftaudit.policy import Policy
@@ -223,7 +224,7 @@ class _Patcher:
         self.cache = cache
         self.device = resolve_device(options.device)
         flagged = {m.name for m in before.matrices if m.intruders > 0} if fix_options.lam != 1 else set()
-        pairing = pair_tensors(self.base.infos, self.tuned.infos, options.selection)
+        pairing = pair_tensors(self.base.infos, self.tuned.infos, options.selection, conv1d=opened.conv1d)
         self.pairs = {p.tuned_name: p for p in pairing.pairs if p.name in flagged}
         self.changes: list[MatrixChange] = []
         self._pending: dict[str, torch.Tensor] = {}
@@ -244,7 +245,7 @@ class _Patcher:
             return None
         w, directions = found
         self._record(pair, directions, [info.name])
-        return _assemble(self.tuned.load(info.name), scale_directions(w, directions.U, self.lam), pair.rows)
+        return _assemble(self.tuned.load(info.name), self._scaled(pair, w, directions), pair.rows)
 
     def adapter_tensor(self, info: TensorInfo) -> torch.Tensor | None:
         """An adapter file's tensor: new LoRA factors, a patched whole tensor (modules_to_save), or None."""
@@ -264,10 +265,12 @@ class _Patcher:
         w, directions = found
         if module is None:
             self._record(pair, directions, [info.name])
-            return _assemble(self.tuned.load(name), scale_directions(w, directions.U, self.lam), pair.rows)
+            return _assemble(self.tuned.load(name), self._scaled(pair, w, directions), pair.rows)
         weights = self.tuned.adapter.weights
         b, a = (upcast(weights.load(n), self.device) for n in (module.b, module.a))
-        factors = refactor_lora(b, a, w, directions.U, self.lam, module.scaling, module.transpose)
+        # w is out × in; ΔW as stored is (B·A)ᵀ with fan_in_fan_out, and so B·A out × in for a Conv1D layer
+        transpose = module.transpose != pair.transposed
+        factors = refactor_lora(b, a, w, directions.U, self.lam, module.scaling, transpose)
         self._record(pair, directions, [module.a, module.b], factors.error)
         new = {module.a: factors.a, module.b: factors.b}
         for factor, value in new.items():
@@ -287,7 +290,7 @@ class _Patcher:
         else:
             w, directions = found
             self._record(pair, directions, [info.name])
-            merged = scale_directions(w, directions.U, self.lam)
+            merged = self._scaled(pair, w, directions)
         return merged.to(dtype=FLOAT_DTYPES[info.dtype], device="cpu")
 
     def check_mergeable(self) -> None:
@@ -303,14 +306,18 @@ class _Patcher:
     # --- one matrix -------------------------------------------------------------------------------
 
     def _directions(self, pair: TensorPair) -> tuple[torch.Tensor, Directions] | None:
-        """The tuned matrix (float64, on the device; the compared rows) and its intruders; None when none."""
-        raw_w0 = self.base.load(pair.base_name)[: pair.rows]
+        """The tuned matrix (float64, on the device; the compared rows; out × in) and its intruders; None when none."""
+        raw_w0 = as_analysed(self.base.load(pair.base_name)[: pair.rows], pair)
         w0 = upcast(raw_w0, self.device)
-        w = upcast(self.tuned.load(pair.tuned_name)[: pair.rows], self.device)
+        w = upcast(as_analysed(self.tuned.load(pair.tuned_name)[: pair.rows], pair), self.device)
         if not (torch.isfinite(w0).all() and torch.isfinite(w).all()):
             return None
         found = find_directions(self._basis(raw_w0, w0), w0, w, self.options.k, self.options.epsilon, self.only_top)
         return (w, found) if found.index else None
+
+    def _scaled(self, pair: TensorPair, w: torch.Tensor, found: Directions) -> torch.Tensor:
+        """The tuned matrix with its intruders scaled, as stored (in × out again for a Conv1D layer)."""
+        return as_analysed(scale_directions(w, found.U, self.lam), pair)
 
     def _basis(self, raw_w0: torch.Tensor, w0: torch.Tensor) -> Basis:
         if self.cache is None:

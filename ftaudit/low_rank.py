@@ -40,6 +40,10 @@ class LowRankUpdate:
     def to(self, device: torch.device) -> LowRankUpdate:
         return LowRankUpdate(self.left.to(device), self.right.to(device))
 
+    def transposed(self) -> LowRankUpdate:
+        """ΔWᵀ = rightᵀ @ leftᵀ."""
+        return LowRankUpdate(self.right.mT.contiguous(), self.left.mT.contiguous())
+
     def rows(self, count: int) -> LowRankUpdate:
         """The update restricted to its first `count` rows."""
         return LowRankUpdate(self.left[:count], self.right)

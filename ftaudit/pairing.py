@@ -13,6 +13,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ftaudit.layout import stored_transposed
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 
 KINDS = ("attention", "mlp", "embedding", "head", "norm", "other")
@@ -59,8 +60,11 @@ class TensorPair:
     kind: str
     layer: int | None
     shape: tuple[int, int]
+    """As analysed: out × in, the layer's output dimension first (see `transposed`)."""
     rows: int | None = None
     """Compare only the first `rows` rows (a resized vocabulary); None compares all."""
+    transposed: bool = False
+    """Both tensors are stored in × out (transformers' Conv1D) and are analysed transposed (ftaudit.layout)."""
 
 
 @dataclass
@@ -142,9 +146,11 @@ def align(base: Iterable[str], tuned: Iterable[str]) -> tuple[dict[str, str], di
 def pair_tensors(
     base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], selection: Selection,
     unchanged: Collection[str] = frozenset(),
+    conv1d: bool = False,
 ) -> Pairing:
     """Pair the floating-point 2-D tensors of both sides and pick those to analyse. `unchanged` names
-    base tensors that the tuned side leaves as they are (an adapter's untargeted ones): not missing."""
+    base tensors that the tuned side leaves as they are (an adapter's untargeted ones): not missing.
+    `conv1d`: the models are of a Conv1D family, whose Conv1D matrices are paired transposed."""
     result = Pairing()
     b_map, t_map = align(_matrices(base), _matrices(tuned))
     result.unmatched_globs = selection.unmatched(b_map.keys() | t_map.keys())
@@ -167,7 +173,7 @@ def pair_tensors(
         elif b_name is None:
             result.missing_in_base.append(key)
         else:
-            pair = _pair(key, b_name, t_name, kind, base, tuned)
+            pair = _pair(key, b_name, t_name, kind, base, tuned, conv1d)
             b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
             if pair is None:
                 result.shape_mismatch.append((key, b_shape, t_shape))
@@ -180,12 +186,14 @@ def pair_tensors(
 
 def _pair(
     key: str, b_name: str | None, t_name: str | None, kind: str,
-    base: dict[str, TensorInfo], tuned: dict[str, TensorInfo],
+    base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], conv1d: bool = False,
 ) -> TensorPair | None:
     """The pair to compare: same shapes, or a resized vocabulary's shared rows; None otherwise."""
     if b_name is None or t_name is None:
         return None
     b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
+    if b_shape == t_shape and stored_transposed(key, conv1d):
+        return TensorPair(key, b_name, t_name, kind, layer_index(key), (b_shape[1], b_shape[0]), transposed=True)
     if b_shape == t_shape:
         return TensorPair(key, b_name, t_name, kind, layer_index(key), (b_shape[0], b_shape[1]))
     if kind in VOCAB_KINDS and b_shape[1] == t_shape[1]:

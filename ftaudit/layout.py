@@ -1,0 +1,55 @@
+"""How a stored weight matrix maps to its layer: as out × in (nn.Linear), or transposed.
+
+The paper's left singular vectors are the layer's output directions, the columns of U for W stored
+out × in as nn.Linear stores it. transformers' Conv1D (GPT-2 and its family) computes y = x·W + b
+with W stored in × out, so its matrices are analysed transposed, as the layer applies them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import torch
+
+from ftaudit.sources.storage import Storage
+
+if TYPE_CHECKING:
+    from ftaudit.pairing import TensorPair
+
+CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+"""transformers model types (config.json `model_type`) whose CONV1D_MODULES are Conv1D layers."""
+CONV1D_MODULES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+
+
+def conv1d_model(*storages: Storage) -> bool:
+    """Whether the first of `storages` whose config.json names a model type names a Conv1D family."""
+    for storage in storages:
+        model_type = _model_type(storage)
+        if model_type is not None:
+            return model_type in CONV1D_MODELS
+    return False
+
+
+def stored_transposed(name: str, conv1d: bool) -> bool:
+    """Whether tensor `name` of a model (a Conv1D family when `conv1d`) is stored in × out."""
+    parts = name.split(".")
+    return conv1d and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in CONV1D_MODULES
+
+
+def _model_type(storage: Storage) -> str | None:
+    """config.json's `model_type`; None without one (an adapter, a bare checkpoint) or when unreadable as JSON."""
+    text = storage.read_text("config.json")
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None
+
+
+def as_analysed(stored: torch.Tensor, pair: TensorPair) -> torch.Tensor:
+    """A tensor of `pair` as stored, turned out × in (a contiguous copy when transposed); and back again."""
+    return stored.mT.contiguous() if pair.transposed else stored
