@@ -13,7 +13,7 @@ import torch
 
 from ftaudit import __version__
 from ftaudit.analyses.indicators import row_norm_drift
-from ftaudit.analyses.matrix import StoredPair, analyse_pair
+from ftaudit.analyses.matrix import Skipped, StoredPair, analyse_pair
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
 from ftaudit.layout import as_analysed
 from ftaudit.low_rank import LowRankUpdate
@@ -89,6 +89,7 @@ def run_audit(
             {"name": n, "base_rows": b, "model_rows": t, "compared_rows": min(b, t)} for n, b, t in pairing.resized
         ],
         not_selected=pairing.not_selected,
+        unchanged=pairing.unchanged,
     )
     results: list[MatrixResult] = []
     heads: dict[str, dict[str, float | None]] = {}
@@ -97,7 +98,9 @@ def run_audit(
     todo = pairing.scale_only + pairing.pairs
     scale_only = len(pairing.scale_only)
 
-    def analyse(item: tuple[int, Loaded]) -> tuple[int, TensorPair, dict[str, float | None] | None, MatrixResult | None]:
+    def analyse(
+        item: tuple[int, Loaded],
+    ) -> tuple[int, TensorPair, dict[str, float | None] | None, MatrixResult | Skipped | None]:
         i, (pair, stored, update) = item
         head = row_norm_drift(stored.base.to(device), stored.tuned.to(device)) if pair.kind in VOCAB_KINDS else None
         if i < scale_only:
@@ -111,8 +114,10 @@ def run_audit(
         for i, pair, head, result in in_order(stream, analyse, workers):
             if head is not None:
                 heads[pair.name] = head
-            if i >= scale_only and result is None:
+            if result is Skipped.NONFINITE:
                 issues.nonfinite.append(pair.name)
+            elif result is Skipped.UNCHANGED:
+                issues.unchanged.append(pair.name)
             elif result is not None:
                 results.append(result)
             if progress:
@@ -131,7 +136,7 @@ def run_audit(
         model=model,
         base=base,
         settings=settings,
-        summary=summarise(results, options.epsilons, heads),
+        summary=summarise(results, options.epsilons, heads, len(issues.unchanged)),
         tensors=issues,
         matrices=results,
     )

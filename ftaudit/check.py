@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from ftaudit.sources import Snapshot, open_snapshot, open_weights
 from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
+
+log = logging.getLogger("ftaudit")
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,10 @@ def audit_opened(
         adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(), opened.conv1d,
     )
     if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
-        raise UnsupportedError(_nothing_to_audit(report))
+        if not report.tensors.unchanged:
+            raise UnsupportedError(_nothing_to_audit(report))
+        log.warning("every matrix compared is identical in %s and %s: is the model its base itself?",
+                    report.model.id, report.base.id)
     if isinstance(tuned_side, AdaptedTensors):
         for matrix in report.matrices:
             module = tuned_side.module(matrix.name)

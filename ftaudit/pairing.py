@@ -81,6 +81,8 @@ class Pairing:
     """Heads and embeddings not analysed in full, whose row-norm drift is still measured."""
     unmatched_globs: list[str] = field(default_factory=list)
     """--include and --exclude globs that match no matrix of either side (a likely typo)."""
+    unchanged: list[str] = field(default_factory=list)
+    """Selected matrices that the tuned side leaves as the base has them (an adapter's untargeted ones)."""
     stacked: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     """Selected 3-D floating-point tensors of the tuned side (experts stacked in one tensor): not analysed."""
 
@@ -168,8 +170,7 @@ def pair_tensors(
             if pair is not None:
                 result.scale_only.append(pair)
         elif t_name is None:
-            if b_name not in unchanged:
-                result.missing_in_model.append(key)
+            (result.unchanged if b_name in unchanged else result.missing_in_model).append(key)
         elif b_name is None:
             result.missing_in_base.append(key)
         else:

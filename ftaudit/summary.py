@@ -34,9 +34,11 @@ def _group(results: Sequence[MatrixResult]) -> dict[str, object]:
 
 
 def summarise(
-    results: Sequence[MatrixResult], epsilons: Sequence[float], heads: dict[str, dict[str, float | None]]
+    results: Sequence[MatrixResult], epsilons: Sequence[float], heads: dict[str, dict[str, float | None]],
+    unchanged: int = 0,
 ) -> Summary:
-    """Totals over the analysed matrices, aggregates by module kind and by layer, the update type."""
+    """Totals over the analysed matrices, aggregates by module kind and by layer, the update type (which
+    also counts the `unchanged` matrices, identical in both models and not analysed)."""
     examined = sum(len(r.max_cos) for r in results)
     total = sum(r.intruders for r in results)
     by_kind: dict[str, list[MatrixResult]] = defaultdict(list)
@@ -65,6 +67,7 @@ def summarise(
             [r.indicators["relative_update_norm"] for r in results],
             [int(r.indicators["numerical_rank"] or 0) for r in results],
             [(r.shape[0], r.shape[1]) for r in results],
+            unchanged,
         ),
         by_kind={kind: _group(group) for kind, group in sorted(by_kind.items())},
         by_layer={layer: _group(group) for layer, group in sorted(by_layer.items(), key=_layer_order)},

@@ -91,3 +91,38 @@ def test_matrices_an_adapter_leaves_unchanged_are_not_missing_in_the_model(tmp_p
     names = {m["name"] for m in report["matrices"]}
     assert len(names) == 12 and all(".query." in n or ".value." in n for n in names)
     assert not any("missing" in reason for reason in report["verdict"]["reasons"])
+
+
+def test_an_adapter_and_its_merged_model_get_the_same_summary_and_verdict(tmp_path):
+    """The base matrices a q/v adapter leaves alone are unchanged in its merged model too: both audits list
+    them as unchanged and summarise the same analysed matrices (an adapter's rate had been over q and v only,
+    its merged model's over every matrix)."""
+    folder = adapter(tmp_path, tensors=only_query_and_value)
+    base_dir = ft.base_model_dir()
+    weights = load_file(base_dir / "model.safetensors")
+    factors = load_file(folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    for name, a in factors.items():
+        if ".lora_A." in name:
+            module = name.removeprefix("base_model.model.").split(".lora_A.")[0]
+            b = factors[name.replace(".lora_A.", ".lora_B.")]
+            target = f"{module}.weight"
+            weights[target] = (weights[target].double() + scaling * b.double() @ a.double()).float()
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    save_file(weights, merged / "model.safetensors")
+    reports = []
+    for model in (folder, merged):
+        out = tmp_path / f"{model.name}.json"
+        result = CliRunner().invoke(main, ["check", str(model), "--base", str(base_dir), "--json", str(out)])
+        assert result.exit_code in (0, 1), result.stderr
+        reports.append(json.loads(out.read_text()))
+    from_adapter, from_merged = reports
+    assert len(from_adapter["tensors"]["unchanged"]) == 24
+    assert from_adapter["tensors"]["unchanged"] == from_merged["tensors"]["unchanged"]
+    assert [m["name"] for m in from_adapter["matrices"]] == [m["name"] for m in from_merged["matrices"]]
+    for key in ("matrices_analysed", "intruder_dimensions", "matrices_with_intruders", "intruder_rate", "risk"):
+        assert from_adapter["summary"][key] == from_merged["summary"][key], key
+    assert from_adapter["summary"]["update"]["type"] == from_merged["summary"]["update"]["type"] == "partial"
+    assert from_adapter["verdict"] == from_merged["verdict"]

@@ -317,9 +317,15 @@ def test_indicators_recognise_the_kind_of_update(pair, tmp_path):
     s = json.loads(out.read_text())["summary"]
     assert s["update"]["type"] == "partial" and s["update"]["changed"] == 1
     assert s["head_scale_drift"] == pytest.approx(1.0)
-    run("check", pair["base"], "--base", pair["base"], "--json", out)
-    s = json.loads(out.read_text())["summary"]
-    assert s["update"]["type"] == "untouched" and s["spectral_spike_max"] == 0 and s["effective_rank_median"] == 0
+    report = json.loads(out.read_text())
+    assert len(report["tensors"]["unchanged"]) == 13 and report["summary"]["matrices_analysed"] == 1
+    code, _, stderr = run("check", pair["base"], "--base", pair["base"], "--json", out)
+    assert code == 0 and "every matrix compared is identical" in stderr
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert s["update"]["type"] == "untouched" and s["update"]["total"] == 14 and s["matrices_analysed"] == 0
+    assert len(report["tensors"]["unchanged"]) == 14 and report["verdict"]["status"] == "pass"
+    assert s["spectral_spike_max"] is None and s["effective_rank_median"] is None
 
 
 def test_reports_read_back_into_the_same_report(pair, tmp_path):

@@ -84,9 +84,10 @@ def test_stacked_expert_weights_are_named_not_silently_skipped(tmp_path):
     from click.testing import CliRunner
 
     from ftaudit.cli import main
-    from tests.models import llama_like, write_model
+    from tests.models import llama_like, small_update, write_model
 
-    base, tuned = llama_like(), llama_like()
+    base = llama_like()
+    tuned = small_update(base)
     stack = "model.layers.0.mlp.experts.gate_up_proj"
     base[stack] = torch.randn(4, 96, 32)
     tuned[stack] = base[stack] + torch.randn(4, 96, 32)

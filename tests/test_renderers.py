@@ -34,6 +34,7 @@ def reports(tmp_path_factory) -> dict[str, Report]:
     base = llama_like()
     write_model(root / "base", base)
     write_model(root / "lora", low_rank_update(base))
+    write_model(root / "lora-head", low_rank_update(base, only="."))  # the head too
     write_model(root / "full", small_update(base))
     lenient = root / "lenient.yaml"
     lenient.write_text("verdict:\n  fail_at: never\n")
@@ -51,7 +52,7 @@ def reports(tmp_path_factory) -> dict[str, Report]:
         "fail": fail,
         "warn": warn,
         "pass": audit("full"),
-        "heads": audit("lora", selection=Selection.from_options(["head"], [])),
+        "heads": audit("lora-head", selection=Selection.from_options(["head"], [])),
         "deep": audit("deep-lora", "deep-base"),
     }
 

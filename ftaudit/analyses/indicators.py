@@ -211,9 +211,11 @@ def low_rank_bound(shape: tuple[int, int]) -> int:
 
 
 def classify_update(
-    relative_norms: Sequence[float | None], numerical_ranks: Sequence[int], shapes: Sequence[tuple[int, int]]
+    relative_norms: Sequence[float | None], numerical_ranks: Sequence[int], shapes: Sequence[tuple[int, int]],
+    unchanged: int = 0,
 ) -> dict[str, str | int | None]:
-    """Model-level kind of update, from the per-matrix relative norms and numerical ranks.
+    """Model-level kind of update, from the per-matrix relative norms and numerical ranks of the analysed
+    matrices, and the count of `unchanged` ones (identical in both models, not analysed).
 
     A matrix changed when its relative norm is not 0 (None, a zero base that changed, counts).
     A changed matrix is low-rank when 0 < numerical rank ≤ `low_rank_bound(shape)`, and within
@@ -242,7 +244,7 @@ def classify_update(
         update = "full"
     if update is None:
         kind = "untouched"
-    elif len(changed) < len(shapes):
+    elif len(changed) < len(shapes) + unchanged:
         kind = "partial"
     else:
         kind = update
@@ -251,7 +253,7 @@ def classify_update(
         "update": update,
         "rank": round(statistics.median(low)) if update == "low-rank" else None,
         "changed": len(changed),
-        "total": len(shapes),
+        "total": len(shapes) + unchanged,
         "low_rank": len(low),
         "within_rounding": len(changed) - len(effective),
     }

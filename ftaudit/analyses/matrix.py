@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -55,6 +56,13 @@ class StoredPair:
         return tuned
 
 
+class Skipped(Enum):
+    """Why a pair gets no MatrixResult."""
+
+    NONFINITE = "a matrix holds a NaN or ±inf"
+    UNCHANGED = "the matrices are identical (ΔW = 0): nothing to measure"
+
+
 @dataclass(frozen=True)
 class _Update:
     """What is measured on ΔW = tuned − base before the base's decomposition."""
@@ -74,8 +82,8 @@ def analyse_pair(
     device: torch.device,
     cache: SpectrumCache | None = None,
     update: LowRankUpdate | None = None,
-) -> MatrixResult | None:
-    """All per-matrix analyses of one pair as stored; None when either matrix holds a NaN or ±inf.
+) -> MatrixResult | Skipped:
+    """All per-matrix analyses of one pair as stored, or why there are none (Skipped).
 
     `update`, when the tuned side is w0 + a known low-rank ΔW (an adapter), gives the tuned top-k
     and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW. Everything is
@@ -92,8 +100,8 @@ def analyse_pair(
     else:  # it also refines the top k found from the base's spectrum, below: moved to the device once
         update, wt = update.to(device), stored.tuned.to(device, non_blocking=True)
         measured = _measure_update(w0, wt, dtypes, k, update)
-    if measured is None:
-        return None
+    if isinstance(measured, Skipped):
+        return measured
     if cache is None:
         base = base_basis(w0)
     else:
@@ -131,11 +139,13 @@ def analyse_pair(
 
 def _measure_update(
     w0: torch.Tensor, wt: torch.Tensor, dtypes: tuple[torch.dtype, ...], k: int, update: LowRankUpdate | None
-) -> _Update | None:
-    """ΔW's norm, spectrum and rounding floor, and (without `update`) the tuned top-k; None if not finite."""
+) -> _Update | Skipped:
+    """ΔW's norm, spectrum and rounding floor, and (without `update`) the tuned top-k; or why not."""
     sums = pair_sums(w0, wt, with_gram=update is None)
     if not sums.finite:
-        return None
+        return Skipped.NONFINITE
+    if sums.delta_square == 0:
+        return Skipped.UNCHANGED
     floor = rounding_noise_floor(sums, storage_eps(*dtypes)) if dtypes else 0.0
     relative = relative_update_norm(sums)
     sigma = delta_spectrum(sums) if update is None else update.singular_values()

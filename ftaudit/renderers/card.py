@@ -52,6 +52,12 @@ def revision_text(revision: str | None) -> str:
 def plain_reading(report: Report) -> str:
     """One paragraph that says what the numbers mean for someone who wants to use the model."""
     s, risk = report.summary, report.summary.risk
+    if not s.matrices_analysed and not report.tensors.nonfinite:  # every matrix compared is the base's
+        return (
+            "Every weight matrix compared is identical to the base model's (see *Not analysed* above): the "
+            "fine-tune changed none of them, so it can have introduced no intruder dimensions there. Check that the "
+            "audited model is the one intended and not its base."
+        )
     if not s.matrices_analysed:  # every matrix skipped (NaN or Inf weights): nothing was measured
         return (
             "No weight matrix could be analysed (see *Not analysed* above), so the audit measured no intruder "

@@ -278,13 +278,14 @@ def _same_eps(key: str, epsilon: float) -> bool:
 
 
 def unanalysed(report: Report) -> list[tuple[str, list[str]]]:
-    """The matrices that could not be analysed, by reason (reasons without matrices left out)."""
+    """The matrices that could not be, or need not be, analysed, by reason (reasons without matrices left out)."""
     t = report.tensors
     groups = [
         ("missing in the base", t.missing_in_base),
         ("missing in the model", t.missing_in_model),
         ("with NaN or Inf weights", t.nonfinite),
         ("of different shapes in the two models", [str(m.get("name")) for m in t.shape_mismatch]),
+        ("identical in the two models (unchanged)", t.unchanged),
     ]
     return [(label, names) for label, names in groups if names]
 
