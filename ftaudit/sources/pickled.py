@@ -7,6 +7,7 @@ containers. Files are memory-mapped where the format allows, so tensors are stil
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import torch
 
@@ -43,17 +44,35 @@ def _load(storage: Storage, name: str) -> dict[str, object]:
     path = storage.local_path(name)
     label = f"{storage.label}/{name}"
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols it did not write: not the user's concern
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise cannot_read(label, e) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InvalidWeightsError(f"{label}: refused by torch.load(weights_only=True): {reason}") from None
+        raise InvalidWeightsError(f"{label}: refused by torch.load(weights_only=True): {_reason(e)}") from None
     if not isinstance(state, dict):
         raise InvalidWeightsError(f"{label}: holds a {type(state).__name__}, not a mapping of tensors")
     return state
+
+
+_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+"""How torch's own lines begin around the reason: its advice (among it, to load with weights_only=False,
+which runs whatever code the file holds) is not repeated."""
+
+
+def _reason(error: BaseException) -> str:
+    """What torch says the file holds (`Unsupported global: GLOBAL getattr was not an allowed global by default.`,
+    `Unsupported operand 103`), without its advice on how to load it anyway."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if line and not line.startswith(_ADVICE):
+            return line.split(" Please use ")[0]
+    return f"{type(error).__name__}: not a plain tensor checkpoint"
