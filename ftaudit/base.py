@@ -68,3 +68,16 @@ def adapter_config(storage: Storage) -> dict[str, object] | None:
     if not isinstance(config, dict):
         raise InvalidWeightsError(f"{storage.label}/adapter_config.json: not a JSON object")
     return config
+
+
+def model_type_of(storage: Storage) -> str | None:
+    """config.json's `model_type`; None without one (an adapter, a bare checkpoint) or when unreadable as JSON."""
+    text = storage.read_text("config.json")
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None

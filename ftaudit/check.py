@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
-from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base
+from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base, model_type_of
 from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
 from ftaudit.layout import conv1d_model
 from ftaudit.pairing import quantized_matrix
@@ -75,6 +75,7 @@ def open_target(target: Target) -> Opened:
         raise UsageError(
             f"{base.storage.label}: a PEFT adapter (adapter_config.json), not a base model: "
             "pass the model it adapts with --base")
+    _warn_other_architecture(tuned, base)
     base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
@@ -89,6 +90,15 @@ def open_target(target: Target) -> Opened:
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
     return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, conv1d_model(tuned.storage, base.storage))
+
+
+def _warn_other_architecture(tuned: Snapshot, base: Snapshot) -> None:
+    """Warn when both config.json files name a model type and the types differ: names can still line up
+    (a RoBERTa against a BERT), and every matrix would then read as changed beyond recognition."""
+    types = model_type_of(tuned.storage), model_type_of(base.storage)
+    if None not in types and types[0] != types[1]:
+        log.warning("%s is a %s model and %s a %s one (config.json model_type): is it really its base?",
+                    tuned.id, types[0], base.id, types[1])
 
 
 def _refuse_quantized(label: str, weights: Checkpoint | PickleCheckpoint, what_to_do: str) -> None:

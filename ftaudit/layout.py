@@ -7,11 +7,11 @@ with W stored in × out, so its matrices are analysed transposed, as the layer a
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import torch
 
+from ftaudit.base import model_type_of
 from ftaudit.sources.storage import Storage
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ CONV1D_MODULES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 def conv1d_model(*storages: Storage) -> bool:
     """Whether the first of `storages` whose config.json names a model type names a Conv1D family."""
     for storage in storages:
-        model_type = _model_type(storage)
+        model_type = model_type_of(storage)
         if model_type is not None:
             return model_type in CONV1D_MODELS
     return False
@@ -35,19 +35,6 @@ def stored_transposed(name: str, conv1d: bool) -> bool:
     """Whether tensor `name` of a model (a Conv1D family when `conv1d`) is stored in × out."""
     parts = name.split(".")
     return conv1d and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in CONV1D_MODULES
-
-
-def _model_type(storage: Storage) -> str | None:
-    """config.json's `model_type`; None without one (an adapter, a bare checkpoint) or when unreadable as JSON."""
-    text = storage.read_text("config.json")
-    if text is None:
-        return None
-    try:
-        config = json.loads(text)
-    except ValueError:
-        return None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    return model_type if isinstance(model_type, str) else None
 
 
 def as_analysed(stored: torch.Tensor, pair: TensorPair) -> torch.Tensor:

@@ -272,6 +272,18 @@ class RunsCode:
         return (Path.touch, (self.marker,))
 
 
+def test_a_base_of_another_architecture_is_warned_about(pair, tmp_path):
+    for side in ("full", "base"):
+        shutil.copytree(pair[side], tmp_path / side)
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "full" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    code, _, stderr = run("check", tmp_path / "full", "--base", tmp_path / "base", "--quiet")
+    assert code == 0 and stderr == (f"ftaudit: WARNING: {tmp_path / 'full'} is a mistral model and {tmp_path / 'base'} "
+                                    "a llama one (config.json model_type): is it really its base?\n")
+    (tmp_path / "full" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert run("check", tmp_path / "full", "--base", tmp_path / "base", "--quiet")[1:] == ("", "")
+
+
 def test_pickle_weights_load_only_when_allowed_and_never_run_code(pair, tmp_path):
     from safetensors.torch import load_file
     tensors = load_file(pair["lora"] / "model.safetensors")
