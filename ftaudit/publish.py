@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,10 +27,11 @@ from ftaudit.renderers.card import render_card_section
 from ftaudit.renderers.heatmap import render_heatmap_svg
 from ftaudit.renderers.markdown import render_job_summary, status_headline
 from ftaudit.report import Report
-from ftaudit.sources.hub import bound_session, endpoint
+from ftaudit.sources.hub import bound_session, endpoint, with_retries
 
 T = TypeVar("T")
 MODES = ("pr", "commit")
+COMMIT_PATH = re.compile(r"/commit/[^/]+$")  # the request that makes the commit or pull request (not preupload)
 BADGE, BADGE_JSON, HEATMAP = "ftaudit/badge.svg", "ftaudit/badge.json", "ftaudit/heatmap.svg"
 
 
@@ -47,8 +49,9 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
         raise UsageError("--push needs a Hub repository")
     api = HfApi(endpoint=endpoint(), token=token)
     bound_session()
-    branch = _call(lambda: _branch_at(api, repo, sha), repo, writing=False)
-    readme = _call(lambda: _readme(api, repo, sha), repo, writing=False)
+    label = f"{repo}@{sha[:12]}"
+    branch = _read(lambda: _branch_at(api, repo, sha), repo, label, "branch list")
+    readme = _read(lambda: _readme(api, repo, sha), repo, label, "README.md")
     files = {}
     if badge:
         files[BADGE] = render_badge_svg(report)
@@ -59,7 +62,7 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
         report, badge_path=BADGE if badge else None, heatmap_path=HEATMAP if heatmap else None
     )
     files["README.md"] = update_card(readme, section, card_data_from_report(report))
-    info = _call(
+    info = _write(
         lambda: api.create_commit(
             repo,
             [CommitOperationAdd(path, text.encode()) for path, text in files.items()],
@@ -73,7 +76,7 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
             parent_commit=sha,
         ),
         repo,
-        writing=True,
+        mode,
     )
     return info.pr_url or info.commit_url
 
@@ -133,18 +136,50 @@ def _readme(api: HfApi, repo: str, sha: str) -> str:
         raise UsageError(f"{repo}/README.md: the card is not UTF-8 text") from None
 
 
-def _call(fn: Callable[[], T], repo: str, *, writing: bool) -> T:
-    """Run one Hub call, mapping its failures to ftaudit errors (whose messages never hold the token)."""
+def _read(fn: Callable[[], T], repo: str, label: str, what: str) -> T:
+    """Run one Hub read with the audit's retries (HTTP 429 and 5xx, dropped connections, timeouts), mapping its
+    failures to ftaudit errors (whose messages never hold the token)."""
+    try:
+        return with_retries(fn, label, what, lambda e: _error(e, repo, writing=False))
+    except FtauditError:
+        raise
+    except LocalEntryNotFoundError as e:  # the Hub's answer lacked what a download needs
+        raise NetworkError(f"{repo}: could not download {what} from {endpoint()} ({type(e).__name__})") from None
+
+
+def _write(fn: Callable[[], T], repo: str, mode: str) -> T:
+    """Make the commit or pull request, once: a retry after a lost answer could make a second one. A failure says
+    whether anything was written, where that can be known."""
     try:
         return fn()
     except FtauditError:
         raise
     except HfHubHTTPError as e:
-        raise _error(e, repo, writing) from None
-    except (httpx2.TransportError, LocalEntryNotFoundError) as e:
-        raise NetworkError(f"{repo}: could not reach {endpoint()} ({type(e).__name__})") from None
-    except ValueError as e:  # the Hub refused the card's metadata
+        status = e.response.status_code if e.response is not None else None
+        if status is None or status < 500:
+            raise _error(e, repo, writing=True) from None
+        failure, sent = f"HTTP {status}", _sent_commit(e)
+    except httpx2.TransportError as e:
+        never_connected = isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout))
+        failure, sent = f"{type(e).__name__} from {endpoint()}", not never_connected and _sent_commit(e)
+    except ValueError as e:  # the Hub refused the card's metadata, before any commit
         raise UsageError(f"{repo}: {e}") from None
+    if not sent:
+        raise NetworkError(f"{repo}: the push failed ({failure}); nothing was written: run again later")
+    where = "pull requests" if mode == "pr" else "commits"
+    raise NetworkError(
+        f"{repo}: the push failed ({failure}) after the change was sent, so the Hub may have made it: look at the "
+        f"repo's {where} before pushing again (a second push could make a duplicate)"
+    )
+
+
+def _sent_commit(e: HfHubHTTPError | httpx2.TransportError) -> bool:
+    """Whether the failed request was the one that makes the commit (True when that cannot be told)."""
+    try:
+        request = e.response.request if isinstance(e, HfHubHTTPError) else e.request  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):  # no request recorded
+        return True
+    return COMMIT_PATH.search(request.url.path) is not None
 
 
 def _error(e: HfHubHTTPError, repo: str, writing: bool) -> FtauditError:
@@ -162,4 +197,6 @@ def _error(e: HfHubHTTPError, repo: str, writing: bool) -> FtauditError:
         return AccessError(f"{repo}: the token may not read this repository (HTTP {status})")
     if status == 412:
         return NetworkError(f"{repo}: the branch moved on while the card was pushed: audit the new revision, then push")
+    if writing:
+        return NetworkError(f"{repo}: the Hub refused the change (HTTP {status}); nothing was written")
     return NetworkError(f"{repo}: the Hub answered HTTP {status}")

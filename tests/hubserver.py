@@ -99,6 +99,7 @@ class _Fault:
     remaining: int
     path_contains: str | None
     status: int | None  # None: drop the connection
+    method: str | None = None  # None: any method
 
 
 @dataclass
@@ -222,22 +223,27 @@ class HubServer:
         self._lfs.update((blob.sha256, blob.data) for blob in blobs.values() if blob.pointer is not None)
         return sha
 
-    def fail_next(self, n: int = 1, status: int = 500, path_contains: str | None = None) -> None:
-        """Answer the next `n` requests whose target contains `path_contains` with `status` (429: `Retry-After: 0`)."""
+    def fail_next(
+        self, n: int = 1, status: int = 500, path_contains: str | None = None, method: str | None = None
+    ) -> None:
+        """Answer the next `n` requests whose target contains `path_contains` (and whose method is `method`, when
+        given) with `status` (429: `Retry-After: 0`)."""
         with self._lock:
-            self._faults.append(_Fault(n, path_contains, status))
+            self._faults.append(_Fault(n, path_contains, status, method))
 
-    def drop_next(self, n: int = 1, path_contains: str | None = None) -> None:
+    def drop_next(self, n: int = 1, path_contains: str | None = None, method: str | None = None) -> None:
         """Close the connection of the next `n` matching requests early.
 
         A GET gets its headers (full `Content-Length`) and half its body; a HEAD gets nothing.
         """
         with self._lock:
-            self._faults.append(_Fault(n, path_contains, None))
+            self._faults.append(_Fault(n, path_contains, None, method))
 
-    def _take_fault(self, target: str) -> _Fault | None:
+    def _take_fault(self, method: str, target: str) -> _Fault | None:
         with self._lock:
             for fault in self._faults:
+                if fault.method is not None and fault.method != method:
+                    continue
                 if fault.path_contains is None or fault.path_contains in target:
                     fault.remaining -= 1
                     if fault.remaining <= 0:
@@ -456,7 +462,7 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         time.sleep(hub.delay)
-        fault = hub._take_fault(self.path)
+        fault = hub._take_fault(self.command, self.path)
         if fault is not None and fault.status is not None:
             response = _error(fault.status, "Injected failure")
             if fault.status == 429:

@@ -198,9 +198,89 @@ def test_network_failures_are_reported(hub_env, tmp_path):
         push_card(report, token=TOKEN)
     assert TOKEN not in str(failed.value)
     hub_env.stop()
-    with pytest.raises(FtauditError, match="could not reach"):
+    with pytest.raises(FtauditError, match=r"branch list: still failing after 5 attempts \(ConnectError\)"):
         push_card(report, token=TOKEN)
 
+
+
+def pull_requests(hub: HubServer) -> list[str]:
+    refs = HfApi(endpoint=hub.url, token=TOKEN).list_repo_refs("org/tuned", include_pull_requests=True)
+    return [p.ref for p in refs.pull_requests or []]
+
+
+def requests_to(hub: HubServer, start: int, method: str, path: str) -> list[int]:
+    """The statuses of the requests since `start` with `method` whose target contains `path`."""
+    return [r.status for r in hub.requests[start:] if r.method == method and path in r.path]
+
+
+@pytest.mark.parametrize("status", [503, 429])
+@pytest.mark.parametrize(("method", "path"), [("GET", "/refs"), ("GET", "/README.md"), ("HEAD", "/README.md")])
+def test_the_push_retries_its_reads(hub_env, tmp_path, status, method, path):
+    sha = publish(hub_env, tmp_path)
+    report = audit()
+    start = len(hub_env.requests)
+    hub_env.fail_next(3, status=status, path_contains=path, method=method)  # more than huggingface_hub retries
+    assert push_card(report, token=TOKEN) == f"{hub_env.url}/org/tuned/discussions/1"
+    assert requests_to(hub_env, start, method, path) == [status] * 3 + [200]
+    assert pull_requests(hub_env) == ["refs/pr/1"]
+    assert section(read(hub_env, "README.md", "refs/pr/1")) and read(hub_env, "README.md", sha) == card(
+        "org/base", tags=["lora"]
+    )
+
+
+def test_the_push_reads_give_up_after_the_retries(hub_env, tmp_path, monkeypatch):
+    publish(hub_env, tmp_path)
+    report = audit()
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", "2")
+    start = len(hub_env.requests)
+    hub_env.fail_next(2, status=503, path_contains="/refs")
+    with pytest.raises(FtauditError) as failed:
+        push_card(report, token=TOKEN)
+    assert str(failed.value) == (
+        f"org/tuned@{report.model.revision[:12]}: branch list: still failing after 2 attempts (HTTP 503)"
+    )
+    assert requests_to(hub_env, start, "GET", "/refs") == [503, 503]
+    assert requests_to(hub_env, start, "POST", "/commit/") == []
+
+
+@pytest.mark.parametrize("mode", ["pr", "commit"])
+def test_the_write_is_not_retried_and_its_failure_says_what_was_written(hub_env, tmp_path, mode):
+    sha = publish(hub_env, tmp_path)
+    report = audit()
+    api = HfApi(endpoint=hub_env.url, token=TOKEN)
+    where = "pull requests" if mode == "pr" else "commits"
+
+    start = len(hub_env.requests)
+    hub_env.fail_next(1, status=429, path_contains="/commit/", method="POST")  # refused: nothing written
+    with pytest.raises(FtauditError) as refused:
+        push_card(report, token=TOKEN, mode=mode)
+    assert str(refused.value) == "org/tuned: the Hub refused the change (HTTP 429); nothing was written"
+    hub_env.fail_next(1, status=503, path_contains="/validate-yaml", method="POST")  # before the commit was sent
+    with pytest.raises(FtauditError) as before:
+        push_card(report, token=TOKEN, mode=mode)
+    assert str(before.value) == "org/tuned: the push failed (HTTP 503); nothing was written: run again later"
+    assert requests_to(hub_env, start, "POST", "/commit/") == [429]
+    assert pull_requests(hub_env) == [] and api.model_info("org/tuned").sha == sha
+
+    hub_env.fail_next(1, status=503, path_contains="/commit/", method="POST")  # sent, then failed: cannot be told
+    with pytest.raises(FtauditError) as unknown:
+        push_card(report, token=TOKEN, mode=mode)
+    assert str(unknown.value) == (
+        f"org/tuned: the push failed (HTTP 503) after the change was sent, so the Hub may have made it: look at the "
+        f"repo's {where} before pushing again (a second push could make a duplicate)"
+    )
+    assert requests_to(hub_env, start, "POST", "/commit/") == [429, 503]
+
+    hub_env.drop_next(1, path_contains="/commit/", method="POST")  # made, but the answer was lost
+    with pytest.raises(FtauditError, match=f"after the change was sent, so the Hub may have made it: look at the "
+                       f"repo's {where}") as lost:
+        push_card(report, token=TOKEN, mode=mode)
+    assert TOKEN not in str(lost.value) and "\n" not in str(lost.value)
+    assert requests_to(hub_env, start, "POST", "/commit/") == [429, 503, 200]  # one write, not retried
+    if mode == "pr":
+        assert pull_requests(hub_env) == ["refs/pr/1"] and api.model_info("org/tuned").sha == sha
+    else:
+        assert pull_requests(hub_env) == [] and api.model_info("org/tuned").sha != sha
 
 
 def test_a_stalled_server_times_out_instead_of_holding_the_push(hub_env, tmp_path, monkeypatch):
@@ -209,8 +289,9 @@ def test_a_stalled_server_times_out_instead_of_holding_the_push(hub_env, tmp_pat
     session = get_session()
     monkeypatch.setattr(session, "timeout", session.timeout)  # the push sets it; put it back afterwards
     monkeypatch.setenv("FTAUDIT_HTTP_TIMEOUT", "0.3")
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", "2")
     hub_env.delay = 3.0
-    with pytest.raises(FtauditError, match=r"could not reach .* \(ReadTimeout\)"):
+    with pytest.raises(FtauditError, match=r"still failing after 2 attempts \(ReadTimeout\)"):
         push_card(report, token=TOKEN)
     hub_env.delay = 0.0
     assert not HfApi(endpoint=hub_env.url).list_repo_refs("org/tuned", include_pull_requests=True).pull_requests

@@ -32,6 +32,7 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
+    LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -96,6 +97,57 @@ class _Transient(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+def _transient(e: BaseException | None) -> _Transient | None:
+    """`e` as a failure worth retrying, or None: a transport error, HTTP 429 or 5xx, or either as the cause of
+    huggingface_hub's LocalEntryNotFoundError (what `hf_hub_download` raises when the Hub did not answer)."""
+    if isinstance(e, _Transient):
+        return e
+    if isinstance(e, httpx2.TransportError):
+        return _Transient(type(e).__name__)
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else None
+        return _Transient(f"HTTP {status}", _retry_after(e.response)) if status in RETRY_STATUS else None
+    if isinstance(e, LocalEntryNotFoundError):
+        return _transient(e.__cause__)
+    return None
+
+
+def with_retries(
+    fn: Callable[[], T],
+    label: str,
+    what: str,
+    error: Callable[[HfHubHTTPError], FtauditError],
+    *,
+    attempts: int | None = None,
+    backoff: float | None = None,
+) -> T:
+    """Run one read with bounded retries (FTAUDIT_HTTP_RETRIES attempts, exponential backoff from
+    FTAUDIT_HTTP_BACKOFF, or the server's Retry-After) on transient failures; `error` maps any other HTTP error.
+
+    Only for requests that are safe to repeat: never for a write, which a retry could apply twice.
+    """
+    attempts = _retries() if attempts is None else attempts
+    backoff = _backoff() if backoff is None else backoff
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except FtauditError:
+            raise
+        except (_Transient, httpx2.TransportError, HfHubHTTPError, LocalEntryNotFoundError) as e:
+            failure = _transient(e)
+            if failure is None:
+                if isinstance(e, HfHubHTTPError):
+                    raise error(e) from None
+                raise
+        attempt += 1
+        if attempt == attempts:
+            raise NetworkError(f"{label}: {what}: still failing after {attempts} attempts ({failure})") from None
+        delay = failure.retry_after if failure.retry_after is not None else backoff * 2 ** (attempt - 1)
+        log.debug("%s: %s: %s; retrying in %.1fs", label, what, failure, delay)
+        time.sleep(min(delay, 30.0))
 
 
 class HubStorage:
@@ -218,29 +270,9 @@ class HubStorage:
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         """Run one request with bounded retries, mapping failures to ftaudit errors."""
-        attempts, attempt = self._attempts, 0
-        while True:
-            try:
-                return fn()
-            except FtauditError:
-                raise
-            except HfHubHTTPError as e:
-                status = e.response.status_code if e.response is not None else None
-                if status not in RETRY_STATUS:
-                    raise self._error(e, what) from None
-                failure: _Transient = _Transient(f"HTTP {status}", _retry_after(e.response))
-            except _Transient as e:
-                failure = e
-            except httpx2.TransportError as e:
-                failure = _Transient(type(e).__name__)
-            attempt += 1
-            if attempt == attempts:
-                raise NetworkError(
-                    f"{self.label}: {what}: still failing after {attempts} attempts ({failure})"
-                ) from None
-            delay = failure.retry_after if failure.retry_after is not None else self._backoff * 2 ** (attempt - 1)
-            log.debug("%s: %s: %s; retrying in %.1fs", self.label, what, failure, delay)
-            time.sleep(min(delay, 30.0))
+        return with_retries(
+            fn, self.label, what, lambda e: self._error(e, what), attempts=self._attempts, backoff=self._backoff
+        )
 
     def _error(self, e: HfHubHTTPError, what: str) -> FtauditError:
         """One actionable message per failure the Hub reports."""
