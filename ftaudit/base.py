@@ -46,6 +46,20 @@ def declared_base(storage: Storage) -> DeclaredBase:
     raise BaseResolutionError(f"{storage.label}: declares no base model (card base_model or adapter_config.json); {PASS_BASE}")
 
 
+def unusable_name(label: str, declared: DeclaredBase) -> str:
+    """The error for a declared base that is neither a folder here nor a Hub repo id (a URL, say), naming where the
+    declaration is; it is never turned into an id by guessing."""
+    if declared.declared_by == "card":
+        return (
+            f"{label}: the card declares base_model {declared.id!r}, which is neither a Hub repository id nor a folder "
+            f"here: base_model must be a repo id (org/name), or {PASS_BASE}"
+        )
+    return (
+        f"{label}: adapter_config.json declares base_model_name_or_path {declared.id!r}, which is neither a Hub "
+        f"repository id (org/name) nor a folder here: {PASS_BASE}"
+    )
+
+
 def _adapter_base(storage: Storage) -> DeclaredBase | None:
     """The base (and its revision) that adapter_config.json names, if any."""
     adapter = adapter_config(storage)

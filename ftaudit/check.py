@@ -8,13 +8,13 @@ from pathlib import Path
 
 from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
-from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base, model_type_of
+from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base, model_type_of, unusable_name
 from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
 from ftaudit.layout import conv1d_model
 from ftaudit.pairing import quantized_matrix
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
-from ftaudit.sources import Snapshot, open_snapshot, open_weights
+from ftaudit.sources import Snapshot, open_snapshot, open_weights, opens
 from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
@@ -68,6 +68,8 @@ def open_target(target: Target) -> Opened:
                 f"{tuned.storage.label}: declares itself as its base model ({declared.declared_by}: {declared.id}), "
                 f"which would find no change at all; {PASS_BASE}"
             )
+        if not opens(declared.id):
+            raise BaseResolutionError(unusable_name(tuned.storage.label, declared))
         if target.base_revision:
             declared = DeclaredBase(declared.id, target.base_revision, declared.declared_by)
     base = open_snapshot(declared.id, declared.revision, target.token)

@@ -216,6 +216,18 @@ def test_bad_inputs_are_one_line_errors_with_exit_code_2(pair, tmp_path, make, m
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("url", ["https://huggingface.co/org/base", "hf://org/base"])
+def test_a_base_declared_as_a_url_is_an_error_that_names_the_card(pair, tmp_path, url):
+    model = write_model(tmp_path / "m", small_update(llama_like()), readme=card(url))
+    code, stdout, stderr = run("check", model)
+    assert (code, stdout) == (2, "")
+    assert stderr == (
+        f"ftaudit: error: {model}: the card declares base_model {url!r}, which is neither a Hub repository id nor a "
+        "folder here: base_model must be a repo id (org/name), or pass the base with --base\n"
+    )
+    assert run("check", model, "--base", pair["base"])[0] in (0, 1)  # --base overrides the card's URL
+
+
 def test_console_script_runs_as_a_process(pair):
     proc = subprocess.run(
         [sys.executable, "-m", "ftaudit", "check", str(pair["lora"]), "--quiet"],

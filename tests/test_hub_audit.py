@@ -247,6 +247,31 @@ def lora_adapter(base: dict[str, torch.Tensor], base_id: str, rank: int = 4) -> 
     return {"adapter_model.safetensors": safetensors_bytes(factors), "adapter_config.json": json.dumps(config).encode()}
 
 
+def test_a_declared_base_that_names_no_repo_nor_folder_says_where_it_is_declared(env, tmp_path):
+    base = llama_like()
+    env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    tuned = write_model(tmp_path / "tuned", small_update(base), readme=card("https://huggingface.co/org/base"))
+    tuned_sha = env.add_repo("org/tuned", folder_files(tuned))
+    adapter_sha = env.add_repo("org/adapter", lora_adapter(base, "/home/trainer/models/base"))  # the trainer's folder
+    start = len(env.requests)
+
+    code, stdout, stderr = run("check", "org/tuned")
+    assert (code, stdout) == (2, "") and stderr == (
+        f"ftaudit: error: org/tuned@{tuned_sha[:12]}: the card declares base_model 'https://huggingface.co/org/base', "
+        "which is neither a Hub repository id nor a folder here: base_model must be a repo id (org/name), "
+        "or pass the base with --base\n"
+    )
+    code, stdout, stderr = run("check", "org/adapter")
+    assert (code, stdout) == (2, "") and stderr == (
+        f"ftaudit: error: org/adapter@{adapter_sha[:12]}: adapter_config.json declares base_model_name_or_path "
+        "'/home/trainer/models/base', which is neither a Hub repository id (org/name) nor a folder here: "
+        "pass the base with --base\n"
+    )
+    assert not any("org/base" in r.path for r in env.requests[start:])  # no name was guessed from the URL
+    assert run("check", "org/tuned", "--base", "org/base")[0] == 0
+    assert run("check", "org/adapter", "--base", "org/base")[0] in (0, 1)
+
+
 @pytest.mark.parametrize("scheme", ["gptq", "bnb-4bit", "int8", "fp8"])
 def test_quantized_weights_are_refused_with_a_message_that_says_so(env, tmp_path, scheme):
     base = llama_like()

@@ -32,14 +32,10 @@ def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapsho
         if revision:
             raise UsageError(f"{spec} is a local folder: a revision applies only to Hub repositories")
         return Snapshot(spec, None, LocalStorage(path))
+    if not is_repo_id(spec):
+        raise NotFoundError(f"{spec}: no such folder, and not a Hub repository id (org/name)")
     from huggingface_hub import constants
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
-    try:
-        validate_repo_id(spec)
-    except HFValidationError:
-        raise NotFoundError(f"{spec}: no such folder, and not a Hub repository id (org/name)") from None
     if constants.is_offline_mode():
         from ftaudit.sources.hub_cache import cached_snapshot
 
@@ -49,6 +45,23 @@ def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapsho
 
     storage = HubStorage(spec, revision, token)
     return Snapshot(spec, storage.sha, storage)
+
+
+def opens(spec: str) -> bool:
+    """Whether `open_snapshot` can take `spec`: an existing local path or a valid Hub repo id."""
+    return Path(spec).expanduser().exists() or is_repo_id(spec)
+
+
+def is_repo_id(spec: str) -> bool:
+    """Whether `spec` is a valid Hub repo id (`org/name` or `name`; not a URL)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 def open_weights(storage: Storage, stem: str = "model", allow_pickle: bool = False) -> Checkpoint | PickleCheckpoint:
