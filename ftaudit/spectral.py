@@ -19,6 +19,11 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        raise UsageError(
+            f"device {name!r} asked for, but this torch ({torch.__version__}) is a build without CUDA: "
+            "install a CUDA build of torch, or use --device cpu"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for, but torch sees no CUDA GPU")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

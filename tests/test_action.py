@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from tests.hubserver import HubServer
@@ -202,6 +203,25 @@ def test_true_false_inputs_are_checked(models, tmp_path, name):
     bad = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
     assert bad.returncode == 2 and f"::error::{name} must be true or false, not 'yes'" in bad.stdout
     assert not (tmp_path / "ftaudit-report.json").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_on_a_torch_without_cuda_says_why_before_the_audit(models, tmp_path, device):
+    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
+        pytest.skip(f"torch {torch.__version__} here is a CUDA build: the action's check lets it through")
+    inputs = {"model": str(models[1]), "base": str(models[0]), "device": device, "python-version": "3.11"}
+    bad = run_step(step(ACTION["runs"]["steps"], "audit"), action_context(inputs, tmp_path), tmp_path)
+    assert (bad.returncode, bad.stderr) == (2, "")
+    assert bad.stdout == (
+        f"::error::device: {device} needs a CUDA build of torch, but the torch here is {torch.__version__}, a build "
+        "without CUDA (the action installs PyTorch's CPU-only build unless the Python of python-version already has "
+        "torch): use device: cpu, or a runner with an NVIDIA GPU whose Python 3.11 already has a CUDA build of torch\n"
+    )
+    assert not (tmp_path / "ftaudit-report.json").exists()
+    inputs["device"] = "auto"  # falls back to the CPU: the same torch audits
+    ok = run_step(step(ACTION["runs"]["steps"], "audit"), action_context(inputs, tmp_path), tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "ftaudit-report.json").read_text())["settings"]["device"] == "cpu"
 
 
 @pytest.mark.parametrize(

@@ -261,6 +261,7 @@ def test_the_first_vectors_alone_are_those_of_the_whole_spectrum(shape, conditio
     ("mps", 0, "not supported"),
 ])
 def test_devices_that_cannot_be_used_are_refused_up_front(monkeypatch, name, gpus, message):
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # a CUDA build, on a machine with `gpus` GPUs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     with pytest.raises(UsageError, match=re.escape(message)):
@@ -268,7 +269,22 @@ def test_devices_that_cannot_be_used_are_refused_up_front(monkeypatch, name, gpu
 
 
 def test_an_existing_gpu_index_is_accepted(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert spectral.resolve_device("cuda:1") == torch.device("cuda", 1)
     assert spectral.resolve_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:1"])
+def test_cuda_on_a_torch_built_without_cuda_says_so(monkeypatch, name):
+    monkeypatch.setattr(torch.version, "cuda", None)  # as in a +cpu wheel: no CUDA, whatever GPU the machine has
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what such a build answers
+    with pytest.raises(UsageError) as refused:
+        spectral.resolve_device(name)
+    assert str(refused.value) == (
+        f"device {name!r} asked for, but this torch ({torch.__version__}) is a build without CUDA: "
+        "install a CUDA build of torch, or use --device cpu"
+    )
+    assert spectral.resolve_device("auto") == torch.device("cpu")
