@@ -46,10 +46,11 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
     except KeyboardInterrupt as e:
         error, message = e, "interrupted"
     except Exception as e:  # noqa: BLE001 - the contract: never a traceback without --debug
-        error, message = e, f"internal error ({type(e).__name__}: {e}); rerun with --debug and report it"
+        error, message = e, f"internal error ({type(e).__name__}: {str(e).strip()}); rerun with --debug and report it"
     if debug:
         click.echo(redactor("".join(traceback.format_exception(error))), err=True)
-    click.echo(f"ftaudit: error: {redactor(message)}", err=True)
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())  # a library's message can span lines
+    click.echo(f"ftaudit: error: {redactor(one_line)}", err=True)
     sys.exit(EXIT_ERROR)
 
 

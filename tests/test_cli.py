@@ -438,3 +438,16 @@ def test_half_pushed_sharded_checkpoint_is_refused(tmp_path):
     (tuned / "model-00002-of-00003.safetensors").unlink()
     code, _, stderr = run("check", tuned, "--base", tmp_path / "base")
     assert code == 2 and "names shard model-00002-of-00003.safetensors, which is not in the snapshot" in stderr
+
+
+def test_a_failure_with_a_message_of_several_lines_is_still_one_line(pair, monkeypatch):
+    import ftaudit.cli as cli
+
+    def refused(*args, **kwargs):
+        raise ValueError("Invalid metadata in README.md.\n- \"license\" must be one of [...]\n")
+
+    monkeypatch.setattr(cli, "check", refused)
+    code, stdout, stderr = run("check", pair["lora"], "--base", pair["base"])
+    assert (code, stdout) == (2, "")
+    assert stderr == ('ftaudit: error: internal error (ValueError: Invalid metadata in README.md. - "license" must be '
+                      "one of [...]); rerun with --debug and report it\n")
