@@ -49,7 +49,8 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
         error, message = e, f"internal error ({type(e).__name__}: {str(e).strip()}); rerun with --debug and report it"
     if debug:
         click.echo(redactor("".join(traceback.format_exception(error))), err=True)
-    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())  # a library's message can span lines
+    # a library's message can span lines: the contract is one
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     click.echo(f"ftaudit: error: {redactor(one_line)}", err=True)
     sys.exit(EXIT_ERROR)
 
