@@ -126,3 +126,45 @@ def test_an_adapter_and_its_merged_model_get_the_same_summary_and_verdict(tmp_pa
         assert from_adapter["summary"][key] == from_merged["summary"][key], key
     assert from_adapter["summary"]["update"]["type"] == from_merged["summary"]["update"]["type"] == "partial"
     assert from_adapter["verdict"] == from_merged["verdict"]
+
+
+def test_trained_token_rows_replace_those_rows_of_the_embedding(tmp_path):
+    """PEFT's trainable_token_indices: the adapter holds new rows for some tokens of the embedding, which a
+    merge copies in. The adapter's rows had been listed as a tensor missing in the base."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base_dir = ft.base_model_dir()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False,
+                             trainable_token_indices={"word_embeddings": [5, 101, 2000]})
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.BertModel.from_pretrained(base_dir, local_files_only=True), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.mul_(3.0)  # trained rows: three times as long
+    model.save_pretrained(tmp_path / "adapter")
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    reports = {}
+    for side in ("adapter", "merged"):
+        out = tmp_path / f"{side}.json"
+        result = CliRunner().invoke(main, ["check", str(tmp_path / side), "--base", str(base_dir), "--json", str(out),
+                                           "--include", "embedding", "--no-cache"])
+        assert result.exit_code in (0, 1), result.stderr
+        reports[side] = json.loads(out.read_text())
+    adapter_report, merged_report = reports["adapter"], reports["merged"]
+    assert adapter_report["tensors"]["missing_in_base"] == [] and adapter_report["model"]["adapter"][
+        "trainable_tokens"] == {"embeddings.word_embeddings": 3}
+    embedding = "embeddings.word_embeddings.weight"
+    found = {side: next(m for m in r["matrices"] if m["name"] == embedding) for side, r in reports.items()}
+    assert found["adapter"]["max_cos"] == pytest.approx(found["merged"]["max_cos"], abs=1e-6)
+    assert found["adapter"]["indicators"]["relative_update_norm"] == pytest.approx(
+        found["merged"]["indicators"]["relative_update_norm"], rel=1e-6)
+    heads = adapter_report["summary"]["heads"][embedding], merged_report["summary"]["heads"][embedding]
+    assert heads[0] == pytest.approx(heads[1], rel=1e-6) and heads[0]["max_relative_change"] > 1
+    assert found["adapter"]["indicators"]["numerical_rank"] == 3  # three rows changed
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_file = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config_file, "trainable_token_indices": {"word_embeddings": [5, 101]}}))
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(base_dir)])
+    assert result.exit_code == 2 and "does not match adapter_config.json's trainable_token_indices" in result.stderr
+    assert len(result.stderr.splitlines()) == 1

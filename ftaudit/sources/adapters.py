@@ -2,7 +2,8 @@
 
 Ranks come from the factors' shapes; alphas from `lora_alpha` and `alpha_pattern` (matched the way
 PEFT matches it); scaling is alpha/r, or alpha/√r with `use_rslora`; `fan_in_fan_out` transposes
-the update. Tensors the adapter stores whole (`modules_to_save`) replace the base tensor.
+the update. Tensors the adapter stores whole (`modules_to_save`) replace the base tensor; rows it
+stores (`trainable_token_indices`) replace those rows of the base's embedding, as PEFT's index_copy does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ftaudit.sources.storage import Storage
 
 PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
+_TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 _UNSUPPORTED_KEYS = {
     "lora_magnitude_vector": "DoRA (use_dora) magnitude vectors",
     "lora_E": "AdaLoRA",
@@ -52,21 +54,26 @@ class LoraAdapter:
         self.weights = weights
         self.modules: dict[str, LoraModule] = {}
         self.replaced: dict[str, str] = {}
+        self.rows: dict[str, tuple[str, list[int]]] = {}
+        """Embedding modules with trained token rows: the adapter's tensor of those rows, and their indices."""
         factors: dict[str, dict[str, str]] = {}
         for name in self.weights.infos:
             for key, what in _UNSUPPORTED_KEYS.items():
                 if key in name:
                     raise UnsupportedError(f"{self.label}: {what} are not supported ({name})")
-            match = _FACTOR.match(name)
+            match, rows = _FACTOR.match(name), _TOKEN_ROWS.match(name)
             if match:
                 factors.setdefault(_strip_peft(match["module"]), {})[match["side"]] = name
+            elif rows:
+                module = _strip_peft(rows["module"])
+                self.rows[module] = (name, self._token_indices(module, name))
             else:
                 self.replaced[_strip_peft(name)] = name
         for module, pair in sorted(factors.items()):
             if set(pair) != {"A", "B"}:
                 raise InvalidWeightsError(f"{self.label}: module {module} has lora_{next(iter(pair))} but not its pair")
             self.modules[module] = self._module(module, pair["A"], pair["B"], embedding="lora_embedding" in pair["A"])
-        if not self.modules and not self.replaced:
+        if not self.modules and not self.replaced and not self.rows:
             raise InvalidWeightsError(f"{self.label}: the adapter holds no LoRA factors")
 
     def _module(self, module: str, a: str, b: str, embedding: bool) -> LoraModule:
@@ -88,6 +95,20 @@ class LoraAdapter:
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
         return LoraModule(module, a, b, rank, alpha, scaling, transpose)
 
+    def _token_indices(self, module: str, name: str) -> list[int]:
+        """The token rows that `name` holds: `trainable_token_indices` (a list, or a dict keyed by module name)."""
+        given = self.config.get("trainable_token_indices")
+        if isinstance(given, dict):
+            given = next((v for k, v in given.items() if re.match(rf"(.*\.)?({re.escape(k)})$", module)), None)
+        rows = self.weights.infos[name].shape
+        if not (isinstance(given, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in given)
+                and len(rows) == 2 and rows[0] == len(given) == len(set(given))):
+            raise InvalidWeightsError(
+                f"{self.label}: {name} {list(rows)} does not match adapter_config.json's trainable_token_indices for "
+                f"{module} ({given!r})"
+            )
+        return given
+
     def describe(self) -> dict[str, object]:
         """The adapter as the report shows it."""
         ranks = sorted({m.rank for m in self.modules.values()})
@@ -98,6 +119,7 @@ class LoraAdapter:
             "use_rslora": bool(self.config.get("use_rslora")),
             "modules": len(self.modules),
             "modules_to_save": sorted(self.replaced),
+            **({"trainable_tokens": {m: len(i) for m, (_, i) in sorted(self.rows.items())}} if self.rows else {}),
         }
 
 
@@ -150,7 +172,7 @@ class AdaptedTensors:
         self.base = base
         base_infos = base.infos
         adapter_infos = adapter.weights.infos
-        wanted = {f"{m}.weight": m for m in adapter.modules} | dict.fromkeys(adapter.replaced)
+        wanted = {f"{m}.weight": m for m in [*adapter.modules, *adapter.rows]} | dict.fromkeys(adapter.replaced)
         base_map, adapter_map = align(base_infos, wanted)
         self._sources: dict[str, tuple[str, str]] = {}
         self._infos: dict[str, TensorInfo] = {}
@@ -161,9 +183,14 @@ class AdaptedTensors:
                 self._infos[base_name or original] = info
                 self._sources[base_name or original] = ("replaced", adapter.replaced[original])
                 continue
-            module = adapter.modules[wanted[original]]
             if base_name is None:
-                raise InvalidWeightsError(f"{adapter.label}: adapts {module.module}, which the base does not have")
+                raise InvalidWeightsError(f"{adapter.label}: adapts {wanted[original]}, which the base does not have")
+            if wanted[original] in adapter.rows:
+                self._check_rows(wanted[original], base_infos[base_name])
+                self._infos[base_name] = base_infos[base_name]
+                self._sources[base_name] = ("rows", wanted[original])
+                continue
+            module = adapter.modules[wanted[original]]
             self._check_fit(module, base_infos[base_name])
             self._infos[base_name] = base_infos[base_name]
             self._sources[base_name] = ("lora", module.module)
@@ -176,6 +203,15 @@ class AdaptedTensors:
             raise InvalidWeightsError(
                 f"{self.adapter.label}: {module.module}: the update is {list(expected)} but the base weight is "
                 f"{list(info.shape)}: is this the adapter's base?"
+            )
+
+    def _check_rows(self, module: str, info: TensorInfo) -> None:
+        name, indices = self.adapter.rows[module]
+        width = self.adapter.weights.infos[name].shape[1]
+        if len(info.shape) != 2 or info.shape[1] != width or max(indices) >= info.shape[0] or min(indices) < 0:
+            raise InvalidWeightsError(
+                f"{self.adapter.label}: {module}: rows {min(indices)}–{max(indices)} of width {width} do not fit the "
+                f"base's {list(info.shape)}: is this the adapter's base?"
             )
 
     @property
@@ -196,13 +232,17 @@ class AdaptedTensors:
         kind, source = self._sources[name]
         if kind == "replaced":
             return self.adapter.weights.load(source)
+        if kind == "rows":  # PEFT's merge: the base's rows at the indices replaced, in the base's dtype
+            name_of_rows, indices = self.adapter.rows[source]
+            base = self.base.load(name)
+            return base.index_copy(0, torch.tensor(indices), self.adapter.weights.load(name_of_rows).to(base.dtype))
         update = self._factors(self.adapter.modules[source])
         return self.base.load(name).double() + update.left @ update.right
 
     def low_rank(self, name: str) -> LowRankUpdate | None:
-        """ΔW of tensor `name` as float64 factors (None for a tensor the adapter replaces whole)."""
+        """ΔW of tensor `name` as float64 factors (None for a tensor the adapter replaces, whole or by rows)."""
         kind, source = self._sources[name]
-        return None if kind == "replaced" else self._factors(self.adapter.modules[source])
+        return self._factors(self.adapter.modules[source]) if kind == "lora" else None
 
     def _factors(self, module: LoraModule) -> LowRankUpdate:
         a = self.adapter.weights.load(module.a).double()
