@@ -179,7 +179,8 @@ def _sent_commit(e: HfHubHTTPError | httpx2.TransportError) -> bool:
         request = e.response.request if isinstance(e, HfHubHTTPError) else e.request  # type: ignore[union-attr]
     except (AttributeError, RuntimeError):  # no request recorded
         return True
-    return COMMIT_PATH.search(request.url.path) is not None
+    path = request.url.raw_path.split(b"?")[0].decode("ascii")  # as sent: a branch's "/" is still %2F there
+    return COMMIT_PATH.search(path) is not None
 
 
 def _error(e: HfHubHTTPError, repo: str, writing: bool) -> FtauditError:

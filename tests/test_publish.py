@@ -283,6 +283,20 @@ def test_the_write_is_not_retried_and_its_failure_says_what_was_written(hub_env,
         assert pull_requests(hub_env) == [] and api.model_info("org/tuned").sha != sha
 
 
+def test_a_failed_write_to_a_branch_with_a_slash_is_known_to_have_been_sent(hub_env, tmp_path):
+    base = llama_like()
+    hub_env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    files = folder_files(write_model(tmp_path / "tuned", low_rank_update(base), readme=card("org/base")))
+    hub_env.add_repo("org/tuned", files, revision_name="feature/x")
+    report = check(Target("org/tuned", revision="feature/x"), AuditOptions(device="cpu"), policy.load(None))
+    start = len(hub_env.requests)
+    hub_env.fail_next(1, status=503, path_contains="/commit/", method="POST")
+    with pytest.raises(FtauditError) as unknown:
+        push_card(report, token=TOKEN)
+    assert requests_to(hub_env, start, "POST", "/commit/") == [503]
+    assert "after the change was sent, so the Hub may have made it" in str(unknown.value)
+
+
 def test_a_stalled_server_times_out_instead_of_holding_the_push(hub_env, tmp_path, monkeypatch):
     publish(hub_env, tmp_path)
     report = audit()
