@@ -87,6 +87,8 @@ def fix(
     patcher = _Patcher(opened, before, options, fix_options, cache)
     if fmt == "merged":
         patcher.check_mergeable()
+    if fmt == "adapter":
+        patcher.check_adapter_can_hold()
     card = _card_to_update(opened.tuned.storage) if patcher.pairs or fmt == "merged" else ""
     replace: Replace = {"model": patcher.model_tensor, "adapter": patcher.adapter_tensor,
                         "merged": patcher.merged_tensor}[fmt]
@@ -301,6 +303,17 @@ class _Patcher:
                 raise UnsupportedError(
                     f"the adapter's {info.name} has no floating-point tensor of shape {list(info.shape)} to replace "
                     "in the base: write the adapter instead (without --merge)"
+                )
+
+    def check_adapter_can_hold(self) -> None:
+        """Every matrix to patch must be stored by the adapter as factors or whole: token rows cannot hold a patch
+        of the whole matrix."""
+        assert isinstance(self.tuned, AdaptedTensors)
+        for name, pair in self.pairs.items():
+            if self.tuned.token_rows(name):
+                raise UnsupportedError(
+                    f"{pair.name}: the adapter stores only some of its rows (trainable_token_indices), which cannot "
+                    "hold the fix of the whole matrix: pass --merge to write a merged model"
                 )
 
     # --- one matrix -------------------------------------------------------------------------------

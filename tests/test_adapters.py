@@ -141,7 +141,7 @@ def test_trained_token_rows_replace_those_rows_of_the_embedding(tmp_path):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "trainable_tokens_delta" in name:
-                param.mul_(3.0)  # trained rows: three times as long
+                param.mul_(50.0)  # trained rows, long enough to be new strong directions
     model.save_pretrained(tmp_path / "adapter")
     model.merge_and_unload().save_pretrained(tmp_path / "merged")
     reports = {}
@@ -162,8 +162,28 @@ def test_trained_token_rows_replace_those_rows_of_the_embedding(tmp_path):
     heads = adapter_report["summary"]["heads"][embedding], merged_report["summary"]["heads"][embedding]
     assert heads[0] == pytest.approx(heads[1], rel=1e-6) and heads[0]["max_relative_change"] > 1
     assert found["adapter"]["indicators"]["numerical_rank"] == 3  # three rows changed
+    assert found["adapter"]["intruders"] > 0  # the long rows are new strong directions of the vocabulary
+    fixed = ["fix", str(tmp_path / "adapter"), "--base", str(base_dir), "--include", "embedding", "--lambda", "0"]
+    result = CliRunner().invoke(main, [*fixed, "--out", str(tmp_path / "fixed")])
+    assert result.exit_code == 2 and not (tmp_path / "fixed").exists()
+    assert result.stderr == (f"ftaudit: error: {embedding}: the adapter stores only some of its rows "
+                             "(trainable_token_indices), which cannot hold the fix of the whole matrix: pass --merge "
+                             "to write a merged model\n")
+    result = CliRunner().invoke(main, [*fixed, "--out", str(tmp_path / "fixed"), "--merge", "--json",
+                                       str(tmp_path / "fix.json")])
+    assert result.exit_code in (0, 1), result.stderr
+    record = json.loads((tmp_path / "fix.json").read_text())
+    assert embedding in {c["name"] for c in record["changes"]}
     config_path = tmp_path / "adapter" / "adapter_config.json"
     config_file = json.loads(config_path.read_text())
+    weights_path = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights = load_file(weights_path)
+    none = {n: (v[:0] if "trainable_tokens_delta" in n else v) for n, v in weights.items()}
+    save_file(none, weights_path)  # no token rows at all: nothing to replace
+    config_path.write_text(json.dumps({**config_file, "trainable_token_indices": []}))
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(base_dir), "--quiet"])
+    assert result.exit_code in (0, 1) and result.stderr == "", result.stderr
+    save_file(weights, weights_path)
     config_path.write_text(json.dumps({**config_file, "trainable_token_indices": {"word_embeddings": [5, 101]}}))
     result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(base_dir)])
     assert result.exit_code == 2 and "does not match adapter_config.json's trainable_token_indices" in result.stderr

@@ -208,10 +208,11 @@ class AdaptedTensors:
     def _check_rows(self, module: str, info: TensorInfo) -> None:
         name, indices = self.adapter.rows[module]
         width = self.adapter.weights.infos[name].shape[1]
-        if len(info.shape) != 2 or info.shape[1] != width or max(indices) >= info.shape[0] or min(indices) < 0:
+        outside = indices and (max(indices) >= info.shape[0] or min(indices) < 0)
+        if len(info.shape) != 2 or info.shape[1] != width or outside:
             raise InvalidWeightsError(
-                f"{self.adapter.label}: {module}: rows {min(indices)}–{max(indices)} of width {width} do not fit the "
-                f"base's {list(info.shape)}: is this the adapter's base?"
+                f"{self.adapter.label}: {module}: rows {min(indices, default=0)}–{max(indices, default=0)} of width "
+                f"{width} do not fit the base's {list(info.shape)}: is this the adapter's base?"
             )
 
     @property
@@ -222,6 +223,10 @@ class AdaptedTensors:
     def unchanged(self) -> frozenset[str]:
         """The base tensors the adapter leaves as they are: the tuned model has them, unchanged."""
         return frozenset(self.base.infos.keys() - self._infos.keys())
+
+    def token_rows(self, name: str) -> bool:
+        """Whether the adapter changes tensor `name` by storing some of its rows (trainable_token_indices)."""
+        return self._sources[name][0] == "rows"
 
     def module(self, name: str) -> LoraModule | None:
         """The LoRA module that adapts tensor `name`, if any."""
@@ -235,7 +240,8 @@ class AdaptedTensors:
         if kind == "rows":  # PEFT's merge: the base's rows at the indices replaced, in the base's dtype
             name_of_rows, indices = self.adapter.rows[source]
             base = self.base.load(name)
-            return base.index_copy(0, torch.tensor(indices), self.adapter.weights.load(name_of_rows).to(base.dtype))
+            rows = self.adapter.weights.load(name_of_rows).to(base.dtype)
+            return base.index_copy(0, torch.tensor(indices, dtype=torch.long), rows)
         update = self._factors(self.adapter.modules[source])
         return self.base.load(name).double() + update.left @ update.right
 
