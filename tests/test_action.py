@@ -214,14 +214,36 @@ def test_cuda_on_a_torch_without_cuda_says_why_before_the_audit(models, tmp_path
     assert (bad.returncode, bad.stderr) == (2, "")
     assert bad.stdout == (
         f"::error::device: {device} needs a CUDA build of torch, but the torch here is {torch.__version__}, a build "
-        "without CUDA (the action installs PyTorch's CPU-only build unless the Python of python-version already has "
-        "torch): use device: cpu, or a runner with an NVIDIA GPU whose Python 3.11 already has a CUDA build of torch\n"
+        "without CUDA that Python 3.11 had before the action (which keeps it): install a CUDA build of torch in that "
+        "Python, or use device: cpu\n"
     )
     assert not (tmp_path / "ftaudit-report.json").exists()
     inputs["device"] = "auto"  # falls back to the CPU: the same torch audits
     ok = run_step(step(ACTION["runs"]["steps"], "audit"), action_context(inputs, tmp_path), tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert json.loads((tmp_path / "ftaudit-report.json").read_text())["settings"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(("device", "index"), [
+    ("cpu", ["--index-url", "https://download.pytorch.org/whl/cpu"]),
+    ("auto", ["--index-url", "https://download.pytorch.org/whl/cpu"]),
+    ("cuda", []),
+    ("cuda:1", []),
+])
+def test_the_install_step_takes_a_cuda_build_of_torch_only_for_cuda(tmp_path, device, index):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bin_dir / "python"  # records what the step asks pip for, installs nothing
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    context = action_context({"device": device}, tmp_path)
+    done = run_step(step(ACTION["runs"]["steps"], "Install ftaudit"), context, tmp_path,
+                    {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    torch_line, package_line = calls.read_text().splitlines()
+    assert torch_line.split() == ["-m", "pip", "install", "--disable-pip-version-check", "--quiet", "torch", *index]
+    assert Path(package_line.split()[-1]).resolve() == ROOT
 
 
 @pytest.mark.parametrize(
