@@ -10,7 +10,7 @@ from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base, model_type_of, unusable_name
 from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
-from ftaudit.layout import conv1d_model
+from ftaudit.layout import conv1d_family
 from ftaudit.pairing import quantized_matrix
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
@@ -77,7 +77,8 @@ def open_target(target: Target) -> Opened:
         raise UsageError(
             f"{base.storage.label}: a PEFT adapter (adapter_config.json), not a base model: "
             "pass the model it adapts with --base")
-    _warn_other_architecture(tuned, base)
+    types = model_type_of(tuned.storage), model_type_of(base.storage)  # config.json's, each read once
+    _warn_other_architecture(tuned, base, *types)
     base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
@@ -91,16 +92,15 @@ def open_target(target: Target) -> Opened:
         model_ref.adapter = adapted.adapter.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
-    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, conv1d_model(tuned.storage, base.storage))
+    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, conv1d_family(*types))
 
 
-def _warn_other_architecture(tuned: Snapshot, base: Snapshot) -> None:
+def _warn_other_architecture(tuned: Snapshot, base: Snapshot, tuned_type: str | None, base_type: str | None) -> None:
     """Warn when both config.json files name a model type and the types differ: names can still line up
     (a RoBERTa against a BERT), and every matrix would then read as changed beyond recognition."""
-    types = model_type_of(tuned.storage), model_type_of(base.storage)
-    if None not in types and types[0] != types[1]:
+    if tuned_type is not None and base_type is not None and tuned_type != base_type:
         log.warning("%s is a %s model and %s a %s one (config.json model_type): is it really its base?",
-                    tuned.id, types[0], base.id, types[1])
+                    tuned.id, tuned_type, base.id, base_type)
 
 
 def _refuse_quantized(label: str, weights: Checkpoint | PickleCheckpoint, what_to_do: str) -> None:

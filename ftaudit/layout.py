@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ftaudit.base import model_type_of
-from ftaudit.sources.storage import Storage
 
 if TYPE_CHECKING:
     from ftaudit.pairing import TensorPair
@@ -22,13 +20,9 @@ CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transform
 CONV1D_MODULES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 
 
-def conv1d_model(*storages: Storage) -> bool:
-    """Whether the first of `storages` whose config.json names a model type names a Conv1D family."""
-    for storage in storages:
-        model_type = model_type_of(storage)
-        if model_type is not None:
-            return model_type in CONV1D_MODELS
-    return False
+def conv1d_family(*model_types: str | None) -> bool:
+    """Whether the first of `model_types` (config.json's, None where there is none) is a Conv1D family."""
+    return next((t for t in model_types if t is not None), None) in CONV1D_MODELS
 
 
 def stored_transposed(name: str, conv1d: bool) -> bool:
