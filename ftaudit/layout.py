@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-
 if TYPE_CHECKING:
     from ftaudit.pairing import TensorPair
 

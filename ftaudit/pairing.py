@@ -193,10 +193,10 @@ def _pair(
     if b_name is None or t_name is None:
         return None
     b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
-    if b_shape == t_shape and stored_transposed(key, conv1d):
-        return TensorPair(key, b_name, t_name, kind, layer_index(key), (b_shape[1], b_shape[0]), transposed=True)
     if b_shape == t_shape:
-        return TensorPair(key, b_name, t_name, kind, layer_index(key), (b_shape[0], b_shape[1]))
+        transposed = stored_transposed(key, conv1d)
+        rows, cols = reversed(b_shape) if transposed else b_shape
+        return TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, cols), transposed=transposed)
     if kind in VOCAB_KINDS and b_shape[1] == t_shape[1]:
         rows = min(b_shape[0], t_shape[0])
         return TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, b_shape[1]), rows)

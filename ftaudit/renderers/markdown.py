@@ -71,8 +71,8 @@ def environment() -> jinja2.Environment:
 
     SVG templates are XML-escaped; Markdown templates are not, and escape with the `md` and `code`
     filters where text from the report lands. Control characters in any value (a tensor name can hold
-    them) become U+FFFD: XML forbids them, so one would make the whole SVG unreadable. jinja2 is imported here, on first use: an audit that
-    renders nothing does not pay for it.
+    them) become U+FFFD: XML forbids them, so one would make the whole SVG unreadable. jinja2 is
+    imported here, on first use: an audit that renders nothing does not pay for it.
     """
     import jinja2
 

@@ -172,6 +172,7 @@ class HubStorage:
         self._files = sorted(s.rfilename for s in info.siblings or [])
         self._sizes: dict[str, int] = {}
         self._cached_files: dict[str, Path | None] = {}
+        self._texts: dict[str, str | None] = {}
         self._warned_no_range = False
 
     def files(self) -> list[str]:
@@ -220,6 +221,12 @@ class HubStorage:
         return self._call(lambda: self._read_range(name, start, length), name)
 
     def read_text(self, name: str) -> str | None:
+        """A metadata file, fetched once: the commit is fixed, and several steps read the same configs."""
+        if name not in self._texts:
+            self._texts[name] = self._fetch_text(name)
+        return self._texts[name]
+
+    def _fetch_text(self, name: str) -> str | None:
         if name not in self._files:
             return None
         cached = self._cached(name)
