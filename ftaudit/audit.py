@@ -15,7 +15,7 @@ from ftaudit import __version__
 from ftaudit.analyses.indicators import row_norm_drift
 from ftaudit.analyses.matrix import Skipped, StoredPair, analyse_pair
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
-from ftaudit.layout import as_analysed
+from ftaudit.layout import Layout, as_analysed
 from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import VOCAB_KINDS, Selection, TensorPair, pair_tensors
 from ftaudit.parallel import in_order, threads_per_worker, worker_count
@@ -41,7 +41,9 @@ class Tensors(Protocol):
     @property
     def infos(self) -> dict[str, TensorInfo]: ...
 
-    def load(self, name: str) -> torch.Tensor: ...
+    def load(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """Tensor `name`, or expert `expert`'s matrix of a stack of experts, as stored."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -68,19 +70,15 @@ def run_audit(
     cache: SpectrumCache | None = None,
     updates: Updates | None = None,
     unchanged: Collection[str] = frozenset(),
-    conv1d: bool = False,
+    layout: Layout = Layout(),
 ) -> Report:
     """Audit every selected matrix pair; the verdict is left to the policy. `unchanged` names the base
-    tensors a tuned side that lists only what it changes (an adapter) leaves as they are; `conv1d`
-    says the models are of a family whose Conv1D matrices are stored transposed (ftaudit.layout)."""
+    tensors a tuned side that lists only what it changes (an adapter) leaves as they are; `layout`
+    says which of the models' tensors hold their matrices in × out (ftaudit.layout)."""
     device = resolve_device(options.device)
-    pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection, unchanged, conv1d)
+    pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection, unchanged, layout)
     for glob in pairing.unmatched_globs:
         log.warning("%r matches no weight matrix of either model (names as in the report)", glob)
-    if pairing.stacked:
-        name, shape = pairing.stacked[0]
-        log.warning("%d 3-D weight(s) not analysed (stacked experts? e.g. %s %s): ftaudit analyses 2-D matrices",
-                    len(pairing.stacked), name, list(shape))
     issues = TensorIssues(
         missing_in_base=pairing.missing_in_base,
         missing_in_model=pairing.missing_in_model,
@@ -166,7 +164,7 @@ def _stream(
 
     def load(i: int) -> Loaded:
         pair = pairs[i]
-        w0, wt = base.load(pair.base_name), tuned.load(pair.tuned_name)
+        w0, wt = base.load(pair.base_name, pair.expert), tuned.load(pair.tuned_name, pair.expert)
         update = updates(pair.tuned_name) if updates else None
         if pair.rows is not None:
             w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None

@@ -10,7 +10,7 @@ from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base, model_type_of, unusable_name
 from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
-from ftaudit.layout import conv1d_family
+from ftaudit.layout import Layout
 from ftaudit.pairing import quantized_matrix
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
@@ -44,8 +44,8 @@ class Opened:
     base_side: Checkpoint | PickleCheckpoint
     model_ref: ModelRef
     base_ref: BaseRef
-    conv1d: bool = False
-    """The models are of a family whose Conv1D matrices are stored in × out (ftaudit.layout)."""
+    layout: Layout = Layout()
+    """Which of the models' tensors hold their matrices in × out (ftaudit.layout)."""
 
 
 def _same_model(declared: str, model: str) -> bool:
@@ -92,7 +92,7 @@ def open_target(target: Target) -> Opened:
         model_ref.adapter = adapted.adapter.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
-    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, conv1d_family(*types))
+    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, Layout.of(*types))
 
 
 def _warn_other_architecture(tuned: Snapshot, base: Snapshot, tuned_type: str | None, base_type: str | None) -> None:
@@ -136,7 +136,7 @@ def audit_opened(
     adapter = tuned_side if isinstance(tuned_side, AdaptedTensors) else None
     report = run_audit(
         opened.model_ref, opened.base_ref, tuned_side, opened.base_side, options, progress, cache,
-        adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(), opened.conv1d,
+        adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(), opened.layout,
     )
     if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
         if not report.tensors.unchanged:

@@ -226,8 +226,12 @@ class _Patcher:
         self.cache = cache
         self.device = resolve_device(options.device)
         flagged = {m.name for m in before.matrices if m.intruders > 0} if fix_options.lam != 1 else set()
-        pairing = pair_tensors(self.base.infos, self.tuned.infos, options.selection, conv1d=opened.conv1d)
-        self.pairs = {p.tuned_name: p for p in pairing.pairs if p.name in flagged}
+        pairing = pair_tensors(self.base.infos, self.tuned.infos, options.selection, layout=opened.layout)
+        self.pairs: dict[str, list[TensorPair]] = {}
+        """The flagged matrices of each tuned tensor: itself, or experts of a stack."""
+        for pair in pairing.pairs:
+            if pair.name in flagged:
+                self.pairs.setdefault(pair.tuned_name, []).append(pair)
         self.changes: list[MatrixChange] = []
         self._pending: dict[str, torch.Tensor] = {}
         self._factor_of: dict[str, str] = {}
@@ -240,14 +244,8 @@ class _Patcher:
     # --- the three kinds of output --------------------------------------------------------------
 
     def model_tensor(self, info: TensorInfo) -> torch.Tensor | None:
-        """A full model's tensor: the patched matrix, or None (copy it)."""
-        pair = self.pairs.get(info.name)
-        found = self._directions(pair) if pair else None
-        if found is None:
-            return None
-        w, directions = found
-        self._record(pair, directions, [info.name])
-        return _assemble(self.tuned.load(info.name), self._scaled(pair, w, directions), pair.rows)
+        """A full model's tensor: patched, or None (copy it)."""
+        return self._patched(info.name, self.pairs.get(info.name, []), info.name)
 
     def adapter_tensor(self, info: TensorInfo) -> torch.Tensor | None:
         """An adapter file's tensor: new LoRA factors, a patched whole tensor (modules_to_save), or None."""
@@ -257,17 +255,15 @@ class _Patcher:
         if name is None:
             return None
         assert isinstance(self.tuned, AdaptedTensors)
-        pair = self.pairs[name]
         module = self.tuned.module(name)
+        if module is None:
+            return self._patched(name, self.pairs[name], info.name)
+        (pair,) = self.pairs[name]
         found = self._directions(pair)
-        if module is not None:
-            self._factor_of.pop(module.b if info.name == module.a else module.a, None)
+        self._factor_of.pop(module.b if info.name == module.a else module.a, None)
         if found is None:
             return None
         w, directions = found
-        if module is None:
-            self._record(pair, directions, [info.name])
-            return _assemble(self.tuned.load(name), self._scaled(pair, w, directions), pair.rows)
         weights = self.tuned.adapter.weights
         b, a = (upcast(weights.load(n), self.device) for n in (module.b, module.a))
         # w is out × in; ΔW as stored is (B·A)ᵀ with fan_in_fan_out, and so B·A out × in for a Conv1D layer
@@ -285,14 +281,9 @@ class _Patcher:
         """A base tensor of the merged model: adapted (and patched), replaced, or None (copy it)."""
         if info.name not in self.tuned.infos:
             return None
-        pair = self.pairs.get(info.name)
-        found = self._directions(pair) if pair else None
-        if found is None:
+        merged = self._patched(info.name, self.pairs.get(info.name, []), info.name)
+        if merged is None:
             merged = self.tuned.load(info.name)
-        else:
-            w, directions = found
-            self._record(pair, directions, [info.name])
-            merged = self._scaled(pair, w, directions)
         return merged.to(dtype=FLOAT_DTYPES[info.dtype], device="cpu")
 
     def check_mergeable(self) -> None:
@@ -309,20 +300,36 @@ class _Patcher:
         """Every matrix to patch must be stored by the adapter as factors or whole: token rows cannot hold a patch
         of the whole matrix."""
         assert isinstance(self.tuned, AdaptedTensors)
-        for name, pair in self.pairs.items():
+        for name, pairs in self.pairs.items():
             if self.tuned.token_rows(name):
                 raise UnsupportedError(
-                    f"{pair.name}: the adapter stores only some of its rows (trainable_token_indices), which cannot "
+                    f"{pairs[0].name}: the adapter stores only some of its rows (trainable_token_indices), which cannot "
                     "hold the fix of the whole matrix: pass --merge to write a merged model"
                 )
 
-    # --- one matrix -------------------------------------------------------------------------------
+    # --- one tensor, one matrix ---------------------------------------------------------------------
+
+    def _patched(self, name: str, pairs: list[TensorPair], stored_as: str) -> torch.Tensor | None:
+        """Tuned tensor `name` with the intruders of its matrices `pairs` scaled (the compared rows of a matrix, the
+        experts of a stack), on the CPU; None when none has any. `stored_as` names the tensor in the file written."""
+        out: torch.Tensor | None = None
+        for pair in pairs:
+            found = self._directions(pair)
+            if found is None:
+                continue
+            w, directions = found
+            self._record(pair, directions, [stored_as])
+            if out is None:
+                out = self.tuned.load(name).clone()
+            matrix = out if pair.expert is None else out[pair.expert]
+            matrix[: pair.rows] = self._scaled(pair, w, directions)
+        return out
 
     def _directions(self, pair: TensorPair) -> tuple[torch.Tensor, Directions] | None:
         """The tuned matrix (float64, on the device; the compared rows; out × in) and its intruders; None when none."""
-        raw_w0 = as_analysed(self.base.load(pair.base_name)[: pair.rows], pair)
+        raw_w0 = as_analysed(self.base.load(pair.base_name, pair.expert)[: pair.rows], pair)
         w0 = upcast(raw_w0, self.device)
-        w = upcast(as_analysed(self.tuned.load(pair.tuned_name)[: pair.rows], pair), self.device)
+        w = upcast(as_analysed(self.tuned.load(pair.tuned_name, pair.expert)[: pair.rows], pair), self.device)
         if not (torch.isfinite(w0).all() and torch.isfinite(w).all()):
             return None
         found = find_directions(self._basis(raw_w0, w0), w0, w, self.options.k, self.options.epsilon, self.only_top)
@@ -343,12 +350,3 @@ class _Patcher:
             sigma_after=[self.lam * s for s in found.sigma], max_cos=found.max_cos, truncation_error=error,
         ))
 
-
-def _assemble(stored: torch.Tensor, new_rows: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """The stored tensor with its first rows (all, when `rows` is None) replaced, in its dtype, on the CPU."""
-    new = new_rows.to(dtype=stored.dtype, device="cpu")
-    if rows is None:
-        return new
-    out = stored.clone()
-    out[:rows] = new
-    return out

@@ -1,12 +1,17 @@
-"""How a stored weight matrix maps to its layer: as out × in (nn.Linear), or transposed.
+"""How a stored weight tensor maps to its layer's matrices: as out × in (nn.Linear), transposed, or stacked.
 
 The paper's left singular vectors are the layer's output directions, the columns of U for W stored
 out × in as nn.Linear stores it. transformers' Conv1D (GPT-2 and its family) computes y = x·W + b
 with W stored in × out, so its matrices are analysed transposed, as the layer applies them.
+
+A mixture-of-experts layer may store its experts' matrices as one 3-D tensor, E × out × in (the
+layout of transformers' fused experts), or E × in × out in the families that compute x·W_e (Llama 4,
+gpt-oss): each expert's matrix is analysed on its own, named `tensor[e]`, out × in.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,19 +22,45 @@ if TYPE_CHECKING:
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 """transformers model types (config.json `model_type`) whose CONV1D_MODULES are Conv1D layers."""
 CONV1D_MODULES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+EXPERTS_IN_OUT_MODELS = frozenset({
+    "llama4", "llama4_text", "gpt_oss", "openai_privacy_filter", "aria", "aria_text", "ergo",
+})
+"""transformers model types whose stacked experts are stored E × in × out (every other stack is E × out × in)."""
 
 
-def conv1d_family(*model_types: str | None) -> bool:
-    """Whether the first of `model_types` (config.json's, None where there is none) is a Conv1D family."""
-    return next((t for t in model_types if t is not None), None) in CONV1D_MODELS
+@dataclass(frozen=True)
+class Layout:
+    """How a model family stores its matrices, known from config.json's `model_type`."""
+
+    conv1d: bool = False
+    """The family's CONV1D_MODULES are Conv1D layers, stored in × out."""
+    experts_in_out: bool = False
+    """The family's stacked experts are stored E × in × out."""
+
+    @classmethod
+    def of(cls, *model_types: str | None) -> Layout:
+        """The layout of the first of `model_types` (config.json's, None where there is none) that is known."""
+        model_type = next((t for t in model_types if t is not None), None)
+        return cls(model_type in CONV1D_MODELS, model_type in EXPERTS_IN_OUT_MODELS)
+
+    def transposed(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether tensor `name` of this shape holds its matrices in × out."""
+        if is_expert_stack(name, shape):
+            return self.experts_in_out
+        parts = name.split(".")
+        return self.conv1d and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in CONV1D_MODULES
 
 
-def stored_transposed(name: str, conv1d: bool) -> bool:
-    """Whether tensor `name` of a model (a Conv1D family when `conv1d`) is stored in × out."""
-    parts = name.split(".")
-    return conv1d and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in CONV1D_MODULES
+def is_expert_stack(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor holds one matrix per expert: 3-D, and not a convolution's kernel (out × in × width)."""
+    return len(shape) == 3 and min(shape) > 0 and "conv" not in name.lower()
+
+
+def expert_name(name: str, expert: int) -> str:
+    """How the report names expert `expert`'s matrix of stacked tensor `name`."""
+    return f"{name}[{expert}]"
 
 
 def as_analysed(stored: torch.Tensor, pair: TensorPair) -> torch.Tensor:
-    """A tensor of `pair` as stored, turned out × in (a contiguous copy when transposed); and back again."""
+    """A matrix of `pair` as stored, turned out × in (a contiguous copy when transposed); and back again."""
     return stored.mT.contiguous() if pair.transposed else stored

@@ -3,7 +3,8 @@
 Names are aligned by stripping the wrapper prefixes that differ between checkpoints of one
 architecture (`base_model.model.`, `model.`, `bert.`, ...): of all candidate prefix pairs, the one
 that matches the most names wins. Each matrix gets a module kind from its name; by default only
-attention and MLP matrices are analysed.
+attention and MLP matrices are analysed. Experts stacked in one 3-D tensor give one pair per expert
+(ftaudit.layout).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ftaudit.layout import stored_transposed
+from ftaudit.layout import Layout, expert_name, is_expert_stack
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 
 KINDS = ("attention", "mlp", "embedding", "head", "norm", "other")
@@ -29,7 +30,7 @@ _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         r"attn|attention|(^|\.)(q|k|v|o|query|key|value|qkv|wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj"
         r"|out_proj|query_key_value)(\.|$)")),
     ("mlp", re.compile(
-        r"mlp|ffn|feed_?forward|intermediate|experts|(^|\.)(fc1|fc2|w1|w2|w3|gate_proj|up_proj|down_proj"
+        r"mlp|ffn|feed_?forward|intermediate|experts|moe|(^|\.)(fc1|fc2|w1|w2|w3|gate_proj|up_proj|down_proj"
         r"|c_fc|dense_h_to_4h|dense_4h_to_h|wi|output\.dense)(\.|$)")),
 ]
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -52,7 +53,8 @@ def layer_index(name: str) -> int | None:
 
 @dataclass(frozen=True)
 class TensorPair:
-    """A base tensor and its tuned counterpart, both 2-D floating point of the same shape."""
+    """A base matrix and its tuned counterpart, floating point of the same shape: 2-D tensors, or one expert's
+    matrices of two stacks (`expert`)."""
 
     name: str
     base_name: str
@@ -64,7 +66,9 @@ class TensorPair:
     rows: int | None = None
     """Compare only the first `rows` rows (a resized vocabulary); None compares all."""
     transposed: bool = False
-    """Both tensors are stored in × out (transformers' Conv1D) and are analysed transposed (ftaudit.layout)."""
+    """Both matrices are stored in × out (a Conv1D layer, some stacked experts) and analysed transposed."""
+    expert: int | None = None
+    """The expert's index along the first dimension of both tensors, stacks of experts; None for a 2-D tensor."""
 
 
 @dataclass
@@ -83,8 +87,6 @@ class Pairing:
     """--include and --exclude globs that match no matrix of either side (a likely typo)."""
     unchanged: list[str] = field(default_factory=list)
     """Selected matrices that the tuned side leaves as the base has them (an adapter's untargeted ones)."""
-    stacked: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
-    """Selected 3-D floating-point tensors of the tuned side (experts stacked in one tensor): not analysed."""
 
 
 @dataclass(frozen=True)
@@ -148,69 +150,82 @@ def align(base: Iterable[str], tuned: Iterable[str]) -> tuple[dict[str, str], di
 def pair_tensors(
     base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], selection: Selection,
     unchanged: Collection[str] = frozenset(),
-    conv1d: bool = False,
+    layout: Layout = Layout(),
 ) -> Pairing:
-    """Pair the floating-point 2-D tensors of both sides and pick those to analyse. `unchanged` names
-    base tensors that the tuned side leaves as they are (an adapter's untargeted ones): not missing.
-    `conv1d`: the models are of a Conv1D family, whose Conv1D matrices are paired transposed."""
+    """Pair the floating-point matrices of both sides (2-D, or stacked experts) and pick those to analyse.
+    `unchanged` names base tensors that the tuned side leaves as they are (an adapter's untargeted ones): not
+    missing. `layout` says which tensors hold their matrices in × out."""
     result = Pairing()
     b_map, t_map = align(_matrices(base), _matrices(tuned))
     result.unmatched_globs = selection.unmatched(b_map.keys() | t_map.keys())
-    result.stacked = [
-        (n, t.shape) for n, t in sorted(tuned.items())
-        if len(t.shape) == 3 and t.dtype in FLOAT_DTYPES and selection.selects(n, module_kind(n))
-    ]
     for key in sorted(b_map.keys() | t_map.keys()):
         b_name, t_name = b_map.get(key), t_map.get(key)
         kind = module_kind(key)
         selected = selection.selects(key, kind)
         if not selected:
             result.not_selected += 1
-            pair = _pair(key, b_name, t_name, kind, base, tuned) if kind in VOCAB_KINDS else None
-            if pair is not None:
-                result.scale_only.append(pair)
+            if kind in VOCAB_KINDS and b_name is not None and t_name is not None:
+                result.scale_only.extend(_pairs(key, b_name, t_name, kind, base, tuned))
         elif t_name is None:
-            (result.unchanged if b_name in unchanged else result.missing_in_model).append(key)
+            if b_name in unchanged:
+                result.unchanged.extend(_matrix_names(key, base[b_name].shape))
+            else:
+                result.missing_in_model.append(key)
         elif b_name is None:
             result.missing_in_base.append(key)
         else:
-            pair = _pair(key, b_name, t_name, kind, base, tuned, conv1d)
+            pairs = _pairs(key, b_name, t_name, kind, base, tuned, layout)
             b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
-            if pair is None:
+            if not pairs:
                 result.shape_mismatch.append((key, b_shape, t_shape))
                 continue
-            if pair.rows is not None:
+            if pairs[0].rows is not None:
                 result.resized.append((key, b_shape[0], t_shape[0]))
-            result.pairs.append(pair)
+            result.pairs.extend(pairs)
     return result
 
 
-def _pair(
-    key: str, b_name: str | None, t_name: str | None, kind: str,
-    base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], conv1d: bool = False,
-) -> TensorPair | None:
-    """The pair to compare: same shapes, or a resized vocabulary's shared rows; None otherwise."""
-    if b_name is None or t_name is None:
-        return None
+def _matrix_names(key: str, shape: tuple[int, ...]) -> list[str]:
+    """The names of the matrices of tensor `key`: itself, or one per expert of a stack."""
+    return [expert_name(key, e) for e in range(shape[0])] if is_expert_stack(key, shape) else [key]
+
+
+def _pairs(
+    key: str, b_name: str, t_name: str, kind: str,
+    base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], layout: Layout = Layout(),
+) -> list[TensorPair]:
+    """The pairs to compare: of tensors of the same shape (one per expert of a stack), or of a resized
+    vocabulary's shared rows; none otherwise."""
     b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
     if b_shape == t_shape:
-        transposed = stored_transposed(key, conv1d)
-        rows, cols = reversed(b_shape) if transposed else b_shape
-        return TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, cols), transposed=transposed)
-    if kind in VOCAB_KINDS and b_shape[1] == t_shape[1]:
+        transposed = layout.transposed(key, b_shape)
+        rows, cols = reversed(b_shape[-2:]) if transposed else b_shape[-2:]
+        pair = TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, cols), transposed=transposed)
+        if len(b_shape) == 2:
+            return [pair]
+        return [replace(pair, name=expert_name(key, e), expert=e) for e in range(b_shape[0])]
+    if kind in VOCAB_KINDS and len(b_shape) == len(t_shape) == 2 and b_shape[1] == t_shape[1]:
         rows = min(b_shape[0], t_shape[0])
-        return TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, b_shape[1]), rows)
-    return None
+        return [TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, b_shape[1]), rows)]
+    return []
 
 
 def quantized_matrix(tensors: dict[str, TensorInfo]) -> TensorInfo | None:
-    """An attention or MLP matrix stored in an integer or 8-bit float dtype (GPTQ and AWQ `qweight`, bitsandbytes,
-    FP8): quantized values, not weights that can be compared with a base's."""
+    """An attention or MLP matrix, or stack of experts' matrices, stored in an integer or 8-bit float dtype (GPTQ
+    and AWQ `qweight`, bitsandbytes, FP8, gpt-oss's MXFP4 `_blocks`): quantized values, not weights that can be
+    compared with a base's."""
     for info in tensors.values():
-        if len(info.shape) == 2 and info.dtype not in FLOAT_DTYPES and module_kind(info.name) in DEFAULT_KINDS:
+        packed = len(info.shape) in (2, 3) or info.name.endswith("_blocks")
+        if packed and info.dtype not in FLOAT_DTYPES and module_kind(info.name) in DEFAULT_KINDS:
             return info
     return None
 
 
 def _matrices(tensors: dict[str, TensorInfo]) -> list[str]:
-    return [n for n, t in tensors.items() if len(t.shape) == 2 and min(t.shape) > 0 and t.dtype in FLOAT_DTYPES]
+    """The floating-point weight matrices: 2-D tensors and stacks of experts' matrices, but not the biases of
+    stacked experts (gpt-oss's `down_proj_bias`, E × out)."""
+    return [
+        n for n, t in tensors.items()
+        if t.dtype in FLOAT_DTYPES and not n.endswith("bias")
+        and ((len(t.shape) == 2 and min(t.shape) > 0) or is_expert_stack(n, t.shape))
+    ]

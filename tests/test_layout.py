@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ftaudit.cli import main
-from ftaudit.layout import stored_transposed
+from ftaudit.layout import Layout
 from ftaudit.spectral import CERTIFIED_SIN
 from tests import reference
 
@@ -85,11 +85,12 @@ def models(tmp_path_factory) -> dict[str, object]:
 
 
 def test_conv1d_names():
-    assert stored_transposed("transformer.h.3.attn.c_attn.weight", True)
-    assert stored_transposed("h.0.mlp.c_proj.weight", True)
-    assert not stored_transposed("h.0.mlp.c_proj.bias", True)
-    assert not stored_transposed("transformer.wte.weight", True)
-    assert not stored_transposed("model.layers.0.mlp.c_fc.weight", False)  # not a Conv1D family
+    gpt2, other = Layout.of(None, "gpt2"), Layout.of("llama", "gpt2")
+    assert gpt2.transposed("transformer.h.3.attn.c_attn.weight", (512, 1536))
+    assert gpt2.transposed("h.0.mlp.c_proj.weight", (2048, 512))
+    assert not gpt2.transposed("h.0.mlp.c_proj.bias", (512,))
+    assert not gpt2.transposed("transformer.wte.weight", (96, 512))
+    assert not other.transposed("model.layers.0.mlp.c_fc.weight", (512, 2048))  # the tuned side's type comes first
 
 
 @pytest.mark.parametrize("side", ["tuned", "adapter"])

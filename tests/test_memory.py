@@ -80,8 +80,9 @@ class _InMemory:
     def infos(self) -> dict[str, TensorInfo]:
         return {n: TensorInfo(n, "F32", tuple(t.shape), 0, t.numel() * 4) for n, t in self._tensors.items()}
 
-    def load(self, name: str) -> torch.Tensor:
-        tensor = self._tensors[name].clone()
+    def load(self, name: str, expert: int | None = None) -> torch.Tensor:
+        stored = self._tensors[name]
+        tensor = (stored if expert is None else stored[expert]).clone()
         self.live[id(tensor)] = name
         weakref.finalize(tensor, self.live.pop, id(tensor))
         return tensor

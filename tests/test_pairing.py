@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ftaudit.pairing import Selection, align, layer_index, module_kind, pair_tensors
+from ftaudit.layout import Layout
+from ftaudit.pairing import Selection, align, layer_index, module_kind, pair_tensors, quantized_matrix
 from ftaudit.sources.safetensors import TensorInfo
 
 
@@ -77,25 +78,31 @@ def test_globs_that_match_nothing_are_named():
     assert pair_tensors(base, tuned, Selection()).unmatched_globs == []
 
 
-def test_stacked_expert_weights_are_named_not_silently_skipped(tmp_path):
-    """A mixture-of-experts checkpoint that stores its experts as one 3-D tensor (Llama 4, gpt-oss) had them
-    left out of the audit without a word, which could pass a model whose experts alone were changed."""
-    import torch
-    from click.testing import CliRunner
+def test_stacked_experts_give_one_pair_per_expert():
+    stack, other = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"
+    conv = "model.layers.0.linear_attn.conv1d.weight"
+    base = infos({stack: (3, 8, 12), other: (3, 6, 8), conv: (16, 1, 4), "model.layers.0.mlp.up_proj.weight": (6, 4)})
+    tuned = {"base_model.model." + n: i for n, i in base.items()}
+    tuned["base_model.model." + other] = TensorInfo(other, "F32", (3, 8, 6), 0, 0)
+    for layout, shape in ((Layout(), (8, 12)), (Layout(experts_in_out=True), (12, 8))):
+        pairing = pair_tensors(base, tuned, Selection(), layout=layout)
+        experts = [p for p in pairing.pairs if p.base_name == stack]
+        assert [(p.name, p.expert, p.shape, p.layer, p.kind) for p in experts] == [
+            (f"{stack}[{e}]", e, shape, 0, "mlp") for e in range(3)]
+        assert all(p.tuned_name == "base_model.model." + stack for p in experts)
+        assert pairing.shape_mismatch == [(other, (3, 6, 8), (3, 8, 6))]
+        assert conv not in {p.base_name for p in pairing.pairs}  # a convolution's kernel is no stack of matrices
+    untargeted = pair_tensors(base, {}, Selection(), unchanged={stack, other})
+    assert untargeted.unchanged == [f"{stack}[{e}]" for e in range(3)] + [f"{other}[{e}]" for e in range(3)]
 
-    from ftaudit.cli import main
-    from tests.models import llama_like, small_update, write_model
 
-    base = llama_like()
-    tuned = small_update(base)
-    stack = "model.layers.0.mlp.experts.gate_up_proj"
-    base[stack] = torch.randn(4, 96, 32)
-    tuned[stack] = base[stack] + torch.randn(4, 96, 32)
-    assert pair_tensors(infos({n: tuple(t.shape) for n, t in base.items()}), infos(
-        {n: tuple(t.shape) for n, t in tuned.items()}), Selection()).stacked == [(stack, (4, 96, 32))]
-    result = CliRunner().invoke(main, [
-        "check", str(write_model(tmp_path / "tuned", tuned)), "--base", str(write_model(tmp_path / "base", base)),
-        "--quiet"])
-    assert result.exit_code == 0 and result.stderr == (
-        f"ftaudit: WARNING: 1 3-D weight(s) not analysed (stacked experts? e.g. {stack} [4, 96, 32]): "
-        "ftaudit analyses 2-D matrices\n")
+def test_moe_blocks_are_mlp():
+    assert module_kind("model.layers.0.block_sparse_moe.input_linear.weight") == "mlp"  # GraniteMoE's experts
+    assert module_kind("model.layers.0.block_sparse_moe.gate.weight") == "mlp"  # Mixtral's router
+
+
+def test_quantized_experts_are_found():
+    mxfp4 = infos({"model.layers.0.mlp.experts.gate_up_proj_blocks": (4, 96, 2, 16)}, "U8")
+    assert quantized_matrix(mxfp4) is not None
+    assert quantized_matrix(infos({"model.layers.0.mlp.experts.down_proj": (4, 32, 48)}, "F8_E4M3")) is not None
+    assert quantized_matrix(infos({"model.layers.0.mlp.experts.down_proj": (4, 32, 48)}, "BF16")) is None

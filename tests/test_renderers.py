@@ -391,3 +391,10 @@ def test_github_annotations(reports):
         reports["fail"].verdict, reasons=["100% sure\nsecond line"]))
     [line] = markdown.github_annotations(odd)
     assert line.endswith("100%25 sure%0Asecond line") and "\n" not in line
+
+
+def test_module_labels():
+    assert markdown.module_label("encoder.layer.3.attention.self.query.weight") == "attention.self.query"
+    assert markdown.module_label("model.layers.3.block_sparse_moe.input_linear.weight[2]") == "block_sparse_moe.input_linear[2]"
+    assert markdown.module_label("model.layers.0.feed_forward.experts.down_proj[11]") == "feed_forward.experts.down_proj[11]"
+    assert markdown.module_label("lm_head.weight") == "lm_head"

@@ -229,10 +229,11 @@ def update_type(report: Report) -> str | None:
 def module_label(name: str) -> str:
     """The module part of a matrix name: what follows the layer index, without `.weight`.
 
-    `encoder.layer.3.attention.self.query.weight` -> `attention.self.query`; a name without a
-    layer index (or with nothing after it) is kept whole.
+    `encoder.layer.3.attention.self.query.weight` -> `attention.self.query`, an expert's
+    `model.layers.3.moe.input_linear.weight[2]` -> `moe.input_linear[2]`; a name without a layer
+    index (or with nothing after it) is kept whole.
     """
-    stem = name[: -len(".weight")] if name.endswith(".weight") else name
+    stem = re.sub(r"\.weight(\[\d+\])?$", r"\1", name)
     parts = stem.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():

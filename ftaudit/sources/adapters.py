@@ -233,10 +233,12 @@ class AdaptedTensors:
         kind, source = self._sources[name]
         return self.adapter.modules[source] if kind == "lora" else None
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """Tensor `name` of the adapted model, or expert `expert`'s matrix of a stack the adapter replaces whole
+        (the adapter's factors and token rows adapt 2-D tensors only)."""
         kind, source = self._sources[name]
         if kind == "replaced":
-            return self.adapter.weights.load(source)
+            return self.adapter.weights.load(source, expert)
         if kind == "rows":  # PEFT's merge: the base's rows at the indices replaced, in the base's dtype
             name_of_rows, indices = self.adapter.rows[source]
             base = self.base.load(name)

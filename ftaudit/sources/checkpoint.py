@@ -33,7 +33,7 @@ class Checkpoint:
     def __init__(self, storage: Storage, weight_files: list[str], weight_map: dict[str, str] | None = None) -> None:
         self.storage = storage
         self.tensors: dict[str, TensorRef] = {}
-        self._last: tuple[str, weakref.ref[torch.Tensor]] | None = None
+        self._last: tuple[tuple[str, int | None], weakref.ref[torch.Tensor]] | None = None
         self._lock = threading.Lock()
         for name in weight_files:
             for info in read_header(storage, name).tensors.values():
@@ -52,16 +52,19 @@ class Checkpoint:
     def infos(self) -> dict[str, TensorInfo]:
         return {name: ref.info for name, ref in self.tensors.items()}
 
-    def load(self, name: str) -> torch.Tensor:
-        """One tensor as a CPU tensor of its stored dtype; a repeated load of the last one, while it is
-        still in use, returns it again (an adapter's tuned side loads the base tensor just loaded)."""
+    def load(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """One tensor, or one expert's matrix of a stack (only its bytes are read), as a CPU tensor of its
+        stored dtype; a repeated load of the last one, while it is still in use, returns it again (an
+        adapter's tuned side loads the base tensor just loaded)."""
         with self._lock:
-            last = self._last[1]() if self._last is not None and self._last[0] == name else None
+            key = (name, expert)
+            last = self._last[1]() if self._last is not None and self._last[0] == key else None
             if last is not None:
                 return last
             ref = self.tensors[name]
-            tensor = safetensors.decode(self.storage.read(ref.file, ref.info.start, ref.info.nbytes), ref.info)
-            self._last = (name, weakref.ref(tensor))
+            info = ref.info if expert is None else ref.info.part(expert)
+            tensor = safetensors.decode(self.storage.read(ref.file, info.start, info.nbytes), info)
+            self._last = (key, weakref.ref(tensor))
             return tensor
 
 

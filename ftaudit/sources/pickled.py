@@ -36,8 +36,10 @@ class PickleCheckpoint:
             for n, t in self._tensors.items()
         }
 
-    def load(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+    def load(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """One tensor, or one expert's matrix of a stack (a view of the mapped file)."""
+        tensor = self._tensors[name]
+        return tensor if expert is None else tensor[expert]
 
 
 def _load(storage: Storage, name: str) -> dict[str, object]:

@@ -45,6 +45,12 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.end - self.start
 
+    def part(self, index: int) -> TensorInfo:
+        """The entry of `tensor[index]` along the first dimension: a contiguous part of the byte range."""
+        size = self.nbytes // self.shape[0]
+        start = self.start + index * size
+        return TensorInfo(self.name, self.dtype, self.shape[1:], start, start + size)
+
 
 @dataclass(frozen=True)
 class Header:

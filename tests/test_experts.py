@@ -1,0 +1,166 @@
+"""Experts stacked in one 3-D tensor are audited and fixed one expert's matrix at a time, as the layer applies it.
+
+The models are mixtures of experts made by transformers (random weights): a Llama 4 and a gpt-oss, whose
+stacks are stored E × in × out, and a GraniteMoE, whose stacks are stored E × out × in. The tuned models change
+some experts by hand and leave the others as the base has them. The reference is the paper's
+definition on each expert's out × in matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from ftaudit.cli import main
+from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.local import LocalStorage
+from ftaudit.spectral import CERTIFIED_SIN
+from tests import reference
+
+transformers = pytest.importorskip("transformers")
+
+EXPERTS = 4
+CHANGED = (1, 3)
+"""The experts the tuned models change; the others are left as the base has them."""
+
+
+COMMON = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "num_local_experts": EXPERTS, "vocab_size": 128}
+FAMILIES = {
+    # name: (model class, its config's other settings, the stacks' names, whether they are stored E × in × out)
+    "llama4": ("Llama4ForCausalLM", {"intermediate_size_mlp": 128, "head_dim": 16, "interleave_moe_layer_step": 1},
+               [f"model.layers.0.feed_forward.experts.{m}" for m in ("gate_up_proj", "down_proj")], True),
+    "gpt_oss": ("GptOssForCausalLM", {"head_dim": 16, "layer_types": ["full_attention"]},
+                [f"model.layers.0.mlp.experts.{m}" for m in ("gate_up_proj", "down_proj")], True),
+    "granite": ("GraniteMoeForCausalLM", {"num_experts_per_tok": 2},
+                [f"model.layers.0.block_sparse_moe.{m}.weight" for m in ("input_linear", "output_linear")], False),
+}
+
+
+def mixture_of_experts(family: str, folder: Path) -> dict[str, bool]:
+    """A model of `family` saved to `folder`; its stacks, each with whether it is stored in × out."""
+    model_class, settings, stacks, in_out = FAMILIES[family]
+    model = getattr(transformers, model_class)
+    model(model.config_class(**COMMON, **settings)).save_pretrained(folder)
+    return dict.fromkeys(stacks, in_out)
+
+
+def analysed(stored: torch.Tensor, in_out: bool) -> torch.Tensor:
+    """An expert's matrix out × in."""
+    return stored.T if in_out else stored
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def models(request, tmp_path_factory) -> dict[str, object]:
+    """The base, and a full fine-tune whose changed experts each gain a strong new output direction read from the
+    matrix's top input direction: an intruder of the out × in matrix, which the in × out one does not show."""
+    root = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    stacks = mixture_of_experts(request.param, root / "base")
+    base = load_file(root / "base" / "model.safetensors")
+    shutil.copytree(root / "base", root / "tuned")
+    tuned = dict(base)
+    generator = torch.Generator().manual_seed(1)
+    for name, in_out in stacks.items():
+        stack = base[name].clone()
+        for e in CHANGED:
+            w = analysed(stack[e], in_out)
+            svd = torch.linalg.svd(w.double(), full_matrices=False)
+            out_dir = torch.randn(w.shape[0], generator=generator, dtype=torch.float64)
+            w += (4 * svd.S[0] * torch.outer(out_dir / out_dir.norm(), svd.Vh[0])).to(w.dtype)
+        tuned[name] = stack
+    save_file(tuned, root / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    return {"root": root, "stacks": stacks, "base": base, "tuned": tuned}
+
+
+def run(*args: object) -> dict:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+def test_each_expert_is_audited_out_by_in(models):
+    root, base, tuned = models["root"], models["base"], models["tuned"]
+    report = run("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
+    found = {m["name"]: m for m in report["matrices"]}
+    for name, in_out in models["stacks"].items():
+        assert [f"{name}[{e}]" for e in range(EXPERTS) if e not in CHANGED] == [
+            n for n in report["tensors"]["unchanged"] if n.startswith(name)]
+        for e in CHANGED:
+            matrix = found[f"{name}[{e}]"]
+            w0, w = analysed(base[name][e], in_out), analysed(tuned[name][e], in_out)
+            assert matrix["shape"] == list(w.shape) and matrix["kind"] == "mlp" and matrix["layer"] == 0
+            assert matrix["max_cos"] == pytest.approx(reference.max_cos(w0, w), abs=CERTIFIED_SIN)
+            assert matrix["max_cos"][0] < 0.5 and matrix["intruders"] >= 1
+            if in_out:  # as stored, the top left vector is the base's own: no intruder would show
+                assert reference.max_cos(w0.T, w.T)[0] > 0.9
+    assert not any(n.startswith(tuple(models["stacks"])) for n in report["tensors"]["missing_in_model"])
+    assert not any("bias" in n for n in [*found, *report["tensors"]["unchanged"]])  # gpt-oss's E × out biases
+
+
+def test_fix_scales_each_expert_and_writes_the_stack_back(models, tmp_path):
+    root, base, tuned = models["root"], models["base"], models["tuned"]
+    result = CliRunner().invoke(main, ["fix", str(root / "tuned"), "--base", str(root / "base"), "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "0", "--json", str(tmp_path / "fix.json"),
+                                       "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    record = json.loads((tmp_path / "fix.json").read_text())
+    written = load_file(tmp_path / "fixed" / "model.safetensors")
+    changes = {c["name"]: c for c in record["changes"]}
+    for name, in_out in models["stacks"].items():
+        assert written[name].shape == tuned[name].shape and written[name].dtype == tuned[name].dtype
+        for e in range(EXPERTS):
+            if e not in CHANGED:
+                assert torch.equal(written[name][e], tuned[name][e])
+                continue
+            change = changes[f"{name}[{e}]"]
+            assert change["tensors"] == [name]
+            w = analysed(tuned[name][e], in_out).double()
+            svd = torch.linalg.svd(w, full_matrices=False)
+            new = analysed(written[name][e], in_out).double()
+            left = torch.linalg.norm(svd.U[:, change["directions"]].T @ new, dim=1) / svd.S[change["directions"]]
+            assert left.max().item() < 1e-5  # each intruder's output direction is gone
+            kept = svd.U[:, 10:]
+            assert torch.allclose(kept.T @ new, kept.T @ w, atol=1e-5)  # the rest is untouched
+    assert {n for n in written if n not in models["stacks"]} == set(base)- set(models["stacks"])
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fixed")  # the stacks load as the layers hold them
+    assert record["after"]["summary"]["intruder_dimensions"] < record["before"]["summary"]["intruder_dimensions"]
+
+
+class CountingStorage(LocalStorage):
+    """A folder whose reads are counted in bytes."""
+
+    read_bytes = 0
+
+    def read(self, name: str, start: int, length: int) -> bytearray:
+        self.read_bytes += length
+        return super().read(name, start, length)
+
+
+def test_an_expert_is_read_alone(models):
+    root, tuned = models["root"], models["tuned"]
+    storage = CountingStorage(root / "tuned")
+    checkpoint = Checkpoint(storage, ["model.safetensors"])
+    for name in models["stacks"]:
+        for e in range(EXPERTS):
+            before = storage.read_bytes
+            assert torch.equal(checkpoint.load(name, e), tuned[name][e])
+            assert storage.read_bytes - before == tuned[name][e].numel() * tuned[name].element_size()
+
+
+def test_pickled_stacks_are_audited_alike(models, tmp_path):
+    root = models["root"]
+    for side in ("base", "tuned"):
+        shutil.copytree(root / side, tmp_path / side, ignore=shutil.ignore_patterns("*.safetensors"))
+        torch.save(models[side], tmp_path / side / "pytorch_model.bin")
+    args = ("--base", "--format", "json", "--no-cache", "--allow-pickle")
+    pickled = run("check", tmp_path / "tuned", args[0], tmp_path / "base", *args[1:])
+    stored = run("check", root / "tuned", args[0], root / "base", *args[1:])
+    assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
+
