@@ -164,3 +164,23 @@ def test_pickled_stacks_are_audited_alike(models, tmp_path):
     stored = run("check", root / "tuned", args[0], root / "base", *args[1:])
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
 
+
+def test_an_adapter_of_stacked_experts_is_audited_once_merged(models, tmp_path):
+    """PEFT's LoRA on raw parameters (target_parameters) is refused with what to do, and what it says works."""
+    peft = pytest.importorskip("peft")
+    root, stacks = models["root"], models["stacks"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    runtime = {n: p for n, p in model.named_parameters() if p.ndim == 3}  # the stacks as the layers name them
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], init_lora_weights=False,
+                             target_parameters=[n.split("layers.0.")[1] for n in runtime])
+    torch.manual_seed(3)
+    adapted = peft.get_peft_model(model, config)
+    adapted.save_pretrained(tmp_path / "adapter")
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(root / "base")])
+    assert result.exit_code == 2 and result.stderr == (
+        f"ftaudit: error: {tmp_path / 'adapter'}: LoRA on raw parameters (target_parameters) is not supported: merge "
+        "it into its base (PEFT's merge_and_unload) and audit the merged model\n")
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    report = run("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    assert {m["name"] for m in report["matrices"]} == {f"{n}[{e}]" for n in stacks for e in range(EXPERTS)}
+    assert all(m["indicators"]["numerical_rank"] == 2 for m in report["matrices"])  # each expert's rank-2 update

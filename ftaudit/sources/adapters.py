@@ -130,7 +130,9 @@ def _check_config(config: dict[str, object], label: str) -> None:
     if config.get("use_dora"):
         raise UnsupportedError(f"{label}: DoRA adapters (use_dora) are not supported")
     if config.get("target_parameters"):
-        raise UnsupportedError(f"{label}: LoRA on raw parameters (target_parameters) is not supported")
+        raise UnsupportedError(
+            f"{label}: LoRA on raw parameters (target_parameters) is not supported: merge it into its base "
+            "(PEFT's merge_and_unload) and audit the merged model")
     alpha = config.get("lora_alpha", 8)
     if not _is_number(alpha):
         raise InvalidWeightsError(f"{label}/adapter_config.json: lora_alpha must be a number (got {alpha!r})")
