@@ -352,6 +352,38 @@ def test_heatmap_of_32_layers_stays_legible(reports):
     assert_inside(root)
 
 
+def test_heatmap_gives_a_layers_experts_one_cell_per_module(tmp_path):
+    """Each expert's matrices of a mixture of experts, stored one by one or stacked, share a cell per layer and
+    module, which shows the largest value among them: 128 experts would otherwise be hundreds of columns."""
+    g = torch.Generator().manual_seed(0)
+    base: dict[str, torch.Tensor] = {}
+    for layer in range(2):
+        base[f"model.layers.{layer}.self_attn.q_proj.weight"] = torch.randn(32, 32, generator=g)
+        for e in range(8):
+            base[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"] = torch.randn(48, 32, generator=g)
+        base[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.randn(8, 32, 48, generator=g)
+    tuned = low_rank_update(base, only="layers.1.")  # the 2-D matrices of layer 1 gain intruders
+    tuned["model.layers.1.mlp.experts.down_proj"] = base["model.layers.1.mlp.experts.down_proj"].clone()
+    tuned["model.layers.1.mlp.experts.down_proj"][5] += 3 * torch.randn(32, 1, generator=g) @ torch.ones(1, 48)
+    tuned = small_update(tuned)
+    report = check(Target(str(write_model(tmp_path / "tuned", tuned)), str(write_model(tmp_path / "base", base))),
+                   AuditOptions(), policy_mod.load(None))
+    root = ET.fromstring(heatmap.render_heatmap_svg(report))
+    columns = [t.text for t in root.iter(f"{SVG}text") if t.get("transform", "").startswith("rotate")]
+    assert columns == ["self_attn.q_proj", "block_sparse_moe.experts.*.w1", "mlp.experts.down_proj[*]"]
+    shown = {r.find(f"{SVG}title").text.split(":")[0]: r.find(f"{SVG}title").text for r in cells(root)}
+    assert len(shown) == 2 * 3
+    for layer in range(2):
+        for column in columns[1:]:
+            experts = [m for m in report.matrices if m.layer == layer and heatmap.column_label(m.name) == column]
+            worst = max(experts, key=lambda m: m.intruders)
+            assert len(experts) == 8 and worst.name in shown
+            assert shown[worst.name].startswith(f"{worst.name}: {worst.intruders} (")
+            assert shown[worst.name].endswith("; the largest of the layer's 8 experts)")
+    assert "model.layers.1.mlp.experts.down_proj[5]" in shown
+    assert_inside(root)
+
+
 def test_heatmap_value_format():
     assert heatmap.format_value(3.0) == "3"
     assert heatmap.format_value(1.2, 1.36) == "1.20" and heatmap.format_value(0.5, 89.5) == "0.5"

@@ -3,7 +3,9 @@
 `render_heatmap_svg` lays the grid out here (sizes, colours, label rotation) and renders
 templates/heatmap.svg.j2. The colour is the matrix's intruder count, or one of its indicators
 (`MatrixResult.indicators`, e.g. `relative_update_norm`); the value is printed in each cell and the
-full tensor name is the cell's tooltip.
+full tensor name is the cell's tooltip. A layer's experts share one cell per module (`experts.*.w1`,
+`experts.gate_up_proj[*]`), which shows the largest value among them: a model of 128 experts stays
+a figure of a few columns.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ _KIND_ORDER = {"attention": 0, "mlp": 1}
 # levels, a right angle for rotations), so that a small update looks small rather than saturated.
 SCALE_FLOOR = {"relative_update_norm": 1.0, "spectral_spike": 2.5, "subspace_drift_deg": 90.0}
 MAX_WIDTH = 640         # the figure grows up to this to fit the model ids, then shortens them
+_EXPERT_INDEX = re.compile(r"(experts\.)\d+(?=\.|$)|\[\d+\]$")
+"""An expert's index in a module label: `experts.3` of a model that stores each expert's matrices, `[3]` of a stack."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,10 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
     rows = sorted({m.layer for m in report.matrices if m.layer is not None})
     row_keys: list[int | None] = [*rows, *([None] if any(m.layer is None for m in report.matrices) else [])]
     columns = _column_order(report.matrices)
-    grid = {(m.layer, module_label(m.name)): m for m in reversed(report.matrices)}
+    shared: dict[tuple[int | None, str], list[MatrixResult]] = {}
+    for m in report.matrices:
+        shared.setdefault((m.layer, column_label(m.name)), []).append(m)
+    grid = {key: max(ms, key=lambda m: _order(values[id(m)])) for key, ms in shared.items()}
 
     dense = len(row_keys) > 12
     cell_h = 17 if dense else 28
@@ -114,11 +121,13 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
                 continue
             value = values[id(m)]
             fill = scale.colour(value)
+            experts = len(shared[(key, column)])
             cells.append(Cell(
                 x, y, fill, texts[id(m)],
                 "#8a9099" if fill == ZERO_FILL or fill.startswith("url(") else _text_on(fill),
                 f"{m.name}: {texts[id(m)]} ({_metric_title(metric).lower()}"
-                + (f"; lowest best match {min(m.max_cos):.3f})" if m.max_cos else ")"),
+                + (f"; lowest best match {min(m.max_cos):.3f}" if m.max_cos else "")
+                + (f"; the largest of the layer's {experts} experts)" if experts > 1 else ")"),
             ))
     return render_template(
         "heatmap.svg.j2",
@@ -237,11 +246,22 @@ def _metric_title(metric: str) -> str:
     return METRIC_TITLES.get(metric) or indicator_label(metric)
 
 
+def column_label(name: str) -> str:
+    """A matrix's column: its module label, an expert's index replaced by `*` (`block_sparse_moe.experts.*.w1`,
+    `mlp.experts.gate_up_proj[*]`), so that a layer's experts share a cell."""
+    return _EXPERT_INDEX.sub(lambda found: f"{found[1]}*" if found[1] else "[*]", module_label(name))
+
+
+def _order(value: float | None) -> float:
+    """How a value ranks among those sharing a cell: the largest is shown; a missing one, never before another."""
+    return -math.inf if value is None or math.isnan(value) else value
+
+
 def _column_order(matrices: list[MatrixResult]) -> list[str]:
     """Module labels: attention before MLP, q/k/v/o and gate/up/down in their usual order."""
     first: dict[str, tuple[int, int, int]] = {}
     for i, m in enumerate(matrices):
-        label = module_label(m.name)
+        label = column_label(m.name)
         if label not in first:
             first[label] = (_KIND_ORDER.get(m.kind, 2), _canonical_rank(label), i)
     return sorted(first, key=first.__getitem__)
@@ -323,9 +343,9 @@ def _tick_label(value: float, step: float) -> str:
 
 
 def _has_gaps(report: Report) -> bool:
-    cells = {(m.layer, module_label(m.name)) for m in report.matrices}
+    cells = {(m.layer, column_label(m.name)) for m in report.matrices}
     layers = {m.layer for m in report.matrices}
-    columns = {module_label(m.name) for m in report.matrices}
+    columns = {column_label(m.name) for m in report.matrices}
     return len(cells) < len(layers) * len(columns)
 
 
