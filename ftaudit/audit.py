@@ -56,8 +56,8 @@ class AuditOptions:
 
 
 Progress = Callable[[int, int, str], None]
-Updates = Callable[[str], LowRankUpdate | None]
-"""The tuned side's known low-rank ΔW of a tensor, by name (an adapter's factors), if any."""
+Updates = Callable[[str, int | None], LowRankUpdate | None]
+"""The tuned side's known low-rank ΔW of a tensor (or of an expert's matrix of a stack), if any: an adapter's factors."""
 
 
 def run_audit(
@@ -165,7 +165,7 @@ def _stream(
     def load(i: int) -> Loaded:
         pair = pairs[i]
         w0, wt = base.load(pair.base_name, pair.expert), tuned.load(pair.tuned_name, pair.expert)
-        update = updates(pair.tuned_name) if updates else None
+        update = updates(pair.tuned_name, pair.expert) if updates else None
         if pair.rows is not None:
             w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None
         if pair.transposed:

@@ -10,7 +10,7 @@ from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base, model_type_of, unusable_name
 from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
-from ftaudit.layout import Layout
+from ftaudit.layout import Layout, matrix_tensor
 from ftaudit.pairing import quantized_matrix
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
@@ -79,6 +79,7 @@ def open_target(target: Target) -> Opened:
             "pass the model it adapts with --base")
     types = model_type_of(tuned.storage), model_type_of(base.storage)  # config.json's, each read once
     _warn_other_architecture(tuned, base, *types)
+    layout = Layout.of(*types)
     base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
@@ -88,11 +89,11 @@ def open_target(target: Target) -> Opened:
         _refuse_quantized(tuned.storage.label, tuned_side, "audit the model before quantization")
     else:
         weights = open_weights(tuned.storage, "adapter_model", target.allow_pickle)
-        adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side)
+        adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
         model_ref.adapter = adapted.adapter.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
-    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, Layout.of(*types))
+    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, layout)
 
 
 def _warn_other_architecture(tuned: Snapshot, base: Snapshot, tuned_type: str | None, base_type: str | None) -> None:
@@ -145,7 +146,7 @@ def audit_opened(
                     report.model.id, report.base.id)
     if isinstance(tuned_side, AdaptedTensors):
         for matrix in report.matrices:
-            module = tuned_side.module(matrix.name)
+            module = tuned_side.module(matrix_tensor(matrix.name))
             if module is not None:
                 matrix.lora = {"rank": module.rank, "alpha": module.alpha, "scaling": module.scaling}
     apply(policy, report)

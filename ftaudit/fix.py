@@ -32,7 +32,7 @@ from ftaudit.patch import Directions, find_directions, refactor_lora, scale_dire
 from ftaudit.policy import Policy
 from ftaudit.renderers import fix as fix_render
 from ftaudit.report import ModelRef, Report
-from ftaudit.sources.adapters import AdaptedTensors
+from ftaudit.sources.adapters import AdaptedTensors, expert_factors
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 from ftaudit.sources.storage import Storage
@@ -258,21 +258,26 @@ class _Patcher:
         module = self.tuned.module(name)
         if module is None:
             return self._patched(name, self.pairs[name], info.name)
-        (pair,) = self.pairs[name]
-        found = self._directions(pair)
         self._factor_of.pop(module.b if info.name == module.a else module.a, None)
-        if found is None:
-            return None
-        w, directions = found
         weights = self.tuned.adapter.weights
-        b, a = (upcast(weights.load(n), self.device) for n in (module.b, module.a))
-        # w is out × in; ΔW as stored is (B·A)ᵀ with fan_in_fan_out, and so B·A out × in for a Conv1D layer
-        transpose = module.transpose != pair.transposed
-        factors = refactor_lora(b, a, w, directions.U, self.lam, module.scaling, transpose)
-        self._record(pair, directions, [module.a, module.b], factors.error)
-        new = {module.a: factors.a, module.b: factors.b}
-        for factor, value in new.items():
-            new[factor] = value.to(dtype=FLOAT_DTYPES[weights.infos[factor].dtype], device="cpu")
+        new = {n: weights.load(n).clone() for n in (module.a, module.b)}
+        changed = False
+        for pair in self.pairs[name]:  # the matrix, or the flagged experts of a stack
+            found = self._directions(pair)
+            if found is None:
+                continue
+            w, directions = found
+            a, b = expert_factors(new[module.a], new[module.b], module, pair.expert)
+            # w is out × in; ΔW as stored is (B·A)ᵀ with fan_in_fan_out, and so B·A out × in for a Conv1D layer
+            transpose = module.transpose != pair.transposed
+            factors = refactor_lora(upcast(b, self.device), upcast(a, self.device), w, directions.U, self.lam,
+                                    module.scaling, transpose)
+            self._record(pair, directions, [module.a, module.b], factors.error)
+            a.copy_(factors.a)
+            b.copy_(factors.b)
+            changed = True
+        if not changed:
+            return None
         other = module.b if info.name == module.a else module.a
         self._pending[other] = new[other]
         return new[info.name]

@@ -11,6 +11,7 @@ gpt-oss): each expert's matrix is analysed on its own, named `tensor[e]`, out ×
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,9 @@ EXPERTS_IN_OUT_MODELS = frozenset({
     "llama4", "llama4_text", "gpt_oss", "openai_privacy_filter", "aria", "aria_text", "ergo",
 })
 """transformers model types whose stacked experts are stored E × in × out (every other stack is E × out × in)."""
+EXPERTS_MARKED_TRANSPOSED = EXPERTS_IN_OUT_MODELS - {"llama4", "llama4_text"}
+"""Those whose experts class transformers marks `is_transposed`: PEFT's LoRA on their stacks (target_parameters)
+holds each expert's ΔWᵀ as B·A; on every other stack, each expert's ΔW (Llama 4's too)."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +40,15 @@ class Layout:
     """The family's CONV1D_MODULES are Conv1D layers, stored in × out."""
     experts_in_out: bool = False
     """The family's stacked experts are stored E × in × out."""
+    peft_experts_transposed: bool = False
+    """PEFT's LoRA on the family's stacked experts holds each expert's ΔWᵀ (EXPERTS_MARKED_TRANSPOSED)."""
 
     @classmethod
     def of(cls, *model_types: str | None) -> Layout:
         """The layout of the first of `model_types` (config.json's, None where there is none) that is known."""
         model_type = next((t for t in model_types if t is not None), None)
-        return cls(model_type in CONV1D_MODELS, model_type in EXPERTS_IN_OUT_MODELS)
+        return cls(model_type in CONV1D_MODELS, model_type in EXPERTS_IN_OUT_MODELS,
+                   model_type in EXPERTS_MARKED_TRANSPOSED)
 
     def transposed(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether tensor `name` of this shape holds its matrices in × out."""
@@ -59,6 +66,11 @@ def is_expert_stack(name: str, shape: tuple[int, ...]) -> bool:
 def expert_name(name: str, expert: int) -> str:
     """How the report names expert `expert`'s matrix of stacked tensor `name`."""
     return f"{name}[{expert}]"
+
+
+def matrix_tensor(name: str) -> str:
+    """The tensor that holds matrix `name`: itself, or the stack of an expert's matrix (`tensor[e]`)."""
+    return re.sub(r"\[\d+\]$", "", name)
 
 
 def as_analysed(stored: torch.Tensor, pair: TensorPair) -> torch.Tensor:

@@ -46,7 +46,7 @@ def rank_zero(t: dict) -> dict:
         ({"use_dora": True}, None, "DoRA adapters (use_dora) are not supported"),
         ({"peft_type": "IA3"}, None, "IA3 adapters are not supported (only LoRA)"),
         ({"peft_type": "LOKR"}, None, "LOKR adapters are not supported"),
-        ({"target_parameters": ["experts.w1"]}, None, "target_parameters"),
+        ({"target_parameters": "mlp.experts.w1"}, None, "target_parameters must be a list of parameter names"),
         (None, with_magnitude, "DoRA (use_dora) magnitude vectors are not supported"),
         (None, without_one_b, "has lora_A but not its pair"),
         ({"lora_alpha": "sixteen"}, None, "lora_alpha must be a number"),

@@ -165,22 +165,88 @@ def test_pickled_stacks_are_audited_alike(models, tmp_path):
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
 
 
-def test_an_adapter_of_stacked_experts_is_audited_once_merged(models, tmp_path):
-    """PEFT's LoRA on raw parameters (target_parameters) is refused with what to do, and what it says works."""
+@pytest.fixture(scope="module")
+def adapter(models, tmp_path_factory) -> dict[str, object]:
+    """A PEFT LoRA on the base's stacks as the layers name them (target_parameters), and its merged model."""
     peft = pytest.importorskip("peft")
-    root, stacks = models["root"], models["stacks"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
-    runtime = {n: p for n, p in model.named_parameters() if p.ndim == 3}  # the stacks as the layers name them
+    root = tmp_path_factory.mktemp("adapter")
+    model = transformers.AutoModelForCausalLM.from_pretrained(models["root"] / "base")
+    runtime = [n for n, p in model.named_parameters() if p.ndim == 3]
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], init_lora_weights=False,
                              target_parameters=[n.split("layers.0.")[1] for n in runtime])
     torch.manual_seed(3)
     adapted = peft.get_peft_model(model, config)
-    adapted.save_pretrained(tmp_path / "adapter")
-    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(root / "base")])
-    assert result.exit_code == 2 and result.stderr == (
-        f"ftaudit: error: {tmp_path / 'adapter'}: LoRA on raw parameters (target_parameters) is not supported: merge "
-        "it into its base (PEFT's merge_and_unload) and audit the merged model\n")
-    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
-    report = run("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
-    assert {m["name"] for m in report["matrices"]} == {f"{n}[{e}]" for n in stacks for e in range(EXPERTS)}
-    assert all(m["indicators"]["numerical_rank"] == 2 for m in report["matrices"])  # each expert's rank-2 update
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.mul_(30.0)  # an update strong enough to bring intruders
+    adapted.save_pretrained(root / "adapter")
+    adapted.merge_and_unload().save_pretrained(root / "merged")
+    return {"root": root, "converted": not set(runtime) <= set(models["stacks"])}
+
+
+def test_a_lora_on_stacked_experts_is_audited_as_its_merged_model(models, adapter):
+    """Or, where transformers stores the stacks under other names than its layers use (GraniteMoE), refused with
+    what to do."""
+    root, base = adapter["root"], models["root"] / "base"
+    merged = run("check", root / "merged", "--base", base, "--format", "json", "--no-cache")
+    if adapter["converted"]:
+        result = CliRunner().invoke(main, ["check", str(root / "adapter"), "--base", str(base)])
+        assert result.exit_code == 2 and result.stderr.startswith(f"ftaudit: error: {root / 'adapter'}: adapts ")
+        assert result.stderr.endswith(
+            ", which the base's checkpoint does not store (transformers converts this model's weights as it loads "
+            "them): merge the adapter into its base (PEFT's merge_and_unload) and audit the merged model\n")
+        assert merged["summary"]["matrices_analysed"] == len(models["stacks"]) * EXPERTS
+        return
+    from_adapter = run("check", root / "adapter", "--base", base, "--format", "json", "--no-cache")
+    by_name = {m["name"]: m for m in merged["matrices"]}
+    assert {m["name"] for m in from_adapter["matrices"]} == set(by_name) == {
+        f"{n}[{e}]" for n in models["stacks"] for e in range(EXPERTS)}
+    for matrix in from_adapter["matrices"]:
+        other = by_name[matrix["name"]]
+        assert matrix["max_cos"] == pytest.approx(other["max_cos"], abs=2 * CERTIFIED_SIN), matrix["name"]
+        assert matrix["indicators"]["numerical_rank"] == other["indicators"]["numerical_rank"] == 2
+        assert matrix["lora"] == {"rank": 2, "alpha": 4.0, "scaling": 2.0}
+    assert from_adapter["summary"]["intruder_dimensions"] == merged["summary"]["intruder_dimensions"] > 0
+    assert from_adapter["verdict"] == merged["verdict"]
+
+
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_fix_of_a_lora_on_stacked_experts(models, adapter, tmp_path, merge):
+    """Each flagged expert's update is patched: in PEFT's interleaved factors (cut back to their rank), or merged."""
+    root, base = adapter["root"], models["root"] / "base"
+    args = ["fix", str(root / "adapter"), "--base", str(base), "--out", str(tmp_path / "fixed"), "--lambda", "0",
+            "--json", str(tmp_path / "fix.json"), "--no-cache", *(["--merge"] if merge else [])]
+    result = CliRunner().invoke(main, args)
+    if adapter["converted"]:
+        assert result.exit_code == 2 and "which the base's checkpoint does not store" in result.stderr
+        return
+    assert result.exit_code in (0, 1), result.stderr
+    record = json.loads((tmp_path / "fix.json").read_text())
+    if merge:
+        fixed = load_file(tmp_path / "fixed" / "model.safetensors")
+    else:
+        peft = pytest.importorskip("peft")
+        model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                               tmp_path / "fixed")
+        fixed = model.merge_and_unload().state_dict()
+    merged, original = load_file(root / "merged" / "model.safetensors"), models["base"]
+    changes = {c["name"]: c for c in record["changes"]}
+    assert changes and record["after"]["summary"]["intruder_dimensions"] < record["before"]["summary"][
+        "intruder_dimensions"]
+    for name, in_out in models["stacks"].items():
+        for e in range(EXPERTS):
+            w0, w = analysed(original[name][e], in_out).double(), analysed(merged[name][e], in_out).double()
+            written = analysed(fixed[name][e], in_out).double()
+            change = changes.get(f"{name}[{e}]")
+            if change is None:  # an expert without intruders keeps its update
+                assert torch.allclose(written, w, atol=1e-6)
+                continue
+            svd = torch.linalg.svd(w, full_matrices=False)
+            u, v, sigma = svd.U[:, change["directions"]], svd.Vh[change["directions"]], svd.S[change["directions"]]
+            patched_update = w - (u * sigma) @ v - w0
+            error = torch.linalg.norm(written - w0 - patched_update) / torch.linalg.norm(patched_update)
+            assert error.item() == pytest.approx(change["truncation_error"] or 0.0, abs=1e-4)
+            assert error.item() < 0.9

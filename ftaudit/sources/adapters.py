@@ -4,17 +4,24 @@ Ranks come from the factors' shapes; alphas from `lora_alpha` and `alpha_pattern
 PEFT matches it); scaling is alpha/r, or alpha/√r with `use_rslora`; `fan_in_fan_out` transposes
 the update. Tensors the adapter stores whole (`modules_to_save`) replace the base tensor; rows it
 stores (`trainable_token_indices`) replace those rows of the base's embedding, as PEFT's index_copy does.
+
+A LoRA on raw parameters (`target_parameters`, most often a mixture of experts' stacks) holds the
+factors of all E experts in one pair, A (E·r × in) and B (out × r·E), as PEFT's ParamWrapper does;
+which of a module's parameters a pair adapts is read from the shapes, not from PEFT's nesting of
+wrappers (`experts.base_layer.lora_A`), which depends on the order it met them.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 
 import torch
 
 from ftaudit.errors import InvalidWeightsError, UnsupportedError
+from ftaudit.layout import Layout
 from ftaudit.low_rank import LowRankUpdate
 from ftaudit.pairing import align
 from ftaudit.sources.checkpoint import Checkpoint
@@ -42,6 +49,11 @@ class LoraModule:
     alpha: float
     scaling: float
     transpose: bool
+    """ΔW as stored is (B·A)ᵀ (fan_in_fan_out, an embedding, the stacks of some families)."""
+    parameters: tuple[str, ...] = ()
+    """For a LoRA on raw parameters: those of its module (target_parameters) it may adapt; the base's shapes pick one."""
+    experts: int | None = None
+    """For a LoRA on a stack of experts' matrices: E, the number of experts whose factors the pair interleaves."""
 
 
 class LoraAdapter:
@@ -57,6 +69,7 @@ class LoraAdapter:
         self.rows: dict[str, tuple[str, list[int]]] = {}
         """Embedding modules with trained token rows: the adapter's tensor of those rows, and their indices."""
         factors: dict[str, dict[str, str]] = {}
+        targets = config.get("target_parameters") or []
         for name in self.weights.infos:
             for key, what in _UNSUPPORTED_KEYS.items():
                 if key in name:
@@ -72,11 +85,12 @@ class LoraAdapter:
         for module, pair in sorted(factors.items()):
             if set(pair) != {"A", "B"}:
                 raise InvalidWeightsError(f"{self.label}: module {module} has lora_{next(iter(pair))} but not its pair")
-            self.modules[module] = self._module(module, pair["A"], pair["B"], embedding="lora_embedding" in pair["A"])
+            self.modules[module] = self._module(module, pair["A"], pair["B"], embedding="lora_embedding" in pair["A"],
+                                                parameters=_parameter_keys(module, targets))
         if not self.modules and not self.replaced and not self.rows:
             raise InvalidWeightsError(f"{self.label}: the adapter holds no LoRA factors")
 
-    def _module(self, module: str, a: str, b: str, embedding: bool) -> LoraModule:
+    def _module(self, module: str, a: str, b: str, embedding: bool, parameters: tuple[str, ...]) -> LoraModule:
         infos = self.weights.infos
         a_shape, b_shape = infos[a].shape, infos[b].shape
         if len(a_shape) != 2 or len(b_shape) != 2:
@@ -90,10 +104,28 @@ class LoraAdapter:
             raise InvalidWeightsError(
                 f"{self.label}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} have rank 0"
             )
-        alpha = float(_pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8)))
+        experts = None
+        if parameters:  # E experts' rank-r factors side by side: r is the config's
+            rank = self._setting("rank_pattern", parameters, self.config.get("r", 8))
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0 or a_shape[0] % rank:
+                raise InvalidWeightsError(
+                    f"{self.label}: {module}: lora_A {list(a_shape)} is not a whole number of rank-{rank!r} factors "
+                    "(adapter_config.json's r)")
+            experts = a_shape[0] // rank
+        alpha = float(self._setting("alpha_pattern", parameters or (module,), self.config.get("lora_alpha", 8)))
         scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
-        return LoraModule(module, a, b, rank, alpha, scaling, transpose)
+        return LoraModule(module, a, b, rank, alpha, scaling, transpose, parameters, experts)
+
+    def _setting(self, patterns: str, names: tuple[str, ...], default: object) -> object:
+        """The value `patterns` (rank_pattern, alpha_pattern) gives `names`, which must agree: the parameters a pair
+        of factors may adapt, or its module."""
+        values = {repr(_pattern_value(self.config.get(patterns), n, default)): n for n in names}
+        if len(values) > 1:
+            raise UnsupportedError(
+                f"{self.label}: {patterns} gives {', '.join(names)} different values: cannot tell which the factors "
+                "of each adapt")
+        return _pattern_value(self.config.get(patterns), names[0], default)
 
     def _token_indices(self, module: str, name: str) -> list[int]:
         """The token rows that `name` holds: `trainable_token_indices` (a list, or a dict keyed by module name)."""
@@ -129,10 +161,9 @@ def _check_config(config: dict[str, object], label: str) -> None:
         raise UnsupportedError(f"{label}: {peft_type} adapters are not supported (only LoRA)")
     if config.get("use_dora"):
         raise UnsupportedError(f"{label}: DoRA adapters (use_dora) are not supported")
-    if config.get("target_parameters"):
-        raise UnsupportedError(
-            f"{label}: LoRA on raw parameters (target_parameters) is not supported: merge it into its base "
-            "(PEFT's merge_and_unload) and audit the merged model")
+    targets = config.get("target_parameters")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise InvalidWeightsError(f"{label}/adapter_config.json: target_parameters must be a list of parameter names")
     alpha = config.get("lora_alpha", 8)
     if not _is_number(alpha):
         raise InvalidWeightsError(f"{label}/adapter_config.json: lora_alpha must be a number (got {alpha!r})")
@@ -153,6 +184,24 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def expert_factors(
+    a: torch.Tensor, b: torch.Tensor, module: LoraModule, expert: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B of expert `expert` of a LoRA on a stack, views into PEFT's interleaving (A is (E·r) × in, B is
+    out × (r·E)); for any other module, A and B themselves."""
+    if module.experts is None:
+        return a, b
+    return a.view(module.experts, module.rank, -1)[expert], b.view(b.shape[0], module.rank, module.experts)[:, :, expert]
+
+
+def _parameter_keys(module: str, targets: list[str]) -> tuple[str, ...]:
+    """The raw parameters (`target_parameters`) that factors of PEFT module `module` may adapt: none for a layer's
+    LoRA. PEFT nests one wrapper per parameter of a module (`experts.base_layer`), and matches names by suffix."""
+    owner = module.replace(".base_layer", "")
+    keys = {f"{owner}.{t.rpartition('.')[2]}": t for t in targets}
+    return tuple(sorted(k for k, t in keys.items() if k == t or k.endswith(f".{t}")))
+
+
 def _strip_peft(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
@@ -169,17 +218,26 @@ def _pattern_value(patterns: object, module: str, default: object) -> object:
 class AdaptedTensors:
     """The tuned side of an adapter audit: base tensors with the adapter applied, in float64."""
 
-    def __init__(self, adapter: LoraAdapter, base: Checkpoint | PickleCheckpoint) -> None:
+    def __init__(self, adapter: LoraAdapter, base: Checkpoint | PickleCheckpoint, layout: Layout = Layout()) -> None:
         self.adapter = adapter
         self.base = base
+        self.modules = dict(adapter.modules)
+        """The adapter's LoRA modules, those on raw parameters with the layout of the tensor they adapt."""
+        self._lock = threading.Lock()
+        self._last_factors: tuple[str, torch.Tensor, torch.Tensor] | None = None
         base_infos = base.infos
         adapter_infos = adapter.weights.infos
-        wanted = {f"{m}.weight": m for m in [*adapter.modules, *adapter.rows]} | dict.fromkeys(adapter.replaced)
+        layers = [m for m, module in adapter.modules.items() if not module.parameters]
+        parameters = {k for module in adapter.modules.values() for k in module.parameters}
+        wanted = {f"{m}.weight": m for m in [*layers, *adapter.rows]} | dict.fromkeys([*adapter.replaced, *parameters])
         base_map, adapter_map = align(base_infos, wanted)
+        located = {original: base_map.get(key) for key, original in adapter_map.items()}
         self._sources: dict[str, tuple[str, str]] = {}
         self._infos: dict[str, TensorInfo] = {}
         for key, original in adapter_map.items():
             base_name = base_map.get(key)
+            if original in parameters:
+                continue
             if original in adapter.replaced:
                 info = adapter_infos[adapter.replaced[original]]
                 self._infos[base_name or original] = info
@@ -196,6 +254,40 @@ class AdaptedTensors:
             self._check_fit(module, base_infos[base_name])
             self._infos[base_name] = base_infos[base_name]
             self._sources[base_name] = ("lora", module.module)
+        for module in adapter.modules.values():
+            if module.parameters:
+                base_name, self.modules[module.module] = self._parameter(module, located, layout)
+                if base_name in self._sources:
+                    raise InvalidWeightsError(f"{adapter.label}: {base_name} is adapted twice")
+                self._infos[base_name] = base_infos[base_name]
+                self._sources[base_name] = ("lora", module.module)
+
+    def _parameter(self, module: LoraModule, located: dict[str, str | None], layout: Layout) -> tuple[str, LoraModule]:
+        """The base tensor that a LoRA on raw parameters adapts, the one of `module.parameters` its factors fit, and
+        the module with that tensor's layout: one ΔW per expert of a stack, ΔWᵀ in some families (ftaudit.layout)."""
+        label, infos = self.adapter.label, self.base.infos
+        present = {located[k]: infos[located[k]].shape for k in module.parameters if located.get(k) is not None}
+        if not present:
+            raise UnsupportedError(
+                f"{label}: adapts {', '.join(module.parameters)}, which the base's checkpoint does not store "
+                "(transformers converts this model's weights as it loads them): merge the adapter into its base "
+                "(PEFT's merge_and_unload) and audit the merged model")
+        a, b = self.adapter.weights.infos[module.a].shape, self.adapter.weights.infos[module.b].shape
+        fits = []
+        for name, shape in present.items():
+            if len(shape) == 3 and shape[0] == module.experts:
+                transpose = layout.peft_experts_transposed
+                if tuple(shape[1:]) == ((a[1], b[0]) if transpose else (b[0], a[1])):
+                    fits.append((name, replace(module, transpose=transpose)))
+            elif len(shape) == 2 and module.experts == 1 and tuple(shape) == (b[0], a[1]):
+                fits.append((name, replace(module, experts=None)))
+        if len(fits) != 1:
+            shapes = ", ".join(f"{n} {list(shape)}" for n, shape in present.items())
+            fit = "fit none of" if not fits else "fit more than one of"
+            raise InvalidWeightsError(
+                f"{label}: {module.module}: lora_A {list(a)} and lora_B {list(b)} ({module.experts} experts of rank "
+                f"{module.rank}) {fit} the base's {shapes}: is this the adapter's base?")
+        return fits[0]
 
     def _check_fit(self, module: LoraModule, info: TensorInfo) -> None:
         infos = self.adapter.weights.infos
@@ -233,11 +325,11 @@ class AdaptedTensors:
     def module(self, name: str) -> LoraModule | None:
         """The LoRA module that adapts tensor `name`, if any."""
         kind, source = self._sources[name]
-        return self.adapter.modules[source] if kind == "lora" else None
+        return self.modules[source] if kind == "lora" else None
 
     def load(self, name: str, expert: int | None = None) -> torch.Tensor:
-        """Tensor `name` of the adapted model, or expert `expert`'s matrix of a stack the adapter replaces whole
-        (the adapter's factors and token rows adapt 2-D tensors only)."""
+        """Tensor `name` of the adapted model, or expert `expert`'s matrix of a stack; a whole stack that the factors
+        adapt comes in the base's dtype, each expert's matrix rounded once, as PEFT's merge rounds it."""
         kind, source = self._sources[name]
         if kind == "replaced":
             return self.adapter.weights.load(source, expert)
@@ -246,17 +338,29 @@ class AdaptedTensors:
             base = self.base.load(name)
             rows = self.adapter.weights.load(name_of_rows).to(base.dtype)
             return base.index_copy(0, torch.tensor(indices, dtype=torch.long), rows)
-        update = self._factors(self.adapter.modules[source])
-        return self.base.load(name).double() + update.left @ update.right
+        module = self.modules[source]
+        if module.experts is not None and expert is None:
+            stack = self.base.load(name).clone()
+            for e in range(module.experts):
+                update = self._factors(module, e)
+                stack[e] = stack[e].double() + update.left @ update.right
+            return stack
+        update = self._factors(module, expert)
+        return self.base.load(name, expert).double() + update.left @ update.right
 
-    def low_rank(self, name: str) -> LowRankUpdate | None:
-        """ΔW of tensor `name` as float64 factors (None for a tensor the adapter replaces, whole or by rows)."""
+    def low_rank(self, name: str, expert: int | None = None) -> LowRankUpdate | None:
+        """ΔW of tensor `name` (or of expert `expert`'s matrix of a stack) as float64 factors; None for a tensor the
+        adapter replaces, whole or by rows."""
         kind, source = self._sources[name]
-        return self._factors(self.adapter.modules[source]) if kind == "lora" else None
+        return self._factors(self.modules[source], expert) if kind == "lora" else None
 
-    def _factors(self, module: LoraModule) -> LowRankUpdate:
-        a = self.adapter.weights.load(module.a).double()
-        b = self.adapter.weights.load(module.b).double()
+    def _factors(self, module: LoraModule, expert: int | None = None) -> LowRankUpdate:
+        with self._lock:  # a stack's experts ask in turn: its factors are read once
+            if self._last_factors is None or self._last_factors[0] != module.module:
+                weights = self.adapter.weights
+                self._last_factors = (module.module, weights.load(module.a).double(), weights.load(module.b).double())
+            _, a, b = self._last_factors
+        a, b = expert_factors(a, b, module, expert)
         if module.transpose:  # ΔW = (B·A)ᵀ
             return LowRankUpdate(module.scaling * a.T, b.T)
         return LowRankUpdate(module.scaling * b, a)
