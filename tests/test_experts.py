@@ -211,8 +211,6 @@ def test_a_lora_on_stacked_experts_is_audited_as_its_merged_model(models, adapte
     assert from_adapter["verdict"] == merged["verdict"]
 
 
-
-
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
 def test_fix_of_a_lora_on_stacked_experts(models, adapter, tmp_path, merge):
     """Each flagged expert's update is patched: in PEFT's interleaved factors (cut back to their rank), or merged."""
@@ -250,3 +248,26 @@ def test_fix_of_a_lora_on_stacked_experts(models, adapter, tmp_path, merge):
             error = torch.linalg.norm(written - w0 - patched_update) / torch.linalg.norm(patched_update)
             assert error.item() == pytest.approx(change["truncation_error"] or 0.0, abs=1e-4)
             assert error.item() < 0.9
+
+
+def test_an_adapter_that_saves_an_experts_module_whole_is_audited_and_fixed(models, tmp_path):
+    """PEFT's modules_to_save of an experts module stores its stacks whole, replacing the base's: each expert is
+    audited as the full fine-tune's is, and fixed within the adapter's stack."""
+    peft = pytest.importorskip("peft")
+    root, stacks, tuned = models["root"], models["stacks"], models["tuned"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "tuned")
+    if {n for n, p in model.named_parameters() if p.ndim == 3} != set(stacks):
+        pytest.skip("the checkpoint names its stacks otherwise than the layers (GraniteMoE's input_linear)")
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["experts"])
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")  # the tuned stacks; ΔW = 0 on q_proj
+    report = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    full = run("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
+    assert report["matrices"] == full["matrices"]
+    result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(root / "base"), "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    written = load_file(tmp_path / "fixed" / "adapter_model.safetensors")
+    for name in stacks:
+        stack = written[f"base_model.model.{name}"]
+        kept = [e for e in range(EXPERTS) if torch.equal(stack[e], tuned[name][e])]
+        assert kept == [e for e in range(EXPERTS) if e not in CHANGED]
