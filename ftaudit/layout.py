@@ -75,4 +75,4 @@ def matrix_tensor(name: str) -> str:
 
 def as_analysed(stored: torch.Tensor, pair: TensorPair) -> torch.Tensor:
     """A matrix of `pair` as stored, turned out × in (a contiguous copy when transposed); and back again."""
-    return stored.mT.contiguous() if pair.transposed else stored
+    return stored.mT.clone(memory_format=torch.contiguous_format) if pair.transposed else stored

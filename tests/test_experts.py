@@ -271,3 +271,18 @@ def test_an_adapter_that_saves_an_experts_module_whole_is_audited_and_fixed(mode
         stack = written[f"base_model.model.{name}"]
         kept = [e for e in range(EXPERTS) if torch.equal(stack[e], tuned[name][e])]
         assert kept == [e for e in range(EXPERTS) if e not in CHANGED]
+
+
+def test_a_stack_of_single_input_matrices_stored_in_by_out_is_audited(tmp_path):
+    """An E × 1 × out stack of an in × out family (a selected 3-D tensor that is no real experts' stack) is analysed
+    as E matrices out × 1: the transposed matrix is a copy of standard strides, which can be hashed for the cache."""
+    name = "model.layers.0.self_attn.kernel.weight"
+    generator = torch.Generator().manual_seed(0)
+    base = {name: torch.randn(2, 1, 3, generator=generator)}
+    tuned = {name: base[name] + torch.randn(2, 1, 3, generator=generator)}
+    for side, tensors in (("base", base), ("tuned", tuned)):
+        (tmp_path / side).mkdir()
+        save_file(tensors, tmp_path / side / "model.safetensors")
+        (tmp_path / side / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
+    report = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--format", "json")
+    assert [(m["name"], m["shape"]) for m in report["matrices"]] == [(f"{name}[{e}]", [3, 1]) for e in range(2)]
