@@ -168,9 +168,9 @@ def _stream(
         update = updates(pair.tuned_name, pair.expert) if updates else None
         if pair.rows is not None:
             w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None
-        if pair.transposed:
-            w0, wt = as_analysed(w0, pair), as_analysed(wt, pair)
-            update = update.transposed() if update else None
+        w0, wt = as_analysed(w0, pair.transposed), as_analysed(wt, pair.tuned_transposed)
+        if pair.transposed and update is not None:
+            update = update.transposed()
         if pin is not None and i >= scale_only:
             with torch.cuda.device(pin):
                 w0, wt = w0.pin_memory(), wt.pin_memory()

@@ -84,14 +84,27 @@ def adapter_config(storage: Storage) -> dict[str, object] | None:
     return config
 
 
-def model_type_of(storage: Storage) -> str | None:
-    """config.json's `model_type`; None without one (an adapter, a bare checkpoint) or when unreadable as JSON."""
+@dataclass(frozen=True)
+class Architecture:
+    """What config.json says of how a model lays out its weights: its type and the width of its hidden states
+    (a multimodal model's text model's); None where it says nothing."""
+
+    model_type: str | None = None
+    hidden_size: int | None = None
+
+
+def architecture_of(storage: Storage) -> Architecture:
+    """config.json's `model_type` and `hidden_size` (or its `text_config`'s); nothing without one (an adapter, a bare
+    checkpoint) or when unreadable as JSON."""
     text = storage.read_text("config.json")
-    if text is None:
-        return None
     try:
-        config = json.loads(text)
+        config = json.loads(text) if text is not None else None
     except ValueError:
-        return None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    return model_type if isinstance(model_type, str) else None
+        config = None
+    if not isinstance(config, dict):
+        return Architecture()
+    model_type = config.get("model_type")
+    text_config = config.get("text_config")
+    sizes = [config.get("hidden_size"), text_config.get("hidden_size") if isinstance(text_config, dict) else None]
+    hidden = next((h for h in sizes if isinstance(h, int) and not isinstance(h, bool) and h > 0), None)
+    return Architecture(model_type if isinstance(model_type, str) else None, hidden)

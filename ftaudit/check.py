@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
-from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, declared_base, model_type_of, unusable_name
+from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, architecture_of, declared_base, unusable_name
 from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
 from ftaudit.layout import Layout, matrix_tensor
 from ftaudit.pairing import quantized_matrix
@@ -77,9 +77,9 @@ def open_target(target: Target) -> Opened:
         raise UsageError(
             f"{base.storage.label}: a PEFT adapter (adapter_config.json), not a base model: "
             "pass the model it adapts with --base")
-    types = model_type_of(tuned.storage), model_type_of(base.storage)  # config.json's, each read once
-    _warn_other_architecture(tuned, base, *types)
-    layout = Layout.of(*types)
+    architectures = architecture_of(tuned.storage), architecture_of(base.storage)  # config.json's, each read once
+    _warn_other_architecture(tuned, base, *(a.model_type for a in architectures))
+    layout = Layout.of(*architectures)
     base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)

@@ -332,9 +332,10 @@ class _Patcher:
 
     def _directions(self, pair: TensorPair) -> tuple[torch.Tensor, Directions] | None:
         """The tuned matrix (float64, on the device; the compared rows; out × in) and its intruders; None when none."""
-        raw_w0 = as_analysed(self.base.load(pair.base_name, pair.expert)[: pair.rows], pair)
+        raw_w0 = as_analysed(self.base.load(pair.base_name, pair.expert)[: pair.rows], pair.transposed)
         w0 = upcast(raw_w0, self.device)
-        w = upcast(as_analysed(self.tuned.load(pair.tuned_name, pair.expert)[: pair.rows], pair), self.device)
+        tuned = as_analysed(self.tuned.load(pair.tuned_name, pair.expert)[: pair.rows], pair.tuned_transposed)
+        w = upcast(tuned, self.device)
         if not (torch.isfinite(w0).all() and torch.isfinite(w).all()):
             return None
         found = find_directions(self._basis(raw_w0, w0), w0, w, self.options.k, self.options.epsilon, self.only_top)
@@ -342,7 +343,7 @@ class _Patcher:
 
     def _scaled(self, pair: TensorPair, w: torch.Tensor, found: Directions) -> torch.Tensor:
         """The tuned matrix with its intruders scaled, as stored (in × out again for a Conv1D layer)."""
-        return as_analysed(scale_directions(w, found.U, self.lam), pair)
+        return as_analysed(scale_directions(w, found.U, self.lam), pair.tuned_transposed)
 
     def _basis(self, raw_w0: torch.Tensor, w0: torch.Tensor) -> Basis:
         if self.cache is None:

@@ -6,7 +6,10 @@ with W stored in × out, so its matrices are analysed transposed, as the layer a
 
 A mixture-of-experts layer may store its experts' matrices as one 3-D tensor, E × out × in (the
 layout of transformers' fused experts), or E × in × out in the families that compute x·W_e (Llama 4,
-gpt-oss): each expert's matrix is analysed on its own, named `tensor[e]`, out × in.
+gpt-oss): each expert's matrix is analysed on its own, named `tensor[e]`, out × in. Where config.json
+gives the hidden width, a stack's layout is read from its shape: the hidden width is the input of an
+up or gate projection and the output of a down projection. So are checkpoints of one family saved
+both ways (Qwen3-VL-MoE's, E × in × out as published, E × out × in as transformers 5 saves them).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from ftaudit.pairing import TensorPair
+    from ftaudit.base import Architecture
 
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 """transformers model types (config.json `model_type`) whose CONV1D_MODULES are Conv1D layers."""
@@ -42,20 +45,43 @@ class Layout:
     """The family's stacked experts are stored E × in × out."""
     peft_experts_transposed: bool = False
     """PEFT's LoRA on the family's stacked experts holds each expert's ΔWᵀ (EXPERTS_MARKED_TRANSPOSED)."""
+    hidden_size: int | None = None
+    """The width of the hidden states, which tells a stack's layout from its shape."""
 
     @classmethod
-    def of(cls, *model_types: str | None) -> Layout:
-        """The layout of the first of `model_types` (config.json's, None where there is none) that is known."""
-        model_type = next((t for t in model_types if t is not None), None)
+    def of(cls, *architectures: Architecture) -> Layout:
+        """The layout of the first of `architectures` (config.json's) whose type is known; the first hidden width."""
+        model_type = next((a.model_type for a in architectures if a.model_type is not None), None)
+        hidden = next((a.hidden_size for a in architectures if a.hidden_size is not None), None)
         return cls(model_type in CONV1D_MODELS, model_type in EXPERTS_IN_OUT_MODELS,
-                   model_type in EXPERTS_MARKED_TRANSPOSED)
+                   model_type in EXPERTS_MARKED_TRANSPOSED, hidden)
 
     def transposed(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether tensor `name` of this shape holds its matrices in × out."""
         if is_expert_stack(name, shape):
-            return self.experts_in_out
+            return self._stack_in_out(name, shape[1], shape[2])
         parts = name.split(".")
         return self.conv1d and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in CONV1D_MODULES
+
+
+    def _stack_in_out(self, name: str, rows: int, cols: int) -> bool:
+        """Whether a stack of E × rows × cols matrices is stored in × out: from which side is the hidden width, where
+        the name says what the projection is and exactly one side is that wide; else from the family."""
+        role = _projection(name)
+        if self.hidden_size is None or role is None or (rows == self.hidden_size) == (cols == self.hidden_size):
+            return self.experts_in_out
+        return (rows == self.hidden_size) == (role == "up")
+
+
+def _projection(name: str) -> str | None:
+    """"up" for a projection from the hidden states (up, gate, w1, w3, input_linear), "down" for one back to them
+    (down, w2, output_linear); None when the name does not say."""
+    leaf = name.removesuffix(".weight").rpartition(".")[2]
+    if leaf.startswith("down") or leaf in ("w2", "output_linear", "fc2"):
+        return "down"
+    if leaf.startswith(("up", "gate")) or leaf in ("w1", "w3", "input_linear", "fc1"):
+        return "up"
+    return None
 
 
 def is_expert_stack(name: str, shape: tuple[int, ...]) -> bool:
@@ -73,6 +99,6 @@ def matrix_tensor(name: str) -> str:
     return re.sub(r"\[\d+\]$", "", name)
 
 
-def as_analysed(stored: torch.Tensor, pair: TensorPair) -> torch.Tensor:
-    """A matrix of `pair` as stored, turned out × in (a contiguous copy when transposed); and back again."""
-    return stored.mT.clone(memory_format=torch.contiguous_format) if pair.transposed else stored
+def as_analysed(stored: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A matrix as stored, turned out × in when it is stored `transposed` (a copy of standard strides); and back."""
+    return stored.mT.clone(memory_format=torch.contiguous_format) if transposed else stored

@@ -66,7 +66,9 @@ class TensorPair:
     rows: int | None = None
     """Compare only the first `rows` rows (a resized vocabulary); None compares all."""
     transposed: bool = False
-    """Both matrices are stored in × out (a Conv1D layer, some stacked experts) and analysed transposed."""
+    """The base matrix is stored in × out (a Conv1D layer, some stacked experts) and analysed transposed."""
+    tuned_transposed: bool = False
+    """The tuned matrix is: as the base's but for a family that saves its stacks both ways (ftaudit.layout)."""
     expert: int | None = None
     """The expert's index along the first dimension of both tensors, stacks of experts; None for a 2-D tensor."""
 
@@ -197,10 +199,11 @@ def _pairs(
     """The pairs to compare: of tensors of the same shape (one per expert of a stack), or of a resized
     vocabulary's shared rows; none otherwise."""
     b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
-    if b_shape == t_shape:
-        transposed = layout.transposed(key, b_shape)
-        rows, cols = reversed(b_shape[-2:]) if transposed else b_shape[-2:]
-        pair = TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, cols), transposed=transposed)
+    b_transposed, t_transposed = layout.transposed(key, b_shape), layout.transposed(key, t_shape)
+    shape = _analysed_shape(b_shape, b_transposed)
+    if len(b_shape) in (2, 3) and shape == _analysed_shape(t_shape, t_transposed):
+        pair = TensorPair(key, b_name, t_name, kind, layer_index(key), shape[-2:], transposed=b_transposed,
+                          tuned_transposed=t_transposed)
         if len(b_shape) == 2:
             return [pair]
         return [replace(pair, name=expert_name(key, e), expert=e) for e in range(b_shape[0])]
@@ -208,6 +211,11 @@ def _pairs(
         rows = min(b_shape[0], t_shape[0])
         return [TensorPair(key, b_name, t_name, kind, layer_index(key), (rows, b_shape[1]), rows)]
     return []
+
+
+def _analysed_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
+    """A tensor's shape with its matrices out × in."""
+    return (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
 
 
 def quantized_matrix(tensors: dict[str, TensorInfo]) -> TensorInfo | None:

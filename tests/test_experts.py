@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ftaudit.cli import main
+from ftaudit.layout import Layout
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.local import LocalStorage
 from ftaudit.spectral import CERTIFIED_SIN
@@ -65,6 +66,13 @@ def models(request, tmp_path_factory) -> dict[str, object]:
     stacks = mixture_of_experts(request.param, root / "base")
     base = load_file(root / "base" / "model.safetensors")
     shutil.copytree(root / "base", root / "tuned")
+    tuned = with_intruders(base, stacks)
+    save_file(tuned, root / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    return {"root": root, "stacks": stacks, "base": base, "tuned": tuned}
+
+
+def with_intruders(base: dict[str, torch.Tensor], stacks: dict[str, bool]) -> dict[str, torch.Tensor]:
+    """`base` with the CHANGED experts' matrices of `stacks` (each stored in × out or not) given an intruder."""
     tuned = dict(base)
     generator = torch.Generator().manual_seed(1)
     for name, in_out in stacks.items():
@@ -75,8 +83,7 @@ def models(request, tmp_path_factory) -> dict[str, object]:
             out_dir = torch.randn(w.shape[0], generator=generator, dtype=torch.float64)
             w += (4 * svd.S[0] * torch.outer(out_dir / out_dir.norm(), svd.Vh[0])).to(w.dtype)
         tuned[name] = stack
-    save_file(tuned, root / "tuned" / "model.safetensors", metadata={"format": "pt"})
-    return {"root": root, "stacks": stacks, "base": base, "tuned": tuned}
+    return tuned
 
 
 def run(*args: object) -> dict:
@@ -286,3 +293,72 @@ def test_a_stack_of_single_input_matrices_stored_in_by_out_is_audited(tmp_path):
         (tmp_path / side / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
     report = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--format", "json")
     assert [(m["name"], m["shape"]) for m in report["matrices"]] == [(f"{name}[{e}]", [3, 1]) for e in range(2)]
+
+
+def test_a_family_saved_both_ways_is_read_from_the_shapes(tmp_path):
+    """Qwen3-VL-MoE's published checkpoints store their stacks E × in × out, and transformers 5 saves them
+    E × out × in: a fine-tune saved by transformers is audited against the published base expert by expert, out × in,
+    from the shapes and the hidden width, and fixed in its own layout."""
+    config = transformers.Qwen3VLMoeConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 48, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": EXPERTS,
+                     "num_experts_per_tok": 2, "vocab_size": 128,
+                     "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "deepstack_visual_indexes": []})
+    torch.manual_seed(0)
+    transformers.Qwen3VLMoeForConditionalGeneration(config).save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    stacks = dict.fromkeys((n for n in saved if n.endswith(("experts.gate_up_proj", "experts.down_proj"))), False)
+    assert {saved[n].shape[1:] for n in stacks} == {(96, 64), (64, 48)}  # out × in, as transformers saves them
+    shutil.copytree(tmp_path / "saved", tmp_path / "published")
+    published = {n: t.transpose(1, 2).contiguous() if n in stacks else t for n, t in saved.items()}
+    save_file(published, tmp_path / "published" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(tmp_path / "saved", tmp_path / "tuned")
+    tuned = with_intruders(saved, stacks)
+    save_file(tuned, tmp_path / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    report = run("check", tmp_path / "tuned", "--base", tmp_path / "published", "--format", "json", "--no-cache")
+    found = {m["name"]: m for m in report["matrices"]}
+    assert set(found) == {f"{n}[{e}]" for n in stacks for e in CHANGED} and not report["tensors"]["shape_mismatch"]
+    for name in stacks:
+        assert [n for n in report["tensors"]["unchanged"] if n.startswith(name)] == [
+            f"{name}[{e}]" for e in range(EXPERTS) if e not in CHANGED]
+        for e in CHANGED:
+            assert found[f"{name}[{e}]"]["shape"] == list(tuned[name][e].shape)
+            expected = reference.max_cos(published[name][e].T, tuned[name][e])
+            assert found[f"{name}[{e}]"]["max_cos"] == pytest.approx(expected, abs=CERTIFIED_SIN)
+    result = CliRunner().invoke(main, ["fix", str(tmp_path / "tuned"), "--base", str(tmp_path / "published"), "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    fixed = load_file(tmp_path / "fixed" / "model.safetensors")
+    assert all(fixed[n].shape == tuned[n].shape and not torch.equal(fixed[n], tuned[n]) for n in stacks)
+    transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "fixed")
+
+    # A LoRA on the stacks of the model loaded from the published base holds each expert's ΔW as the layers hold it
+    peft = pytest.importorskip("peft")
+    model = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "published")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], init_lora_weights=False,
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    torch.manual_seed(3)
+    adapted = peft.get_peft_model(model, lora)
+    adapted.save_pretrained(tmp_path / "adapter")
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    from_adapter = run("check", tmp_path / "adapter", "--base", tmp_path / "published", "--format", "json",
+                       "--no-cache")
+    merged = run("check", tmp_path / "merged", "--base", tmp_path / "published", "--format", "json", "--no-cache")
+    assert len(from_adapter["matrices"]) == len(merged["matrices"]) == 2 * EXPERTS
+    for ours, theirs in zip(from_adapter["matrices"], merged["matrices"]):
+        assert ours["name"] == theirs["name"] and ours["shape"] == theirs["shape"]
+        assert ours["max_cos"] == pytest.approx(theirs["max_cos"], abs=2 * CERTIFIED_SIN)
+
+
+def test_a_stacks_layout_is_read_from_its_shape_where_that_tells():
+    layout = Layout(hidden_size=64)
+    assert layout.transposed("mlp.experts.gate_up_proj", (4, 64, 192))  # hidden → 2I: in × out
+    assert not layout.transposed("mlp.experts.gate_up_proj", (4, 192, 64))
+    assert layout.transposed("mlp.experts.down_proj", (4, 96, 64))  # I → hidden: in × out
+    assert not layout.transposed("block_sparse_moe.output_linear.weight", (4, 64, 96))
+    assert not layout.transposed("mlp.experts.down_proj", (4, 64, 64))  # square: the family says
+    assert Layout(experts_in_out=True, hidden_size=64).transposed("mlp.experts.down_proj", (4, 64, 64))
+    assert not layout.transposed("mlp.experts.mixer", (4, 64, 96))  # the name does not say which projection
+    assert Layout(experts_in_out=True).transposed("mlp.experts.gate_up_proj", (4, 192, 64))  # no width: the family

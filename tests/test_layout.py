@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ftaudit.cli import main
+from ftaudit.base import Architecture
 from ftaudit.layout import Layout
 from ftaudit.spectral import CERTIFIED_SIN
 from tests import reference
@@ -85,7 +86,7 @@ def models(tmp_path_factory) -> dict[str, object]:
 
 
 def test_conv1d_names():
-    gpt2, other = Layout.of(None, "gpt2"), Layout.of("llama", "gpt2")
+    gpt2, other = Layout.of(Architecture(), Architecture("gpt2")), Layout.of(Architecture("llama"), Architecture("gpt2"))
     assert gpt2.transposed("transformer.h.3.attn.c_attn.weight", (512, 1536))
     assert gpt2.transposed("h.0.mlp.c_proj.weight", (2048, 512))
     assert not gpt2.transposed("h.0.mlp.c_proj.bias", (512,))

@@ -276,7 +276,10 @@ class AdaptedTensors:
         fits = []
         for name, shape in present.items():
             if len(shape) == 3 and shape[0] == module.experts:
-                transpose = layout.peft_experts_transposed
+                # B·A is the expert's ΔW as the layer holds it (ΔWᵀ in some families), and the checkpoint may store the
+                # stack the other way round (Qwen3-VL-MoE's published layout)
+                stored_other_way = layout.transposed(name, shape) != layout.experts_in_out
+                transpose = layout.peft_experts_transposed != stored_other_way
                 if tuple(shape[1:]) == ((a[1], b[0]) if transpose else (b[0], a[1])):
                     fits.append((name, replace(module, transpose=transpose)))
             elif len(shape) == 2 and module.experts == 1 and tuple(shape) == (b[0], a[1]):
