@@ -362,3 +362,24 @@ def test_a_stacks_layout_is_read_from_its_shape_where_that_tells():
     assert Layout(experts_in_out=True, hidden_size=64).transposed("mlp.experts.down_proj", (4, 64, 64))
     assert not layout.transposed("mlp.experts.mixer", (4, 64, 96))  # the name does not say which projection
     assert Layout(experts_in_out=True).transposed("mlp.experts.gate_up_proj", (4, 192, 64))  # no width: the family
+
+
+def test_a_parameter_targeted_in_several_layers_is_audited_in_each(models, tmp_path):
+    """target_parameters that name one parameter of several layers ("0.mlp.experts.gate_up_proj",
+    "1.mlp.experts.gate_up_proj") adapt each of those layers' stacks."""
+    peft = pytest.importorskip("peft")
+    root = models["root"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    stack = next((n for n in models["stacks"] if n.endswith("gate_up_proj")), None)
+    if stack is None:
+        pytest.skip("the checkpoint names its stacks otherwise than the layers (GraniteMoE's input_linear)")
+    targets = [f"{i}.{stack.partition('layers.0.')[2]}" for i in (0, 1)]
+    config = peft.LoraConfig(r=2, target_modules=[], init_lora_weights=False, target_parameters=targets)
+    adapted = peft.get_peft_model(model, config)
+    adapted.save_pretrained(tmp_path / "adapter")
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    from_adapter = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    merged = run("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    assert [m["name"] for m in from_adapter["matrices"]] == [f"{stack}[{e}]" for e in range(EXPERTS)]
+    for ours, theirs in zip(from_adapter["matrices"], merged["matrices"], strict=True):
+        assert ours["max_cos"] == pytest.approx(theirs["max_cos"], abs=2 * CERTIFIED_SIN)

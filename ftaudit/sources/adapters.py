@@ -198,8 +198,8 @@ def _parameter_keys(module: str, targets: list[str]) -> tuple[str, ...]:
     """The raw parameters (`target_parameters`) that factors of PEFT module `module` may adapt: none for a layer's
     LoRA. PEFT nests one wrapper per parameter of a module (`experts.base_layer`), and matches names by suffix."""
     owner = module.replace(".base_layer", "")
-    keys = {f"{owner}.{t.rpartition('.')[2]}": t for t in targets}
-    return tuple(sorted(k for k, t in keys.items() if k == t or k.endswith(f".{t}")))
+    keys = ((f"{owner}.{t.rpartition('.')[2]}", t) for t in targets)
+    return tuple(sorted({k for k, t in keys if k == t or k.endswith(f".{t}")}))
 
 
 def _strip_peft(name: str) -> str:
