@@ -90,7 +90,7 @@ def open_target(target: Target) -> Opened:
     else:
         weights = open_weights(tuned.storage, "adapter_model", target.allow_pickle)
         adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
-        model_ref.adapter = adapted.adapter.describe()
+        model_ref.adapter = adapted.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
     return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, layout)

@@ -383,3 +383,46 @@ def test_a_parameter_targeted_in_several_layers_is_audited_in_each(models, tmp_p
     assert [m["name"] for m in from_adapter["matrices"]] == [f"{stack}[{e}]" for e in range(EXPERTS)]
     for ours, theirs in zip(from_adapter["matrices"], merged["matrices"], strict=True):
         assert ours["max_cos"] == pytest.approx(theirs["max_cos"], abs=2 * CERTIFIED_SIN)
+
+
+def test_rank_and_alpha_patterns_of_one_parameter(models, tmp_path):
+    """PEFT gives each parameter the rank and alpha its patterns match: the factors of one module's two stacks may
+    differ in rank, and each pair is read with its own."""
+    peft = pytest.importorskip("peft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(models["root"] / "base")
+    runtime = [n for n, p in model.named_parameters() if p.ndim == 3]
+    down = next(n.rpartition(".")[2] for n in runtime if "down" in n)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], init_lora_weights=False,
+                             target_parameters=[n.split("layers.0.")[1] for n in runtime],
+                             rank_pattern={down: 3}, alpha_pattern={down: 9})
+    torch.manual_seed(4)
+    adapted = peft.get_peft_model(model, config)
+    adapted.save_pretrained(tmp_path / "adapter")
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    base = models["root"] / "base"
+    merged = run("check", tmp_path / "merged", "--base", base, "--format", "json", "--no-cache")
+    if not set(runtime) <= set(models["stacks"]):  # GraniteMoE: the checkpoint names its stacks otherwise
+        result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(base)])
+        assert result.exit_code == 2 and "which the base's checkpoint does not store" in result.stderr
+        return
+    from_adapter = run("check", tmp_path / "adapter", "--base", base, "--format", "json", "--no-cache")
+    by_name = {m["name"]: m for m in merged["matrices"]}
+    for matrix in from_adapter["matrices"]:
+        rank, alpha = (3, 9.0) if "down" in matrix["name"] else (2, 4.0)
+        assert matrix["lora"] == {"rank": rank, "alpha": alpha, "scaling": alpha / rank}
+        assert matrix["indicators"]["numerical_rank"] == by_name[matrix["name"]]["indicators"]["numerical_rank"] == rank
+        assert matrix["max_cos"] == pytest.approx(by_name[matrix["name"]]["max_cos"], abs=2 * CERTIFIED_SIN)
+    assert from_adapter["model"]["adapter"]["r"] == [2, 3]
+
+
+def test_a_lora_on_stacks_with_an_invalid_rank_is_refused(models, adapter, tmp_path):
+    shutil.copytree(adapter["root"] / "adapter", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": "two"}))
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(models["root"] / "base")])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    if adapter["converted"]:  # refused first for what the base's checkpoint does not store
+        assert "which the base's checkpoint does not store" in result.stderr
+    else:
+        assert result.stderr.startswith(f"ftaudit: error: {tmp_path / 'adapter'}/adapter_config.json: the rank of ")
+        assert result.stderr.endswith(" must be a positive integer (got 'two')\n")

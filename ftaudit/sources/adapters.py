@@ -104,28 +104,26 @@ class LoraAdapter:
             raise InvalidWeightsError(
                 f"{self.label}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} have rank 0"
             )
-        experts = None
-        if parameters:  # E experts' rank-r factors side by side: r is the config's
-            rank = self._setting("rank_pattern", parameters, self.config.get("r", 8))
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0 or a_shape[0] % rank:
-                raise InvalidWeightsError(
-                    f"{self.label}: {module}: lora_A {list(a_shape)} is not a whole number of rank-{rank!r} factors "
-                    "(adapter_config.json's r)")
-            experts = a_shape[0] // rank
-        alpha = float(self._setting("alpha_pattern", parameters or (module,), self.config.get("lora_alpha", 8)))
+        alpha = float(_pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8)))
         scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
-        return LoraModule(module, a, b, rank, alpha, scaling, transpose, parameters, experts)
+        # On raw parameters, the rank and alpha are those of the parameter the base's shapes pick (for_parameter)
+        return LoraModule(module, a, b, rank, alpha, scaling, transpose, parameters)
 
-    def _setting(self, patterns: str, names: tuple[str, ...], default: object) -> object:
-        """The value `patterns` (rank_pattern, alpha_pattern) gives `names`, which must agree: the parameters a pair
-        of factors may adapt, or its module."""
-        values = {repr(_pattern_value(self.config.get(patterns), n, default)): n for n in names}
-        if len(values) > 1:
-            raise UnsupportedError(
-                f"{self.label}: {patterns} gives {', '.join(names)} different values: cannot tell which the factors "
-                "of each adapt")
-        return _pattern_value(self.config.get(patterns), names[0], default)
+    def for_parameter(self, module: LoraModule, key: str) -> LoraModule | None:
+        """`module`, a LoRA on raw parameters, as the LoRA of parameter `key`: its factors side by side for E experts
+        of the rank and alpha that `rank_pattern`, `alpha_pattern` (or r, lora_alpha) give `key`; None when they are
+        not a whole number of factors of that rank."""
+        rows = self.weights.infos[module.a].shape[0]
+        rank = _pattern_value(self.config.get("rank_pattern"), key, self.config.get("r", 8))
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise InvalidWeightsError(f"{self.label}/adapter_config.json: the rank of {key} must be a positive integer "
+                                      f"(got {rank!r})")
+        if rows % rank:
+            return None
+        alpha = float(_pattern_value(self.config.get("alpha_pattern"), key, self.config.get("lora_alpha", 8)))
+        scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+        return replace(module, rank=rank, alpha=alpha, scaling=scaling, parameters=(key,), experts=rows // rank)
 
     def _token_indices(self, module: str, name: str) -> list[int]:
         """The token rows that `name` holds: `trainable_token_indices` (a list, or a dict keyed by module name)."""
@@ -141,15 +139,15 @@ class LoraAdapter:
             )
         return given
 
-    def describe(self) -> dict[str, object]:
-        """The adapter as the report shows it."""
-        ranks = sorted({m.rank for m in self.modules.values()})
+    def describe(self, modules: dict[str, LoraModule]) -> dict[str, object]:
+        """The adapter as the report shows it, with its `modules` (those on raw parameters resolved on the base)."""
+        ranks = sorted({m.rank for m in modules.values()})
         return {
             "type": "lora",
             "r": ranks[0] if len(ranks) == 1 else ranks,
             "lora_alpha": self.config.get("lora_alpha"),
             "use_rslora": bool(self.config.get("use_rslora")),
-            "modules": len(self.modules),
+            "modules": len(modules),
             "modules_to_save": sorted(self.replaced),
             **({"trainable_tokens": {m: len(i) for m, (_, i) in sorted(self.rows.items())}} if self.rows else {}),
         }
@@ -264,9 +262,10 @@ class AdaptedTensors:
 
     def _parameter(self, module: LoraModule, located: dict[str, str | None], layout: Layout) -> tuple[str, LoraModule]:
         """The base tensor that a LoRA on raw parameters adapts, the one of `module.parameters` its factors fit, and
-        the module with that tensor's layout: one ΔW per expert of a stack, ΔWᵀ in some families (ftaudit.layout)."""
+        the module as that parameter's LoRA, with the tensor's layout: one ΔW per expert of a stack, ΔWᵀ in some
+        families (ftaudit.layout)."""
         label, infos = self.adapter.label, self.base.infos
-        present = {located[k]: infos[located[k]].shape for k in module.parameters if located.get(k) is not None}
+        present = {k: located[k] for k in module.parameters if located.get(k) is not None}
         if not present:
             raise UnsupportedError(
                 f"{label}: adapts {', '.join(module.parameters)}, which the base's checkpoint does not store "
@@ -274,22 +273,25 @@ class AdaptedTensors:
                 "(PEFT's merge_and_unload) and audit the merged model")
         a, b = self.adapter.weights.infos[module.a].shape, self.adapter.weights.infos[module.b].shape
         fits = []
-        for name, shape in present.items():
-            if len(shape) == 3 and shape[0] == module.experts:
+        for key, name in present.items():
+            shape, candidate = infos[name].shape, self.adapter.for_parameter(module, key)
+            if candidate is None:
+                continue
+            if len(shape) == 3 and shape[0] == candidate.experts:
                 # B·A is the expert's ΔW as the layer holds it (ΔWᵀ in some families), and the checkpoint may store the
                 # stack the other way round (Qwen3-VL-MoE's published layout)
                 stored_other_way = layout.transposed(name, shape) != layout.experts_in_out
                 transpose = layout.peft_experts_transposed != stored_other_way
                 if tuple(shape[1:]) == ((a[1], b[0]) if transpose else (b[0], a[1])):
-                    fits.append((name, replace(module, transpose=transpose)))
-            elif len(shape) == 2 and module.experts == 1 and tuple(shape) == (b[0], a[1]):
-                fits.append((name, replace(module, experts=None)))
+                    fits.append((name, replace(candidate, transpose=transpose)))
+            elif len(shape) == 2 and candidate.experts == 1 and tuple(shape) == (b[0], a[1]):
+                fits.append((name, replace(candidate, experts=None)))
         if len(fits) != 1:
-            shapes = ", ".join(f"{n} {list(shape)}" for n, shape in present.items())
+            shapes = ", ".join(f"{n} {list(infos[n].shape)}" for n in present.values())
             fit = "fit none of" if not fits else "fit more than one of"
             raise InvalidWeightsError(
-                f"{label}: {module.module}: lora_A {list(a)} and lora_B {list(b)} ({module.experts} experts of rank "
-                f"{module.rank}) {fit} the base's {shapes}: is this the adapter's base?")
+                f"{label}: {module.module}: lora_A {list(a)} and lora_B {list(b)} {fit} the base's {shapes}: is this "
+                "the adapter's base?")
         return fits[0]
 
     def _check_fit(self, module: LoraModule, info: TensorInfo) -> None:
@@ -315,6 +317,10 @@ class AdaptedTensors:
     @property
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
+
+    def describe(self) -> dict[str, object]:
+        """The adapter as the report shows it."""
+        return self.adapter.describe(self.modules)
 
     @property
     def unchanged(self) -> frozenset[str]:
