@@ -1,0 +1,111 @@
+"""Auditing a mixture of experts whose experts are stacked in 3-D tensors, as the number of experts grows.
+
+Usage: python bench/moe.py [--repeats 3] [--experts 4 8 16]. Builds in bench/.work one MoE layer with
+Qwen3-30B-A3B's expert shapes (hidden 2048, expert MLP 768: gate_up E × 1536 × 2048 and down
+E × 2048 × 768, BF16, stored as transformers 5 saves Qwen3-VL-MoE) for each E, a full fine-tune with a
+rank-16 update on every expert, and a PEFT LoRA on both stacks (target_parameters, r = 16, each
+expert's factors interleaved as PEFT stores them). Runs each audit as its own process in interleaved
+rounds, cold and warm cache, and records wall time and peak resident memory; prints the table and
+writes docs/benchmarks-moe.md. Each expert's matrix is read alone, so peak memory should not grow
+with E while the stacks do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from common import ROOT, WORK, measure
+
+HIDDEN, EXPERT_MLP, RANK = 2048, 768, 16
+STACKS = {"gate_up_proj": (2 * EXPERT_MLP, HIDDEN), "down_proj": (HIDDEN, EXPERT_MLP)}
+"""Each stack's expert matrix, out × in as stored."""
+PREFIX = "model.language_model.layers.0.mlp.experts"
+CONFIG = {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": HIDDEN, "moe_intermediate_size": EXPERT_MLP}}
+
+
+def build(experts: int) -> tuple[Path, Path, Path, int]:
+    """The base, the full fine-tune and the adapter folders for `experts` experts, and the bytes of one stack."""
+    folder = WORK / f"moe-{experts}"
+    base_dir, tuned_dir, adapter_dir = folder / "base", folder / "tuned", folder / "adapter"
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        g = torch.Generator().manual_seed(experts)
+        base, tuned, factors = {}, {}, {}
+        for stack, (rows, cols) in STACKS.items():
+            w = torch.randn(experts, rows, cols, generator=g) / cols**0.5
+            b = torch.randn(experts, rows, RANK, generator=g) * (0.02 / cols**0.5)
+            a = torch.randn(experts, RANK, cols, generator=g)
+            base[f"{PREFIX}.{stack}"] = w.to(torch.bfloat16)
+            tuned[f"{PREFIX}.{stack}"] = (w + b @ a).to(torch.bfloat16)
+            # PEFT's ParamWrapper: A is (E·r) × in, B is out × (r·E); its nesting names the second parameter's pair
+            module = f"base_model.model.{PREFIX}" + (".base_layer" if stack == "gate_up_proj" else "")
+            factors[f"{module}.lora_A.weight"] = a.reshape(experts * RANK, cols).contiguous()
+            factors[f"{module}.lora_B.weight"] = b.permute(1, 2, 0).reshape(rows, RANK * experts).contiguous()
+        for folder_, tensors in ((base_dir, base), (tuned_dir, tuned)):
+            folder_.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, folder_ / "model.safetensors")
+            (folder_ / "config.json").write_text(json.dumps(CONFIG))
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        save_file(factors, adapter_dir / "adapter_model.safetensors")
+        config = {"peft_type": "LORA", "r": RANK, "lora_alpha": RANK, "target_modules": [],
+                  "target_parameters": [f"mlp.experts.{s}" for s in STACKS], "base_model_name_or_path": "synthetic"}
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    stack_bytes = experts * max(r * c for r, c in STACKS.values()) * 2
+    return base_dir, tuned_dir, adapter_dir, stack_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--experts", type=int, nargs="*", default=[4, 8, 16])
+    args = parser.parse_args()
+    cache = WORK / "cache-moe"
+    env = {**os.environ, "FTAUDIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    runs, sizes = {}, {}
+    for experts in args.experts:
+        base, tuned, adapter, sizes[experts] = build(experts)
+        runs[(experts, "full fine-tune")] = (tuned, base)
+        runs[(experts, "LoRA on the stacks (target_parameters)")] = (adapter, base)
+    samples: dict[tuple[int, str, str], list[tuple[float, int]]] = {}
+    for _ in range(args.repeats):
+        for (experts, label), (tuned, base) in runs.items():
+            for state in ("cold", "warm"):
+                if state == "cold":
+                    shutil.rmtree(cache, ignore_errors=True)
+                argv = [sys.executable, "-m", "ftaudit", "check", str(tuned), "--base", str(base), "--quiet"]
+                samples.setdefault((experts, label, state), []).append(measure(argv, env))
+    lines = [
+        "# Mixture of experts: stacked experts as their number grows",
+        "",
+        f"Measured by `python bench/moe.py --repeats {args.repeats} --experts {' '.join(map(str, args.experts))}` on "
+        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, device cpu; medians of whole-process runs, "
+        "interleaved. One MoE layer with Qwen3-30B-A3B's expert shapes (hidden 2048, expert MLP 768), BF16, its E "
+        "experts stacked in two 3-D tensors (gate_up E × 1536 × 2048, down E × 2048 × 768); every expert's matrix is "
+        "a matrix audited (2·E of them). The full fine-tune adds a rank-16 update to every expert; the LoRA holds "
+        "rank-16 factors of every expert in PEFT's interleaved layout. Each expert's matrix is read alone: peak "
+        "memory does not follow the stack's size.",
+        "",
+        "| experts | input | cache | wall (s) | per matrix (s) | peak RSS (MiB) | one stack (MiB) |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for (experts, label, state), values in samples.items():
+        wall = statistics.median(w for w, _ in values)
+        rss = statistics.median(r for _, r in values)
+        lines.append(f"| {experts} | {label} | {state} | {wall:.2f} | {wall / (2 * experts):.3f} | {rss / 2**20:.0f} "
+                     f"| {sizes[experts] / 2**20:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (ROOT / "docs" / "benchmarks-moe.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
