@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import ROOT, WORK, measure
+from common import ROOT, WORK, cold_and_warm
 from run import minilm, synthetic
 
 ADAPTER = ROOT / "examples" / "minilm-lora-r8"
@@ -61,7 +59,6 @@ def main() -> None:
     args = parser.parse_args()
     merged = minilm("lora")
     cache = WORK / "cache-adapter"
-    env = {**os.environ, "FTAUDIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     runs = {("MiniLM", "adapter (W0 + s·B·A in memory)"): (ADAPTER, merged.base),
             ("MiniLM", "merged checkpoint"): (merged.tuned, merged.base)}
     for width in args.widths:
@@ -69,14 +66,7 @@ def main() -> None:
         model = f"synthetic {width} wide, 1 layer, r={RANK}"
         runs[(model, "adapter (W0 + s·B·A in memory)")] = (adapter_dir, base_dir)
         runs[(model, "merged checkpoint (F32)")] = (merged_dir, base_dir)
-    samples: dict[tuple[str, str, str], list[tuple[float, int]]] = {}
-    for _ in range(args.repeats):
-        for (model, label), (tuned, base) in runs.items():
-            for state in ("cold", "warm"):
-                if state == "cold":
-                    shutil.rmtree(cache, ignore_errors=True)
-                argv = [sys.executable, "-m", "ftaudit", "check", str(tuned), "--base", str(base), "--quiet"]
-                samples.setdefault((model, label, state), []).append(measure(argv, env))
+    samples = cold_and_warm(runs, args.repeats, cache)
     lines = [
         "# Adapter audit against merged-model audit",
         "",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Hashable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +39,20 @@ def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     if int(code) not in (0, 1) or "Traceback" in done.stderr:
         raise SystemExit(f"{argv[:4]} failed with {code}: {done.stderr}")
     return float(wall), int(rss)
+
+
+def cold_and_warm(
+    runs: dict[tuple[Hashable, str], tuple[Path, Path]], repeats: int, cache: Path
+) -> dict[tuple[Hashable, str, str], list[tuple[float, int]]]:
+    """`ftaudit check TUNED --base BASE` for each run, in `repeats` interleaved rounds, each cold (the spectrum
+    cache `cache` emptied first) then warm: (wall seconds, peak RSS bytes) by (run's key..., "cold"|"warm")."""
+    env = {**os.environ, "FTAUDIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    samples: dict[tuple[Hashable, str, str], list[tuple[float, int]]] = {}
+    for _ in range(repeats):
+        for (model, label), (tuned, base) in runs.items():
+            for state in ("cold", "warm"):
+                if state == "cold":
+                    shutil.rmtree(cache, ignore_errors=True)
+                argv = [sys.executable, "-m", "ftaudit", "check", str(tuned), "--base", str(base), "--quiet"]
+                samples.setdefault((model, label, state), []).append(measure(argv, env))
+    return samples

@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from common import ROOT, WORK, measure
+from common import ROOT, WORK, cold_and_warm
 
 HIDDEN, EXPERT_MLP, RANK = 2048, 768, 16
 STACKS = {"gate_up_proj": (2 * EXPERT_MLP, HIDDEN), "down_proj": (HIDDEN, EXPERT_MLP)}
@@ -69,20 +67,12 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="*", default=[4, 8, 16])
     args = parser.parse_args()
     cache = WORK / "cache-moe"
-    env = {**os.environ, "FTAUDIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     runs, sizes = {}, {}
     for experts in args.experts:
         base, tuned, adapter, sizes[experts] = build(experts)
         runs[(experts, "full fine-tune")] = (tuned, base)
         runs[(experts, "LoRA on the stacks (target_parameters)")] = (adapter, base)
-    samples: dict[tuple[int, str, str], list[tuple[float, int]]] = {}
-    for _ in range(args.repeats):
-        for (experts, label), (tuned, base) in runs.items():
-            for state in ("cold", "warm"):
-                if state == "cold":
-                    shutil.rmtree(cache, ignore_errors=True)
-                argv = [sys.executable, "-m", "ftaudit", "check", str(tuned), "--base", str(base), "--quiet"]
-                samples.setdefault((experts, label, state), []).append(measure(argv, env))
+    samples = cold_and_warm(runs, args.repeats, cache)
     lines = [
         "# Mixture of experts: stacked experts as their number grows",
         "",
