@@ -37,7 +37,7 @@ holds each expert's ΔWᵀ as B·A; on every other stack, each expert's ΔW (Lla
 
 @dataclass(frozen=True)
 class Layout:
-    """How a model family stores its matrices, known from config.json's `model_type`."""
+    """How a model family stores its matrices, known from config.json's `model_type` and hidden width."""
 
     conv1d: bool = False
     """The family's CONV1D_MODULES are Conv1D layers, stored in × out."""
@@ -62,7 +62,6 @@ class Layout:
             return self._stack_in_out(name, shape[1], shape[2])
         parts = name.split(".")
         return self.conv1d and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in CONV1D_MODULES
-
 
     def _stack_in_out(self, name: str, rows: int, cols: int) -> bool:
         """Whether a stack of E × rows × cols matrices is stored in × out: from which side is the hidden width, where

@@ -201,7 +201,7 @@ def _pairs(
     b_shape, t_shape = base[b_name].shape, tuned[t_name].shape
     b_transposed, t_transposed = layout.transposed(key, b_shape), layout.transposed(key, t_shape)
     shape = _analysed_shape(b_shape, b_transposed)
-    if len(b_shape) in (2, 3) and shape == _analysed_shape(t_shape, t_transposed):
+    if shape == _analysed_shape(t_shape, t_transposed):
         pair = TensorPair(key, b_name, t_name, kind, layer_index(key), shape[-2:], transposed=b_transposed,
                           tuned_transposed=t_transposed)
         if len(b_shape) == 2:
