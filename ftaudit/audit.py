@@ -167,7 +167,7 @@ def _stream(
         w0, wt = base.load(pair.base_name, pair.expert), tuned.load(pair.tuned_name, pair.expert)
         update = updates(pair.tuned_name, pair.expert) if updates else None
         if pair.rows is not None:
-            w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(pair.rows) if update else None
+            w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(0, pair.rows) if update else None
         w0, wt = as_analysed(w0, pair.transposed), as_analysed(wt, pair.tuned_transposed)
         if pair.transposed and update is not None:
             update = update.transposed()

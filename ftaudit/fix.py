@@ -234,12 +234,13 @@ class _Patcher:
                 self.pairs.setdefault(pair.tuned_name, []).append(pair)
         self.changes: list[MatrixChange] = []
         self._pending: dict[str, torch.Tensor] = {}
-        self._factor_of: dict[str, str] = {}
+        self._factor_of: dict[str, list[str]] = {}
+        """Each adapter tensor to rewrite: the tuned tensors with flagged matrices that it holds."""
         if isinstance(self.tuned, AdaptedTensors):
             for name in self.pairs:
                 module = self.tuned.module(name)
-                factors = [module.a, module.b] if module else [self.tuned.infos[name].name]
-                self._factor_of.update(dict.fromkeys(factors, name))
+                for factor in [module.a, module.b] if module else [self.tuned.infos[name].name]:
+                    self._factor_of.setdefault(factor, []).append(name)
 
     # --- the three kinds of output --------------------------------------------------------------
 
@@ -251,28 +252,31 @@ class _Patcher:
         """An adapter file's tensor: new LoRA factors, a patched whole tensor (modules_to_save), or None."""
         if info.name in self._pending:
             return self._pending.pop(info.name)
-        name = self._factor_of.pop(info.name, None)
-        if name is None:
+        names = self._factor_of.pop(info.name, None)
+        if names is None:
             return None
         assert isinstance(self.tuned, AdaptedTensors)
-        module = self.tuned.module(name)
+        module = self.tuned.module(names[0])
+        if module is None and self.tuned.part(names[0]) is not None:
+            return self._patched_parts(names, info.name)
         if module is None:
-            return self._patched(name, self.pairs[name], info.name)
+            return self._patched(names[0], self.pairs[names[0]], info.name)
         self._factor_of.pop(module.b if info.name == module.a else module.a, None)
         weights = self.tuned.adapter.weights
         new = {n: weights.load(n).clone() for n in (module.a, module.b)}
         changed = False
-        for pair in self.pairs[name]:  # the matrix, or the flagged experts of a stack
-            found = self._directions(pair)
-            if found is None:
+        for expert, pairs in self._by_expert(names).items():  # the matrix, or the flagged experts of a stack
+            found = [(pair, d) for pair in pairs if (d := self._directions(pair)) is not None]
+            if not found:
                 continue
-            w, directions = found
-            a, b = expert_factors(new[module.a], new[module.b], module, pair.expert)
+            w, u = self._expert_update(found)
+            a, b = expert_factors(new[module.a], new[module.b], module, expert)
             # w is out × in; ΔW as stored is (B·A)ᵀ with fan_in_fan_out, and so B·A out × in for a Conv1D layer
-            transpose = module.transpose != pair.transposed
-            factors = refactor_lora(upcast(b, self.device), upcast(a, self.device), w, directions.U, self.lam,
-                                    module.scaling, transpose)
-            self._record(pair, directions, [module.a, module.b], factors.error)
+            transpose = module.transpose != pairs[0].transposed
+            factors = refactor_lora(upcast(b, self.device), upcast(a, self.device), w, u, self.lam, module.scaling,
+                                    transpose)
+            for pair, (_, directions) in found:
+                self._record(pair, directions, [module.a, module.b], factors.error)
             a.copy_(factors.a)
             b.copy_(factors.b)
             changed = True
@@ -281,6 +285,51 @@ class _Patcher:
         other = module.b if info.name == module.a else module.a
         self._pending[other] = new[other]
         return new[info.name]
+
+    def _patched_parts(self, names: list[str], stored_as: str) -> torch.Tensor | None:
+        """Adapter tensor `stored_as`, a layers' stack saved whole whose experts the base stores in parts, with the
+        intruders of its parts `names` scaled; None when none has any."""
+        assert isinstance(self.tuned, AdaptedTensors)
+        stack: torch.Tensor | None = None
+        for name in names:
+            patched = self._patched(name, self.pairs[name], stored_as)
+            part = self.tuned.part(name)
+            if patched is None or part is None:
+                continue
+            if stack is None:
+                stack = self.tuned.adapter.weights.load(stored_as).clone()
+            stack[part.expert, part.start:part.stop] = patched
+        return stack
+
+    def _by_expert(self, names: list[str]) -> dict[int | None, list[TensorPair]]:
+        """The flagged matrices of tuned tensors `names`, which one LoRA adapts, by the expert whose factors hold them
+        (None for a layer's LoRA): a stack's experts, or the parts of an expert's matrix the base stores apart."""
+        assert isinstance(self.tuned, AdaptedTensors)
+        groups: dict[int | None, list[TensorPair]] = {}
+        for name in names:
+            part = self.tuned.part(name)
+            for pair in self.pairs[name]:
+                groups.setdefault(part.expert if part else pair.expert, []).append(pair)
+        return groups
+
+    def _expert_update(self, found: list[tuple[TensorPair, tuple[torch.Tensor, Directions]]]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tuned matrix that one pair of factors adapts and the directions to scale in it, as columns: those of
+        one matrix, or of the parts of an expert's matrix, each at its rows."""
+        assert isinstance(self.tuned, AdaptedTensors)
+        first = found[0][0].tuned_name
+        if self.tuned.part(first) is None:
+            [(_, (w, directions))] = found
+            return w, directions.U
+        w = torch.cat([upcast(self.tuned.load(name), self.device) for name in self.tuned.parts_of(first)])
+        u = w.new_zeros(w.shape[0], sum(len(d.index) for _, (_, d) in found))
+        column = 0
+        for pair, (_, directions) in found:
+            part = self.tuned.part(pair.tuned_name)
+            assert part is not None
+            u[part.start:part.stop, column:column + len(directions.index)] = directions.U
+            column += len(directions.index)
+        return w, u
 
     def merged_tensor(self, info: TensorInfo) -> torch.Tensor | None:
         """A base tensor of the merged model: adapted (and patched), replaced, or None (copy it)."""

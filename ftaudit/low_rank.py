@@ -44,9 +44,9 @@ class LowRankUpdate:
         """ΔWᵀ = rightᵀ @ leftᵀ."""
         return LowRankUpdate(self.right.mT.contiguous(), self.left.mT.contiguous())
 
-    def rows(self, count: int) -> LowRankUpdate:
-        """The update restricted to its first `count` rows."""
-        return LowRankUpdate(self.left[:count], self.right)
+    def rows(self, start: int, stop: int) -> LowRankUpdate:
+        """The update restricted to rows [start, stop)."""
+        return LowRankUpdate(self.left[start:stop], self.right)
 
     def singular_values(self) -> torch.Tensor:
         """All min(m, n) singular values of ΔW, descending: those of R_L·R_Rᵀ, then zeros."""

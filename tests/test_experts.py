@@ -189,33 +189,17 @@ def adapter(models, tmp_path_factory) -> dict[str, object]:
                 param.mul_(30.0)  # an update strong enough to bring intruders
     adapted.save_pretrained(root / "adapter")
     adapted.merge_and_unload().save_pretrained(root / "merged")
-    return {"root": root, "converted": not set(runtime) <= set(models["stacks"])}
+    return {"root": root}
 
 
 def test_a_lora_on_stacked_experts_is_audited_as_its_merged_model(models, adapter):
-    """Or, where transformers stores the stacks under other names than its layers use (GraniteMoE), refused with
-    what to do."""
+    """Where the checkpoint stores the stacks under other names than the layers use (GraniteMoE's input_linear for
+    experts.gate_up_proj), the adapter's are found under those."""
     root, base = adapter["root"], models["root"] / "base"
     merged = run("check", root / "merged", "--base", base, "--format", "json", "--no-cache")
-    if adapter["converted"]:
-        result = CliRunner().invoke(main, ["check", str(root / "adapter"), "--base", str(base)])
-        assert result.exit_code == 2 and result.stderr.startswith(f"ftaudit: error: {root / 'adapter'}: adapts ")
-        assert result.stderr.endswith(
-            ", which the base's checkpoint does not store (transformers converts this model's weights as it loads "
-            "them): merge the adapter into its base (PEFT's merge_and_unload) and audit the merged model\n")
-        assert merged["summary"]["matrices_analysed"] == len(models["stacks"]) * EXPERTS
-        return
     from_adapter = run("check", root / "adapter", "--base", base, "--format", "json", "--no-cache")
-    by_name = {m["name"]: m for m in merged["matrices"]}
-    assert {m["name"] for m in from_adapter["matrices"]} == set(by_name) == {
-        f"{n}[{e}]" for n in models["stacks"] for e in range(EXPERTS)}
-    for matrix in from_adapter["matrices"]:
-        other = by_name[matrix["name"]]
-        assert matrix["max_cos"] == pytest.approx(other["max_cos"], abs=2 * CERTIFIED_SIN), matrix["name"]
-        assert matrix["indicators"]["numerical_rank"] == other["indicators"]["numerical_rank"] == 2
-        assert matrix["lora"] == {"rank": 2, "alpha": 4.0, "scaling": 2.0}
-    assert from_adapter["summary"]["intruder_dimensions"] == merged["summary"]["intruder_dimensions"] > 0
-    assert from_adapter["verdict"] == merged["verdict"]
+    assert {m["name"] for m in merged["matrices"]} == {f"{n}[{e}]" for n in models["stacks"] for e in range(EXPERTS)}
+    reference.assert_audited_as_merged(from_adapter, merged, rank=2, alpha=4.0)
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
@@ -225,18 +209,16 @@ def test_fix_of_a_lora_on_stacked_experts(models, adapter, tmp_path, merge):
     args = ["fix", str(root / "adapter"), "--base", str(base), "--out", str(tmp_path / "fixed"), "--lambda", "0",
             "--json", str(tmp_path / "fix.json"), "--no-cache", *(["--merge"] if merge else [])]
     result = CliRunner().invoke(main, args)
-    if adapter["converted"]:
-        assert result.exit_code == 2 and "which the base's checkpoint does not store" in result.stderr
-        return
     assert result.exit_code in (0, 1), result.stderr
     record = json.loads((tmp_path / "fix.json").read_text())
     if merge:
         fixed = load_file(tmp_path / "fixed" / "model.safetensors")
-    else:
+    else:  # merged by PEFT and saved under the checkpoint's names
         peft = pytest.importorskip("peft")
         model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
                                                tmp_path / "fixed")
-        fixed = model.merge_and_unload().state_dict()
+        model.merge_and_unload().save_pretrained(tmp_path / "fixed-merged")
+        fixed = load_file(tmp_path / "fixed-merged" / "model.safetensors")
     merged, original = load_file(root / "merged" / "model.safetensors"), models["base"]
     changes = {c["name"]: c for c in record["changes"]}
     assert changes and record["after"]["summary"]["intruder_dimensions"] < record["before"]["summary"][
@@ -263,8 +245,6 @@ def test_an_adapter_that_saves_an_experts_module_whole_is_audited_and_fixed(mode
     peft = pytest.importorskip("peft")
     root, stacks, tuned = models["root"], models["stacks"], models["tuned"]
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "tuned")
-    if {n for n, p in model.named_parameters() if p.ndim == 3} != set(stacks):
-        pytest.skip("the checkpoint names its stacks otherwise than the layers (GraniteMoE's input_linear)")
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["experts"])
     peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")  # the tuned stacks; ΔW = 0 on q_proj
     report = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
@@ -274,8 +254,10 @@ def test_an_adapter_that_saves_an_experts_module_whole_is_audited_and_fixed(mode
                                        str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
     assert result.exit_code in (0, 1), result.stderr
     written = load_file(tmp_path / "fixed" / "adapter_model.safetensors")
-    for name in stacks:
-        stack = written[f"base_model.model.{name}"]
+    for name in stacks:  # saved as the layers name it (GraniteMoE's input_linear is experts.gate_up_proj)
+        layers = name.replace("input_linear.weight", "experts.gate_up_proj").replace("output_linear.weight",
+                                                                                       "experts.down_proj")
+        stack = written[f"base_model.model.{layers}"]
         kept = [e for e in range(EXPERTS) if torch.equal(stack[e], tuned[name][e])]
         assert kept == [e for e in range(EXPERTS) if e not in CHANGED]
 
@@ -370,10 +352,9 @@ def test_a_parameter_targeted_in_several_layers_is_audited_in_each(models, tmp_p
     peft = pytest.importorskip("peft")
     root = models["root"]
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
-    stack = next((n for n in models["stacks"] if n.endswith("gate_up_proj")), None)
-    if stack is None:
-        pytest.skip("the checkpoint names its stacks otherwise than the layers (GraniteMoE's input_linear)")
-    targets = [f"{i}.{stack.partition('layers.0.')[2]}" for i in (0, 1)]
+    layers = next(n for n, p in model.named_parameters() if p.ndim == 3 and n.endswith("gate_up_proj"))
+    stack = next(n for n in models["stacks"] if n.endswith(("gate_up_proj", "input_linear.weight")))
+    targets = [f"{i}.{layers.partition('layers.0.')[2]}" for i in (0, 1)]
     config = peft.LoraConfig(r=2, target_modules=[], init_lora_weights=False, target_parameters=targets)
     adapted = peft.get_peft_model(model, config)
     adapted.save_pretrained(tmp_path / "adapter")
@@ -401,14 +382,10 @@ def test_rank_and_alpha_patterns_of_one_parameter(models, tmp_path):
     adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
     base = models["root"] / "base"
     merged = run("check", tmp_path / "merged", "--base", base, "--format", "json", "--no-cache")
-    if not set(runtime) <= set(models["stacks"]):  # GraniteMoE: the checkpoint names its stacks otherwise
-        result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(base)])
-        assert result.exit_code == 2 and "which the base's checkpoint does not store" in result.stderr
-        return
     from_adapter = run("check", tmp_path / "adapter", "--base", base, "--format", "json", "--no-cache")
     by_name = {m["name"]: m for m in merged["matrices"]}
     for matrix in from_adapter["matrices"]:
-        rank, alpha = (3, 9.0) if "down" in matrix["name"] else (2, 4.0)
+        rank, alpha = (3, 9.0) if "down" in matrix["name"] or "output_linear" in matrix["name"] else (2, 4.0)
         assert matrix["lora"] == {"rank": rank, "alpha": alpha, "scaling": alpha / rank}
         assert matrix["indicators"]["numerical_rank"] == by_name[matrix["name"]]["indicators"]["numerical_rank"] == rank
         assert matrix["max_cos"] == pytest.approx(by_name[matrix["name"]]["max_cos"], abs=2 * CERTIFIED_SIN)
@@ -421,8 +398,5 @@ def test_a_lora_on_stacks_with_an_invalid_rank_is_refused(models, adapter, tmp_p
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": "two"}))
     result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(models["root"] / "base")])
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
-    if adapter["converted"]:  # refused first for what the base's checkpoint does not store
-        assert "which the base's checkpoint does not store" in result.stderr
-    else:
-        assert result.stderr.startswith(f"ftaudit: error: {tmp_path / 'adapter'}/adapter_config.json: the rank of ")
-        assert result.stderr.endswith(" must be a positive integer (got 'two')\n")
+    assert result.stderr.startswith(f"ftaudit: error: {tmp_path / 'adapter'}/adapter_config.json: the rank of ")
+    assert result.stderr.endswith(" must be a positive integer (got 'two')\n")

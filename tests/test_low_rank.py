@@ -108,4 +108,5 @@ def test_singular_values_of_the_update(shape):
     assert got.shape == (min(shape),)
     assert torch.allclose(got, torch.linalg.svdvals(update.left @ update.right), atol=1e-12)
     assert (got[6:] == 0).all()
-    assert update.rows(10).left.shape == (10, 6)
+    rows = update.rows(10, 20)
+    assert torch.allclose(rows.left @ rows.right, (update.left @ update.right)[10:20], atol=1e-12)

@@ -28,10 +28,14 @@ from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
+from ftaudit.stored_stacks import EXPERT, Part, expert_parts, stored_names
 
 PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
 _TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
+FACTOR_CACHE = 2
+"""LoRA modules whose factors are kept, in float64: a stack's, and the other stack's of its experts, whose parts the
+base may store side by side (experts.0.down_proj, experts.0.gate_proj)."""
 _UNSUPPORTED_KEYS = {
     "lora_magnitude_vector": "DoRA (use_dora) magnitude vectors",
     "lora_E": "AdaLoRA",
@@ -192,6 +196,23 @@ def expert_factors(
     return a.view(module.experts, module.rank, -1)[expert], b.view(b.shape[0], module.rank, module.experts)[:, :, expert]
 
 
+def _parts_fit(experts: list[list[str]], infos: dict[str, TensorInfo], shape: tuple[int, ...]
+               ) -> dict[str, Part | None] | None:
+    """Each expert's parts (2-D, out × in) as rows of its `shape` (out × in); None unless they make it exactly."""
+    found: dict[str, Part | None] = {}
+    for e, names in enumerate(experts):
+        start = 0
+        for name in names:
+            part = infos[name].shape
+            if len(part) != 2 or part[1] != shape[1]:
+                return None
+            found[name] = Part(e, start, start + part[0])
+            start += part[0]
+        if start != shape[0]:
+            return None
+    return found
+
+
 def _parameter_keys(module: str, targets: list[str]) -> tuple[str, ...]:
     """The raw parameters (`target_parameters`) that factors of PEFT module `module` may adapt: none for a layer's
     LoRA. PEFT nests one wrapper per parameter of a module (`experts.base_layer`), and matches names by suffix."""
@@ -222,19 +243,33 @@ class AdaptedTensors:
         self.modules = dict(adapter.modules)
         """The adapter's LoRA modules, those on raw parameters with the layout of the tensor they adapt."""
         self._lock = threading.Lock()
-        self._last_factors: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        self._factor_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         base_infos = base.infos
         adapter_infos = adapter.weights.infos
         layers = [m for m, module in adapter.modules.items() if not module.parameters]
         parameters = {k for module in adapter.modules.values() for k in module.parameters}
+        stored = {key: stored_names(key) for key in [*adapter.replaced, *parameters]}
+        candidates = {n.replace(EXPERT, "0") for names in stored.values() for found in names for n in found}
         wanted = {f"{m}.weight": m for m in [*layers, *adapter.rows]} | dict.fromkeys([*adapter.replaced, *parameters])
-        base_map, adapter_map = align(base_infos, wanted)
+        base_map, adapter_map = align(base_infos, [*wanted, *candidates])
         located = {original: base_map.get(key) for key, original in adapter_map.items()}
+        parts: dict[str, list[list[str]]] = {}
+        """The layers' stacks that the base stores expert by expert: each expert's parts."""
+        for key, names in stored.items():
+            where = self._stored(names, located) if located.get(key) is None else None
+            if isinstance(where, str):
+                located[key] = where
+            elif where:
+                parts[key] = where
         self._sources: dict[str, tuple[str, str]] = {}
+        self._parts: dict[str, Part] = {}
         self._infos: dict[str, TensorInfo] = {}
-        for key, original in adapter_map.items():
-            base_name = base_map.get(key)
-            if original in parameters:
+        for original in adapter_map.values():
+            base_name = located.get(original)
+            if original in parameters or original not in wanted:
+                continue
+            if original in adapter.replaced and original in parts:
+                self._replaced_parts(adapter.replaced[original], parts[original])
                 continue
             if original in adapter.replaced:
                 info = adapter_infos[adapter.replaced[original]]
@@ -254,25 +289,55 @@ class AdaptedTensors:
             self._sources[base_name] = ("lora", module.module)
         for module in adapter.modules.values():
             if module.parameters:
-                base_name, self.modules[module.module] = self._parameter(module, located, layout)
-                if base_name in self._sources:
-                    raise InvalidWeightsError(f"{adapter.label}: {base_name} is adapted twice")
-                self._infos[base_name] = base_infos[base_name]
-                self._sources[base_name] = ("lora", module.module)
+                tensors, self.modules[module.module] = self._parameter(module, located, parts, layout)
+                for base_name, part in tensors.items():
+                    if base_name in self._sources:
+                        raise InvalidWeightsError(f"{adapter.label}: {base_name} is adapted twice")
+                    self._infos[base_name] = base_infos[base_name]
+                    self._sources[base_name] = ("lora", module.module)
+                    if part is not None:
+                        self._parts[base_name] = part
 
-    def _parameter(self, module: LoraModule, located: dict[str, str | None], layout: Layout) -> tuple[str, LoraModule]:
-        """The base tensor that a LoRA on raw parameters adapts, the one of `module.parameters` its factors fit, and
-        the module as that parameter's LoRA, with the tensor's layout: one ΔW per expert of a stack, ΔWᵀ in some
-        families (ftaudit.layout)."""
+    def _replaced_parts(self, name: str, experts: list[list[str]]) -> None:
+        """Adapter tensor `name`, a layers' stack saved whole (modules_to_save), as the parts the base stores each
+        expert's matrix (out × in) in; each part's info names the adapter's tensor that holds it."""
+        shape = self.adapter.weights.infos[name].shape
+        found = _parts_fit(experts, self.base.infos, tuple(shape[1:])) if len(shape) == 3 else None
+        if found is None or shape[0] != len(experts):
+            raise InvalidWeightsError(
+                f"{self.adapter.label}: {name} {list(shape)} does not fit the base's {len(experts)} experts' "
+                f"{', '.join(experts[0])}: is this the adapter's base?")
+        dtype = self.adapter.weights.infos[name].dtype
+        for base_name, part in found.items():
+            self._infos[base_name] = replace(self.base.infos[base_name], name=name, dtype=dtype)
+            self._sources[base_name] = ("replaced", name)
+            self._parts[base_name] = part
+
+    def _stored(self, names: list[tuple[str, ...]], located: dict[str, str | None]) -> str | list[list[str]] | None:
+        """Where the base stores a layers' stack, of the `names` it may be stored under (`stored_names`): one tensor,
+        whole, or each expert's parts ([[parts of expert 0], [of expert 1], …]); None if nowhere."""
+        for found in names:
+            first = [located.get(n.replace(EXPERT, "0")) for n in found]
+            if all(first):
+                return first[0] if EXPERT not in found[0] else expert_parts(first, self.base.infos)
+        return None
+
+    def _parameter(self, module: LoraModule, located: dict[str, str | None], parts: dict[str, list[list[str]]],
+                   layout: Layout) -> tuple[dict[str, Part | None], LoraModule]:
+        """The base tensors that a LoRA on raw parameters adapts, those of the one of `module.parameters` its factors
+        fit, and the module as that parameter's LoRA, with the tensor's layout: one ΔW per expert of a stack, ΔWᵀ in
+        some families (ftaudit.layout). A stack the base stores expert by expert gives each part's rows of the
+        expert's ΔW (ftaudit.stored_stacks)."""
         label, infos = self.adapter.label, self.base.infos
         present = {k: located[k] for k in module.parameters if located.get(k) is not None}
-        if not present:
+        split = {k: parts[k] for k in module.parameters if k in parts}
+        if not present and not split:
             raise UnsupportedError(
                 f"{label}: adapts {', '.join(module.parameters)}, which the base's checkpoint does not store "
                 "(transformers converts this model's weights as it loads them): merge the adapter into its base "
                 "(PEFT's merge_and_unload) and audit the merged model")
         a, b = self.adapter.weights.infos[module.a].shape, self.adapter.weights.infos[module.b].shape
-        fits = []
+        fits: list[tuple[dict[str, Part | None], LoraModule]] = []
         for key, name in present.items():
             shape, candidate = infos[name].shape, self.adapter.for_parameter(module, key)
             if candidate is None:
@@ -283,11 +348,19 @@ class AdaptedTensors:
                 stored_other_way = layout.transposed(name, shape) != layout.experts_in_out
                 transpose = layout.peft_experts_transposed != stored_other_way
                 if tuple(shape[1:]) == ((a[1], b[0]) if transpose else (b[0], a[1])):
-                    fits.append((name, replace(candidate, transpose=transpose)))
+                    fits.append(({name: None}, replace(candidate, transpose=transpose)))
             elif len(shape) == 2 and candidate.experts == 1 and tuple(shape) == (b[0], a[1]):
-                fits.append((name, replace(candidate, experts=None)))
+                fits.append(({name: None}, replace(candidate, experts=None)))
+        for key, experts in split.items():
+            candidate = self.adapter.for_parameter(module, key)
+            if candidate is not None and candidate.experts == len(experts):
+                candidate = replace(candidate, transpose=layout.peft_experts_transposed)
+                found = _parts_fit(experts, infos, (a[1], b[0]) if candidate.transpose else (b[0], a[1]))
+                if found is not None:
+                    fits.append((found, candidate))
         if len(fits) != 1:
-            shapes = ", ".join(f"{n} {list(infos[n].shape)}" for n in present.values())
+            shapes = ", ".join([*(f"{n} {list(infos[n].shape)}" for n in present.values()),
+                                *(f"{e[0][0]} … {list(infos[e[0][0]].shape)}" for e in split.values())])
             fit = "fit none of" if not fits else "fit more than one of"
             raise InvalidWeightsError(
                 f"{label}: {module.module}: lora_A {list(a)} and lora_B {list(b)} {fit} the base's {shapes}: is this "
@@ -340,6 +413,9 @@ class AdaptedTensors:
         """Tensor `name` of the adapted model, or expert `expert`'s matrix of a stack; a whole stack that the factors
         adapt comes in the base's dtype, each expert's matrix rounded once, as PEFT's merge rounds it."""
         kind, source = self._sources[name]
+        part = self._parts.get(name)
+        if kind == "replaced" and part is not None:
+            return self.adapter.weights.load(source, part.expert)[part.start:part.stop]
         if kind == "replaced":
             return self.adapter.weights.load(source, expert)
         if kind == "rows":  # PEFT's merge: the base's rows at the indices replaced, in the base's dtype
@@ -348,6 +424,9 @@ class AdaptedTensors:
             rows = self.adapter.weights.load(name_of_rows).to(base.dtype)
             return base.index_copy(0, torch.tensor(indices, dtype=torch.long), rows)
         module = self.modules[source]
+        if part is not None:
+            update = self._factors(module, part.expert).rows(part.start, part.stop)
+            return self.base.load(name).double() + update.left @ update.right
         if module.experts is not None and expert is None:
             stack = self.base.load(name).clone()
             for e in range(module.experts):
@@ -361,14 +440,32 @@ class AdaptedTensors:
         """ΔW of tensor `name` (or of expert `expert`'s matrix of a stack) as float64 factors; None for a tensor the
         adapter replaces, whole or by rows."""
         kind, source = self._sources[name]
-        return self._factors(self.modules[source], expert) if kind == "lora" else None
+        if kind != "lora":
+            return None
+        part = self._parts.get(name)
+        if part is not None:
+            return self._factors(self.modules[source], part.expert).rows(part.start, part.stop)
+        return self._factors(self.modules[source], expert)
+
+    def part(self, name: str) -> Part | None:
+        """Where base tensor `name` lies in the expert's matrix of a layers' stack that the adapter holds (as factors,
+        or whole), if the base stores that stack expert by expert."""
+        return self._parts.get(name)
+
+    def parts_of(self, name: str) -> list[str]:
+        """The tensors holding the matrix of the expert that part `name` belongs to, by their rows."""
+        part, source = self._parts[name], self._sources[name]
+        same = [n for n, p in self._parts.items() if p.expert == part.expert and self._sources[n] == source]
+        return sorted(same, key=lambda n: self._parts[n].start)
 
     def _factors(self, module: LoraModule, expert: int | None = None) -> LowRankUpdate:
-        with self._lock:  # a stack's experts ask in turn: its factors are read once
-            if self._last_factors is None or self._last_factors[0] != module.module:
+        with self._lock:  # a stack's experts ask in turn, each part of each: its factors are read once
+            if module.module not in self._factor_cache:
                 weights = self.adapter.weights
-                self._last_factors = (module.module, weights.load(module.a).double(), weights.load(module.b).double())
-            _, a, b = self._last_factors
+                self._factor_cache[module.module] = (weights.load(module.a).double(), weights.load(module.b).double())
+                while len(self._factor_cache) > FACTOR_CACHE:
+                    del self._factor_cache[next(iter(self._factor_cache))]
+            a, b = self._factor_cache[module.module]
         a, b = expert_factors(a, b, module, expert)
         if module.transpose:  # ΔW = (B·A)ᵀ
             return LowRankUpdate(module.scaling * a.T, b.T)

@@ -1,0 +1,73 @@
+"""Where a checkpoint stores the stacks of experts that transformers' layers hold.
+
+transformers 5 fuses the experts of many mixtures of experts into 3-D stacks as it loads them
+(`mlp.experts.gate_up_proj`, E × 2I × H out × in) and writes them back as the checkpoint had them
+when it saves. A PEFT adapter names the stacks as the layers do (target_parameters,
+modules_to_save); these rules, after transformers' conversion table, find them in the base:
+
+- whole, under another name: GraniteMoE's `input_linear` and `output_linear`, Aria's `fc1`, `fc2`;
+- expert by expert, one 2-D matrix per projection, the expert's matrix being its parts one above
+  the other: Qwen2/3-MoE, DeepSeek, OLMoE, Jamba and the like (`experts.{e}.gate_proj`, `up_proj`,
+  `down_proj`), Mixtral and PhiMoE (`block_sparse_moe.experts.{e}.w1`, `w3`, `w2`), Nemotron-H.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+
+EXPERT = "{e}"
+"""Stands for the expert's number in a part's name."""
+
+_STACK = re.compile(r"^(?P<owner>.*\.)?experts\.(?P<stack>gate_up_proj|down_proj|up_proj)$")
+_WHOLE = {
+    "gate_up_proj": ("input_linear.weight", "experts.fc1.weight"),
+    "down_proj": ("output_linear.weight", "experts.fc2.weight"),
+}
+_PARTS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+    "up_proj": (("up_proj",),),
+}
+_OWNERS = (("mlp.", "block_sparse_moe."),)
+"""Owners that checkpoints name otherwise (Mixtral, PhiMoE)."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """A base tensor that holds rows [start, stop) of expert `expert`'s matrix (out × in) of a layers' stack."""
+
+    expert: int
+    start: int
+    stop: int
+
+
+def stored_names(key: str) -> list[tuple[str, ...]]:
+    """The names a checkpoint may store layers' stack `key` under: one name, whole, or the names of an expert's parts
+    with `EXPERT` for its number; none for a name that is no layers' stack."""
+    match = _STACK.match(key)
+    if match is None:
+        return []
+    owner, stack = match["owner"] or "", match["stack"]
+    owners = [owner, *(owner[: -len(a)] + b for a, b in _OWNERS if owner.endswith(a))]
+    whole = [(f"{owner}{name}",) for name in _WHOLE.get(stack, ())]
+    parts = [tuple(f"{o}experts.{EXPERT}.{p}.weight" for p in names) for o in owners for names in _PARTS[stack]]
+    return [*whole, *parts]
+
+
+def numbered(name: str, expert: int) -> str:
+    """Part `name` (with `EXPERT`, or expert 0's) as expert `expert`'s."""
+    head, _, tail = ("." + name.replace(EXPERT, "0")).rpartition(".experts.0.")
+    return f"{head}.experts.{expert}.{tail}"[1:]
+
+
+def expert_parts(first: list[str], names: Collection[str]) -> list[list[str]]:
+    """The parts of each expert, 0, 1, …, as long as the checkpoint (`names`) holds them all: `first` are expert
+    0's, found in the checkpoint; each other expert's differ only in its number."""
+    experts: list[list[str]] = []
+    while True:
+        parts = [numbered(name, len(experts)) for name in first]
+        if not all(p in names for p in parts):
+            return experts
+        experts.append(parts)

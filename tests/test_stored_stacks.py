@@ -1,0 +1,173 @@
+"""A LoRA on the experts' stacks of a model whose checkpoint stores them expert by expert.
+
+transformers 5 fuses Qwen3-MoE's `experts.{e}.gate_proj`/`up_proj`/`down_proj` (and Mixtral's
+`block_sparse_moe.experts.{e}.w1`/`w3`/`w2`) into stacks as it loads them, and PEFT's
+target_parameters adapt the stacks. The adapter is audited, and fixed, on the checkpoint's own
+matrices, as the model PEFT merges and transformers saves is.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from ftaudit.cli import main
+from tests import reference
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+EXPERTS = 4
+SHAPES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "vocab_size": 128}
+FAMILIES = {
+    # name: (config class, its other settings, expert 0's parts of the gate_up stack in layer 0, then of down)
+    "qwen3_moe": ("Qwen3MoeConfig", {"intermediate_size": 96, "moe_intermediate_size": 48, "num_experts": EXPERTS,
+                                     "num_experts_per_tok": 2, "head_dim": 16},
+                  (["mlp.experts.0.gate_proj.weight", "mlp.experts.0.up_proj.weight"],
+                   ["mlp.experts.0.down_proj.weight"])),
+    "mixtral": ("MixtralConfig", {"intermediate_size": 48, "num_local_experts": EXPERTS, "num_experts_per_tok": 2},
+                (["block_sparse_moe.experts.0.w1.weight", "block_sparse_moe.experts.0.w3.weight"],
+                 ["block_sparse_moe.experts.0.w2.weight"])),
+}
+TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def run(*args: object) -> dict:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+def parts(family: str, layer: int, expert: int) -> list[list[str]]:
+    """The checkpoint's names of the parts of expert `expert`'s gate_up and down matrices in layer `layer`."""
+    return [[f"model.layers.{layer}.{n.replace('.0.', f'.{expert}.')}" for n in names] for names in FAMILIES[family][2]]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def models(request, tmp_path_factory) -> dict[str, object]:
+    """The base as transformers saves it (expert by expert), a PEFT LoRA on its stacks and q_proj with an update
+    strong enough to bring intruders, and the model PEFT merges and transformers saves."""
+    root = tmp_path_factory.mktemp(request.param)
+    config_class, settings, _ = FAMILIES[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**SHAPES, **settings)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=TARGETS,
+                           init_lora_weights=False)
+    adapted = peft.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.mul_(30.0)
+    adapted.save_pretrained(root / "adapter")
+    adapted.merge_and_unload().save_pretrained(root / "merged")
+    return {"family": request.param, "root": root}
+
+
+def test_the_base_stores_each_experts_parts(models):
+    stored = load_file(models["root"] / "base" / "model.safetensors")
+    for layer in range(SHAPES["num_hidden_layers"]):
+        for expert in range(EXPERTS):
+            assert all(n in stored for names in parts(models["family"], layer, expert) for n in names)
+    assert not any(t.ndim == 3 for t in stored.values())
+
+
+def test_the_adapter_is_audited_as_its_merged_model(models):
+    root = models["root"]
+    from_adapter = run("check", root / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    merged = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    expected = {n for layer in range(2) for e in range(EXPERTS) for names in parts(models["family"], layer, e)
+                for n in names} | {f"model.layers.{layer}.self_attn.q_proj.weight" for layer in range(2)}
+    assert {m["name"] for m in merged["matrices"]} == expected
+    reference.assert_audited_as_merged(from_adapter, merged, rank=2, alpha=4.0)
+    assert from_adapter["tensors"]["unchanged"] == merged["tensors"]["unchanged"]
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_fix_patches_each_experts_parts(models, tmp_path, merge):
+    """Each flagged part is patched; in the adapter, the parts of one expert share its factors, so their patches are
+    cut back to the rank together, with the error reported for each."""
+    root = models["root"]
+    args = ["fix", root / "adapter", "--base", root / "base", "--out", tmp_path / "fixed", "--lambda", "0",
+            "--json", tmp_path / "fix.json", "--no-cache", *(["--merge"] if merge else [])]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code in (0, 1), result.stderr
+    record = json.loads((tmp_path / "fix.json").read_text())
+    if merge:
+        fixed = load_file(tmp_path / "fixed" / "model.safetensors")
+    else:
+        base_model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+        peft.PeftModel.from_pretrained(base_model, tmp_path / "fixed").merge_and_unload().save_pretrained(
+            tmp_path / "fixed-merged")
+        fixed = load_file(tmp_path / "fixed-merged" / "model.safetensors")
+    base, merged = load_file(root / "base" / "model.safetensors"), load_file(root / "merged" / "model.safetensors")
+    changes = {c["name"]: c for c in record["changes"]}
+    assert record["after"]["summary"]["intruder_dimensions"] < record["before"]["summary"]["intruder_dimensions"]
+    assert any(".experts." in name for name in changes)
+    for layer in range(2):
+        for expert in range(EXPERTS):
+            for names in parts(models["family"], layer, expert):
+                patched, written, errors = [], [], set()
+                for name in names:
+                    w0, w = base[name].double(), merged[name].double()
+                    change = changes.get(name)
+                    if change is not None:
+                        svd = torch.linalg.svd(w, full_matrices=False)
+                        d = change["directions"]
+                        w = w - (svd.U[:, d] * svd.S[d]) @ svd.Vh[d]
+                        errors.add(change["truncation_error"] or 0.0)
+                    patched.append(w - w0)
+                    written.append(fixed[name].double() - w0)
+                update, got = torch.cat(patched), torch.cat(written)
+                error = (torch.linalg.norm(got - update) / torch.linalg.norm(update)).item()
+                if not errors:  # no part of this expert was flagged: its update is kept
+                    assert error < 1e-6
+                    continue
+                assert len(errors) == 1  # one cut for the expert's parts
+                assert error == pytest.approx(errors.pop(), abs=1e-4)  # 0 when merged
+
+
+def test_an_experts_module_saved_whole_is_audited_and_fixed_on_the_parts(models, tmp_path):
+    """modules_to_save of the experts stores the stacks whole: each expert's parts are audited as the merged model's
+    are, and patched within the adapter's stack."""
+    root = models["root"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "merged")
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["experts"])
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")  # the merged stacks; ΔW = 0 on q_proj
+    report = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    merged = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    experts = [m for m in merged["matrices"] if ".experts." in m["name"]]
+    assert report["matrices"] == experts and len(experts) == 2 * EXPERTS * 3
+    result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(root / "base"), "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    peft.PeftModel.from_pretrained(base_model, tmp_path / "fixed").merge_and_unload().save_pretrained(
+        tmp_path / "fixed-merged")
+    fixed, before = load_file(tmp_path / "fixed-merged" / "model.safetensors"), load_file(
+        root / "merged" / "model.safetensors")
+    flagged = {m["name"]: [j for j, c in enumerate(m["max_cos"]) if c < 0.5] for m in experts}
+    assert any(flagged.values())
+    for name, directions in flagged.items():
+        svd = torch.linalg.svd(before[name].double(), full_matrices=False)
+        expected = before[name].double() - (svd.U[:, directions] * svd.S[directions]) @ svd.Vh[directions]
+        assert torch.allclose(fixed[name].double(), expected, atol=1e-5), name
+
+
+def test_an_adapter_whose_experts_do_not_fit_the_base_is_refused(models, tmp_path):
+    """A base with other expert widths is not the adapter's base: one line, exit 2."""
+    config_class, settings, _ = FAMILIES[models["family"]]
+    other = {**settings, "moe_intermediate_size": 40} if "moe_intermediate_size" in settings else {
+        **settings, "intermediate_size": 40}
+    transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, config_class)(**SHAPES, **other)).save_pretrained(tmp_path / "other")
+    result = CliRunner().invoke(main, ["check", str(models["root"] / "adapter"), "--base", str(tmp_path / "other")])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert "fit none of the base's" in result.stderr and result.stderr.endswith("is this the adapter's base?\n")
+
