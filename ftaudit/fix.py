@@ -237,9 +237,10 @@ class _Patcher:
         self._factor_of: dict[str, list[str]] = {}
         """Each adapter tensor to rewrite: the tuned tensors with flagged matrices that it holds."""
         if isinstance(self.tuned, AdaptedTensors):
+            infos = self.tuned.infos
             for name in self.pairs:
                 module = self.tuned.module(name)
-                for factor in [module.a, module.b] if module else [self.tuned.infos[name].name]:
+                for factor in [module.a, module.b] if module else [infos[name].name]:
                     self._factor_of.setdefault(factor, []).append(name)
 
     # --- the three kinds of output --------------------------------------------------------------

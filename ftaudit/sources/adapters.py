@@ -263,6 +263,8 @@ class AdaptedTensors:
                 parts[key] = where
         self._sources: dict[str, tuple[str, str]] = {}
         self._parts: dict[str, Part] = {}
+        self._experts: dict[tuple[str, int], list[str]] = {}
+        """The parts of each expert's matrix, by the adapter's module or tensor that holds it and the expert."""
         self._infos: dict[str, TensorInfo] = {}
         for original in adapter_map.values():
             base_name = located.get(original)
@@ -296,7 +298,7 @@ class AdaptedTensors:
                     self._infos[base_name] = base_infos[base_name]
                     self._sources[base_name] = ("lora", module.module)
                     if part is not None:
-                        self._parts[base_name] = part
+                        self._add_part(base_name, part)
 
     def _replaced_parts(self, name: str, experts: list[list[str]]) -> None:
         """Adapter tensor `name`, a layers' stack saved whole (modules_to_save), as the parts the base stores each
@@ -311,7 +313,12 @@ class AdaptedTensors:
         for base_name, part in found.items():
             self._infos[base_name] = replace(self.base.infos[base_name], name=name, dtype=dtype)
             self._sources[base_name] = ("replaced", name)
-            self._parts[base_name] = part
+            self._add_part(base_name, part)
+
+    def _add_part(self, name: str, part: Part) -> None:
+        """Base tensor `name`, whose source is set, as part `part` of an expert's matrix."""
+        self._parts[name] = part
+        self._experts.setdefault((self._sources[name][1], part.expert), []).append(name)
 
     def _stored(self, names: list[tuple[str, ...]], located: dict[str, str | None]) -> str | list[list[str]] | None:
         """Where the base stores a layers' stack, of the `names` it may be stored under (`stored_names`): one tensor,
@@ -454,9 +461,7 @@ class AdaptedTensors:
 
     def parts_of(self, name: str) -> list[str]:
         """The tensors holding the matrix of the expert that part `name` belongs to, by their rows."""
-        part, source = self._parts[name], self._sources[name]
-        same = [n for n, p in self._parts.items() if p.expert == part.expert and self._sources[n] == source]
-        return sorted(same, key=lambda n: self._parts[n].start)
+        return self._experts[(self._sources[name][1], self._parts[name].expert)]
 
     def _factors(self, module: LoraModule, expert: int | None = None) -> LowRankUpdate:
         with self._lock:  # a stack's experts ask in turn, each part of each: its factors are read once
