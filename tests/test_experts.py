@@ -1,7 +1,8 @@
 """Experts stacked in one 3-D tensor are audited and fixed one expert's matrix at a time, as the layer applies it.
 
-The models are mixtures of experts made by transformers (random weights): a Llama 4 and a gpt-oss, whose
-stacks are stored E × in × out, and a GraniteMoE, whose stacks are stored E × out × in. The tuned models change
+The models are mixtures of experts made by transformers (random weights): a Llama 4, a gpt-oss and an Aria,
+whose stacks are stored E × in × out, and a GraniteMoE, whose stacks are stored E × out × in; the last two
+store them under other names than their layers use (input_linear, fc1 for experts.gate_up_proj). The tuned models change
 some experts by hand and leave the others as the base has them. The reference is the paper's
 definition on each expert's out × in matrix.
 """
@@ -41,7 +42,20 @@ FAMILIES = {
                 [f"model.layers.0.mlp.experts.{m}" for m in ("gate_up_proj", "down_proj")], True),
     "granite": ("GraniteMoeForCausalLM", {"num_experts_per_tok": 2},
                 [f"model.layers.0.block_sparse_moe.{m}.weight" for m in ("input_linear", "output_linear")], False),
+    "aria": ("AriaTextForCausalLM", {"moe_num_experts": EXPERTS, "moe_topk": 2, "moe_num_shared_experts": 1},
+             [f"model.layers.0.mlp.experts.{m}.weight" for m in ("fc1", "fc2")], True),
 }
+
+
+LAYERS_NAMES = {"block_sparse_moe.input_linear.weight": "block_sparse_moe.experts.gate_up_proj",
+                "block_sparse_moe.output_linear.weight": "block_sparse_moe.experts.down_proj",
+                "experts.fc1.weight": "experts.gate_up_proj", "experts.fc2.weight": "experts.down_proj"}
+"""The stacks that GraniteMoE's and Aria's checkpoints store under other names than their layers use."""
+
+
+def layers_name(stored: str) -> str:
+    """The name transformers' layers give stack `stored` of a checkpoint."""
+    return next((stored.replace(a, b) for a, b in LAYERS_NAMES.items() if stored.endswith(a)), stored)
 
 
 def mixture_of_experts(family: str, folder: Path) -> dict[str, bool]:
@@ -254,10 +268,8 @@ def test_an_adapter_that_saves_an_experts_module_whole_is_audited_and_fixed(mode
                                        str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
     assert result.exit_code in (0, 1), result.stderr
     written = load_file(tmp_path / "fixed" / "adapter_model.safetensors")
-    for name in stacks:  # saved as the layers name it (GraniteMoE's input_linear is experts.gate_up_proj)
-        layers = name.replace("input_linear.weight", "experts.gate_up_proj").replace("output_linear.weight",
-                                                                                       "experts.down_proj")
-        stack = written[f"base_model.model.{layers}"]
+    for name in stacks:  # saved as the layers name it
+        stack = written[f"base_model.model.{layers_name(name)}"]
         kept = [e for e in range(EXPERTS) if torch.equal(stack[e], tuned[name][e])]
         assert kept == [e for e in range(EXPERTS) if e not in CHANGED]
 
@@ -353,7 +365,7 @@ def test_a_parameter_targeted_in_several_layers_is_audited_in_each(models, tmp_p
     root = models["root"]
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
     layers = next(n for n, p in model.named_parameters() if p.ndim == 3 and n.endswith("gate_up_proj"))
-    stack = next(n for n in models["stacks"] if n.endswith(("gate_up_proj", "input_linear.weight")))
+    stack = next(n for n in models["stacks"] if layers_name(n).endswith("gate_up_proj"))
     targets = [f"{i}.{layers.partition('layers.0.')[2]}" for i in (0, 1)]
     config = peft.LoraConfig(r=2, target_modules=[], init_lora_weights=False, target_parameters=targets)
     adapted = peft.get_peft_model(model, config)
@@ -385,7 +397,7 @@ def test_rank_and_alpha_patterns_of_one_parameter(models, tmp_path):
     from_adapter = run("check", tmp_path / "adapter", "--base", base, "--format", "json", "--no-cache")
     by_name = {m["name"]: m for m in merged["matrices"]}
     for matrix in from_adapter["matrices"]:
-        rank, alpha = (3, 9.0) if "down" in matrix["name"] or "output_linear" in matrix["name"] else (2, 4.0)
+        rank, alpha = (3, 9.0) if "down" in layers_name(matrix["name"].partition("[")[0]) else (2, 4.0)
         assert matrix["lora"] == {"rank": rank, "alpha": alpha, "scaling": alpha / rank}
         assert matrix["indicators"]["numerical_rank"] == by_name[matrix["name"]]["indicators"]["numerical_rank"] == rank
         assert matrix["max_cos"] == pytest.approx(by_name[matrix["name"]]["max_cos"], abs=2 * CERTIFIED_SIN)
