@@ -1,8 +1,8 @@
 """A LoRA on the experts' stacks of a model whose checkpoint stores them expert by expert.
 
-transformers 5 fuses Qwen3-MoE's `experts.{e}.gate_proj`/`up_proj`/`down_proj` (and Mixtral's
-`block_sparse_moe.experts.{e}.w1`/`w3`/`w2`) into stacks as it loads them, and PEFT's
-target_parameters adapt the stacks. The adapter is audited, and fixed, on the checkpoint's own
+transformers 5 fuses Qwen3-MoE's `experts.{e}.gate_proj`/`up_proj`/`down_proj` (Mixtral's
+`block_sparse_moe.experts.{e}.w1`/`w3`/`w2`, Nemotron-H's `backbone.….mixer.experts.{e}.up_proj`/
+`down_proj`) into stacks as it loads them, and PEFT's target_parameters adapt the stacks. The adapter is audited, and fixed, on the checkpoint's own
 matrices, as the model PEFT merges and transformers saves is.
 """
 
@@ -22,19 +22,30 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 EXPERTS = 4
-SHAPES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+LAYERS = 2
+"""Layers with experts, the first ones of each model."""
+SHAPES = {"hidden_size": 64, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
           "vocab_size": 128}
 FAMILIES = {
-    # name: (config class, its other settings, expert 0's parts of the gate_up stack in layer 0, then of down)
+    # name: (config class, its other settings, a layer's stored names, expert 0's parts of each stack, the stacks)
     "qwen3_moe": ("Qwen3MoeConfig", {"intermediate_size": 96, "moe_intermediate_size": 48, "num_experts": EXPERTS,
                                      "num_experts_per_tok": 2, "head_dim": 16},
-                  (["mlp.experts.0.gate_proj.weight", "mlp.experts.0.up_proj.weight"],
-                   ["mlp.experts.0.down_proj.weight"])),
+                  "model.layers.{layer}.mlp.experts",
+                  (["0.gate_proj.weight", "0.up_proj.weight"], ["0.down_proj.weight"]),
+                  ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
     "mixtral": ("MixtralConfig", {"intermediate_size": 48, "num_local_experts": EXPERTS, "num_experts_per_tok": 2},
-                (["block_sparse_moe.experts.0.w1.weight", "block_sparse_moe.experts.0.w3.weight"],
-                 ["block_sparse_moe.experts.0.w2.weight"])),
+                "model.layers.{layer}.block_sparse_moe.experts",
+                (["0.w1.weight", "0.w3.weight"], ["0.w2.weight"]),
+                ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    "nemotron_h": ("NemotronHConfig", {"num_hidden_layers": LAYERS + 1, "layers_block_type": ["moe", "moe", "attention"],
+                                       "head_dim": 16, "n_routed_experts": EXPERTS, "num_experts_per_tok": 2,
+                                       "moe_intermediate_size": 48, "moe_shared_expert_intermediate_size": 32,
+                                       "intermediate_size": 96, "mamba_num_heads": 4, "mamba_head_dim": 16,
+                                       "ssm_state_size": 16, "n_groups": 1},
+                   "backbone.layers.{layer}.mixer.experts",
+                   (["0.up_proj.weight"], ["0.down_proj.weight"]),
+                   ["mixer.experts.up_proj", "mixer.experts.down_proj"]),
 }
-TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def run(*args: object) -> dict:
@@ -44,8 +55,13 @@ def run(*args: object) -> dict:
 
 
 def parts(family: str, layer: int, expert: int) -> list[list[str]]:
-    """The checkpoint's names of the parts of expert `expert`'s gate_up and down matrices in layer `layer`."""
-    return [[f"model.layers.{layer}.{n.replace('.0.', f'.{expert}.')}" for n in names] for names in FAMILIES[family][2]]
+    """The checkpoint's names of the parts of expert `expert`'s matrix of each stack in layer `layer`."""
+    _, _, owner, first, _ = FAMILIES[family]
+    return [[f"{owner.format(layer=layer)}.{expert}.{n[2:]}" for n in names] for names in first]
+
+
+def all_parts(family: str) -> set[str]:
+    return {n for layer in range(LAYERS) for e in range(EXPERTS) for names in parts(family, layer, e) for n in names}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -53,12 +69,12 @@ def models(request, tmp_path_factory) -> dict[str, object]:
     """The base as transformers saves it (expert by expert), a PEFT LoRA on its stacks and q_proj with an update
     strong enough to bring intruders, and the model PEFT merges and transformers saves."""
     root = tmp_path_factory.mktemp(request.param)
-    config_class, settings, _ = FAMILIES[request.param]
+    config_class, settings, _, _, targets = FAMILIES[request.param]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**SHAPES, **settings)
+    config = getattr(transformers, config_class)(**{**SHAPES, **settings})
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
-    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=TARGETS,
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=targets,
                            init_lora_weights=False)
     adapted = peft.get_peft_model(model, lora)
     with torch.no_grad():
@@ -72,9 +88,7 @@ def models(request, tmp_path_factory) -> dict[str, object]:
 
 def test_the_base_stores_each_experts_parts(models):
     stored = load_file(models["root"] / "base" / "model.safetensors")
-    for layer in range(SHAPES["num_hidden_layers"]):
-        for expert in range(EXPERTS):
-            assert all(n in stored for names in parts(models["family"], layer, expert) for n in names)
+    assert all_parts(models["family"]) <= stored.keys()
     assert not any(t.ndim == 3 for t in stored.values())
 
 
@@ -82,9 +96,8 @@ def test_the_adapter_is_audited_as_its_merged_model(models):
     root = models["root"]
     from_adapter = run("check", root / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
     merged = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
-    expected = {n for layer in range(2) for e in range(EXPERTS) for names in parts(models["family"], layer, e)
-                for n in names} | {f"model.layers.{layer}.self_attn.q_proj.weight" for layer in range(2)}
-    assert {m["name"] for m in merged["matrices"]} == expected
+    names = {m["name"] for m in merged["matrices"]}
+    assert all_parts(models["family"]) <= names and any(n.endswith("q_proj.weight") for n in names)
     reference.assert_audited_as_merged(from_adapter, merged, rank=2, alpha=4.0)
     assert from_adapter["tensors"]["unchanged"] == merged["tensors"]["unchanged"]
 
@@ -110,7 +123,7 @@ def test_fix_patches_each_experts_parts(models, tmp_path, merge):
     changes = {c["name"]: c for c in record["changes"]}
     assert record["after"]["summary"]["intruder_dimensions"] < record["before"]["summary"]["intruder_dimensions"]
     assert any(".experts." in name for name in changes)
-    for layer in range(2):
+    for layer in range(LAYERS):
         for expert in range(EXPERTS):
             for names in parts(models["family"], layer, expert):
                 patched, written, errors = [], [], set()
@@ -143,7 +156,7 @@ def test_an_experts_module_saved_whole_is_audited_and_fixed_on_the_parts(models,
     report = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
     merged = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
     experts = [m for m in merged["matrices"] if ".experts." in m["name"]]
-    assert report["matrices"] == experts and len(experts) == 2 * EXPERTS * 3
+    assert report["matrices"] == experts and {m["name"] for m in experts} == all_parts(models["family"])
     result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(root / "base"), "--out",
                                        str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
     assert result.exit_code in (0, 1), result.stderr
@@ -162,11 +175,11 @@ def test_an_experts_module_saved_whole_is_audited_and_fixed_on_the_parts(models,
 
 def test_an_adapter_whose_experts_do_not_fit_the_base_is_refused(models, tmp_path):
     """A base with other expert widths is not the adapter's base: one line, exit 2."""
-    config_class, settings, _ = FAMILIES[models["family"]]
+    config_class, settings, *_ = FAMILIES[models["family"]]
     other = {**settings, "moe_intermediate_size": 40} if "moe_intermediate_size" in settings else {
         **settings, "intermediate_size": 40}
     transformers.AutoModelForCausalLM.from_config(
-        getattr(transformers, config_class)(**SHAPES, **other)).save_pretrained(tmp_path / "other")
+        getattr(transformers, config_class)(**{**SHAPES, **other})).save_pretrained(tmp_path / "other")
     result = CliRunner().invoke(main, ["check", str(models["root"] / "adapter"), "--base", str(tmp_path / "other")])
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert "fit none of the base's" in result.stderr and result.stderr.endswith("is this the adapter's base?\n")
