@@ -367,7 +367,8 @@ class AdaptedTensors:
                     fits.append((found, candidate))
         if len(fits) != 1:
             shapes = ", ".join([*(f"{n} {list(infos[n].shape)}" for n in present.values()),
-                                *(f"{e[0][0]} … {list(infos[e[0][0]].shape)}" for e in split.values())])
+                                *(f"{e[0][0]} … ({len(e)} experts) {list(infos[e[0][0]].shape)}"
+                                  for e in split.values())])
             fit = "fit none of" if not fits else "fit more than one of"
             raise InvalidWeightsError(
                 f"{label}: {module.module}: lora_A {list(a)} and lora_B {list(b)} {fit} the base's {shapes}: is this "
