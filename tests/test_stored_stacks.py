@@ -189,10 +189,11 @@ def test_an_adapter_whose_experts_do_not_fit_the_base_is_refused(models, tmp_pat
 def test_a_base_with_more_experts_than_the_adapter_is_refused_naming_their_number(models, tmp_path):
     """The parts of each expert fit the factors' shapes, but the base has twice the adapter's experts: the one line
     says how many the base has, which its parts' shapes alone do not show."""
-    config_class, settings, _ = FAMILIES[models["family"]]
-    more = {k: 2 * EXPERTS if k in ("num_experts", "num_local_experts") else v for k, v in settings.items()}
+    config_class, settings, *_ = FAMILIES[models["family"]]
+    more = {k: 2 * EXPERTS if k in ("num_experts", "num_local_experts", "n_routed_experts") else v
+            for k, v in settings.items()}
     transformers.AutoModelForCausalLM.from_config(
-        getattr(transformers, config_class)(**SHAPES, **more)).save_pretrained(tmp_path / "more")
+        getattr(transformers, config_class)(**{**SHAPES, **more})).save_pretrained(tmp_path / "more")
     result = CliRunner().invoke(main, ["check", str(models["root"] / "adapter"), "--base", str(tmp_path / "more")])
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert "fit none of the base's" in result.stderr and f"({2 * EXPERTS} experts)" in result.stderr
