@@ -322,7 +322,9 @@ class _Patcher:
         if self.tuned.part(first) is None:
             [(_, (w, directions))] = found
             return w, directions.U
-        w = torch.cat([upcast(self.tuned.load(name), self.device) for name in self.tuned.parts_of(first)])
+        flagged = {pair.tuned_name: w for pair, (w, _) in found}
+        w = torch.cat([flagged[name] if name in flagged else upcast(self.tuned.load(name), self.device)
+                       for name in self.tuned.parts_of(first)])
         u = w.new_zeros(w.shape[0], sum(len(d.index) for _, (_, d) in found))
         column = 0
         for pair, (_, directions) in found:

@@ -56,9 +56,9 @@ def stored_names(key: str) -> list[tuple[str, ...]]:
     return [*whole, *parts]
 
 
-def numbered(name: str, expert: int) -> str:
-    """Part `name` (with `EXPERT`, or expert 0's) as expert `expert`'s."""
-    head, _, tail = ("." + name.replace(EXPERT, "0")).rpartition(".experts.0.")
+def _numbered(name: str, expert: int) -> str:
+    """Expert 0's part `name` as expert `expert`'s."""
+    head, _, tail = ("." + name).rpartition(".experts.0.")
     return f"{head}.experts.{expert}.{tail}"[1:]
 
 
@@ -67,7 +67,7 @@ def expert_parts(first: list[str], names: Collection[str]) -> list[list[str]]:
     0's, found in the checkpoint; each other expert's differ only in its number."""
     experts: list[list[str]] = []
     while True:
-        parts = [numbered(name, len(experts)) for name in first]
+        parts = [_numbered(name, len(experts)) for name in first]
         if not all(p in names for p in parts):
             return experts
         experts.append(parts)

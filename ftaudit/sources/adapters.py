@@ -432,28 +432,28 @@ class AdaptedTensors:
             rows = self.adapter.weights.load(name_of_rows).to(base.dtype)
             return base.index_copy(0, torch.tensor(indices, dtype=torch.long), rows)
         module = self.modules[source]
-        if part is not None:
-            update = self._factors(module, part.expert).rows(part.start, part.stop)
-            return self.base.load(name).double() + update.left @ update.right
-        if module.experts is not None and expert is None:
+        if module.experts is not None and expert is None and part is None:
             stack = self.base.load(name).clone()
             for e in range(module.experts):
                 update = self._factors(module, e)
                 stack[e] = stack[e].double() + update.left @ update.right
             return stack
-        update = self._factors(module, expert)
+        update = self._update(module, name, expert)
         return self.base.load(name, expert).double() + update.left @ update.right
 
     def low_rank(self, name: str, expert: int | None = None) -> LowRankUpdate | None:
         """ΔW of tensor `name` (or of expert `expert`'s matrix of a stack) as float64 factors; None for a tensor the
         adapter replaces, whole or by rows."""
         kind, source = self._sources[name]
-        if kind != "lora":
-            return None
+        return self._update(self.modules[source], name, expert) if kind == "lora" else None
+
+    def _update(self, module: LoraModule, name: str, expert: int | None) -> LowRankUpdate:
+        """ΔW of tensor `name` from `module`'s factors: of expert `expert`'s matrix of a stack, or of the rows of its
+        expert's matrix that a part holds."""
         part = self._parts.get(name)
         if part is not None:
-            return self._factors(self.modules[source], part.expert).rows(part.start, part.stop)
-        return self._factors(self.modules[source], expert)
+            return self._factors(module, part.expert).rows(part.start, part.stop)
+        return self._factors(module, expert)
 
     def part(self, name: str) -> Part | None:
         """Where base tensor `name` lies in the expert's matrix of a layers' stack that the adapter holds (as factors,
