@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import ROOT, WORK, cold_and_warm
+from common import ROOT, WORK, cold_and_warm, medians
 from run import minilm, synthetic
 
 ADAPTER = ROOT / "examples" / "minilm-lora-r8"
@@ -83,8 +82,7 @@ def main() -> None:
         "|---|---|---|---:|---:|",
     ]
     for (model, label, state), values in samples.items():
-        wall = statistics.median(w for w, _ in values)
-        rss = statistics.median(m for _, m in values) / 2**20
+        wall, rss = medians(values)
         lines.append(f"| {model} | {label} | {state} | {wall:.2f} | {rss:.0f} |")
         print(f"{model:34} {label:32} {state:5} {wall:6.2f} s {rss:6.0f} MiB", flush=True)
     (ROOT / "docs" / "benchmarks-adapter.md").write_text("\n".join(lines) + "\n")

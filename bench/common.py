@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Hashable
@@ -56,3 +57,8 @@ def cold_and_warm(
                 argv = [sys.executable, "-m", "ftaudit", "check", str(tuned), "--base", str(base), "--quiet"]
                 samples.setdefault((model, label, state), []).append(measure(argv, env))
     return samples
+
+
+def medians(samples: list[tuple[float, int]]) -> tuple[float, float]:
+    """The median wall seconds and the median peak RSS in MiB of `samples` (wall seconds, peak RSS bytes)."""
+    return statistics.median(w for w, _ in samples), statistics.median(r for _, r in samples) / 2**20

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from common import ROOT, WORK, cold_and_warm
+from common import ROOT, WORK, cold_and_warm, medians
 
 HIDDEN, EXPERT_MLP, RANK = 2048, 768, 16
 STACKS = {"gate_up_proj": (2 * EXPERT_MLP, HIDDEN), "down_proj": (HIDDEN, EXPERT_MLP)}
@@ -103,10 +102,9 @@ def main() -> None:
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     for (experts, label, state), values in samples.items():
-        wall = statistics.median(w for w, _ in values)
-        rss = statistics.median(r for _, r in values)
+        wall, rss = medians(values)
         matrices = (3 if label == LORA_PARTS else 2) * experts
-        lines.append(f"| {experts} | {label} | {state} | {wall:.2f} | {wall / matrices:.3f} | {rss / 2**20:.0f} "
+        lines.append(f"| {experts} | {label} | {state} | {wall:.2f} | {wall / matrices:.3f} | {rss:.0f} "
                      f"| {sizes[experts] / 2**20:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
