@@ -18,6 +18,7 @@ from ftaudit.sources import Snapshot, open_snapshot, open_weights, opens
 from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
+from ftaudit.sources.stored_as import StoredAs
 
 log = logging.getLogger("ftaudit")
 
@@ -41,7 +42,7 @@ class Opened:
     tuned: Snapshot
     base: Snapshot
     tuned_side: Tensors
-    base_side: Checkpoint | PickleCheckpoint
+    base_side: Checkpoint | PickleCheckpoint | StoredAs
     model_ref: ModelRef
     base_ref: BaseRef
     layout: Layout = Layout()
@@ -84,16 +85,20 @@ def open_target(target: Target) -> Opened:
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
     model_ref = ModelRef(tuned.id, tuned.revision)
+    base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
     if config is None:
-        tuned_side: Tensors = open_weights(tuned.storage, allow_pickle=target.allow_pickle)
-        _refuse_quantized(tuned.storage.label, tuned_side, "audit the model before quantization")
+        weights = open_weights(tuned.storage, allow_pickle=target.allow_pickle)
+        _refuse_quantized(tuned.storage.label, weights, "audit the model before quantization")
+        # one side may hold experts' stacks and routers as transformers' layers name them, the other as published
+        tuned_side: Tensors = StoredAs.of(weights, base_side.infos, layout)
+        base_stored = StoredAs.of(base_side, weights.infos, layout)
     else:
         weights = open_weights(tuned.storage, "adapter_model", target.allow_pickle)
         adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
-    return Opened(tuned, base, tuned_side, base_side, model_ref, base_ref, layout)
+    return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout)
 
 
 def _warn_other_architecture(tuned: Snapshot, base: Snapshot, tuned_type: str | None, base_type: str | None) -> None:

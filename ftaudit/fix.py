@@ -36,6 +36,7 @@ from ftaudit.sources.adapters import AdaptedTensors, expert_factors
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 from ftaudit.sources.storage import Storage
+from ftaudit.sources.stored_as import StoredAs
 from ftaudit.spectral import Basis, base_basis, resolve_device, upcast
 from ftaudit.writer import ModelFolder, Replace, check_destination
 
@@ -125,7 +126,8 @@ def _weights_to_write(opened: Opened, fmt: str) -> tuple[Storage, Checkpoint]:
         assert isinstance(opened.tuned_side, AdaptedTensors)
         storage, weights = opened.tuned.storage, opened.tuned_side.adapter.weights
     else:
-        storage, weights = opened.tuned.storage, opened.tuned_side
+        tuned = opened.tuned_side
+        storage, weights = opened.tuned.storage, tuned.side if isinstance(tuned, StoredAs) else tuned
     if not isinstance(weights, Checkpoint):
         hint = "; pass --merge to write a merged model instead" if fmt == "adapter" else ""
         raise UnsupportedError(
@@ -246,8 +248,15 @@ class _Patcher:
     # --- the three kinds of output --------------------------------------------------------------
 
     def model_tensor(self, info: TensorInfo) -> torch.Tensor | None:
-        """A full model's tensor: patched, or None (copy it)."""
-        return self._patched(info.name, self.pairs.get(info.name, []), info.name)
+        """A full model's tensor: patched, or None (copy it). A tensor audited as the base stores it (its experts'
+        parts, or under another name) is patched there and stored back as it was."""
+        views = self.tuned.views_of(info.name) if isinstance(self.tuned, StoredAs) else []
+        if not views:
+            return self._patched(info.name, self.pairs.get(info.name, []), info.name)
+        assert isinstance(self.tuned, StoredAs)
+        patched = {name: value for name in views
+                   if (value := self._patched(name, self.pairs.get(name, []), info.name)) is not None}
+        return self.tuned.assemble(info.name, patched) if patched else None
 
     def adapter_tensor(self, info: TensorInfo) -> torch.Tensor | None:
         """An adapter file's tensor: new LoRA factors, a patched whole tensor (modules_to_save), or None."""

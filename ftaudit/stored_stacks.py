@@ -9,6 +9,11 @@ modules_to_save); these rules, after transformers' conversion table, find them i
 - expert by expert, one 2-D matrix per projection, the expert's matrix being its parts one above
   the other: Qwen2/3-MoE, DeepSeek, OLMoE, Jamba and the like (`experts.{e}.gate_proj`, `up_proj`,
   `down_proj`), Mixtral and PhiMoE (`block_sparse_moe.experts.{e}.w1`, `w3`, `w2`), Nemotron-H.
+
+The routers of some of these families are renamed too (Mixtral's `block_sparse_moe.gate`, GraniteMoE's
+`router.layer`). A model saved in the layers' form (transformers' `save_original_format=False`, or an
+offloaded save) is matched to a checkpoint stored as published by the same rules
+(ftaudit.sources.stored_as).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+
+from ftaudit.sources.safetensors import TensorInfo
 
 EXPERT = "{e}"
 """Stands for the expert's number in a part's name."""
@@ -32,6 +39,11 @@ _PARTS = {
 }
 _OWNERS = (("mlp.", "block_sparse_moe."),)
 """Owners that checkpoints name otherwise (Mixtral, PhiMoE)."""
+_ROUTERS = (
+    (re.compile(r"^(?P<owner>.*\.)?mlp\.gate\.weight$"), "block_sparse_moe.gate.weight"),
+    (re.compile(r"^(?P<owner>.*\.)?block_sparse_moe\.router\.weight$"), "block_sparse_moe.router.layer.weight"),
+)
+"""Routers that checkpoints name otherwise: Mixtral's and PhiMoE's, GraniteMoE's."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +56,12 @@ class Part:
 
 
 def stored_names(key: str) -> list[tuple[str, ...]]:
-    """The names a checkpoint may store layers' stack `key` under: one name, whole, or the names of an expert's parts
-    with `EXPERT` for its number; none for a name that is no layers' stack."""
+    """The names a checkpoint may store layers' tensor `key` under: one name, whole, or the names of an expert's parts
+    with `EXPERT` for its number; none for a name that is no layers' stack or renamed router."""
     match = _STACK.match(key)
     if match is None:
-        return []
+        routers = ((pattern.match(key), name) for pattern, name in _ROUTERS)
+        return [(f"{found['owner'] or ''}{name}",) for found, name in routers if found]
     owner, stack = match["owner"] or "", match["stack"]
     owners = [owner, *(owner[: -len(a)] + b for a, b in _OWNERS if owner.endswith(a))]
     whole = [(f"{owner}{name}",) for name in _WHOLE.get(stack, ())]
@@ -56,7 +69,7 @@ def stored_names(key: str) -> list[tuple[str, ...]]:
     return [*whole, *parts]
 
 
-def _numbered(name: str, expert: int) -> str:
+def numbered(name: str, expert: int) -> str:
     """Expert 0's part `name` as expert `expert`'s."""
     head, _, tail = ("." + name).rpartition(".experts.0.")
     return f"{head}.experts.{expert}.{tail}"[1:]
@@ -67,7 +80,24 @@ def expert_parts(first: list[str], names: Collection[str]) -> list[list[str]]:
     0's, found in the checkpoint; each other expert's differ only in its number."""
     experts: list[list[str]] = []
     while True:
-        parts = [_numbered(name, len(experts)) for name in first]
+        parts = [numbered(name, len(experts)) for name in first]
         if not all(p in names for p in parts):
             return experts
         experts.append(parts)
+
+
+def parts_fit(experts: list[list[str]], infos: dict[str, TensorInfo], shape: tuple[int, ...]) -> dict[str, Part] | None:
+    """Each expert's parts (2-D, out × in) as rows of its matrix of `shape` (out × in); None unless they make it
+    exactly."""
+    found: dict[str, Part] = {}
+    for e, names in enumerate(experts):
+        start = 0
+        for name in names:
+            part = infos[name].shape
+            if len(part) != 2 or part[1] != shape[1]:
+                return None
+            found[name] = Part(e, start, start + part[0])
+            start += part[0]
+        if start != shape[0]:
+            return None
+    return found

@@ -186,6 +186,26 @@ def test_pickled_stacks_are_audited_alike(models, tmp_path):
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
 
 
+def test_a_fine_tune_saved_in_the_layers_form_is_audited_as_published(models, tmp_path):
+    """transformers' save_original_format=False writes the stacks (and GraniteMoE's router) as the layers name them:
+    each expert's matrix is still paired with the base's, and the fix writes it back there."""
+    root = models["root"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "tuned")
+    model.save_pretrained(tmp_path / "layers-form", save_original_format=False)
+    published = run("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
+    report = run("check", tmp_path / "layers-form", "--base", root / "base", "--format", "json", "--no-cache")
+    assert report["matrices"] == published["matrices"] and report["tensors"] == published["tensors"]
+    result = CliRunner().invoke(main, ["fix", str(tmp_path / "layers-form"), "--base", str(root / "base"), "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    written, given = (load_file(tmp_path / f / "model.safetensors") for f in ("fixed", "layers-form"))
+    assert written.keys() == given.keys()
+    changed = {layers_name(n) for n in models["stacks"]}
+    assert changed <= written.keys() and all(not torch.equal(written[n], given[n]) for n in changed)
+    refixed = run("check", tmp_path / "fixed", "--base", root / "base", "--format", "json", "--no-cache")
+    assert refixed["summary"]["intruder_dimensions"] < published["summary"]["intruder_dimensions"]
+
+
 @pytest.fixture(scope="module")
 def adapter(models, tmp_path_factory) -> dict[str, object]:
     """A PEFT LoRA on the base's stacks as the layers name them (target_parameters), and its merged model."""

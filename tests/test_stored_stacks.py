@@ -1,4 +1,5 @@
-"""A LoRA on the experts' stacks of a model whose checkpoint stores them expert by expert.
+"""A LoRA on the experts' stacks of a model whose checkpoint stores them expert by expert; and a model saved
+with the stacks (transformers' save_original_format=False) against its base stored expert by expert.
 
 transformers 5 fuses Qwen3-MoE's `experts.{e}.gate_proj`/`up_proj`/`down_proj` (Mixtral's
 `block_sparse_moe.experts.{e}.w1`/`w3`/`w2`, Nemotron-H's `backbone.….mixer.experts.{e}.up_proj`/
@@ -74,6 +75,7 @@ def models(request, tmp_path_factory) -> dict[str, object]:
     config = getattr(transformers, config_class)(**{**SHAPES, **settings})
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    model.save_pretrained(root / "base-layers-form", save_original_format=False)
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=targets,
                            init_lora_weights=False)
     adapted = peft.get_peft_model(model, lora)
@@ -82,7 +84,9 @@ def models(request, tmp_path_factory) -> dict[str, object]:
             if "lora_B" in name:
                 param.mul_(30.0)
     adapted.save_pretrained(root / "adapter")
-    adapted.merge_and_unload().save_pretrained(root / "merged")
+    merged = adapted.merge_and_unload()
+    merged.save_pretrained(root / "merged")
+    merged.save_pretrained(root / "merged-layers-form", save_original_format=False)
     return {"family": request.param, "root": root}
 
 
@@ -197,3 +201,62 @@ def test_a_base_with_more_experts_than_the_adapter_is_refused_naming_their_numbe
     result = CliRunner().invoke(main, ["check", str(models["root"] / "adapter"), "--base", str(tmp_path / "more")])
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert "fit none of the base's" in result.stderr and f"({2 * EXPERTS} experts)" in result.stderr
+
+
+def unprefixed(name: str) -> str:
+    """A name of a report as the other side's prefix leaves it: Nemotron-H stores `backbone.…` as published and
+    `model.…` in its layers' form, and the report drops a prefix that only one side has."""
+    return name.removeprefix("backbone.")
+
+
+def as_compared(report: dict) -> tuple[list[dict], dict, dict]:
+    """The report's matrices, tensor lists and summary, names `unprefixed`."""
+    matrices = [{**m, "name": unprefixed(m["name"])} for m in report["matrices"]]
+    tensors = {k: sorted(map(unprefixed, v)) if isinstance(v, list) else v for k, v in report["tensors"].items()}
+    summary = {**report["summary"], "heads": {unprefixed(k): v for k, v in report["summary"]["heads"].items()}}
+    return matrices, tensors, summary
+
+
+def test_a_model_saved_in_the_layers_form_is_audited_on_the_published_matrices(models):
+    """The merged model saved with the experts' stacks (and Mixtral's router as `mlp.gate`) is audited against the
+    base stored expert by expert exactly as the same model saved as published is: each expert's parts, nothing
+    missing."""
+    root = models["root"]
+    stored = load_file(root / "merged-layers-form" / "model.safetensors")
+    assert any(t.ndim == 3 for t in stored.values()) and not all_parts(models["family"]) & stored.keys()
+    layers_form = run("check", root / "merged-layers-form", "--base", root / "base", "--format", "json", "--no-cache")
+    published = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    assert as_compared(layers_form) == as_compared(published)
+    assert not published["tensors"]["missing_in_base"] and not published["tensors"]["missing_in_model"]
+
+
+def test_a_base_saved_in_the_layers_form_is_cut_into_the_models_parts(models):
+    root = models["root"]
+    layers_form = run("check", root / "merged", "--base", root / "base-layers-form", "--format", "json", "--no-cache")
+    published = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    assert as_compared(layers_form) == as_compared(published)
+
+
+def test_fix_of_a_model_saved_in_the_layers_form_writes_it_so_with_the_published_fix(models, tmp_path):
+    """The parts flagged in the stacks are patched as in the model saved as published, and written back into the
+    stacks: the same tensors, shapes and dtypes as the input, loading as the other fix's output does."""
+    root = models["root"]
+    for source in ("merged", "merged-layers-form"):
+        result = CliRunner().invoke(main, ["fix", str(root / source), "--base", str(root / "base"), "--out",
+                                           str(tmp_path / source), "--lambda", "0", "--no-cache",
+                                           "--json", str(tmp_path / f"{source}.json")])
+        assert result.exit_code in (0, 1), result.stderr
+    records = [json.loads((tmp_path / f"{s}.json").read_text()) for s in ("merged", "merged-layers-form")]
+    changes = [sorted(({**c, "name": unprefixed(c["name"]), "tensors": None} for c in r["changes"]),
+                      key=lambda c: c["name"]) for r in records]  # in the order the tensors are written
+    assert changes[0] == changes[1] and any(".experts." in c["name"] for c in changes[0])
+    stacks = {t for c in records[1]["changes"] for t in c["tensors"]}
+    written, given = (load_file(tmp_path / "merged-layers-form" / "model.safetensors"),
+                      load_file(root / "merged-layers-form" / "model.safetensors"))
+    assert stacks <= given.keys() and any(given[t].ndim == 3 for t in stacks)
+    assert {k: (v.shape, v.dtype) for k, v in written.items()} == {k: (v.shape, v.dtype) for k, v in given.items()}
+    loaded = [transformers.AutoModelForCausalLM.from_pretrained(tmp_path / s).state_dict()
+              for s in ("merged", "merged-layers-form")]
+    assert loaded[0].keys() == loaded[1].keys()
+    assert all(torch.equal(loaded[0][k], loaded[1][k]) for k in loaded[0])
+    assert any(not torch.equal(written[t], given[t]) for t in stacks)

@@ -28,7 +28,7 @@ from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
-from ftaudit.stored_stacks import EXPERT, Part, expert_parts, stored_names
+from ftaudit.stored_stacks import EXPERT, Part, expert_parts, parts_fit, stored_names
 
 PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
@@ -196,23 +196,6 @@ def expert_factors(
     return a.view(module.experts, module.rank, -1)[expert], b.view(b.shape[0], module.rank, module.experts)[:, :, expert]
 
 
-def _parts_fit(experts: list[list[str]], infos: dict[str, TensorInfo], shape: tuple[int, ...]
-               ) -> dict[str, Part | None] | None:
-    """Each expert's parts (2-D, out × in) as rows of its `shape` (out × in); None unless they make it exactly."""
-    found: dict[str, Part | None] = {}
-    for e, names in enumerate(experts):
-        start = 0
-        for name in names:
-            part = infos[name].shape
-            if len(part) != 2 or part[1] != shape[1]:
-                return None
-            found[name] = Part(e, start, start + part[0])
-            start += part[0]
-        if start != shape[0]:
-            return None
-    return found
-
-
 def _parameter_keys(module: str, targets: list[str]) -> tuple[str, ...]:
     """The raw parameters (`target_parameters`) that factors of PEFT module `module` may adapt: none for a layer's
     LoRA. PEFT nests one wrapper per parameter of a module (`experts.base_layer`), and matches names by suffix."""
@@ -304,7 +287,7 @@ class AdaptedTensors:
         """Adapter tensor `name`, a layers' stack saved whole (modules_to_save), as the parts the base stores each
         expert's matrix (out × in) in; each part's info names the adapter's tensor that holds it."""
         shape = self.adapter.weights.infos[name].shape
-        found = _parts_fit(experts, self.base.infos, tuple(shape[1:])) if len(shape) == 3 else None
+        found = parts_fit(experts, self.base.infos, tuple(shape[1:])) if len(shape) == 3 else None
         if found is None or shape[0] != len(experts):
             raise InvalidWeightsError(
                 f"{self.adapter.label}: {name} {list(shape)} does not fit the base's {len(experts)} experts' "
@@ -362,7 +345,7 @@ class AdaptedTensors:
             candidate = self.adapter.for_parameter(module, key)
             if candidate is not None and candidate.experts == len(experts):
                 candidate = replace(candidate, transpose=layout.peft_experts_transposed)
-                found = _parts_fit(experts, infos, (a[1], b[0]) if candidate.transpose else (b[0], a[1]))
+                found = parts_fit(experts, infos, (a[1], b[0]) if candidate.transpose else (b[0], a[1]))
                 if found is not None:
                     fits.append((found, candidate))
         if len(fits) != 1:
