@@ -216,6 +216,14 @@ def test_bad_inputs_are_one_line_errors_with_exit_code_2(pair, tmp_path, make, m
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("args", [["check", "", "--base", "."], ["check", ".", "--base", ""]])
+def test_an_empty_model_or_base_is_refused_not_read_as_the_current_folder(pair, monkeypatch, args):
+    monkeypatch.chdir(pair["base"])  # as a path, "" is this folder: a real model the audit would take
+    code, stdout, stderr = run(*args)
+    assert (code, stdout) == (2, "")
+    assert stderr == "ftaudit: error: a model named by an empty string: pass a folder or a Hub repository id (org/name)\n"
+
+
 @pytest.mark.parametrize("url", ["https://huggingface.co/org/base", "hf://org/base"])
 def test_a_base_declared_as_a_url_is_an_error_that_names_the_card(pair, tmp_path, url):
     model = write_model(tmp_path / "m", small_update(llama_like()), readme=card(url))

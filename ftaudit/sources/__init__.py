@@ -25,8 +25,11 @@ def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapsho
     """Open `spec` as a local folder if one exists there, else as a Hub model repo id: read from the Hub, or in
     offline mode (HF_HUB_OFFLINE) from the Hugging Face cache.
 
-    The Hub client is imported only for a Hub id, which keeps a local audit's start-up short.
+    The Hub client is imported only for a Hub id, which keeps a local audit's start-up short. An empty `spec` is
+    refused: as a path it would name the current folder.
     """
+    if not spec:
+        raise UsageError("a model named by an empty string: pass a folder or a Hub repository id (org/name)")
     path = Path(spec).expanduser()
     if path.exists():
         if revision:
