@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -121,8 +123,11 @@ class Report:
         try:
             d = dict(data)
             d.pop("schema_version")
+            tool = d["tool"]
+            if not isinstance(tool, dict) or tool.get("name") != "ftaudit" or not isinstance(tool.get("version"), str):
+                raise TypeError(f"tool must be {{'name': 'ftaudit', 'version': ...}}, not {tool!r}")
             return cls(
-                tool=d["tool"],
+                tool=tool,
                 created_at=d["created_at"],
                 model=ModelRef(**_known(ModelRef, d["model"])),
                 base=BaseRef(**_known(BaseRef, d["base"])),
@@ -156,8 +161,26 @@ class Report:
 
 
 def _known(cls: type, data: object) -> dict[str, object]:
-    """The fields of `cls` in `data`: a later ftaudit may add fields within a schema version, which this one skips."""
+    """The fields of `cls` in `data`, each checked against its declared type (its outer JSON type: a number, a
+    string, a list, an object or null): a later ftaudit may add fields within a schema version, which this one
+    skips."""
     if not isinstance(data, dict):
         raise TypeError(f"{cls.__name__} must be a JSON object, not {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
+    hints = typing.get_type_hints(cls)
+    known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+    for name, value in known.items():
+        if not _has_type(value, hints[name]):
+            what = hints[name].__name__ if isinstance(hints[name], type) else hints[name]
+            raise TypeError(f"{cls.__name__}.{name} must be {what}, not {json.dumps(value)[:40]}")
+    return known
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a JSON value has the outer type of `hint` (`int | None`, `list[float]`, ...); an int is a float too."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = {typing.get_origin(option) or option for option in options}
+    if isinstance(value, bool):  # a JSON true is no number
+        return bool in kinds
+    if float in kinds:
+        kinds.add(int)
+    return isinstance(value, tuple(kinds))

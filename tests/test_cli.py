@@ -384,6 +384,27 @@ def test_reports_read_back_into_the_same_report(pair, tmp_path):
         assert code == 2 and stderr.startswith(f"ftaudit: error: {tmp_path / 'bad.json'}: ") and message in stderr
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda doc: doc["summary"].update(intruder_dimensions="35"), 'Summary.intruder_dimensions must be int, not "35"'),
+        (lambda doc: doc["matrices"][0].update(max_cos=None), "MatrixResult.max_cos must be list[float], not null"),
+        (lambda doc: doc["verdict"].update(reasons="none"), 'Verdict.reasons must be list[str], not "none"'),
+        (lambda doc: doc["tool"].pop("version"), "tool must be {'name': 'ftaudit', 'version': ...}"),
+    ],
+)
+def test_a_report_edited_into_wrong_types_is_not_an_ftaudit_report(pair, tmp_path, edit, message):
+    out, edited = tmp_path / "r.json", tmp_path / "edited.json"
+    run("check", pair["lora"], "--json", out, "--quiet")
+    doc = json.loads(out.read_text())
+    edit(doc)
+    edited.write_text(json.dumps(doc))
+    code, stdout, stderr = run("card", "update", tmp_path / "README.md", "--report", edited)
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith(f"ftaudit: error: {edited}: not an ftaudit report (TypeError: {message}")
+    assert not (tmp_path / "README.md").exists()
+
+
 def test_a_report_with_fields_added_within_the_schema_version_updates_a_card(pair, tmp_path):
     out, later, card = tmp_path / "r.json", tmp_path / "later.json", tmp_path / "README.md"
     run("check", pair["lora"], "--json", out, "--quiet")
