@@ -13,6 +13,7 @@ table and writes it into docs/fix.md, between the bench markers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ LAMBDAS = (1.0, 0.75, 0.5, 0.3, 0.0)
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     shutil.rmtree(WORK / "out", ignore_errors=True)
     full = WORK / "full-fine-tune"
