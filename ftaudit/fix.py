@@ -280,6 +280,8 @@ class _Patcher:
             if not found:
                 continue
             w, u = self._expert_update(found)
+            if not torch.isfinite(w).all():  # another part of the expert's matrix holds NaN or Inf: keep its factors
+                continue
             a, b = expert_factors(new[module.a], new[module.b], module, expert)
             # w is out × in; ΔW as stored is (B·A)ᵀ with fan_in_fan_out, and so B·A out × in for a Conv1D layer
             transpose = module.transpose != pairs[0].transposed

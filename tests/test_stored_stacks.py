@@ -10,11 +10,12 @@ matrices, as the model PEFT merges and transformers saves is.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ftaudit.cli import main
 from tests import reference
@@ -260,3 +261,31 @@ def test_fix_of_a_model_saved_in_the_layers_form_writes_it_so_with_the_published
     assert loaded[0].keys() == loaded[1].keys()
     assert all(torch.equal(loaded[0][k], loaded[1][k]) for k in loaded[0])
     assert any(not torch.equal(written[t], given[t]) for t in stacks)
+
+
+@pytest.mark.parametrize("models", [f for f, (*_, first, _) in FAMILIES.items() if len(first[0]) == 2],
+                         indirect=True)  # the families that store a stack in two parts
+def test_fix_leaves_an_expert_whose_other_part_is_not_finite(models, tmp_path):
+    """The parts of an expert's matrix share its factors: where one part holds NaN, the flagged other part cannot be
+    cut back to the rank with it, and the expert's factors are written as they were; the other experts are fixed."""
+    root = models["root"]
+    report = run("check", root / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    flagged = {m["name"] for m in report["matrices"] if m["intruders"] > 0}
+    expert = next(e for e in range(EXPERTS) if parts(models["family"], 0, e)[0][0] in flagged)
+    shutil.copytree(root / "adapter", tmp_path / "adapter")
+    factors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    b = max((n for n in factors if ".layers.0." in n and "experts" in n and "lora_B" in n),
+            key=lambda n: factors[n].shape[0])  # the stack of gate and up parts: 2·I rows, I of each
+    factors[b][-1, expert] = float("nan")  # a row of the second part, in a column of the expert's factors
+    save_file(factors, tmp_path / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(root / "base"), "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "0", "--json", str(tmp_path / "fix.json"),
+                                       "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    fixed = load_file(tmp_path / "fixed" / "adapter_model.safetensors")
+    a = b.replace("lora_B", "lora_A")
+    for factor, of_expert in ((b, lambda t: t.view(-1, 2, EXPERTS)[:, :, expert]),  # PEFT's interleaving, rank 2
+                              (a, lambda t: t.view(EXPERTS, 2, -1)[expert])):
+        assert torch.allclose(of_expert(fixed[factor]), of_expert(factors[factor]), rtol=0, atol=0, equal_nan=True)
+    changes = {c["name"] for c in json.loads((tmp_path / "fix.json").read_text())["changes"]}
+    assert not changes & set(parts(models["family"], 0, expert)[0]) and changes
