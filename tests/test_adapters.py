@@ -54,6 +54,8 @@ def rank_zero(t: dict) -> dict:
         ({"lora_alpha": float("inf")}, None, "lora_alpha must be a number (got inf)"),
         ({"alpha_pattern": {"query": "big"}}, None, "alpha_pattern must map module patterns to numbers"),
         ({"alpha_pattern": {"(query": 32}}, None, "alpha_pattern: '(query' is not a valid regular expression"),
+        ({"rank_pattern": {"[query": 2}}, None, "rank_pattern: '[query' is not a valid regular expression"),
+        ({"alpha_pattern": {"(?i)query": 2}}, None, "alpha_pattern: '(?i)query' is not a valid regular expression"),
         (None, rank_zero, "have rank 0"),
     ],
 )

@@ -169,16 +169,17 @@ def _check_config(config: dict[str, object], label: str) -> None:
     alpha = config.get("lora_alpha", 8)
     if not _is_number(alpha):
         raise InvalidWeightsError(f"{label}/adapter_config.json: lora_alpha must be a number (got {alpha!r})")
-    patterns = config.get("alpha_pattern")
-    if isinstance(patterns, dict):
-        if not all(_is_number(value) for value in patterns.values()):
-            raise InvalidWeightsError(f"{label}/adapter_config.json: alpha_pattern must map module patterns to numbers")
-        for pattern in patterns:
+    alphas = config.get("alpha_pattern")
+    if isinstance(alphas, dict) and not all(_is_number(value) for value in alphas.values()):
+        raise InvalidWeightsError(f"{label}/adapter_config.json: alpha_pattern must map module patterns to numbers")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        for pattern in patterns if isinstance(patterns, dict) else ():
             try:
-                re.compile(pattern)
+                re.compile(_peft_pattern(pattern))
             except re.error:
                 raise InvalidWeightsError(
-                    f"{label}/adapter_config.json: alpha_pattern: {pattern!r} is not a valid regular expression"
+                    f"{label}/adapter_config.json: {key}: {pattern!r} is not a valid regular expression"
                 ) from None
 
 
@@ -208,11 +209,16 @@ def _strip_peft(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
+def _peft_pattern(pattern: str) -> str:
+    """The regular expression PEFT matches module names against for a key of rank_pattern or alpha_pattern."""
+    return rf"(.*\.)?({pattern})$"
+
+
 def _pattern_value(patterns: object, module: str, default: object) -> object:
     """PEFT's rule: the first pattern p with module matching (.*\\.)?(p)$."""
     if isinstance(patterns, dict):
         for pattern, value in patterns.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
+            if re.match(_peft_pattern(pattern), module):
                 return value
     return default
 
