@@ -289,3 +289,21 @@ def test_fix_leaves_an_expert_whose_other_part_is_not_finite(models, tmp_path):
         assert torch.allclose(of_expert(fixed[factor]), of_expert(factors[factor]), rtol=0, atol=0, equal_nan=True)
     changes = {c["name"] for c in json.loads((tmp_path / "fix.json").read_text())["changes"]}
     assert not changes & set(parts(models["family"], 0, expert)[0]) and changes
+
+
+def test_target_parameters_named_without_their_module_leave_the_layers_loras_alone(models, tmp_path):
+    """PEFT matches target_parameters=["gate_up_proj", "down_proj"] with the parameters of those names, wherever they
+    are: the factors of q_proj (target_modules) are a layer's LoRA still, not a LoRA on a q_proj.down_proj."""
+    root = models["root"]
+    targets = [t.rpartition(".")[2] for t in FAMILIES[models["family"]][4]]
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=targets,
+                           init_lora_weights=False)
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(model, lora)
+    adapted.save_pretrained(tmp_path / "adapter")
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    from_adapter = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    merged = run("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    assert any(m["name"].endswith("q_proj.weight") for m in from_adapter["matrices"])
+    reference.assert_audited_as_merged(from_adapter, merged, rank=2, alpha=4.0)

@@ -199,7 +199,8 @@ def expert_factors(
 
 def _parameter_keys(module: str, targets: list[str]) -> tuple[str, ...]:
     """The raw parameters (`target_parameters`) that factors of PEFT module `module` may adapt: none for a layer's
-    LoRA. PEFT nests one wrapper per parameter of a module (`experts.base_layer`), and matches names by suffix."""
+    LoRA, but for a target named without its module ("down_proj"), which any module's may be. PEFT nests one wrapper
+    per parameter of a module (`experts.base_layer`), and matches names by suffix."""
     owner = module.replace(".base_layer", "")
     keys = ((f"{owner}.{t.rpartition('.')[2]}", t) for t in targets)
     return tuple(sorted({k for k, t in keys if k == t or k.endswith(f".{t}")}))
@@ -235,12 +236,11 @@ class AdaptedTensors:
         self._factor_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         base_infos = base.infos
         adapter_infos = adapter.weights.infos
-        layers = [m for m, module in adapter.modules.items() if not module.parameters]
         parameters = {k for module in adapter.modules.values() for k in module.parameters}
         stored = {key: stored_names(key) for key in [*adapter.replaced, *parameters]}
         candidates = {n.replace(EXPERT, "0") for names in stored.values() for found in names for n in found}
-        wanted = {f"{m}.weight": m for m in [*layers, *adapter.rows]} | dict.fromkeys([*adapter.replaced, *parameters])
-        base_map, adapter_map = align(base_infos, [*wanted, *candidates])
+        weights = [f"{m}.weight" for m in [*adapter.modules, *adapter.rows]]
+        base_map, adapter_map = align(base_infos, [*weights, *adapter.replaced, *parameters, *candidates])
         located = {original: base_map.get(key) for key, original in adapter_map.items()}
         parts: dict[str, list[list[str]]] = {}
         """The layers' stacks that the base stores expert by expert: each expert's parts."""
@@ -250,6 +250,14 @@ class AdaptedTensors:
                 located[key] = where
             elif where:
                 parts[key] = where
+        for m, module in adapter.modules.items():  # a layer's LoRA given parameters by a bare target's name (PEFT's
+            # target_parameters=["down_proj"] names one of any module): the base has the layer, and none of those
+            if module.parameters and located.get(f"{m}.weight") and not any(
+                    located.get(k) or k in parts for k in module.parameters):
+                self.modules[m] = replace(module, parameters=())
+        layers = [m for m, module in self.modules.items() if not module.parameters]
+        parameters = {k for module in self.modules.values() for k in module.parameters}
+        wanted = {f"{m}.weight": m for m in [*layers, *adapter.rows]} | dict.fromkeys([*adapter.replaced, *parameters])
         self._sources: dict[str, tuple[str, str]] = {}
         self._parts: dict[str, Part] = {}
         self._experts: dict[tuple[str, int], list[str]] = {}
@@ -274,11 +282,11 @@ class AdaptedTensors:
                 self._infos[base_name] = base_infos[base_name]
                 self._sources[base_name] = ("rows", wanted[original])
                 continue
-            module = adapter.modules[wanted[original]]
+            module = self.modules[wanted[original]]
             self._check_fit(module, base_infos[base_name])
             self._infos[base_name] = base_infos[base_name]
             self._sources[base_name] = ("lora", module.module)
-        for module in adapter.modules.values():
+        for module in list(self.modules.values()):
             if module.parameters:
                 tensors, self.modules[module.module] = self._parameter(module, located, parts, layout)
                 for base_name, part in tensors.items():
