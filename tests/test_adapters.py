@@ -36,6 +36,11 @@ def without_one_b(t: dict) -> dict:
     return {n: v for n, v in t.items() if n != next(n for n in t if n.endswith("lora_B.weight"))}
 
 
+def with_short_bias(t: dict) -> dict:
+    name = next(n for n in t if n.endswith("lora_B.weight")).replace("lora_B.weight", "lora_B.bias")
+    return {**t, name: torch.ones(7)}
+
+
 def rank_zero(t: dict) -> dict:
     return {n: v[:0] if "lora_A" in n else v[:, :0] if "lora_B" in n else v for n, v in t.items()}
 
@@ -57,6 +62,7 @@ def rank_zero(t: dict) -> dict:
         ({"rank_pattern": {"[query": 2}}, None, "rank_pattern: '[query' is not a valid regular expression"),
         ({"alpha_pattern": {"(?i)query": 2}}, None, "alpha_pattern: '(?i)query' is not a valid regular expression"),
         (None, rank_zero, "have rank 0"),
+        (None, with_short_bias, "lora_B.bias [7] (lora_bias) fits no bias of the base's"),
     ],
 )
 def test_unsupported_or_broken_adapters_are_refused(tmp_path, config, tensors, message):
@@ -190,3 +196,32 @@ def test_trained_token_rows_replace_those_rows_of_the_embedding(tmp_path):
     result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(base_dir)])
     assert result.exit_code == 2 and "does not match adapter_config.json's trainable_token_indices" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_lora_bias_is_merged_into_the_layers_bias(tmp_path):
+    """PEFT's lora_bias gives lora_B a bias, which a merge adds, scaled, to the layer's bias: `fix --merge` writes the
+    bias PEFT merges, and the report does not list lora_B's bias as a tensor the adapter saves whole."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base_dir = ft.base_model_dir()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_bias=True,
+                             init_lora_weights=False)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.BertModel.from_pretrained(base_dir, local_files_only=True), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                param.normal_()
+    model.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload().state_dict()
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(base_dir), "--merge", "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "1", "--json", str(out), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    assert json.loads(out.read_text())["before"]["model"]["adapter"]["modules_to_save"] == []
+    written = load_file(tmp_path / "fixed" / "model.safetensors")
+    biases = [n for n in written if n.endswith(("query.bias", "value.bias"))]
+    base = load_file(base_dir / "model.safetensors")
+    assert len(biases) == 12 and not any(torch.equal(written[n], base[n]) for n in biases)
+    for name in biases:
+        assert torch.allclose(written[name], merged[name], atol=1e-6), name

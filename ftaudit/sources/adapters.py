@@ -3,7 +3,8 @@
 Ranks come from the factors' shapes; alphas from `lora_alpha` and `alpha_pattern` (matched the way
 PEFT matches it); scaling is alpha/r, or alpha/√r with `use_rslora`; `fan_in_fan_out` transposes
 the update. Tensors the adapter stores whole (`modules_to_save`) replace the base tensor; rows it
-stores (`trainable_token_indices`) replace those rows of the base's embedding, as PEFT's index_copy does.
+stores (`trainable_token_indices`) replace those rows of the base's embedding, as PEFT's index_copy does;
+lora_B's bias (`lora_bias`) is added, scaled, to the layer's bias, as PEFT's merge adds it.
 
 A LoRA on raw parameters (`target_parameters`, most often a mixture of experts' stacks) holds the
 factors of all E experts in one pair, A (E·r × in) and B (out × r·E), as PEFT's ParamWrapper does;
@@ -33,6 +34,7 @@ from ftaudit.stored_stacks import EXPERT, Part, expert_parts, parts_fit, stored_
 PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
 _TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
+_BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
 FACTOR_CACHE = 2
 """LoRA modules whose factors are kept, in float64: a stack's, and the other stack's of its experts, whose parts the
 base may store side by side (experts.0.down_proj, experts.0.gate_proj)."""
@@ -72,15 +74,19 @@ class LoraAdapter:
         self.replaced: dict[str, str] = {}
         self.rows: dict[str, tuple[str, list[int]]] = {}
         """Embedding modules with trained token rows: the adapter's tensor of those rows, and their indices."""
+        self.biases: dict[str, str] = {}
+        """Modules whose lora_B has a bias (lora_bias), which PEFT's merge adds, scaled, to the layer's bias."""
         factors: dict[str, dict[str, str]] = {}
         targets = config.get("target_parameters") or []
         for name in self.weights.infos:
             for key, what in _UNSUPPORTED_KEYS.items():
                 if key in name:
                     raise UnsupportedError(f"{self.label}: {what} are not supported ({name})")
-            match, rows = _FACTOR.match(name), _TOKEN_ROWS.match(name)
+            match, rows, bias = _FACTOR.match(name), _TOKEN_ROWS.match(name), _BIAS.match(name)
             if match:
                 factors.setdefault(_strip_peft(match["module"]), {})[match["side"]] = name
+            elif bias:
+                self.biases[_strip_peft(bias["module"])] = name
             elif rows:
                 module = _strip_peft(rows["module"])
                 self.rows[module] = (name, self._token_indices(module, name))
@@ -240,7 +246,8 @@ class AdaptedTensors:
         stored = {key: stored_names(key) for key in [*adapter.replaced, *parameters]}
         candidates = {n.replace(EXPERT, "0") for names in stored.values() for found in names for n in found}
         weights = [f"{m}.weight" for m in [*adapter.modules, *adapter.rows]]
-        base_map, adapter_map = align(base_infos, [*weights, *adapter.replaced, *parameters, *candidates])
+        biases = [f"{m}.bias" for m in adapter.biases]
+        base_map, adapter_map = align(base_infos, [*weights, *biases, *adapter.replaced, *parameters, *candidates])
         located = {original: base_map.get(key) for key, original in adapter_map.items()}
         parts: dict[str, list[list[str]]] = {}
         """The layers' stacks that the base stores expert by expert: each expert's parts."""
@@ -286,6 +293,13 @@ class AdaptedTensors:
             self._check_fit(module, base_infos[base_name])
             self._infos[base_name] = base_infos[base_name]
             self._sources[base_name] = ("lora", module.module)
+        for m, name in adapter.biases.items():
+            base_name = located.get(f"{m}.bias")
+            if m not in layers or base_name is None or base_infos[base_name].shape != adapter_infos[name].shape:
+                raise InvalidWeightsError(f"{adapter.label}: {name} {list(adapter_infos[name].shape)} (lora_bias) fits no "
+                                          f"bias of the base's {m}: is this the adapter's base?")
+            self._infos[base_name] = base_infos[base_name]
+            self._sources[base_name] = ("bias", m)
         for module in list(self.modules.values()):
             if module.parameters:
                 tensors, self.modules[module.module] = self._parameter(module, located, parts, layout)
@@ -423,6 +437,9 @@ class AdaptedTensors:
             return self.adapter.weights.load(source, part.expert)[part.start:part.stop]
         if kind == "replaced":
             return self.adapter.weights.load(source, expert)
+        if kind == "bias":  # PEFT's merge: the base's bias + scaling·lora_B's
+            bias = self.adapter.weights.load(self.adapter.biases[source]).double()
+            return self.base.load(name).double() + self.modules[source].scaling * bias
         if kind == "rows":  # PEFT's merge: the base's rows at the indices replaced, in the base's dtype
             name_of_rows, indices = self.adapter.rows[source]
             base = self.base.load(name)
