@@ -41,6 +41,11 @@ def with_short_bias(t: dict) -> dict:
     return {**t, name: torch.ones(7)}
 
 
+def with_integer_factor(t: dict) -> dict:
+    name = next(n for n in t if n.endswith("lora_B.weight"))
+    return {**t, name: t[name].to(torch.int32)}
+
+
 def rank_zero(t: dict) -> dict:
     return {n: v[:0] if "lora_A" in n else v[:, :0] if "lora_B" in n else v for n, v in t.items()}
 
@@ -62,6 +67,7 @@ def rank_zero(t: dict) -> dict:
         ({"rank_pattern": {"[query": 2}}, None, "rank_pattern: '[query' is not a valid regular expression"),
         ({"alpha_pattern": {"(?i)query": 2}}, None, "alpha_pattern: '(?i)query' is not a valid regular expression"),
         (None, rank_zero, "have rank 0"),
+        (None, with_integer_factor, "adapter/adapter_model.safetensors: tensor 'base_model.model."),
         (None, with_short_bias, "lora_B.bias [7] (lora_bias) fits no bias of the base's"),
     ],
 )

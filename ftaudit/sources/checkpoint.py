@@ -63,7 +63,10 @@ class Checkpoint:
                 return last
             ref = self.tensors[name]
             info = ref.info if expert is None else ref.info.part(expert)
-            tensor = safetensors.decode(self.storage.read(ref.file, info.start, info.nbytes), info)
+            try:
+                tensor = safetensors.decode(self.storage.read(ref.file, info.start, info.nbytes), info)
+            except InvalidWeightsError as e:  # an integer tensor where a float one is needed (an adapter's factor)
+                raise InvalidWeightsError(f"{self.storage.label}/{ref.file}: {e}") from None
             self._last = (key, weakref.ref(tensor))
             return tensor
 
