@@ -40,8 +40,12 @@ FACTOR_CACHE = 2
 base may store side by side (experts.0.down_proj, experts.0.gate_proj)."""
 _UNSUPPORTED_KEYS = {
     "lora_magnitude_vector": "DoRA (use_dora) magnitude vectors",
+    "lora_diag": "KaSA (kasa_config) diagonals",
     "lora_E": "AdaLoRA",
 }
+_UNSUPPORTED_VARIANTS = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA"}
+"""LoRA variants whose merge is not W0 + scaling·B·A: DoRA rescales the columns, KaSA puts a diagonal between B and A
+and truncates W0, block-diagonal LoRA stores A or B as blocks."""
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,9 @@ def _check_config(config: dict[str, object], label: str) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise UnsupportedError(f"{label}: {peft_type} adapters are not supported (only LoRA)")
-    if config.get("use_dora"):
-        raise UnsupportedError(f"{label}: DoRA adapters (use_dora) are not supported")
+    for key, what in _UNSUPPORTED_VARIANTS.items():
+        if config.get(key):
+            raise UnsupportedError(f"{label}: {what} adapters ({key}) are not supported")
     targets = config.get("target_parameters")
     if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise InvalidWeightsError(f"{label}/adapter_config.json: target_parameters must be a list of parameter names")
