@@ -233,3 +233,29 @@ def test_a_lora_bias_is_merged_into_the_layers_bias(tmp_path):
     assert len(biases) == 12 and not any(torch.equal(written[n], base[n]) for n in biases)
     for name in biases:
         assert torch.allclose(written[name], merged[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("variant", ["velora_config", "monteclora_config"])
+def test_the_state_of_a_variant_that_merges_as_lora_is_no_tensor_of_the_model(tmp_path, variant):
+    """VeLoRA's projection and MonteCLoRA's sampler are saved beside the factors, but PEFT merges W0 + s·B·A all the
+    same: they are neither tensors saved whole nor matrices missing in the base, and a merged model can be written."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peft.tuners.lora import config as lora_config
+    base_dir = ft.base_model_dir()
+    settings = {"velora_config": lora_config.VeloraConfig(), "monteclora_config": lora_config.MontecloraConfig()}
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False,
+                             **{variant: settings[variant]})
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.BertModel.from_pretrained(base_dir, local_files_only=True), config)
+    model(torch.tensor([[101, 2000, 102]]))  # MonteCLoRA makes its sampler on the first forward pass
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(".lora_velora_" in n or ".lora_monteclora_" in n for n in saved)
+    out = tmp_path / "fix.json"
+    result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(base_dir), "--merge", "--out",
+                                       str(tmp_path / "fixed"), "--json", str(out), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    before = json.loads(out.read_text())["before"]
+    assert before["model"]["adapter"]["modules_to_save"] == [] and before["tensors"]["missing_in_base"] == []
+    assert len(before["matrices"]) == 12  # query and value of the 6 layers

@@ -43,6 +43,9 @@ _UNSUPPORTED_KEYS = {
     "lora_diag": "KaSA (kasa_config) diagonals",
     "lora_E": "AdaLoRA",
 }
+_MERGE_UNUSED = (".lora_velora_embed.", ".lora_monteclora_sampler.")
+"""The state of LoRA variants whose merge is W0 + scaling·B·A all the same (VeLoRA's projection, MonteCLoRA's
+sampler): no tensor of the tuned model."""
 _UNSUPPORTED_VARIANTS = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA"}
 """LoRA variants whose merge is not W0 + scaling·B·A: DoRA rescales the columns, KaSA puts a diagonal between B and A
 and truncates W0, block-diagonal LoRA stores A or B as blocks."""
@@ -87,6 +90,8 @@ class LoraAdapter:
                 if key in name:
                     raise UnsupportedError(f"{self.label}: {what} are not supported ({name})")
             match, rows, bias = _FACTOR.match(name), _TOKEN_ROWS.match(name), _BIAS.match(name)
+            if any(key in f"{name}." for key in _MERGE_UNUSED):
+                continue
             if match:
                 factors.setdefault(_strip_peft(match["module"]), {})[match["side"]] = name
             elif bias:
