@@ -89,9 +89,9 @@ class LoraAdapter:
             for key, what in _UNSUPPORTED_KEYS.items():
                 if key in name:
                     raise UnsupportedError(f"{self.label}: {what} are not supported ({name})")
-            match, rows, bias = _FACTOR.match(name), _TOKEN_ROWS.match(name), _BIAS.match(name)
             if any(key in f"{name}." for key in _MERGE_UNUSED):
                 continue
+            match, rows, bias = _FACTOR.match(name), _TOKEN_ROWS.match(name), _BIAS.match(name)
             if match:
                 factors.setdefault(_strip_peft(match["module"]), {})[match["side"]] = name
             elif bias:
@@ -306,8 +306,8 @@ class AdaptedTensors:
         for m, name in adapter.biases.items():
             base_name = located.get(f"{m}.bias")
             if m not in layers or base_name is None or base_infos[base_name].shape != adapter_infos[name].shape:
-                raise InvalidWeightsError(f"{adapter.label}: {name} {list(adapter_infos[name].shape)} (lora_bias) fits no "
-                                          f"bias of the base's {m}: is this the adapter's base?")
+                raise InvalidWeightsError(f"{adapter.label}: {name} {list(adapter_infos[name].shape)} (lora_bias) "
+                                          f"fits no bias of the base's {m}: is this the adapter's base?")
             self._infos[base_name] = base_infos[base_name]
             self._sources[base_name] = ("bias", m)
         for module in list(self.modules.values()):
