@@ -83,6 +83,7 @@ class Pairing:
     shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     resized: list[tuple[str, int, int]] = field(default_factory=list)
     not_selected: int = 0
+    """Matrices left out by the selection, each expert's of a stack counted."""
     scale_only: list[TensorPair] = field(default_factory=list)
     """Heads and embeddings not analysed in full, whose row-norm drift is still measured."""
     unmatched_globs: list[str] = field(default_factory=list)
@@ -106,15 +107,27 @@ class Selection:
         globs = tuple(i for i in include if i not in KINDS)
         return cls(frozenset(kinds), globs, tuple(exclude))
 
-    def selects(self, name: str, kind: str) -> bool:
-        if any(fnmatch.fnmatchcase(name, g) for g in self.exclude):
+    def selects(self, tensor: str, matrix: str, kind: str) -> bool:
+        """Whether matrix `matrix` of tensor `tensor` (itself, or `tensor[e]`, an expert's of a stack) is analysed:
+        no exclude glob matches either name, and its kind is selected or an include glob matches either."""
+        names = {tensor, matrix}
+        if any(_matches(n, g) for n in names for g in self.exclude):
             return False
-        return kind in self.kinds or any(fnmatch.fnmatchcase(name, g) for g in self.globs)
+        return kind in self.kinds or any(_matches(n, g) for n in names for g in self.globs)
 
     def unmatched(self, names: Iterable[str]) -> list[str]:
         """The include and exclude globs that match none of `names`."""
         names = list(names)
-        return [g for g in (*self.globs, *self.exclude) if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+        return [g for g in (*self.globs, *self.exclude) if not any(_matches(n, g) for n in names)]
+
+
+_BRACKET = re.compile(r"[\[\]]")
+
+
+def _matches(name: str, glob: str) -> bool:
+    """Whether `glob` matches `name` as a glob, or with its brackets taken as written: an expert's matrix `stack[3]`
+    is matched by its own name, whose `[3]` a glob would read as a character class."""
+    return fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(name, _BRACKET.sub(r"[\g<0>]", glob))
 
 
 def _prefixes(names: Iterable[str]) -> set[str]:
@@ -159,18 +172,20 @@ def pair_tensors(
     missing. `layout` says which tensors hold their matrices in × out."""
     result = Pairing()
     b_map, t_map = align(_matrices(base), _matrices(tuned))
-    result.unmatched_globs = selection.unmatched(b_map.keys() | t_map.keys())
-    for key in sorted(b_map.keys() | t_map.keys()):
+    matrices = {key: _matrix_names(key, (base[b_map[key]] if key in b_map else tuned[t_map[key]]).shape)
+                for key in sorted(b_map.keys() | t_map.keys())}
+    result.unmatched_globs = selection.unmatched([*matrices, *(n for names in matrices.values() for n in names)])
+    for key, names in matrices.items():
         b_name, t_name = b_map.get(key), t_map.get(key)
         kind = module_kind(key)
-        selected = selection.selects(key, kind)
-        if not selected:
-            result.not_selected += 1
+        chosen = [n for n in names if selection.selects(key, n, kind)]
+        result.not_selected += len(names) - len(chosen)
+        if not chosen:
             if kind in VOCAB_KINDS and b_name is not None and t_name is not None:
                 result.scale_only.extend(_pairs(key, b_name, t_name, kind, base, tuned))
         elif t_name is None:
             if b_name in unchanged:
-                result.unchanged.extend(_matrix_names(key, base[b_name].shape))
+                result.unchanged.extend(chosen)
             else:
                 result.missing_in_model.append(key)
         elif b_name is None:
@@ -183,7 +198,7 @@ def pair_tensors(
                 continue
             if pairs[0].rows is not None:
                 result.resized.append((key, b_shape[0], t_shape[0]))
-            result.pairs.extend(pairs)
+            result.pairs.extend(pair for pair in pairs if pair.name in chosen)
     return result
 
 

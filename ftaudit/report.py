@@ -63,6 +63,7 @@ class TensorIssues:
     vocab_resized: list[dict[str, object]] = field(default_factory=list)
     nonfinite: list[str] = field(default_factory=list)
     not_selected: int = 0
+    """Matrices left out by the selection (kinds, --include, --exclude), each expert's of a stack counted."""
     unchanged: list[str] = field(default_factory=list)
     """Selected matrices identical in both models (ΔW = 0 exactly): nothing to measure, so not analysed."""
 

@@ -186,6 +186,23 @@ def test_pickled_stacks_are_audited_alike(models, tmp_path):
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
 
 
+def test_one_expert_is_excluded_by_its_name_in_the_report(models, tmp_path):
+    """`--exclude 'stack[e]'` leaves that expert's matrix out of the audit and out of the fix; the others are kept."""
+    root, tuned = models["root"], models["tuned"]
+    stack, left_out = next(iter(models["stacks"])), CHANGED[0]
+    excluded = f"{stack}[{left_out}]"
+    report = run("check", root / "tuned", "--base", root / "base", "--exclude", excluded, "--format", "json",
+                 "--no-cache")
+    names = {m["name"] for m in report["matrices"]}
+    assert excluded not in names and f"{stack}[{CHANGED[1]}]" in names
+    result = CliRunner().invoke(main, ["fix", str(root / "tuned"), "--base", str(root / "base"), "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "0", "--exclude", excluded, "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    written = load_file(tmp_path / "fixed" / "model.safetensors")
+    assert torch.equal(written[stack][left_out], tuned[stack][left_out])
+    assert not torch.equal(written[stack][CHANGED[1]], tuned[stack][CHANGED[1]])
+
+
 def test_a_fine_tune_saved_in_the_layers_form_is_audited_as_published(models, tmp_path):
     """transformers' save_original_format=False writes the stacks (and GraniteMoE's router) as the layers name them:
     each expert's matrix is still paired with the base's, and the fix writes it back there."""

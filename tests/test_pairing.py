@@ -96,6 +96,25 @@ def test_stacked_experts_give_one_pair_per_expert():
     assert untargeted.unchanged == [f"{stack}[{e}]" for e in range(3)] + [f"{other}[{e}]" for e in range(3)]
 
 
+def test_one_experts_matrix_is_selected_by_its_name_in_the_report():
+    """`stack[1]` names expert 1's matrix as the report does: its brackets are taken as written (a glob alone would
+    read `[1]` as a character class); a glob of the stack's name still takes every expert."""
+    stack, other = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
+    base = infos({stack: (4, 8, 12), other: (4, 12, 4), "model.layers.0.embed.weight": (16, 8)})
+    names = lambda pairing: [p.name for p in pairing.pairs]  # noqa: E731
+    one = pair_tensors(base, base, Selection.from_options([], ["*.gate_up_proj[1]", f"{other}[3]", "*_proj[[]0]"]))
+    assert names(one) == [f"{other}[{e}]" for e in (1, 2)] + [f"{stack}[{e}]" for e in (2, 3)]
+    assert one.not_selected == 4 + 1 and one.unmatched_globs == []  # the experts left out, and the embedding
+    whole = pair_tensors(base, base, Selection.from_options([], ["*.gate_up_proj"]))
+    assert names(whole) == [f"{other}[{e}]" for e in range(4)] and whole.not_selected == 4 + 1
+    included = pair_tensors(base, base, Selection(frozenset(), ("*.down_proj[2]",)))
+    assert names(included) == [f"{other}[2]"] and included.not_selected == 3 + 4 + 1
+    unchanged = pair_tensors(base, {}, Selection.from_options([], ["*.down_proj[3]"]), unchanged={stack, other})
+    assert unchanged.unchanged == [f"{other}[{e}]" for e in range(3)] + [f"{stack}[{e}]" for e in range(4)]
+    assert pair_tensors(base, base, Selection.from_options([], ["*.gate_up_proj[7]"])).unmatched_globs == [
+        "*.gate_up_proj[7]"]
+
+
 def test_moe_blocks_are_mlp():
     assert module_kind("model.layers.0.block_sparse_moe.input_linear.weight") == "mlp"  # GraniteMoE's experts
     assert module_kind("model.layers.0.block_sparse_moe.gate.weight") == "mlp"  # Mixtral's router
