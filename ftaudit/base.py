@@ -86,15 +86,18 @@ def adapter_config(storage: Storage) -> dict[str, object] | None:
 
 @dataclass(frozen=True)
 class Architecture:
-    """What config.json says of how a model lays out its weights: its type and the width of its hidden states
-    (a multimodal model's text model's); None where it says nothing."""
+    """What config.json says of how a model lays out its weights: its type, the width of its hidden states
+    (a multimodal model's text model's) and, for DBRX, its number of experts; None where it says nothing."""
 
     model_type: str | None = None
     hidden_size: int | None = None
+    experts: int | None = None
+    """`ffn_config.moe_num_experts`: DBRX concatenates its experts' matrices (ftaudit.layout)."""
 
 
 def architecture_of(storage: Storage) -> Architecture:
-    """config.json's `model_type` and `hidden_size` (or its `text_config`'s); nothing without one (an adapter, a bare
+    """config.json's `model_type`, `hidden_size` (or its `text_config`'s, or `d_model`) and DBRX's number of experts;
+    nothing without one (an adapter, a bare
     checkpoint) or when unreadable as JSON."""
     text = storage.read_text("config.json")
     try:
@@ -105,6 +108,13 @@ def architecture_of(storage: Storage) -> Architecture:
         return Architecture()
     model_type = config.get("model_type")
     text_config = config.get("text_config")
-    sizes = [config.get("hidden_size"), text_config.get("hidden_size") if isinstance(text_config, dict) else None]
-    hidden = next((h for h in sizes if isinstance(h, int) and not isinstance(h, bool) and h > 0), None)
-    return Architecture(model_type if isinstance(model_type, str) else None, hidden)
+    ffn_config = config.get("ffn_config")
+    sizes = [config.get("hidden_size"), text_config.get("hidden_size") if isinstance(text_config, dict) else None,
+             config.get("d_model")]
+    experts = ffn_config.get("moe_num_experts") if isinstance(ffn_config, dict) else None
+    return Architecture(model_type if isinstance(model_type, str) else None, _positive(sizes), _positive([experts]))
+
+
+def _positive(values: list[object]) -> int | None:
+    """The first of `values` that is a positive integer."""
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)

@@ -81,24 +81,33 @@ def open_target(target: Target) -> Opened:
     architectures = architecture_of(tuned.storage), architecture_of(base.storage)  # config.json's, each read once
     _warn_other_architecture(tuned, base, *(a.model_type for a in architectures))
     layout = Layout.of(*architectures)
-    base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
+    base_side = _restacked(open_weights(base.storage, allow_pickle=target.allow_pickle), layout)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
     model_ref = ModelRef(tuned.id, tuned.revision)
     base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
     if config is None:
-        weights = open_weights(tuned.storage, allow_pickle=target.allow_pickle)
+        weights = _restacked(open_weights(tuned.storage, allow_pickle=target.allow_pickle), layout)
         _refuse_quantized(tuned.storage.label, weights, "audit the model before quantization")
         # one side may hold experts' stacks and routers as transformers' layers name them, the other as published
         tuned_side: Tensors = StoredAs.of(weights, base_side.infos, layout)
         base_stored = StoredAs.of(base_side, weights.infos, layout)
     else:
-        weights = open_weights(tuned.storage, "adapter_model", target.allow_pickle)
+        weights = _restacked(open_weights(tuned.storage, "adapter_model", target.allow_pickle), layout)
         adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
     return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout)
+
+
+def _restacked(weights: Checkpoint | PickleCheckpoint, layout: Layout) -> Checkpoint | PickleCheckpoint:
+    """`weights`, with the 2-D tensors that hold experts' matrices one above the other read as stacks (DBRX's)."""
+    for name, info in weights.infos.items():
+        shape = layout.stacked_shape(name, info.shape)
+        if shape is not None:
+            weights.restack(name, shape)
+    return weights
 
 
 def _warn_other_architecture(tuned: Snapshot, base: Snapshot, tuned_type: str | None, base_type: str | None) -> None:

@@ -13,6 +13,7 @@ update cut back to rank r), or with `merge` the base model with the patched merg
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -146,8 +147,13 @@ def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, r
         if progress:
             progress(done, total, name)
 
+    def as_stored(info: TensorInfo) -> torch.Tensor | None:
+        """The new value in the file's shape: a stack read from a 2-D tensor (DBRX's experts) goes back to 2-D."""
+        new = replace(info)
+        return new if new is None or new.numel() != math.prod(info.shape) else new.reshape(info.shape)
+
     for file in files:
-        folder.write_safetensors(storage, file, replace, step)
+        folder.write_safetensors(storage, file, as_stored, step)
 
 
 def _copy_files(folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool) -> list[str]:

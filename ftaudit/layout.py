@@ -6,7 +6,9 @@ with W stored in × out, so its matrices are analysed transposed, as the layer a
 
 A mixture-of-experts layer may store its experts' matrices as one 3-D tensor, E × out × in (the
 layout of transformers' fused experts), or E × in × out in the families that compute x·W_e (Llama 4,
-gpt-oss): each expert's matrix is analysed on its own, named `tensor[e]`, out × in. Where config.json
+gpt-oss): each expert's matrix is analysed on its own, named `tensor[e]`, out × in. DBRX stores its
+experts' matrices one above the other in 2-D tensors (`ffn.experts.mlp.w1`, E·I × H), seen as the
+stacks they are, E × I × H, as its layers view them. Where config.json
 gives the hidden width, a stack's layout is read from its shape: the hidden width is the input of an
 up or gate projection and the output of a down projection. So are checkpoints of one family saved
 both ways (Qwen3-VL-MoE's, E × in × out as published, E × out × in as transformers 5 saves them).
@@ -33,6 +35,8 @@ EXPERTS_IN_OUT_MODELS = frozenset({
 EXPERTS_MARKED_TRANSPOSED = EXPERTS_IN_OUT_MODELS - {"llama4", "llama4_text"}
 """Those whose experts class transformers marks `is_transposed`: PEFT's LoRA on their stacks (target_parameters)
 holds each expert's ΔWᵀ as B·A; on every other stack, each expert's ΔW (Llama 4's too)."""
+CONCATENATED_EXPERTS = re.compile(r"(^|\.)experts\.mlp\.(w1|v1|w2)$")
+"""DBRX's tensors of experts' matrices one above the other: w1 and v1 out × in, w2 in × out (read from the shapes)."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +51,25 @@ class Layout:
     """PEFT's LoRA on the family's stacked experts holds each expert's ΔWᵀ (EXPERTS_MARKED_TRANSPOSED)."""
     hidden_size: int | None = None
     """The width of the hidden states, which tells a stack's layout from its shape."""
+    concatenated_experts: int | None = None
+    """The number of experts whose matrices the family stores one above the other in 2-D tensors (DBRX)."""
 
     @classmethod
     def of(cls, *architectures: Architecture) -> Layout:
         """The layout of the first of `architectures` (config.json's) whose type is known; the first hidden width."""
         model_type = next((a.model_type for a in architectures if a.model_type is not None), None)
         hidden = next((a.hidden_size for a in architectures if a.hidden_size is not None), None)
+        experts = next((a.experts for a in architectures if a.experts is not None), None)
         return cls(model_type in CONV1D_MODELS, model_type in EXPERTS_IN_OUT_MODELS,
-                   model_type in EXPERTS_MARKED_TRANSPOSED, hidden)
+                   model_type in EXPERTS_MARKED_TRANSPOSED, hidden, experts if model_type == "dbrx" else None)
+
+    def stacked_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """The E × rows × cols stack that 2-D tensor `name` holds, its experts' matrices one above the other (DBRX's);
+        None for any other tensor."""
+        experts = self.concatenated_experts
+        if experts is None or len(shape) != 2 or shape[0] % experts or not CONCATENATED_EXPERTS.search(name):
+            return None
+        return experts, shape[0] // experts, shape[1]
 
     def transposed(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether tensor `name` of this shape holds its matrices in × out."""
@@ -78,7 +93,7 @@ def _projection(name: str) -> str | None:
     leaf = name.removesuffix(".weight").rpartition(".")[2]
     if leaf.startswith("down") or leaf in ("w2", "output_linear", "fc2"):
         return "down"
-    if leaf.startswith(("up", "gate")) or leaf in ("w1", "w3", "input_linear", "fc1"):
+    if leaf.startswith(("up", "gate")) or leaf in ("w1", "w3", "v1", "input_linear", "fc1"):
         return "up"
     return None
 

@@ -94,6 +94,16 @@ def test_conv1d_names():
     assert not other.transposed("model.layers.0.mlp.c_fc.weight", (512, 2048))  # the tuned side's type comes first
 
 
+def test_dbrx_experts_one_above_the_other_are_read_as_stacks():
+    dbrx = Layout.of(Architecture("dbrx", 64, 4))
+    assert dbrx.stacked_shape("transformer.blocks.0.ffn.experts.mlp.w2", (192, 64)) == (4, 48, 64)
+    assert dbrx.transposed("transformer.blocks.0.ffn.experts.mlp.w2", (4, 48, 64))  # x·W_e: in × out
+    assert not dbrx.transposed("transformer.blocks.0.ffn.experts.mlp.v1", (4, 48, 64))
+    assert dbrx.stacked_shape("transformer.blocks.0.ffn.experts.mlp.w1", (190, 64)) is None  # not E row blocks
+    assert dbrx.stacked_shape("transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight", (192, 64)) is None
+    assert Layout.of(Architecture("llama", 64, 4)).stacked_shape("ffn.experts.mlp.w1", (192, 64)) is None
+
+
 @pytest.mark.parametrize("side", ["tuned", "adapter"])
 def test_conv1d_matrices_are_audited_out_by_in(models, side):
     root, base = models["root"], models["base"]

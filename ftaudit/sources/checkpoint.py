@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,6 +51,12 @@ class Checkpoint:
     @property
     def infos(self) -> dict[str, TensorInfo]:
         return {name: ref.info for name, ref in self.tensors.items()}
+
+    def restack(self, name: str, shape: tuple[int, int, int]) -> None:
+        """Read 2-D tensor `name` as the stack of `shape` its rows make, its experts' matrices one above the other (the
+        same bytes); so is each expert's matrix read alone."""
+        ref = self.tensors[name]
+        self.tensors[name] = TensorRef(ref.file, replace(ref.info, shape=shape))
 
     def load(self, name: str, expert: int | None = None) -> torch.Tensor:
         """One tensor, or one expert's matrix of a stack (only its bytes are read), as a CPU tensor of its

@@ -36,6 +36,10 @@ class PickleCheckpoint:
             for n, t in self._tensors.items()
         }
 
+    def restack(self, name: str, shape: tuple[int, int, int]) -> None:
+        """Read 2-D tensor `name` as the stack of `shape` its rows make, its experts' matrices one above the other."""
+        self._tensors[name] = self._tensors[name].view(shape)
+
     def load(self, name: str, expert: int | None = None) -> torch.Tensor:
         """One tensor, or one expert's matrix of a stack (a view of the mapped file)."""
         tensor = self._tensors[name]
