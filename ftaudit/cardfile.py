@@ -23,6 +23,7 @@ import yaml
 from ftaudit.errors import UsageError
 from ftaudit.files import write_bytes
 from ftaudit.report import Report
+from ftaudit.secrets import mask_shapes
 
 BEGIN = "<!-- ftaudit:begin -->"
 END = "<!-- ftaudit:end -->"
@@ -72,9 +73,12 @@ def read_card_data(card_text: str) -> dict[str, object] | None:
 def update_card(card_text: str, section: str, front_matter_data: dict[str, object]) -> str:
     """`card_text` with ftaudit's section and front-matter key set to `section` and `front_matter_data`.
 
-    Raises UsageError when the card cannot be updated without guessing: a front matter that is not
-    a YAML mapping, or a begin marker without its end marker.
+    Whatever is shaped like a secret in the section and the data is masked (the rest of the card is
+    the user's, kept as it is). Raises UsageError when the card cannot be updated without guessing: a
+    front matter that is not a YAML mapping, or a begin marker without its end marker.
     """
+    section = mask_shapes(section)
+    front_matter_data = {k: mask_shapes(v) if isinstance(v, str) else v for k, v in front_matter_data.items()}
     bom, text = _split_bom(card_text)
     nl = _newline(text)
     match = _FRONT_MATTER.match(text)

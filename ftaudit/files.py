@@ -8,11 +8,13 @@ import stat
 from pathlib import Path
 
 from ftaudit.errors import UsageError
+from ftaudit.secrets import mask_shapes
 
 
 def write_text(path: Path, content: str) -> None:
-    """Write `content` to `path` as UTF-8, atomically (see `write_bytes`)."""
-    write_bytes(path, content.encode("utf-8"))
+    """Write `content` to `path` as UTF-8, atomically (see `write_bytes`), whatever is shaped like a secret in it
+    masked (a token in an input's URL, say, that a report or card section quotes)."""
+    write_bytes(path, mask_shapes(content).encode("utf-8"))
 
 
 def write_bytes(path: Path, data: bytes, what: str = "") -> None:

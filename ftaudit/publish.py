@@ -27,6 +27,7 @@ from ftaudit.renderers.card import render_card_section
 from ftaudit.renderers.heatmap import render_heatmap_svg
 from ftaudit.renderers.markdown import render_job_summary, status_headline
 from ftaudit.report import Report
+from ftaudit.secrets import mask_shapes
 from ftaudit.sources.hub import bound_session, endpoint, with_retries
 
 T = TypeVar("T")
@@ -58,6 +59,7 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
         files[BADGE_JSON] = json.dumps(shields_endpoint(report), indent=2) + "\n"
     if heatmap:
         files[HEATMAP] = render_heatmap_svg(report)
+    files = {path: mask_shapes(text) for path, text in files.items()}
     section = render_card_section(
         report, badge_path=BADGE if badge else None, heatmap_path=HEATMAP if heatmap else None
     )
@@ -68,7 +70,7 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
             [CommitOperationAdd(path, text.encode()) for path, text in files.items()],
             commit_message=f"ftaudit: {status_headline(report)}",
             commit_description=(
-                f"Fine-tuning audit of {sha} against {report.base.id}, by ftaudit {report.tool.get('version', '')}: "
+                f"Fine-tuning audit of {sha} against {mask_shapes(report.base.id)}, by ftaudit {report.tool.get('version', '')}: "
                 "the ftaudit section and metadata of the model card, its badge and heatmap."
             ),
             revision=branch,
@@ -107,7 +109,7 @@ def _output_line(name: str, value: str) -> str:
 def _append(path: str, text: str) -> None:
     try:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
+            f.write(mask_shapes(text))
     except OSError as e:
         raise UsageError(f"{path}: cannot write GitHub Actions output ({e.strerror})") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,16 @@ from urllib.parse import urlsplit
 from huggingface_hub import constants  # the paths only: the Hub client loads slowly, and a local audit never needs it
 
 MASK = "***"
+HUB_TOKEN = re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}")
+"""Anything shaped like a Hugging Face token (`hf_` and, today, 34 letters), known to be one here or not."""
+URL_PASSWORD = re.compile(r"(?<=://)([^\s/?#@:]*:)[^\s/?#@]+(?=@)")
+"""The password of a URL's userinfo (scheme://user:password@host), after the user and its colon."""
+
+
+def mask_shapes(text: str) -> str:
+    """`text` with whatever looks like a secret masked: Hugging Face tokens and URLs' passwords, whoever's they are
+    (a token in an adapter_config.json's URL is not the user's, and no list of known tokens holds it)."""
+    return HUB_TOKEN.sub(MASK, URL_PASSWORD.sub(rf"\1{MASK}", text))
 
 
 def saved_login() -> str | None:
@@ -45,7 +56,7 @@ def _endpoint_password() -> str | None:
 
 @dataclass(frozen=True)
 class Redactor:
-    """Replaces every known secret in a text by a mask."""
+    """Replaces every known secret in a text, and whatever is shaped like one (`mask_shapes`), by a mask."""
 
     known: frozenset[str]
 
@@ -65,7 +76,7 @@ class Redactor:
     def __call__(self, text: str) -> str:
         for secret in self.secrets():
             text = text.replace(secret, MASK)
-        return text
+        return mask_shapes(text)
 
     def log_filter(self, record: logging.LogRecord) -> bool:
         """A logging filter that redacts the record's final message in place."""
