@@ -259,3 +259,38 @@ def test_the_state_of_a_variant_that_merges_as_lora_is_no_tensor_of_the_model(tm
     before = json.loads(out.read_text())["before"]
     assert before["model"]["adapter"]["modules_to_save"] == [] and before["tensors"]["missing_in_base"] == []
     assert len(before["matrices"]) == 12  # query and value of the 6 layers
+
+
+def peft_variant(tmp_path: Path, **lora: object) -> tuple[Path, Path]:
+    """A small Llama (saved as the base) and the adapter PEFT makes of it with the LoRA options `lora`."""
+    import peft
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.variants import QALoraLinearVariant
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=50))
+    model.save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **lora)
+    adapted = peft.get_peft_model(model, config)
+    if config.use_qalora:  # PEFT gives QALoRA's pooled A to GPTQ layers only, which need CUDA: the same, on plain ones
+        for module in adapted.modules():
+            if isinstance(module, LoraLinear):
+                QALoraLinearVariant.init(module, "default", config)
+    adapted.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", tmp_path / "base"
+
+
+@pytest.mark.parametrize(("lora", "message"), [
+    ({"alora_invocation_tokens": [3, 4], "task_type": "CAUSAL_LM"},
+     "aLoRA adapters (alora_invocation_tokens) are not supported"),
+    ({"use_qalora": True, "qalora_group_size": 16}, "QALoRA adapters (use_qalora) are not supported"),
+])
+def test_lora_variants_peft_makes_but_not_as_w0_plus_ba_are_refused(tmp_path, lora, message):
+    """aLoRA, which PEFT cannot merge, had been audited as if merged, and QALoRA's narrower A had been taken for
+    the sign of another base."""
+    folder, base = peft_variant(tmp_path, **lora)
+    for command in (["check"], ["fix", "--out", str(tmp_path / "out")]):
+        result = CliRunner().invoke(main, [*command, str(folder), "--base", str(base)])
+        assert result.exit_code == 2 and result.stderr == f"ftaudit: error: {folder}: {message}\n", result.stderr

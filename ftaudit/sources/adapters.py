@@ -46,9 +46,11 @@ _UNSUPPORTED_KEYS = {
 _MERGE_UNUSED = (".lora_velora_embed.", ".lora_monteclora_sampler.")
 """The state of LoRA variants whose merge is W0 + scaling·B·A all the same (VeLoRA's projection, MonteCLoRA's
 sampler): no tensor of the tuned model."""
-_UNSUPPORTED_VARIANTS = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA"}
+_UNSUPPORTED_VARIANTS = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA",
+                         "alora_invocation_tokens": "aLoRA", "use_qalora": "QALoRA"}
 """LoRA variants whose merge is not W0 + scaling·B·A: DoRA rescales the columns, KaSA puts a diagonal between B and A
-and truncates W0, block-diagonal LoRA stores A or B as blocks."""
+and truncates W0, block-diagonal LoRA stores A or B as blocks. aLoRA (activated LoRA) adapts only the tokens after its
+invocation sequence and has no merge; QALoRA's A acts on inputs pooled by groups, a narrower matrix than W0's."""
 
 
 @dataclass(frozen=True)
