@@ -168,6 +168,7 @@ def audit_opened(
 
 
 def _nothing_to_audit(report: Report) -> str:
+    """Why no matrix was analysed: shapes that differ, a selection that leaves none, or no names in common."""
     t = report.tensors
     if t.shape_mismatch:
         first = t.shape_mismatch[0]
@@ -175,4 +176,7 @@ def _nothing_to_audit(report: Report) -> str:
             f"no matrix of the model matches the base in shape (e.g. {first['name']}: base {first['base']}, "
             f"model {first['model']}): is {report.base.id} really its base?"
         )
+    if t.not_selected and not (t.missing_in_base or t.missing_in_model):
+        return ("the selection (--include/--exclude) leaves no weight matrix to analyse: exclude fewer, or --include "
+                "other module kinds")
     return f"the model and {report.base.id} share no analysable weight matrices: is it really the base?"

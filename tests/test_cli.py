@@ -99,6 +99,19 @@ def test_a_glob_that_matches_nothing_is_warned_about(pair, tmp_path):
     assert code == 0 and stdout == "" and quiet_stderr == stderr  # --quiet keeps warnings
 
 
+@pytest.mark.parametrize("exclude", [["*"], ["*.self_attn.*", "*.mlp.*"]])
+def test_a_selection_that_leaves_nothing_is_blamed_not_the_base(pair, exclude):
+    code, _, stderr = run("check", pair["full"], *[x for glob in exclude for x in ("--exclude", glob)])
+    assert code == 2 and stderr == "ftaudit: error: the selection (--include/--exclude) leaves no weight matrix to " \
+        "analyse: exclude fewer, or --include other module kinds\n"
+
+
+def test_a_base_with_no_matrix_in_common_is_still_doubted(pair, tmp_path):
+    other = write_model(tmp_path / "other", {n.replace("_proj", "_lin"): t for n, t in llama_like().items()})
+    code, _, stderr = run("check", pair["full"], "--base", other, "--exclude", "*.mlp.*")
+    assert code == 2 and stderr.endswith(f"{other} share no analysable weight matrices: is it really the base?\n")
+
+
 def test_with_format_github_warnings_are_workflow_commands_and_stay_redacted(pair, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_InTheEnvironmentAbcdefghijklmn")
     glob = "50%_hf_InTheEnvironmentAbcdefghijklmn"
