@@ -10,9 +10,8 @@ from pathlib import Path
 import yaml
 
 from ftaudit.errors import PolicyError
-from ftaudit.report import Report, Summary, Verdict
+from ftaudit.report import LEVELS, Report, Summary, Verdict
 
-LEVELS = ("low", "medium", "high")
 NOT_METRICS = {"intruder_curve", "risk", "update", "by_kind", "by_layer", "heads"}
 METRICS = tuple(f.name for f in fields(Summary) if f.name not in NOT_METRICS)
 """Numeric summary fields a risk rule can use."""

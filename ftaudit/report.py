@@ -13,6 +13,10 @@ from ftaudit.files import write_text
 
 SCHEMA_VERSION = "1"
 EPSILONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+LEVELS = ("low", "medium", "high")
+"""Forgetting-risk levels, lowest first."""
+STATUSES = ("pass", "warn", "fail")
+"""The verdicts of a report that the policy has judged."""
 
 
 @dataclass
@@ -143,9 +147,9 @@ class Report:
 
     @classmethod
     def read(cls, path: Path) -> Report:
-        """Read a report written by `write`."""
+        """Read a report written by `write` (which writes no NaN or Infinity, Python's extensions of JSON)."""
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json))
         except OSError as e:
             raise UsageError(f"{path}: cannot read the report ({e.strerror})") from None
         except ValueError:
@@ -161,9 +165,17 @@ class Report:
         write_text(path, self.to_json())
 
 
+def _not_json(constant: str) -> object:
+    raise ValueError(f"{constant} is no JSON number")
+
+
+_VALUES = {("Summary", "risk"): LEVELS, ("Verdict", "status"): STATUSES}
+"""The fields whose strings are one of a few."""
+
+
 def _known(cls: type, data: object) -> dict[str, object]:
-    """The fields of `cls` in `data`, each checked against its declared type (its outer JSON type: a number, a
-    string, a list, an object or null): a later ftaudit may add fields within a schema version, which this one
+    """The fields of `cls` in `data`, each checked against its declared type, down to the items of its lists and
+    objects, and to the values it can take: a later ftaudit may add fields within a schema version, which this one
     skips."""
     if not isinstance(data, dict):
         raise TypeError(f"{cls.__name__} must be a JSON object, not {type(data).__name__}")
@@ -173,15 +185,28 @@ def _known(cls: type, data: object) -> dict[str, object]:
         if not _has_type(value, hints[name]):
             what = hints[name].__name__ if isinstance(hints[name], type) else hints[name]
             raise TypeError(f"{cls.__name__}.{name} must be {what}, not {json.dumps(value)[:40]}")
+        allowed = _VALUES.get((cls.__name__, name))
+        if allowed is not None and value not in allowed:
+            raise TypeError(f"{cls.__name__}.{name} must be one of {', '.join(allowed)}, not {json.dumps(value)[:40]}")
     return known
 
 
 def _has_type(value: object, hint: object) -> bool:
-    """Whether a JSON value has the outer type of `hint` (`int | None`, `list[float]`, ...); an int is a float too."""
+    """Whether a JSON value has the type `hint` (`int | None`, `list[float]`, `dict[str, float | None]`, ...), its
+    lists' items and its objects' keys and values included; an int is a float too, but a JSON true is no number."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    kinds = {typing.get_origin(option) or option for option in options}
-    if isinstance(value, bool):  # a JSON true is no number
-        return bool in kinds
-    if float in kinds:
-        kinds.add(int)
-    return isinstance(value, tuple(kinds))
+    return any(_is(value, option) for option in options)
+
+
+def _is(value: object, hint: object) -> bool:
+    kind, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if kind is object:
+        return True
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is list:
+        return isinstance(value, list) and all(_has_type(item, args[0]) for item in value)
+    if kind is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1])
+                                               for k, v in value.items())
+    return isinstance(value, (int, float) if kind is float else kind)  # type: ignore[arg-type]

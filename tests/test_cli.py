@@ -404,6 +404,17 @@ def test_reports_read_back_into_the_same_report(pair, tmp_path):
         (lambda doc: doc["matrices"][0].update(max_cos=None), "MatrixResult.max_cos must be list[float], not null"),
         (lambda doc: doc["verdict"].update(reasons="none"), 'Verdict.reasons must be list[str], not "none"'),
         (lambda doc: doc["tool"].pop("version"), "tool must be {'name': 'ftaudit', 'version': ...}"),
+        (lambda doc: doc["matrices"][0]["max_cos"].insert(0, "0.9"), 'MatrixResult.max_cos must be list[float], '
+         'not ["0.9", '),
+        (lambda doc: doc["summary"]["intruder_curve"].update({"0.5": None}), "Summary.intruder_curve must be "
+         "dict[str, int], not {"),
+        (lambda doc: doc["tensors"].update(shape_mismatch=[3]), "TensorIssues.shape_mismatch must be "
+         "list[dict[str, object]], not [3]"),
+        (lambda doc: doc["settings"].update(exclude=[None]), "Settings.exclude must be list[str], not [null]"),
+        (lambda doc: doc["verdict"].update(status="maybe"), 'Verdict.status must be one of pass, warn, fail, '
+         'not "maybe"'),
+        (lambda doc: doc["summary"].update(risk="extreme"), 'Summary.risk must be one of low, medium, high, '
+         'not "extreme"'),
     ],
 )
 def test_a_report_edited_into_wrong_types_is_not_an_ftaudit_report(pair, tmp_path, edit, message):
@@ -416,6 +427,22 @@ def test_a_report_edited_into_wrong_types_is_not_an_ftaudit_report(pair, tmp_pat
     assert (code, stdout) == (2, "")
     assert stderr.startswith(f"ftaudit: error: {edited}: not an ftaudit report (TypeError: {message}")
     assert not (tmp_path / "README.md").exists()
+
+
+def test_a_report_with_nan_is_not_json_and_a_loose_update_count_is_left_out(pair, tmp_path):
+    """ftaudit writes no NaN (a number the card would show), and the update's free-form object is shown only as far
+    as it makes sense."""
+    out, edited, card = tmp_path / "r.json", tmp_path / "edited.json", tmp_path / "README.md"
+    run("check", pair["lora"], "--json", out, "--quiet")
+    doc = json.loads(out.read_text())
+    doc["matrices"][0]["max_cos"][0] = float("nan")
+    edited.write_text(json.dumps(doc))
+    assert run("card", "update", card, "--report", edited) == (2, "", f"ftaudit: error: {edited}: not valid JSON\n")
+    doc = json.loads(out.read_text())
+    doc["summary"]["update"]["total"] = "many"
+    edited.write_text(json.dumps(doc))
+    code, _, stderr = run("card", "update", card, "--report", edited)
+    assert code == 0 and "low-rank (rank 2)" in card.read_text() and "of many" not in card.read_text(), stderr
 
 
 def test_a_report_with_fields_added_within_the_schema_version_updates_a_card(pair, tmp_path):

@@ -221,8 +221,9 @@ def update_type(report: Report) -> str | None:
     text = str(update["type"])
     if update.get("rank") is not None:
         text += f" (rank {update['rank']})"
-    if update.get("changed") is not None and update.get("total") is not None:
-        text += f", {update['changed']} of {plural(int(update['total']), 'matrix', 'matrices')} changed"
+    changed, total = update.get("changed"), update.get("total")
+    if isinstance(changed, int) and isinstance(total, int):  # a report edited by hand can hold anything here
+        text += f", {changed} of {plural(total, 'matrix', 'matrices')} changed"
     return text
 
 
