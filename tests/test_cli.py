@@ -16,6 +16,8 @@ from ftaudit.cli import main
 from tests import reference
 from tests.models import card, llama_like, low_rank_update, small_update, write_model
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def run(*args: object) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, [str(a) for a in args])
@@ -265,6 +267,25 @@ def test_the_process_flushes_its_output_and_keeps_the_exit_codes(pair, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "ftaudit", "check", str(tmp_path / "absent")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("how", ["console script", "python -m ftaudit"])
+def test_ctrl_c_while_torch_is_imported_is_one_line_and_exit_code_2(pair, how):
+    """Ctrl-C in the second or more that the imports (torch) take, before the command line that turns it into one
+    line exists."""
+    import signal
+    import time
+    import tomllib
+
+    module, function = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["ftaudit"].split(":")
+    start = ["-c", f"from {module} import {function}; {function}()"] if how == "console script" else ["-m", "ftaudit"]
+    proc = subprocess.Popen([sys.executable, *start, "check", str(pair["lora"])], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stdout, stderr) == (2, "", "ftaudit: error: interrupted\n")
 
 
 def test_same_inputs_give_the_same_report(pair, tmp_path):
