@@ -97,8 +97,7 @@ class Architecture:
 
 def architecture_of(storage: Storage) -> Architecture:
     """config.json's `model_type`, `hidden_size` (or its `text_config`'s, or `d_model`) and DBRX's number of experts;
-    nothing without one (an adapter, a bare
-    checkpoint) or when unreadable as JSON."""
+    nothing without one (an adapter, a bare checkpoint) or when unreadable as JSON."""
     text = storage.read_text("config.json")
     try:
         config = json.loads(text) if text is not None else None

@@ -23,7 +23,8 @@ VOCAB_KINDS = ("embedding", "head")
 """Kinds whose rows are vocabulary entries: a resized vocabulary is compared on the shared rows."""
 
 _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
-    ("norm", re.compile(r"(^|\.)([^.]*norm[^.]*|ln_?\w*)(\.(weight|bias))?$")),  # the module: DBRX's attention is in norm_attn_norm
+    # a norm is the tensor's own module: DBRX's attention lies in `norm_attn_norm`
+    ("norm", re.compile(r"(^|\.)([^.]*norm[^.]*|ln_?\w*)(\.(weight|bias))?$")),
     ("embedding", re.compile(r"embed|(^|\.)(wte|wpe|shared)(\.|$)")),
     ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler|cls|output_projection)(\.|$)")),
     ("attention", re.compile(

@@ -70,7 +70,8 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
             [CommitOperationAdd(path, text.encode()) for path, text in files.items()],
             commit_message=f"ftaudit: {status_headline(report)}",
             commit_description=(
-                f"Fine-tuning audit of {sha} against {mask_shapes(report.base.id)}, by ftaudit {report.tool.get('version', '')}: "
+                f"Fine-tuning audit of {sha} against {mask_shapes(report.base.id)}, "
+                f"by ftaudit {report.tool.get('version', '')}: "
                 "the ftaudit section and metadata of the model card, its badge and heatmap."
             ),
             revision=branch,

@@ -19,7 +19,7 @@ offloaded save) is matched to a checkpoint stored as published by the same rules
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from ftaudit.sources.safetensors import TensorInfo
@@ -67,6 +67,24 @@ def stored_names(key: str) -> list[tuple[str, ...]]:
     whole = [(f"{owner}{name}",) for name in _WHOLE.get(stack, ())]
     parts = [tuple(f"{o}experts.{EXPERT}.{p}.weight" for p in names) for o in owners for names in _PARTS[stack]]
     return [*whole, *parts]
+
+
+def first_names(stored: Iterable[list[tuple[str, ...]]]) -> set[str]:
+    """The names to look for in a checkpoint of all the ways of storing (`stored_names`): expert 0's for parts."""
+    return {n.replace(EXPERT, "0") for names in stored for found in names for n in found}
+
+
+def where_stored(names: list[tuple[str, ...]], located: dict[str, str | None], checkpoint: Collection[str]
+                 ) -> tuple[tuple[str, ...], str | list[list[str]]] | None:
+    """Which of `names` (`stored_names`) a checkpoint stores a layers' tensor under, and where: one tensor, whole, or
+    each expert's parts ([[parts of expert 0], [of expert 1], …]); None if under none. `located` gives where the
+    checkpoint holds each of `first_names`, if it does."""
+    for found in names:
+        first = [located.get(n.replace(EXPERT, "0")) for n in found]
+        if all(first):
+            held = [n for n in first if n is not None]
+            return found, held[0] if EXPERT not in found[0] else expert_parts(held, checkpoint)
+    return None
 
 
 def numbered(name: str, expert: int) -> str:

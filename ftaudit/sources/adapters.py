@@ -29,7 +29,7 @@ from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
-from ftaudit.stored_stacks import EXPERT, Part, expert_parts, parts_fit, stored_names
+from ftaudit.stored_stacks import Part, first_names, parts_fit, stored_names, where_stored
 
 PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
@@ -256,7 +256,7 @@ class AdaptedTensors:
         adapter_infos = adapter.weights.infos
         parameters = {k for module in adapter.modules.values() for k in module.parameters}
         stored = {key: stored_names(key) for key in [*adapter.replaced, *parameters]}
-        candidates = {n.replace(EXPERT, "0") for names in stored.values() for found in names for n in found}
+        candidates = first_names(stored.values())
         weights = [f"{m}.weight" for m in [*adapter.modules, *adapter.rows]]
         biases = [f"{m}.bias" for m in adapter.biases]
         base_map, adapter_map = align(base_infos, [*weights, *biases, *adapter.replaced, *parameters, *candidates])
@@ -264,11 +264,11 @@ class AdaptedTensors:
         parts: dict[str, list[list[str]]] = {}
         """The layers' stacks that the base stores expert by expert: each expert's parts."""
         for key, names in stored.items():
-            where = self._stored(names, located) if located.get(key) is None else None
-            if isinstance(where, str):
-                located[key] = where
-            elif where:
-                parts[key] = where
+            found = where_stored(names, located, base_infos) if located.get(key) is None else None
+            if found is not None and isinstance(found[1], str):
+                located[key] = found[1]
+            elif found is not None:
+                parts[key] = found[1]
         for m, module in adapter.modules.items():  # a layer's LoRA given parameters by a bare target's name (PEFT's
             # target_parameters=["down_proj"] names one of any module): the base has the layer, and none of those
             if module.parameters and located.get(f"{m}.weight") and not any(
@@ -342,15 +342,6 @@ class AdaptedTensors:
         """Base tensor `name`, whose source is set, as part `part` of an expert's matrix."""
         self._parts[name] = part
         self._experts.setdefault((self._sources[name][1], part.expert), []).append(name)
-
-    def _stored(self, names: list[tuple[str, ...]], located: dict[str, str | None]) -> str | list[list[str]] | None:
-        """Where the base stores a layers' stack, of the `names` it may be stored under (`stored_names`): one tensor,
-        whole, or each expert's parts ([[parts of expert 0], [of expert 1], …]); None if nowhere."""
-        for found in names:
-            first = [located.get(n.replace(EXPERT, "0")) for n in found]
-            if all(first):
-                return first[0] if EXPERT not in found[0] else expert_parts(first, self.base.infos)
-        return None
 
     def _parameter(self, module: LoraModule, located: dict[str, str | None], parts: dict[str, list[list[str]]],
                    layout: Layout) -> tuple[dict[str, Part | None], LoraModule]:

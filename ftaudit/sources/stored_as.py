@@ -19,7 +19,7 @@ from ftaudit.pairing import align
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.safetensors import TensorInfo
-from ftaudit.stored_stacks import EXPERT, Part, expert_parts, numbered, parts_fit, stored_names
+from ftaudit.stored_stacks import EXPERT, Part, first_names, numbered, parts_fit, stored_names, where_stored
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,7 @@ class StoredAs:
         stored = {name: names for name in infos if (names := stored_names(name))}
         if not stored:
             return side
-        candidates = {n.replace(EXPERT, "0") for names in stored.values() for found in names for n in found}
-        other_map, own_map = align(other, [*infos, *candidates])
+        other_map, own_map = align(other, [*infos, *first_names(stored.values())])
         located = {original: other_map.get(key) for key, original in own_map.items()}
         sources: dict[str, Source] = {}
         for name, names in stored.items():
@@ -106,19 +105,16 @@ def _stored_as(name: str, shape: tuple[int, ...], names: list[tuple[str, ...]], 
                other: dict[str, TensorInfo], layout: Layout) -> dict[str, Source]:
     """Tensor `name` of this `shape` seen as the other side stores it, under one of `names` (`stored_names`): whole,
     under the name, or in the parts of each expert's matrix, these fitting it exactly; nothing if none is stored."""
+    found = where_stored(names, located, other)
+    if found is None:
+        return {}
+    own, where = found
+    if isinstance(where, str):
+        return {own[0]: Source(name)}
     transposed = len(shape) == 3 and layout.transposed(name, shape)
-    for found in names:
-        first = [located.get(n.replace(EXPERT, "0")) for n in found]
-        if not all(first):
-            continue
-        if EXPERT not in found[0]:
-            return {found[0]: Source(name)}
-        experts = expert_parts([n for n in first if n is not None], other)
-        matrix = (shape[2], shape[1]) if transposed else shape[1:]
-        fit = parts_fit(experts, other, tuple(matrix)) if len(shape) == 3 and shape[0] == len(experts) else None
-        if fit is None:
-            continue
-        own = [n.replace(EXPERT, "0") for n in found]
-        return {numbered(own[j], e): Source(name, part, transposed)
-                for e, parts in enumerate(experts) for j, part in enumerate(fit[p] for p in parts)}
-    return {}
+    matrix = (shape[2], shape[1]) if transposed else shape[1:]
+    fit = parts_fit(where, other, tuple(matrix)) if len(shape) == 3 and shape[0] == len(where) else None
+    if fit is None:
+        return {}
+    return {numbered(own[j].replace(EXPERT, "0"), e): Source(name, part, transposed)
+            for e, parts in enumerate(where) for j, part in enumerate(fit[p] for p in parts)}
