@@ -14,14 +14,10 @@ from click.testing import CliRunner
 
 from ftaudit.cli import main
 from tests import reference
+from tests.invoke import run
 from tests.models import card, llama_like, low_rank_update, small_update, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")

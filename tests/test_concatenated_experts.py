@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ftaudit.cli import main
 from ftaudit.spectral import CERTIFIED_SIN
 from tests import reference
+from tests.invoke import json_report
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,15 +58,9 @@ def models(tmp_path_factory) -> dict[str, object]:
     return {"root": root, "base": base, "tuned": tuned}
 
 
-def run(*args: object) -> dict:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code in (0, 1), result.stderr
-    return json.loads(result.stdout)
-
-
 def test_each_expert_is_audited_as_its_layer_applies_it(models):
     root, base, tuned = models["root"], models["base"], models["tuned"]
-    report = run("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
+    report = json_report("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
     found = {m["name"]: m for m in report["matrices"]}
     assert found.keys() == {PREFIX + f"{name}[{e}]" for name, (e, _) in CHANGED.items()} | {WQKV}
     assert found[WQKV]["kind"] == "attention"
@@ -112,6 +107,6 @@ def test_pickled_experts_are_audited_alike(models, tmp_path):
         shutil.copytree(root / side, tmp_path / side, ignore=shutil.ignore_patterns("*.safetensors"))
         torch.save(models[side], tmp_path / side / "pytorch_model.bin")
     args = ("--base", "--format", "json", "--no-cache", "--allow-pickle")
-    pickled = run("check", tmp_path / "tuned", args[0], tmp_path / "base", *args[1:])
-    stored = run("check", root / "tuned", args[0], root / "base", *args[1:])
+    pickled = json_report("check", tmp_path / "tuned", args[0], tmp_path / "base", *args[1:])
+    stored = json_report("check", root / "tuned", args[0], root / "base", *args[1:])
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from ftaudit.cli import main
+from tests.invoke import run
 from tests.models import card, llama_like, low_rank_update, small_update, write_model
 
 DEVICE = "cuda"
@@ -28,11 +27,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 TARGETS = ("q_proj", "v_proj", "gate_proj", "down_proj")
 RELATIVE = 1e-6
 """Largest relative difference between the two devices' numbers (both compute in float64)."""
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def ill_conditioned(rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.local import LocalStorage
 from ftaudit.spectral import CERTIFIED_SIN
 from tests import reference
+from tests.invoke import json_report
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,15 +101,9 @@ def with_intruders(base: dict[str, torch.Tensor], stacks: dict[str, bool]) -> di
     return tuned
 
 
-def run(*args: object) -> dict:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code in (0, 1), result.stderr
-    return json.loads(result.stdout)
-
-
 def test_each_expert_is_audited_out_by_in(models):
     root, base, tuned = models["root"], models["base"], models["tuned"]
-    report = run("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
+    report = json_report("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
     found = {m["name"]: m for m in report["matrices"]}
     for name, in_out in models["stacks"].items():
         assert [f"{name}[{e}]" for e in range(EXPERTS) if e not in CHANGED] == [
@@ -181,8 +176,8 @@ def test_pickled_stacks_are_audited_alike(models, tmp_path):
         shutil.copytree(root / side, tmp_path / side, ignore=shutil.ignore_patterns("*.safetensors"))
         torch.save(models[side], tmp_path / side / "pytorch_model.bin")
     args = ("--base", "--format", "json", "--no-cache", "--allow-pickle")
-    pickled = run("check", tmp_path / "tuned", args[0], tmp_path / "base", *args[1:])
-    stored = run("check", root / "tuned", args[0], root / "base", *args[1:])
+    pickled = json_report("check", tmp_path / "tuned", args[0], tmp_path / "base", *args[1:])
+    stored = json_report("check", root / "tuned", args[0], root / "base", *args[1:])
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
 
 
@@ -191,7 +186,7 @@ def test_one_expert_is_excluded_by_its_name_in_the_report(models, tmp_path):
     root, tuned = models["root"], models["tuned"]
     stack, left_out = next(iter(models["stacks"])), CHANGED[0]
     excluded = f"{stack}[{left_out}]"
-    report = run("check", root / "tuned", "--base", root / "base", "--exclude", excluded, "--format", "json",
+    report = json_report("check", root / "tuned", "--base", root / "base", "--exclude", excluded, "--format", "json",
                  "--no-cache")
     names = {m["name"] for m in report["matrices"]}
     assert excluded not in names and f"{stack}[{CHANGED[1]}]" in names
@@ -209,8 +204,8 @@ def test_a_fine_tune_saved_in_the_layers_form_is_audited_as_published(models, tm
     root = models["root"]
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "tuned")
     model.save_pretrained(tmp_path / "layers-form", save_original_format=False)
-    published = run("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
-    report = run("check", tmp_path / "layers-form", "--base", root / "base", "--format", "json", "--no-cache")
+    published = json_report("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
+    report = json_report("check", tmp_path / "layers-form", "--base", root / "base", "--format", "json", "--no-cache")
     assert report["matrices"] == published["matrices"] and report["tensors"] == published["tensors"]
     result = CliRunner().invoke(main, ["fix", str(tmp_path / "layers-form"), "--base", str(root / "base"), "--out",
                                        str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
@@ -219,7 +214,7 @@ def test_a_fine_tune_saved_in_the_layers_form_is_audited_as_published(models, tm
     assert written.keys() == given.keys()
     changed = {layers_name(n) for n in models["stacks"]}
     assert changed <= written.keys() and all(not torch.equal(written[n], given[n]) for n in changed)
-    refixed = run("check", tmp_path / "fixed", "--base", root / "base", "--format", "json", "--no-cache")
+    refixed = json_report("check", tmp_path / "fixed", "--base", root / "base", "--format", "json", "--no-cache")
     assert refixed["summary"]["intruder_dimensions"] < published["summary"]["intruder_dimensions"]
 
 
@@ -247,8 +242,8 @@ def test_a_lora_on_stacked_experts_is_audited_as_its_merged_model(models, adapte
     """Where the checkpoint stores the stacks under other names than the layers use (GraniteMoE's input_linear for
     experts.gate_up_proj), the adapter's are found under those."""
     root, base = adapter["root"], models["root"] / "base"
-    merged = run("check", root / "merged", "--base", base, "--format", "json", "--no-cache")
-    from_adapter = run("check", root / "adapter", "--base", base, "--format", "json", "--no-cache")
+    merged = json_report("check", root / "merged", "--base", base, "--format", "json", "--no-cache")
+    from_adapter = json_report("check", root / "adapter", "--base", base, "--format", "json", "--no-cache")
     assert {m["name"] for m in merged["matrices"]} == {f"{n}[{e}]" for n in models["stacks"] for e in range(EXPERTS)}
     reference.assert_audited_as_merged(from_adapter, merged, rank=2, alpha=4.0)
 
@@ -298,8 +293,8 @@ def test_an_adapter_that_saves_an_experts_module_whole_is_audited_and_fixed(mode
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "tuned")
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["experts"])
     peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")  # the tuned stacks; ΔW = 0 on q_proj
-    report = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
-    full = run("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
+    report = json_report("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    full = json_report("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache")
     assert report["matrices"] == full["matrices"]
     result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(root / "base"), "--out",
                                        str(tmp_path / "fixed"), "--lambda", "0", "--no-cache"])
@@ -322,7 +317,7 @@ def test_a_stack_of_single_input_matrices_stored_in_by_out_is_audited(tmp_path):
         (tmp_path / side).mkdir()
         save_file(tensors, tmp_path / side / "model.safetensors")
         (tmp_path / side / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
-    report = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--format", "json")
+    report = json_report("check", tmp_path / "tuned", "--base", tmp_path / "base", "--format", "json")
     assert [(m["name"], m["shape"]) for m in report["matrices"]] == [(f"{name}[{e}]", [3, 1]) for e in range(2)]
 
 
@@ -348,7 +343,8 @@ def test_a_family_saved_both_ways_is_read_from_the_shapes(tmp_path):
     shutil.copytree(tmp_path / "saved", tmp_path / "tuned")
     tuned = with_intruders(saved, stacks)
     save_file(tuned, tmp_path / "tuned" / "model.safetensors", metadata={"format": "pt"})
-    report = run("check", tmp_path / "tuned", "--base", tmp_path / "published", "--format", "json", "--no-cache")
+    report = json_report("check", tmp_path / "tuned", "--base", tmp_path / "published",
+                         "--format", "json", "--no-cache")
     found = {m["name"]: m for m in report["matrices"]}
     assert set(found) == {f"{n}[{e}]" for n in stacks for e in CHANGED} and not report["tensors"]["shape_mismatch"]
     for name in stacks:
@@ -374,9 +370,10 @@ def test_a_family_saved_both_ways_is_read_from_the_shapes(tmp_path):
     adapted = peft.get_peft_model(model, lora)
     adapted.save_pretrained(tmp_path / "adapter")
     adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
-    from_adapter = run("check", tmp_path / "adapter", "--base", tmp_path / "published", "--format", "json",
+    from_adapter = json_report("check", tmp_path / "adapter", "--base", tmp_path / "published", "--format", "json",
                        "--no-cache")
-    merged = run("check", tmp_path / "merged", "--base", tmp_path / "published", "--format", "json", "--no-cache")
+    merged = json_report("check", tmp_path / "merged", "--base", tmp_path / "published",
+                         "--format", "json", "--no-cache")
     assert len(from_adapter["matrices"]) == len(merged["matrices"]) == 2 * EXPERTS
     for ours, theirs in zip(from_adapter["matrices"], merged["matrices"]):
         assert ours["name"] == theirs["name"] and ours["shape"] == theirs["shape"]
@@ -408,8 +405,8 @@ def test_a_parameter_targeted_in_several_layers_is_audited_in_each(models, tmp_p
     adapted = peft.get_peft_model(model, config)
     adapted.save_pretrained(tmp_path / "adapter")
     adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
-    from_adapter = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
-    merged = run("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    from_adapter = json_report("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    merged = json_report("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
     assert [m["name"] for m in from_adapter["matrices"]] == [f"{stack}[{e}]" for e in range(EXPERTS)]
     for ours, theirs in zip(from_adapter["matrices"], merged["matrices"], strict=True):
         assert ours["max_cos"] == pytest.approx(theirs["max_cos"], abs=2 * CERTIFIED_SIN)
@@ -430,8 +427,8 @@ def test_rank_and_alpha_patterns_of_one_parameter(models, tmp_path):
     adapted.save_pretrained(tmp_path / "adapter")
     adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
     base = models["root"] / "base"
-    merged = run("check", tmp_path / "merged", "--base", base, "--format", "json", "--no-cache")
-    from_adapter = run("check", tmp_path / "adapter", "--base", base, "--format", "json", "--no-cache")
+    merged = json_report("check", tmp_path / "merged", "--base", base, "--format", "json", "--no-cache")
+    from_adapter = json_report("check", tmp_path / "adapter", "--base", base, "--format", "json", "--no-cache")
     by_name = {m["name"]: m for m in merged["matrices"]}
     for matrix in from_adapter["matrices"]:
         rank, alpha = (3, 9.0) if "down" in layers_name(matrix["name"].partition("[")[0]) else (2, 4.0)

@@ -13,25 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from examples import minilm_finetunes as ft
-from ftaudit.cli import main
 from ftaudit.report import Report
 from ftaudit.spectral import top_left
+from tests.invoke import run
 from tests.models import card, folder_files
 
 BASE = ft.base_model_dir()
 ADAPTER = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
 SCALING = 16 / 8
 PEFT_PREFIX = "base_model.model."
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def merged_weights() -> dict[str, torch.Tensor]:

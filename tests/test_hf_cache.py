@@ -7,19 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from huggingface_hub import HfApi, constants, hf_hub_download
 
-from ftaudit.cli import main
 from ftaudit.errors import InvalidWeightsError
 from ftaudit.sources.local import LocalStorage
 from tests.hubserver import HubServer
+from tests.invoke import run
 from tests.models import card, folder_files, llama_like, low_rank_update, write_model
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def publish(hub: HubServer, tmp_path: Path, shards: int = 1) -> dict[str, str]:

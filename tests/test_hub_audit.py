@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import ftaudit.audit as audit_module
-from ftaudit.cli import main
 from ftaudit.sources import checkpoint
 from tests.hubserver import HubServer
+from tests.invoke import run
 from tests.models import (
     card, folder_files, llama_like, low_rank_update, safetensors_bytes, small_update, write_model,
 )
@@ -35,11 +34,6 @@ def publish(hub: HubServer, tmp_path: Path, *, layers: int = 2, shards: int = 1,
     hub.add_repo("org/base", folder_files(base_dir))
     sha = hub.add_repo("org/tuned", folder_files(tuned_dir), private=private, gated=gated)
     return sha, str(tuned_dir)
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_remote_audit_streams_tensors_by_range_and_matches_the_local_audit(env, tmp_path):

@@ -3,8 +3,9 @@ with the stacks (transformers' save_original_format=False) against its base stor
 
 transformers 5 fuses Qwen3-MoE's `experts.{e}.gate_proj`/`up_proj`/`down_proj` (Mixtral's
 `block_sparse_moe.experts.{e}.w1`/`w3`/`w2`, Nemotron-H's `backbone.….mixer.experts.{e}.up_proj`/
-`down_proj`) into stacks as it loads them, and PEFT's target_parameters adapt the stacks. The adapter is audited, and fixed, on the checkpoint's own
-matrices, as the model PEFT merges and transformers saves is.
+`down_proj`) into stacks as it loads them, and PEFT's target_parameters adapt the stacks. The adapter
+is audited, and fixed, on the checkpoint's own matrices, as the model PEFT merges and transformers
+saves is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ftaudit.cli import main
 from tests import reference
+from tests.invoke import json_report
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -48,12 +50,6 @@ FAMILIES = {
                    (["0.up_proj.weight"], ["0.down_proj.weight"]),
                    ["mixer.experts.up_proj", "mixer.experts.down_proj"]),
 }
-
-
-def run(*args: object) -> dict:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code in (0, 1), result.stderr
-    return json.loads(result.stdout)
 
 
 def parts(family: str, layer: int, expert: int) -> list[list[str]]:
@@ -99,8 +95,8 @@ def test_the_base_stores_each_experts_parts(models):
 
 def test_the_adapter_is_audited_as_its_merged_model(models):
     root = models["root"]
-    from_adapter = run("check", root / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
-    merged = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    from_adapter = json_report("check", root / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    merged = json_report("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
     names = {m["name"] for m in merged["matrices"]}
     assert all_parts(models["family"]) <= names and any(n.endswith("q_proj.weight") for n in names)
     reference.assert_audited_as_merged(from_adapter, merged, rank=2, alpha=4.0)
@@ -158,8 +154,8 @@ def test_an_experts_module_saved_whole_is_audited_and_fixed_on_the_parts(models,
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "merged")
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["experts"])
     peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")  # the merged stacks; ΔW = 0 on q_proj
-    report = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
-    merged = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    report = json_report("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    merged = json_report("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
     experts = [m for m in merged["matrices"] if ".experts." in m["name"]]
     assert report["matrices"] == experts and {m["name"] for m in experts} == all_parts(models["family"])
     result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(root / "base"), "--out",
@@ -225,16 +221,18 @@ def test_a_model_saved_in_the_layers_form_is_audited_on_the_published_matrices(m
     root = models["root"]
     stored = load_file(root / "merged-layers-form" / "model.safetensors")
     assert any(t.ndim == 3 for t in stored.values()) and not all_parts(models["family"]) & stored.keys()
-    layers_form = run("check", root / "merged-layers-form", "--base", root / "base", "--format", "json", "--no-cache")
-    published = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    layers_form = json_report("check", root / "merged-layers-form", "--base", root / "base",
+                              "--format", "json", "--no-cache")
+    published = json_report("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
     assert as_compared(layers_form) == as_compared(published)
     assert not published["tensors"]["missing_in_base"] and not published["tensors"]["missing_in_model"]
 
 
 def test_a_base_saved_in_the_layers_form_is_cut_into_the_models_parts(models):
     root = models["root"]
-    layers_form = run("check", root / "merged", "--base", root / "base-layers-form", "--format", "json", "--no-cache")
-    published = run("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    layers_form = json_report("check", root / "merged", "--base", root / "base-layers-form",
+                              "--format", "json", "--no-cache")
+    published = json_report("check", root / "merged", "--base", root / "base", "--format", "json", "--no-cache")
     assert as_compared(layers_form) == as_compared(published)
 
 
@@ -269,7 +267,7 @@ def test_fix_leaves_an_expert_whose_other_part_is_not_finite(models, tmp_path):
     """The parts of an expert's matrix share its factors: where one part holds NaN, the flagged other part cannot be
     cut back to the rank with it, and the expert's factors are written as they were; the other experts are fixed."""
     root = models["root"]
-    report = run("check", root / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    report = json_report("check", root / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
     flagged = {m["name"] for m in report["matrices"] if m["intruders"] > 0}
     expert = next(e for e in range(EXPERTS) if parts(models["family"], 0, e)[0][0] in flagged)
     shutil.copytree(root / "adapter", tmp_path / "adapter")
@@ -303,7 +301,7 @@ def test_target_parameters_named_without_their_module_leave_the_layers_loras_alo
     adapted = peft.get_peft_model(model, lora)
     adapted.save_pretrained(tmp_path / "adapter")
     adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
-    from_adapter = run("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
-    merged = run("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
+    from_adapter = json_report("check", tmp_path / "adapter", "--base", root / "base", "--format", "json", "--no-cache")
+    merged = json_report("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
     assert any(m["name"].endswith("q_proj.weight") for m in from_adapter["matrices"])
     reference.assert_audited_as_merged(from_adapter, merged, rank=2, alpha=4.0)
