@@ -1,4 +1,5 @@
-"""Progress of long work on stderr: a bar on a terminal; elsewhere (a CI log) a line now and then."""
+"""Progress of long work on stderr: on a terminal a bar naming the current tensor; elsewhere (a CI log) a line now
+and then."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import click
 
 from ftaudit.audit import Progress
 from ftaudit.fix import Phases
+from ftaudit.secrets import mask_shapes
 
 LINE_EVERY = 30.0
 """Seconds between two progress lines where stderr is not a terminal: work shorter than this prints none."""
+
+BAR_WIDTH = 20
+NAME_WIDTH = 32
+"""Columns of a bar, and characters of the current tensor's name shown beside it and its count."""
 
 log = logging.getLogger("ftaudit")
 
@@ -46,7 +52,8 @@ def _bar(label: str) -> tuple[Progress, Callable[[], None]]:
     def update(done: int, total: int, name: str) -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, width=BAR_WIDTH,
+                                    item_show_func=_current)
             bar.__enter__()
             state["bar"] = bar
         bar.update(done - bar.pos, name)  # type: ignore[attr-defined]
@@ -57,6 +64,15 @@ def _bar(label: str) -> tuple[Progress, Callable[[], None]]:
             bar.__exit__(None, None, None)  # type: ignore[attr-defined]
 
     return update, close
+
+
+def _current(name: str | None) -> str | None:
+    """The tensor being worked on, as the bar shows it: its name's end, so that the line fits an 80-column terminal,
+    with anything shaped like a secret masked (names come from the files read)."""
+    if not name:
+        return None
+    shown = mask_shapes(name)
+    return shown if len(shown) <= NAME_WIDTH else "..." + shown[3 - NAME_WIDTH:]
 
 
 def _lines(label: str, unit: str) -> tuple[Progress, Callable[[], None]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -74,3 +75,23 @@ def test_each_phase_of_a_fix_is_counted_in_its_own_unit(tmp_path, monkeypatch):
     phases = {line.split(": ")[2] + " " + line.split(" of ")[1].split(" after")[0].split(" ", 1)[1]
               for line in result.stderr.splitlines() if line.startswith("ftaudit: INFO: ") and " of " in line}
     assert phases == {"Auditing input matrices", "Writing tensors", "Auditing output matrices"}
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_sees_a_bar_naming_the_tensor_with_token_shaped_text_masked(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(progress.sys, "stderr", terminal)
+    token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"
+    update, close = progress.progress_display("Auditing")
+    update(1, 4, "model.layers.0.mlp.experts.gate_up_proj[11]")
+    update(2, 4, f"{token}.weight")
+    close()
+    shown = terminal.getvalue()
+    assert "Auditing" in shown and "1/4" in shown and "2/4" in shown
+    assert "...mlp.experts.gate_up_proj[11]" in shown  # the name's end, to fit the line
+    assert all(len(line) <= 80 for line in shown.replace("\x1b[?25l", "").replace("\x1b[?25h", "").split("\r"))
+    assert "***.weight" in shown and token not in shown and "hf_" not in shown
