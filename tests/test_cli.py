@@ -282,6 +282,25 @@ def test_ctrl_c_while_torch_is_imported_is_one_line_and_exit_code_2(pair, how):
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "ftaudit: error: interrupted\n")
 
 
+@pytest.mark.parametrize("how", ["console script", "python -m ftaudit"])
+def test_the_collector_does_not_scan_the_imports_objects(pair, how):
+    """torch's and the command line's imports leave hundreds of thousands of objects that live as long as the process:
+    the garbage collector makes no pass while they are imported (it made hundreds) and none over them afterwards."""
+    import tomllib
+
+    module, function = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["ftaudit"].split(":")
+    count = ("import gc, os, sys\npasses = []\ngc.callbacks.append(lambda phase, info: phase == 'start' and "
+             "passes.append(info['generation']))\nexit = os._exit\ndef counted(code):\n"
+             "    print(len(passes), max(passes, default=0), gc.get_freeze_count(), file=sys.stderr)\n"
+             "    exit(code)\nos._exit = counted\n")
+    start = (f"from {module} import {function}; {function}()" if how == "console script"
+             else "import runpy; runpy.run_module('ftaudit', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", count + start, "check", str(pair["lora"]), "--quiet"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    passes, deepest, frozen = map(int, proc.stderr.split())
+    assert proc.returncode == 1 and passes < 20 and deepest < 2 and frozen > 100_000
+
+
 def test_same_inputs_give_the_same_report(pair, tmp_path):
     first, second = tmp_path / "1.json", tmp_path / "2.json"
     assert run("check", pair["lora"], "--json", first)[0] == 1
