@@ -56,20 +56,6 @@ def card_data_from_report(report: Report) -> dict[str, object]:
     }
 
 
-def read_card_data(card_text: str) -> dict[str, object] | None:
-    """The `ftaudit:` mapping of a card's front matter (None when absent or unreadable)."""
-    _, card_text = _split_bom(card_text)
-    match = _FRONT_MATTER.match(card_text)
-    if not match:
-        return None
-    try:
-        data = yaml.safe_load(match["body"] or "")
-    except yaml.YAMLError:
-        return None
-    value = data.get(KEY) if isinstance(data, dict) else None
-    return value if isinstance(value, dict) else None
-
-
 def update_card(card_text: str, section: str, front_matter_data: dict[str, object]) -> str:
     """`card_text` with ftaudit's section and front-matter key set to `section` and `front_matter_data`.
 

@@ -14,7 +14,6 @@ from ftaudit.cardfile import (
     BEGIN,
     END,
     card_data_from_report,
-    read_card_data,
     section_block,
     update_card,
     update_card_file,
@@ -28,6 +27,11 @@ DATA = {"status": "fail", "risk": "high", "intruder_dimensions": 35}
 USER_FRONT = ("---\n# a comment the user wrote\nlicense: apache-2.0\nbase_model: org/base   # aligned\n"
               "tags:\n  - x\n---\n")
 BODY = "\n# My model\n\nText that must stay.\n"
+
+
+def read_card_data(card_text: str) -> object:
+    """The `ftaudit:` entry of a card's front matter, as the Hub reads it."""
+    return frontmatter.read(card_text).get("ftaudit")
 KEY_BLOCK = yaml.safe_dump({"ftaudit": DATA}, sort_keys=False)
 
 
