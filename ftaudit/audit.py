@@ -28,6 +28,7 @@ from ftaudit.report import (
     Settings,
     TensorIssues,
 )
+from ftaudit.shards import Shard, matrix_order
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.spectral import resolve_device
 from ftaudit.summary import summarise
@@ -53,6 +54,8 @@ class AuditOptions:
     epsilons: tuple[float, ...] = EPSILONS
     device: str = "auto"
     selection: Selection = field(default_factory=Selection)
+    shard: Shard | None = None
+    """Audit only this part of the matrices (ftaudit.shards)."""
 
 
 Progress = Callable[[int, int, str], None]
@@ -93,8 +96,11 @@ def run_audit(
     heads: dict[str, dict[str, float | None]] = {}
     # Embeddings and heads measured only for their row norms are often the largest tensors: read
     # first, they are analysed beside the matrices instead of after them.
-    todo = pairing.scale_only + pairing.pairs
-    scale_only = len(pairing.scale_only)
+    scale, pairs = pairing.scale_only, pairing.pairs
+    if options.shard is not None:
+        scale, pairs = options.shard.take(scale, _cells), options.shard.take(pairs, _work)
+    todo = scale + pairs
+    scale_only = len(scale)
 
     def analyse(
         item: tuple[int, Loaded],
@@ -105,7 +111,7 @@ def run_audit(
             return i, pair, head, None
         return i, pair, head, analyse_pair(pair, stored, options.k, options.epsilon, device, cache, update)
 
-    workers = worker_count(device, [pair.shape for pair in pairing.pairs])
+    workers = worker_count(device, [pair.shape for pair in pairs])
     loaded = _stream(todo, base_side, tuned_side, updates, pin=device if device.type == "cuda" else None, key=cache is not None, scale_only=scale_only)
     stream = enumerate(loaded)
     with flushed(cache), threads_per_worker(workers):
@@ -127,7 +133,11 @@ def run_audit(
         device=str(device),
         include=sorted(options.selection.kinds) + list(options.selection.globs),
         exclude=list(options.selection.exclude),
+        shard=options.shard.as_dict() if options.shard else None,
     )
+    issues.unchanged.sort(key=matrix_order)  # the pairing's, then the analysis's: in one order, as a shard's merge
+    issues.nonfinite.sort(key=matrix_order)
+    heads = dict(sorted(heads.items()))
     return Report(
         tool={"name": "ftaudit", "version": __version__},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -138,6 +148,16 @@ def run_audit(
         tensors=issues,
         matrices=results,
     )
+
+
+def _cells(pair: TensorPair) -> float:
+    """The work of measuring a pair's row norms alone, up to a constant."""
+    return pair.shape[0] * pair.shape[1]
+
+
+def _work(pair: TensorPair) -> float:
+    """The work of analysing a pair, up to a constant: its decompositions' (Gram matrices and eigensolvers)."""
+    return _cells(pair) * min(pair.shape)
 
 
 Loaded = tuple[TensorPair, StoredPair, LowRankUpdate | None]

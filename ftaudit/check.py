@@ -153,11 +153,8 @@ def audit_opened(
         opened.model_ref, opened.base_ref, tuned_side, opened.base_side, options, progress, cache,
         adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(), opened.layout,
     )
-    if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
-        if not report.tensors.unchanged:
-            raise UnsupportedError(_nothing_to_audit(report))
-        log.warning("every matrix compared is identical in %s and %s: is the model its base itself?",
-                    report.model.id, report.base.id)
+    if options.shard is None:  # a shard may hold none of the matrices: its merge is checked instead
+        check_audited(report)
     if isinstance(tuned_side, AdaptedTensors):
         for matrix in report.matrices:
             module = tuned_side.module(matrix_tensor(matrix.name))
@@ -165,6 +162,16 @@ def audit_opened(
                 matrix.lora = {"rank": module.rank, "alpha": module.alpha, "scaling": module.scaling}
     apply(policy, report)
     return report
+
+
+def check_audited(report: Report) -> None:
+    """Refuse the report of an audit that compared no matrix, saying why; warn when every one it compared is
+    unchanged."""
+    if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
+        if not report.tensors.unchanged:
+            raise UnsupportedError(_nothing_to_audit(report))
+        log.warning("every matrix compared is identical in %s and %s: is the model its base itself?",
+                    report.model.id, report.base.id)
 
 
 def _nothing_to_audit(report: Report) -> str:

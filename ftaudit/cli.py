@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,7 +22,7 @@ from ftaudit import __version__, cardfile, memory, policy as policy_mod
 from ftaudit.audit import AuditOptions
 from ftaudit.cli_parsing import FiniteRange, OneLineErrorGroup
 from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
-from ftaudit.check import Target, check
+from ftaudit.check import Target, check, check_audited
 from ftaudit.errors import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, FtauditError, UsageError
 from ftaudit.files import check_writable, write_text
 from ftaudit.fix import FixOptions, fix
@@ -32,6 +32,7 @@ from ftaudit.renderers import badge, card, heatmap, markdown, text
 from ftaudit.renderers import fix as fix_render
 from ftaudit.report import Report
 from ftaudit.secrets import Redactor
+from ftaudit.shards import Shard, join
 
 GIB = 1024**3
 T = TypeVar("T")
@@ -188,58 +189,137 @@ def _log_cache(cache: SpectrumCache | None) -> None:
             "base-spectrum cache %s: %d hits, %d misses", cache.directory, cache.hits, cache.misses)
 
 
+_output_options = _options(
+    click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here."),
+    click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown", "github"]), default="text",
+                 show_default=True, help="What goes to stdout; github: annotations, step summary and outputs."),
+    click.option("--card", "card_path", type=click.Path(path_type=Path), help="Write the model-card section here."),
+    click.option("--badge", "badge_path", type=click.Path(path_type=Path), help="Write the SVG badge here."),
+    click.option("--badge-json", "badge_json_path", type=click.Path(path_type=Path),
+                 help="Write the shields.io endpoint JSON here."),
+    click.option("--heatmap", "heatmap_path", type=click.Path(path_type=Path), help="Write the SVG heatmap here."),
+    click.option("--push", is_flag=True, help="Open a pull request with the card, badge and heatmap on the Hub repo."),
+    click.option("--push-mode", type=click.Choice(["pr", "commit"]), default="pr", show_default=True,
+                 help="commit: commit to the branch directly instead of opening a pull request."),
+)
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """Where a report goes: files, the Hub, stdout."""
+
+    json_path: Path | None
+    fmt: str
+    card_path: Path | None
+    badge_path: Path | None
+    badge_json_path: Path | None
+    heatmap_path: Path | None
+    push: bool
+    push_mode: str
+
+    @property
+    def files(self) -> tuple[Path | None, ...]:
+        return self.json_path, self.card_path, self.badge_path, self.badge_json_path, self.heatmap_path
+
+    @property
+    def of_the_model(self) -> list[str]:
+        """The options that show the model as a whole: not for one shard's report."""
+        given = {"--card": self.card_path, "--badge": self.badge_path, "--badge-json": self.badge_json_path,
+                 "--heatmap": self.heatmap_path, "--push": self.push}
+        return [option for option, value in given.items() if value]
+
+
+def _emit(report: Report, outputs: _Outputs, token: str | None, quiet: bool, debug: bool, redactor: Redactor) -> None:
+    """Write, push and print the judged report as `outputs` say, then exit with its verdict's code."""
+    json_path = outputs.json_path
+    if json_path is not None:
+        _run(debug, redactor, lambda: report.write(json_path))
+    files = {outputs.card_path: lambda: card.render_card_section(report),
+             outputs.badge_path: lambda: badge.render_badge_svg(report),
+             outputs.badge_json_path: lambda: json.dumps(badge.shields_endpoint(report)) + "\n",
+             outputs.heatmap_path: lambda: heatmap.render_heatmap_svg(report)}
+    for path, make in files.items():
+        if path is not None:
+            _run(debug, redactor, lambda: write_text(path, make()))
+    if outputs.push or outputs.fmt == "github":
+        from ftaudit import publish  # the Hub client: imported only when needed, to keep start-up short
+    if outputs.push:
+        url = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=outputs.push_mode))
+        logging.getLogger("ftaudit").info("audit published: %s", url)
+    if outputs.fmt == "github":
+        _run(debug, redactor, lambda: publish.write_github_outputs(report, outputs.json_path))
+    if not quiet:
+        click.echo(redactor(_stdout(report, outputs.fmt)))
+    sys.exit(EXIT_FAIL if report.verdict.status == "fail" else EXIT_PASS)
+
+
 @main.command("check")
 @_model_options
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown", "github"]), default="text",
-              show_default=True, help="What goes to stdout; github: annotations, step summary and outputs.")
-@click.option("--card", "card_path", type=click.Path(path_type=Path), help="Write the model-card section here.")
-@click.option("--badge", "badge_path", type=click.Path(path_type=Path), help="Write the SVG badge here.")
-@click.option("--badge-json", "badge_json_path", type=click.Path(path_type=Path),
-              help="Write the shields.io endpoint JSON here.")
-@click.option("--heatmap", "heatmap_path", type=click.Path(path_type=Path), help="Write the SVG heatmap here.")
-@click.option("--push", is_flag=True, help="Open a pull request with the card, badge and heatmap on the Hub repo.")
-@click.option("--push-mode", type=click.Choice(["pr", "commit"]), default="pr", show_default=True,
-              help="commit: commit to the branch directly instead of opening a pull request.")
+@_output_options
+@click.option("--shard", metavar="I/N",
+              help="Audit only the I-th of N parts of the matrices, balanced by work, for N jobs side by side; "
+              "`ftaudit merge` joins their reports.")
 @_run_options
 def check_command(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
     allow_pickle: bool, policy_path: Path | None, json_path: Path | None, fmt: str, card_path: Path | None,
     badge_path: Path | None, badge_json_path: Path | None, heatmap_path: Path | None, push: bool, push_mode: str,
-    no_cache: bool, cache_size: float, quiet: bool, debug: bool,
+    shard: str | None, no_cache: bool, cache_size: float, quiet: bool, debug: bool,
 ) -> None:
     """Audit MODEL (a Hub repo id or a local folder) against its base."""
+    outputs = _Outputs(json_path, fmt, card_path, badge_path, badge_json_path, heatmap_path, push, push_mode)
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
-                   policy_path, no_cache, cache_size, quiet, debug,
-                   (json_path, card_path, badge_path, badge_json_path, heatmap_path), annotate=fmt == "github")
+                   policy_path, no_cache, cache_size, quiet, debug, outputs.files, annotate=fmt == "github")
     redactor = setup.redactor
+    options = setup.options
+    if shard is not None:
+        options = replace(options, shard=_run(debug, redactor, lambda: _shard(shard, outputs)))
     if push:
         _run(debug, redactor, lambda: _refuse_push(model))
     progress, close = progress_display("Auditing") if not quiet else (None, lambda: None)
     try:
-        report = _run(debug, redactor, lambda: check(setup.target, setup.options, setup.policy, progress, setup.cache))
+        report = _run(debug, redactor, lambda: check(setup.target, options, setup.policy, progress, setup.cache))
     finally:
         close()
     _log_cache(setup.cache)
-    if json_path is not None:
-        _run(debug, redactor, lambda: report.write(json_path))
-    files = {card_path: lambda: card.render_card_section(report), badge_path: lambda: badge.render_badge_svg(report),
-             badge_json_path: lambda: json.dumps(badge.shields_endpoint(report)) + "\n",
-             heatmap_path: lambda: heatmap.render_heatmap_svg(report)}
-    for path, make in files.items():
-        if path is not None:
-            _run(debug, redactor, lambda: write_text(path, make()))
-    if push or fmt == "github":
-        from ftaudit import publish  # the Hub client: imported only when needed, to keep start-up short
+    _emit(report, outputs, token, quiet, debug, redactor)
+
+
+def _shard(text: str, outputs: _Outputs) -> Shard:
+    """The shard `--shard` names, where no output that shows the whole model is asked for."""
+    if outputs.of_the_model:
+        given = outputs.of_the_model
+        raise UsageError(f"{', '.join(given)} {'shows' if len(given) == 1 else 'show'} the whole model, but a shard's "
+                         "report covers part of it: give it to `ftaudit merge`, which joins the shards' reports")
+    return Shard.parse(text)
+
+
+@main.command("merge")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in).")
+@_output_options
+@click.option("--token", help="Hugging Face token, for --push. Default: HF_TOKEN, then the saved login.")
+@click.option("--quiet", is_flag=True, help="Print only warnings and errors: no report.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and request retries.")
+def merge_command(
+    reports: tuple[Path, ...], policy_path: Path | None, json_path: Path | None, fmt: str, card_path: Path | None,
+    badge_path: Path | None, badge_json_path: Path | None, heatmap_path: Path | None, push: bool, push_mode: str,
+    token: str | None, quiet: bool, debug: bool,
+) -> None:
+    """Join the JSON reports of `ftaudit check --shard I/N`, every shard's, into the report of the whole audit, and
+    judge it under the policy (its k and epsilon are those the shards measured with)."""
+    outputs = _Outputs(json_path, fmt, card_path, badge_path, badge_json_path, heatmap_path, push, push_mode)
+    redactor = Redactor.for_token(token)
+    _setup_logging(debug, quiet, fmt == "github", redactor)
+    _run(debug, redactor, lambda: [check_writable(path) for path in outputs.files if path is not None])
+    policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
+    report = _run(debug, redactor, lambda: join([Report.read(path) for path in reports]))
+    _run(debug, redactor, lambda: check_audited(report))
     if push:
-        url = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=push_mode))
-        logging.getLogger("ftaudit").info("audit published: %s", url)
-    if fmt == "github":
-        _run(debug, redactor, lambda: publish.write_github_outputs(report, json_path))
-    if not quiet:
-        click.echo(redactor(_stdout(report, fmt)))
-    sys.exit(EXIT_FAIL if report.verdict.status == "fail" else EXIT_PASS)
+        _run(debug, redactor, lambda: _refuse_push(report.model.id))
+    policy_mod.apply(policy, report)
+    _emit(report, outputs, token, quiet, debug, redactor)
 
 
 def _refuse_push(model: str) -> None:

@@ -41,6 +41,8 @@ class Settings:
     device: str
     include: list[str]
     exclude: list[str]
+    shard: dict[str, int] | None = None
+    """The part of the matrices audited, {"index": I, "count": N} (`--shard I/N`); None: all of them."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ def render(report: Report, top: int = 10) -> str:
         f"  base  {report.base.id}{rev(report.base.revision)}  (declared by {report.base.declared_by})",
         f"  {s.matrices_analysed} matrices analysed, top k={report.settings.k} singular vectors each, "
         f"on {report.settings.device}",
+        *_shard_note(report),
         "",
         f"Intruder dimensions at ε={report.settings.epsilon:g}: "
         + click.style(str(s.intruder_dimensions), bold=True)
@@ -49,6 +50,14 @@ def render(report: Report, top: int = 10) -> str:
     ]
     lines += [f"  - {reason}" for reason in report.verdict.reasons]
     return "\n".join(lines)
+
+
+def _shard_note(report: Report) -> list[str]:
+    shard = report.settings.shard
+    if shard is None:
+        return []
+    return [f"  shard {shard['index']} of {shard['count']}: the numbers and the verdict cover its matrices only; "
+            "`ftaudit merge` joins the shards' reports"]
 
 
 def _tensor_notes(report: Report) -> list[str]:

@@ -1,0 +1,166 @@
+"""An audit split into shards (`check --shard I/N`) and joined again (`merge`) gives the whole audit's report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftaudit.shards import Shard
+from tests.invoke import run
+from tests.models import llama_like, low_rank_update, small_update, write_model
+
+EXPERTS = "model.layers.0.mlp.experts.down_proj"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A model with every kind of entry a report lists: analysed matrices (some with intruders), each expert's
+    matrix of a stack, an unchanged matrix, a NaN one, and a head and an embedding measured for their row norms."""
+    root = tmp_path_factory.mktemp("shards")
+    g = torch.Generator().manual_seed(5)
+    base = llama_like(layers=3) | {EXPERTS: torch.randn(5, 32, 48, generator=g) / 6}
+    tuned = low_rank_update(small_update(base), only="layers.1.")
+    tuned[EXPERTS] = base[EXPERTS] + 0.05 * torch.randn(5, 32, 48, generator=g)
+    tuned[EXPERTS][3] += 2 * torch.randn(32, 1, generator=g) @ torch.randn(1, 48, generator=g)
+    tuned["model.layers.2.self_attn.o_proj.weight"] = base["model.layers.2.self_attn.o_proj.weight"]
+    tuned["model.layers.0.self_attn.q_proj.weight"] = torch.full((32, 32), float("nan"))
+    return {"base": write_model(root / "base", base), "tuned": write_model(root / "tuned", tuned), "root": root}
+
+
+def audit(pair: dict[str, Path], *args: object) -> tuple[int, str, str]:
+    return run("check", pair["tuned"], "--base", pair["base"], "--no-cache", *args)
+
+
+def shard_reports(pair: dict[str, Path], count: int, *args: object) -> list[Path]:
+    paths = []
+    for index in range(1, count + 1):
+        path = pair["root"] / f"shard-{index}-of-{count}{len(args)}.json"
+        code, _, stderr = audit(pair, "--shard", f"{index}/{count}", "--json", path, *args)
+        assert code in (0, 1), stderr
+        paths.append(path)
+    return paths
+
+
+def without_time(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    assert report.pop("created_at")
+    return report
+
+
+@pytest.mark.parametrize("count", [1, 3, 30])
+def test_the_shards_merged_give_the_whole_audits_report(pair, count):
+    whole = pair["root"] / "whole.json"
+    code, _, stderr = audit(pair, "--json", whole)
+    shards = shard_reports(pair, count)
+    merged = pair["root"] / f"merged-{count}.json"
+    merge_code, stdout, _ = run("merge", *reversed(shards), "--json", merged)
+    assert (code, merge_code) == (1, 1), stderr  # the NaN matrix fails the verdict, in the whole and in the merge
+    expected = without_time(whole)
+    assert expected["tensors"]["nonfinite"] == ["model.layers.0.self_attn.q_proj.weight"]
+    assert expected["tensors"]["unchanged"] == ["model.layers.2.self_attn.o_proj.weight"]
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= expected["summary"]["heads"].keys()
+    assert f"{EXPERTS}[3]" in [m["name"] for m in expected["matrices"] if m["intruders"]]
+    assert without_time(merged) == expected
+    assert f"{expected['summary']['matrices_analysed']} matrices analysed" in stdout
+
+
+def test_each_matrix_is_in_one_shard_and_the_work_is_balanced(pair):
+    shards = [json.loads(p.read_text()) for p in shard_reports(pair, 4)]
+    names = [m["name"] for s in shards for m in s["matrices"]]
+    code, stdout, _ = audit(pair, "--format", "json")
+    assert sorted(names) == sorted(m["name"] for m in json.loads(stdout)["matrices"]) and len(set(names)) == len(names)
+    work = [sum(m["shape"][0] * m["shape"][1] * min(m["shape"]) for m in s["matrices"]) for s in shards]
+    largest = max(m["shape"][0] * m["shape"][1] * min(m["shape"]) for s in shards for m in s["matrices"])
+    assert max(work) - min(work) <= largest
+    assert [s["settings"]["shard"] for s in shards] == [{"index": i, "count": 4} for i in range(1, 5)]
+    heads = [name for s in shards for name in s["summary"]["heads"]]
+    assert sorted(heads) == ["lm_head.weight", "model.embed_tokens.weight"]
+
+
+def test_the_split_takes_the_costliest_first_and_is_the_same_in_every_shard():
+    costs = [1, 8, 3, 8, 2, 5]
+    taken = [Shard(i, 3).take(list(range(len(costs))), lambda i: costs[i]) for i in (1, 2, 3)]
+    # by cost: 1 and 3 (8), 5 (5), 2 (3), 4 (2), 0 (1), each to the shard with the least so far, the first if tied
+    assert taken == [[1, 4], [0, 3], [2, 5]]
+    assert sorted(i for part in taken for i in part) == list(range(len(costs)))
+
+
+def test_a_shard_says_so_and_merge_writes_what_check_writes(pair):
+    code, stdout, _ = audit(pair, "--shard", "2/3")
+    assert "shard 2 of 3: the numbers and the verdict cover its matrices only" in stdout
+    code, markdown, _ = audit(pair, "--shard", "2/3", "--format", "markdown")
+    assert "Shard 2 of 3: the numbers and the verdict cover this shard's matrices only" in markdown
+    out = pair["root"] / "outputs"
+    out.mkdir()
+    code, stdout, stderr = run("merge", *shard_reports(pair, 2), "--card", out / "card.md", "--badge", out / "b.svg",
+                               "--badge-json", out / "b.json", "--heatmap", out / "h.svg", "--format", "markdown")
+    assert code == 1, stderr
+    assert "ftaudit: FAIL" in stdout and "Shard" not in stdout
+    assert "<svg" in (out / "b.svg").read_text() and "<svg" in (out / "h.svg").read_text()
+    assert json.loads((out / "b.json").read_text())["message"] and "intruder" in (out / "card.md").read_text()
+
+
+def test_merge_judges_under_the_policy_it_is_given(pair, tmp_path):
+    policy = tmp_path / "lenient.yaml"
+    policy.write_text("verdict:\n  fail_on_nonfinite: false\n  fail_at: never\n  warn_at: never\n")
+    code, stdout, stderr = run("merge", *shard_reports(pair, 2), "--policy", policy, "--format", "json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["verdict"]["status"] == "pass"
+
+
+@pytest.mark.parametrize("shard", ["0/3", "4/3", "2", "a/b", "1/0", "-1/2"])
+def test_a_bad_shard_is_one_line_and_exit_code_2(pair, shard):
+    code, stdout, stderr = audit(pair, "--shard", shard)
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith("ftaudit: error: --shard ") and len(stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("option", [("--card", "c.md"), ("--badge", "b.svg"), ("--heatmap", "h.svg"), ("--push",)])
+def test_a_shard_writes_nothing_that_shows_the_whole_model(pair, tmp_path, option):
+    args = [str(tmp_path / a) if a.endswith(("md", "svg")) else a for a in option]
+    code, stdout, stderr = audit(pair, "--shard", "1/2", *args)
+    assert (code, stdout) == (2, "")
+    assert f"{option[0]} shows the whole model, but a shard's report covers part of it" in stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_merge_refuses_what_is_not_every_shard_of_one_audit(pair, tmp_path):
+    two = shard_reports(pair, 2)
+    three = shard_reports(pair, 3)
+    other_k = shard_reports(pair, 2, "--k", "4")
+    whole = tmp_path / "whole.json"
+    audit(pair, "--json", whole)
+    other_model = tmp_path / "other.json"
+    report = json.loads(two[1].read_text())
+    report["model"]["id"] = "org/other"
+    other_model.write_text(json.dumps(report))
+    cases = {
+        (two[0],): "the reports are shards 1/2: merge needs each of 1/N to N/N once",
+        (two[0], two[0]): "the reports are shards 1/2, 1/2: merge needs each",
+        (two[0], three[1]): "the reports are shards 1/2, 2/3: merge needs each",
+        (*two, three[2]): "the reports are shards 1/2, 2/2, 3/3",
+        (two[0], whole): "merge takes the reports of `ftaudit check --shard I/N`: one is the report of a whole audit",
+        (two[0], other_k[1]): "shards 1/2 and 2/2 differ in their settings: they are not shards of one audit",
+        (two[0], other_model): "shards 1/2 and 2/2 differ in their model: they are not shards of one audit",
+        (two[0], tmp_path / "absent.json"): "absent.json: cannot read the report",
+    }
+    for reports, message in cases.items():
+        code, stdout, stderr = run("merge", *reports)
+        assert (code, stdout) == (2, ""), reports
+        assert stderr.startswith("ftaudit: error: ") and message in stderr and len(stderr.splitlines()) == 1
+    code, _, stderr = run("merge")
+    assert code == 2 and "Missing argument 'REPORTS...'" in stderr
+
+
+def test_shards_that_hold_no_matrix_are_audited_and_their_merge_refused_when_none_has_one(pair):
+    """A shard may get no matrix (more shards than matrices); an audit that compares none is refused at the merge, as
+    `check` refuses it."""
+    empty = shard_reports(pair, 2, "--exclude", "model.layers.*")
+    assert all(json.loads(p.read_text())["summary"]["matrices_analysed"] == 0 for p in empty)
+    code, stdout, stderr = run("merge", *empty)
+    assert (code, stdout) == (2, "")
+    assert stderr == ("ftaudit: error: the selection (--include/--exclude) leaves no weight matrix to analyse: exclude "
+                      "fewer, or --include other module kinds\n")
