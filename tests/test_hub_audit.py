@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import weakref
 from pathlib import Path
@@ -292,3 +293,22 @@ def test_an_adapter_is_audited_against_the_base_revision_its_config_names_card_o
     assert reports["org/adapter"]["base"] == {"id": "org/base", "revision": trained_on, "declared_by": "adapter_config"}
     assert reports["org/adapter-with-card"]["base"] == {"id": "org/base", "revision": trained_on, "declared_by": "card"}
     assert reports["org/adapter-with-card"]["matrices"] == reports["org/adapter"]["matrices"]
+
+
+def test_the_hub_clients_own_retry_lines_are_ftaudit_warnings_with_the_endpoint_password_masked(
+    env, tmp_path, monkeypatch, capfd
+):
+    # huggingface_hub downloads a pickle whole, retrying a 429 itself, and logs the URL it retries.
+    base = llama_like()
+    env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    pickled = io.BytesIO()
+    torch.save(low_rank_update(base), pickled)
+    env.add_repo("org/tuned", {"pytorch_model.bin": pickled.getvalue(), "README.md": card("org/base").encode()})
+    env.proxy_auth = "Basic " + base64.b64encode(b"mirror:s3cr3t-Passw0rd").decode()
+    monkeypatch.setenv("HF_ENDPOINT", env.url.replace("://", "://mirror:s3cr3t-Passw0rd@"))
+    env.fail_next(1, status=429, path_contains=".bin", method="GET")
+    code, stdout, stderr = run("check", "org/tuned", "--allow-pickle", "--quiet")
+    assert code == 1, stderr
+    assert "ftaudit: WARNING: HTTP Error 429 thrown while requesting GET http://mirror:***@127.0.0.1" in stderr
+    outside = capfd.readouterr()
+    assert "s3cr3t-Passw0rd" not in stdout + stderr + outside.out + outside.err

@@ -49,6 +49,18 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+class _ToFtaudit(logging.Handler):
+    """Hands huggingface_hub's log lines to ftaudit's logger, whose handler masks secrets (its retries' warnings name
+    the URL, with a password of HF_ENDPOINT in it) and writes `ftaudit: LEVEL: ...` lines; in place of the bare handler
+    on stderr that huggingface_hub sets up."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.handle(record)
+
+
+logging.getLogger("huggingface_hub").handlers[:] = [_ToFtaudit()]
+
+
 def endpoint() -> str:
     """The Hub endpoint: HF_ENDPOINT as set now, else huggingface_hub's default."""
     url = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
