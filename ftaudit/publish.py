@@ -162,7 +162,7 @@ def _write(fn: Callable[[], T], repo: str, mode: str) -> T:
         if status is None or status < 500:
             raise _error(e, repo, writing=True) from None
         failure, sent = f"HTTP {status}", _sent_commit(e)
-    except httpx2.TransportError as e:
+    except httpx2.RequestError as e:  # no answer, or one that cannot be used (a redirect loop, say)
         never_connected = isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout))
         failure, sent = f"{type(e).__name__} from {endpoint()}", not never_connected and _sent_commit(e)
     except ValueError as e:  # the Hub refused the card's metadata, before any commit
@@ -176,7 +176,7 @@ def _write(fn: Callable[[], T], repo: str, mode: str) -> T:
     )
 
 
-def _sent_commit(e: HfHubHTTPError | httpx2.TransportError) -> bool:
+def _sent_commit(e: HfHubHTTPError | httpx2.RequestError) -> bool:
     """Whether the failed request was the one that makes the commit (True when that cannot be told)."""
     try:
         request = e.response.request if isinstance(e, HfHubHTTPError) else e.request  # type: ignore[union-attr]

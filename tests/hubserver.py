@@ -100,6 +100,7 @@ class _Fault:
     path_contains: str | None
     status: int | None  # None: drop the connection
     method: str | None = None  # None: any method
+    headers: dict[str, str] = field(default_factory=dict)  # added to the injected answer
 
 
 @dataclass
@@ -224,12 +225,17 @@ class HubServer:
         return sha
 
     def fail_next(
-        self, n: int = 1, status: int = 500, path_contains: str | None = None, method: str | None = None
+        self,
+        n: int = 1,
+        status: int = 500,
+        path_contains: str | None = None,
+        method: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Answer the next `n` requests whose target contains `path_contains` (and whose method is `method`, when
-        given) with `status` (429: `Retry-After: 0`)."""
+        given) with `status` (429: `Retry-After: 0`) and `headers` (a `Location`, say)."""
         with self._lock:
-            self._faults.append(_Fault(n, path_contains, status, method))
+            self._faults.append(_Fault(n, path_contains, status, method, dict(headers or {})))
 
     def drop_next(self, n: int = 1, path_contains: str | None = None, method: str | None = None) -> None:
         """Close the connection of the next `n` matching requests early.
@@ -467,6 +473,7 @@ class _Handler(BaseHTTPRequestHandler):
             response = _error(fault.status, "Injected failure")
             if fault.status == 429:
                 response.headers["Retry-After"] = "0"
+            response.headers |= fault.headers
         else:
             response = hub._route(self.command, self.path, self.headers, body, cdn=self.server.cdn)
         dropped = fault is not None and fault.status is None

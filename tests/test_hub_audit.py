@@ -312,3 +312,18 @@ def test_the_hub_clients_own_retry_lines_are_ftaudit_warnings_with_the_endpoint_
     assert "ftaudit: WARNING: HTTP Error 429 thrown while requesting GET http://mirror:***@127.0.0.1" in stderr
     outside = capfd.readouterr()
     assert "s3cr3t-Passw0rd" not in stdout + stderr + outside.out + outside.err
+
+
+@pytest.mark.parametrize(
+    ("headers", "failure"),
+    [({"Location": "/loop"}, "TooManyRedirects"), ({"Content-Encoding": "gzip"}, "DecodingError")],
+)
+def test_a_redirect_loop_or_an_undecodable_body_is_retried_then_reported(env, tmp_path, monkeypatch, headers, failure):
+    publish(env, tmp_path)
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", "2")
+    status = 302 if "Location" in headers else 200  # a 200 body that claims gzip and is not
+    env.fail_next(1000, status, "/loop", headers=headers)
+    env.fail_next(1000, status, "model.safetensors", method="GET", headers=headers)
+    code, stdout, stderr = run("check", "org/tuned", "--quiet")
+    assert (code, stdout) == (2, "")
+    assert stderr.endswith(f": model.safetensors: still failing after 2 attempts ({failure})\n"), stderr

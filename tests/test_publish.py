@@ -297,6 +297,18 @@ def test_a_failed_write_to_a_branch_with_a_slash_is_known_to_have_been_sent(hub_
     assert "after the change was sent, so the Hub may have made it" in str(unknown.value)
 
 
+def test_a_redirect_loop_answering_the_write_is_a_failure_that_may_have_written(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    report = audit()
+    commit = "/api/models/org/tuned/commit/main"
+    hub_env.fail_next(1000, status=307, path_contains=commit, headers={"Location": commit})
+    with pytest.raises(FtauditError) as unknown:
+        push_card(report, token=TOKEN)
+    assert str(unknown.value).startswith(
+        "org/tuned: the push failed (TooManyRedirects from http://127.0.0.1:"
+    ) and "after the change was sent, so the Hub may have made it" in str(unknown.value)
+
+
 def test_a_stalled_server_times_out_instead_of_holding_the_push(hub_env, tmp_path, monkeypatch):
     publish(hub_env, tmp_path)
     report = audit()

@@ -104,7 +104,8 @@ def bound_session() -> None:
 
 
 class _Transient(Exception):
-    """A failure worth retrying: a dropped connection, a short body, HTTP 429 or 5xx."""
+    """A failure worth retrying: a dropped connection, a short body, HTTP 429 or 5xx, an answer that cannot be used
+    (a redirect loop, a body that does not decode)."""
 
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
@@ -112,11 +113,12 @@ class _Transient(Exception):
 
 
 def _transient(e: BaseException | None) -> _Transient | None:
-    """`e` as a failure worth retrying, or None: a transport error, HTTP 429 or 5xx, or either as the cause of
-    huggingface_hub's LocalEntryNotFoundError (what `hf_hub_download` raises when the Hub did not answer)."""
+    """`e` as a failure worth retrying, or None: a request error (a transport error, too many redirects, a body that
+    does not decode), HTTP 429 or 5xx, or either as the cause of huggingface_hub's LocalEntryNotFoundError (what
+    `hf_hub_download` raises when the Hub did not answer)."""
     if isinstance(e, _Transient):
         return e
-    if isinstance(e, httpx2.TransportError):
+    if isinstance(e, httpx2.RequestError):
         return _Transient(type(e).__name__)
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
@@ -148,7 +150,7 @@ def with_retries(
             return fn()
         except FtauditError:
             raise
-        except (_Transient, httpx2.TransportError, HfHubHTTPError, LocalEntryNotFoundError) as e:
+        except (_Transient, httpx2.RequestError, HfHubHTTPError, LocalEntryNotFoundError) as e:
             failure = _transient(e)
             if failure is None:
                 if isinstance(e, HfHubHTTPError):
