@@ -14,7 +14,6 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import (
     HfHubHTTPError,
-    LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -142,12 +141,7 @@ def _readme(api: HfApi, repo: str, sha: str) -> str:
 def _read(fn: Callable[[], T], repo: str, label: str, what: str) -> T:
     """Run one Hub read with the audit's retries (HTTP 429 and 5xx, dropped connections, timeouts), mapping its
     failures to ftaudit errors (whose messages never hold the token)."""
-    try:
-        return with_retries(fn, label, what, lambda e: _error(e, repo, writing=False))
-    except FtauditError:
-        raise
-    except LocalEntryNotFoundError as e:  # the Hub's answer lacked what a download needs
-        raise NetworkError(f"{repo}: could not download {what} from {endpoint()} ({type(e).__name__})") from None
+    return with_retries(fn, label, what, lambda e: _error(e, repo, writing=False))
 
 
 def _write(fn: Callable[[], T], repo: str, mode: str) -> T:

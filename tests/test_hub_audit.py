@@ -295,15 +295,20 @@ def test_an_adapter_is_audited_against_the_base_revision_its_config_names_card_o
     assert reports["org/adapter-with-card"]["matrices"] == reports["org/adapter"]["matrices"]
 
 
+def pickle_repo(hub: HubServer, tmp_path: Path) -> str:
+    """org/base, and org/tuned with its weights only in a pickle (which huggingface_hub downloads whole); the sha."""
+    base = llama_like()
+    hub.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    pickled = io.BytesIO()
+    torch.save(low_rank_update(base), pickled)
+    return hub.add_repo("org/tuned", {"pytorch_model.bin": pickled.getvalue(), "README.md": card("org/base").encode()})
+
+
 def test_the_hub_clients_own_retry_lines_are_ftaudit_warnings_with_the_endpoint_password_masked(
     env, tmp_path, monkeypatch, capfd
 ):
     # huggingface_hub downloads a pickle whole, retrying a 429 itself, and logs the URL it retries.
-    base = llama_like()
-    env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
-    pickled = io.BytesIO()
-    torch.save(low_rank_update(base), pickled)
-    env.add_repo("org/tuned", {"pytorch_model.bin": pickled.getvalue(), "README.md": card("org/base").encode()})
+    pickle_repo(env, tmp_path)
     env.proxy_auth = "Basic " + base64.b64encode(b"mirror:s3cr3t-Passw0rd").decode()
     monkeypatch.setenv("HF_ENDPOINT", env.url.replace("://", "://mirror:s3cr3t-Passw0rd@"))
     env.fail_next(1, status=429, path_contains=".bin", method="GET")
@@ -327,3 +332,16 @@ def test_a_redirect_loop_or_an_undecodable_body_is_retried_then_reported(env, tm
     code, stdout, stderr = run("check", "org/tuned", "--quiet")
     assert (code, stdout) == (2, "")
     assert stderr.endswith(f": model.safetensors: still failing after 2 attempts ({failure})\n"), stderr
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [(200, "could not download pytorch_model.bin from {url} (FileMetadataError)"),  # no X-Repo-Commit: not a Hub
+     (404, "pytorch_model.bin: the server answered HTTP 404")],
+)
+def test_a_download_the_hub_client_cannot_use_is_a_one_line_error(env, tmp_path, status, message):
+    sha = pickle_repo(env, tmp_path)
+    env.fail_next(1000, status, ".bin", method="HEAD")
+    code, stdout, stderr = run("check", "org/tuned", "--allow-pickle")
+    assert (code, stdout) == (2, "")
+    assert stderr == f"ftaudit: error: org/tuned@{sha[:12]}: {message.format(url=env.url)}\n"

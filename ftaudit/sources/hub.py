@@ -153,15 +153,22 @@ def with_retries(
         except (_Transient, httpx2.RequestError, HfHubHTTPError, LocalEntryNotFoundError) as e:
             failure = _transient(e)
             if failure is None:
-                if isinstance(e, HfHubHTTPError):
-                    raise error(e) from None
-                raise
+                raise _lasting(e, label, what, error) from None
         attempt += 1
         if attempt == attempts:
             raise NetworkError(f"{label}: {what}: still failing after {attempts} attempts ({failure})") from None
         delay = failure.retry_after if failure.retry_after is not None else backoff * 2 ** (attempt - 1)
         log.debug("%s: %s: %s; retrying in %.1fs", label, what, failure, delay)
         time.sleep(min(delay, 30.0))
+
+
+def _lasting(e: Exception, label: str, what: str, error: Callable[[HfHubHTTPError], FtauditError]) -> FtauditError:
+    """The error for a failure that a retry would not mend: `error` of an HTTP error (which huggingface_hub's download
+    raises as the cause of a LocalEntryNotFoundError too), else a download the Hub's answer lacked what it needs for."""
+    cause = e.__cause__ if isinstance(e, LocalEntryNotFoundError) else e
+    if isinstance(cause, HfHubHTTPError):
+        return error(cause)
+    return NetworkError(f"{label}: could not download {what} from {endpoint()} ({type(cause or e).__name__})")
 
 
 class HubStorage:
