@@ -29,12 +29,12 @@ def declared_base(storage: Storage) -> DeclaredBase:
             f"{storage.label}: the card declares a quantized model; ftaudit audits full-precision weights"
         )
     declared = card.get("base_model")
-    if isinstance(declared, list):
-        if len(declared) != 1:
+    if isinstance(declared, list):  # an empty one declares none
+        if len(declared) > 1:
             raise BaseResolutionError(
                 f"{storage.label}: the card declares {len(declared)} base models (a merge); {PASS_BASE}"
             )
-        declared = declared[0]
+        declared = declared[0] if declared else None
     from_adapter = _adapter_base(storage)
     if isinstance(declared, str) and declared.strip():
         name = declared.strip()
