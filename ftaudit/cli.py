@@ -20,7 +20,7 @@ import click
 
 from ftaudit import __version__, cardfile, memory, policy as policy_mod
 from ftaudit.audit import AuditOptions
-from ftaudit.cli_parsing import FiniteRange, OneLineErrorGroup
+from ftaudit.cli_parsing import FiniteRange, OneLineErrorGroup, Token
 from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
 from ftaudit.check import Target, check, check_audited
 from ftaudit.errors import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, FtauditError, UsageError
@@ -126,7 +126,7 @@ _model_options = _options(
     click.option("--base", help="Base model (Hub id or folder). Default: the base the model declares."),
     click.option("--revision", help="Revision of MODEL on the Hub (branch, tag or commit)."),
     click.option("--base-revision", help="Revision of the base on the Hub."),
-    click.option("--token", help="Hugging Face token. Default: HF_TOKEN, then the saved login."),
+    click.option("--token", type=Token(), help="Hugging Face token. Default: HF_TOKEN, then the saved login."),
     click.option("--k", "k", type=click.IntRange(min=1), help="Top singular vectors examined per matrix [policy: 10]."),
     click.option("--epsilon", type=FiniteRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5]."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),

@@ -1,4 +1,5 @@
-"""Parsing the command line: a group whose parsing errors read like every other ftaudit error, and a number type."""
+"""Parsing the command line: a group whose parsing errors read like every other ftaudit error, a number type and a
+token type."""
 
 from __future__ import annotations
 
@@ -59,3 +60,17 @@ class FiniteRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value} is not a finite number.", param, ctx)
         return number
+
+
+class Token(click.ParamType):
+    """A Hugging Face token, cleaned as huggingface_hub cleans one from HF_TOKEN or the saved login (line breaks and
+    surrounding spaces dropped; nothing left: no token, so the default applies), and refused, without being shown,
+    when it holds a character that no HTTP header can carry."""
+
+    name = "token"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str | None:
+        token = str(value).replace("\r", "").replace("\n", "").strip()
+        if not all(c.isascii() and c.isprintable() for c in token):
+            self.fail("holds a control or non-ASCII character, which no HTTP header can carry.", param, ctx)
+        return token or None

@@ -345,3 +345,21 @@ def test_a_download_the_hub_client_cannot_use_is_a_one_line_error(env, tmp_path,
     code, stdout, stderr = run("check", "org/tuned", "--allow-pickle")
     assert (code, stdout) == (2, "")
     assert stderr == f"ftaudit: error: org/tuned@{sha[:12]}: {message.format(url=env.url)}\n"
+
+
+def test_a_token_is_cleaned_like_huggingface_hub_cleans_hf_token_and_refused_if_no_header_can_carry_it(
+    env, tmp_path, monkeypatch
+):
+    publish(env, tmp_path, private=True)
+    env.add_token(TOKEN, repos=["org/tuned", "org/base"])
+    assert run("check", "org/tuned", "--token", f" {TOKEN}\r\n")[0] == 1  # as read from a file
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert run("check", "org/tuned", "--token", "")[0] == 1  # an unset variable: the default applies
+    start = len(env.requests)
+    for token in ("hf_SéCrEtToKeN1234567890abcdef", "hf_SeCrEt\0ToKeN1234567890abcdef"):
+        code, stdout, stderr = run("check", "org/tuned", "--token", token)
+        assert (code, stdout, len(stderr.splitlines())) == (2, "", 1) and stderr.startswith(
+            "ftaudit: error: Invalid value for '--token': holds a control or non-ASCII character, which no HTTP "
+            "header can carry. (see "
+        )
+    assert len(env.requests) == start
