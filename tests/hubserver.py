@@ -101,6 +101,7 @@ class _Fault:
     status: int | None  # None: drop the connection
     method: str | None = None  # None: any method
     headers: dict[str, str] = field(default_factory=dict)  # added to the injected answer
+    stall: float = 0.0  # seconds to wait before answering as usual, instead of failing
 
 
 @dataclass
@@ -119,7 +120,7 @@ class HubServer:
 
     Runtime knobs (thread-safe): `ignore_range` (answer Range GETs with 200 and the whole body), `delay`
     (seconds slept before answering each request), `redirect_lfs` (see the module docstring),
-    `fail_next` and `drop_next`.
+    `fail_next`, `drop_next` and `stall_next`.
     """
 
     def __init__(self) -> None:
@@ -236,6 +237,13 @@ class HubServer:
         given) with `status` (429: `Retry-After: 0`) and `headers` (a `Location`, say)."""
         with self._lock:
             self._faults.append(_Fault(n, path_contains, status, method, dict(headers or {})))
+
+    def stall_next(
+        self, n: int = 1, seconds: float = 1.0, path_contains: str | None = None, method: str | None = None
+    ) -> None:
+        """Wait `seconds` before answering the next `n` matching requests as usual."""
+        with self._lock:
+            self._faults.append(_Fault(n, path_contains, None, method, stall=seconds))
 
     def drop_next(self, n: int = 1, path_contains: str | None = None, method: str | None = None) -> None:
         """Close the connection of the next `n` matching requests early.
@@ -469,6 +477,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         time.sleep(hub.delay)
         fault = hub._take_fault(self.command, self.path)
+        if fault is not None and fault.stall:
+            time.sleep(fault.stall)
+            fault = None
         if fault is not None and fault.status is not None:
             response = _error(fault.status, "Injected failure")
             if fault.status == 429:

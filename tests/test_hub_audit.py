@@ -363,3 +363,12 @@ def test_a_token_is_cleaned_like_huggingface_hub_cleans_hf_token_and_refused_if_
             "header can carry. (see "
         )
     assert len(env.requests) == start
+
+
+def test_the_timeout_setting_bounds_the_requests_for_file_sizes_too(env, tmp_path, monkeypatch):
+    publish(env, tmp_path)
+    monkeypatch.setenv("FTAUDIT_HTTP_TIMEOUT", "0.3")
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", "2")
+    env.stall_next(1000, 2.0, ".safetensors", method="HEAD")
+    code, _, stderr = run("check", "org/tuned")
+    assert code == 2 and stderr.endswith(": model.safetensors: still failing after 2 attempts (ReadTimeout)\n"), stderr

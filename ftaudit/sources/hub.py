@@ -217,7 +217,9 @@ class HubStorage:
             return cached.stat().st_size
         if name not in self._sizes:
             url = self._url(name)
-            meta = self._call(lambda: get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint), name)
+            meta = self._call(lambda: get_hf_file_metadata(  # FTAUDIT_HTTP_TIMEOUT, not huggingface_hub's 10 s
+                url, token=self.token, timeout=self._timeout, endpoint=self.endpoint  # type: ignore[arg-type]
+            ), name)
             if meta.size is None:
                 raise NetworkError(f"{self.label}/{name}: the server did not give the file's size")
             self._sizes[name] = meta.size
