@@ -299,7 +299,7 @@ def _shard(text: str, outputs: _Outputs) -> Shard:
 @click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in).")
 @_output_options
-@click.option("--token", help="Hugging Face token, for --push. Default: HF_TOKEN, then the saved login.")
+@click.option("--token", type=Token(), help="Hugging Face token, for --push. Default: HF_TOKEN, then the saved login.")
 @click.option("--quiet", is_flag=True, help="Print only warnings and errors: no report.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and request retries.")
 def merge_command(

@@ -146,6 +146,44 @@ def test_could_not_audit_fails_the_audit_step(hub, models, tmp_path):
 
 
 
+def test_shard_jobs_then_a_merge_job_give_the_whole_audit(models, tmp_path):
+    """A job matrix audits the shards (each uploads its report); a last job downloads them and merges them."""
+    base, tuned = models
+    audit_step = step(ACTION["runs"]["steps"], "audit")
+    whole = run_step(audit_step, action_context({"model": str(tuned), "base": str(base)}, tmp_path), tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    expected = json.loads((tmp_path / "ftaudit-report.json").read_text())
+    downloaded = tmp_path / "shards"
+    for index in (1, 2, 3):
+        work = tmp_path / f"job-{index}"
+        work.mkdir()
+        inputs = {"model": str(tuned), "base": str(base), "shard": f"{index}/3"}
+        result = run_step(audit_step, action_context(inputs, work), work)
+        assert result.returncode == 0, result.stderr
+        assert "Shard" in (work / "step_summary").read_text()
+        (downloaded / f"ftaudit-shard-{index}").mkdir(parents=True)
+        (work / "ftaudit-report.json").rename(downloaded / f"ftaudit-shard-{index}" / "ftaudit-report.json")
+    merge_job = tmp_path / "merge-job"
+    merge_job.mkdir()
+    context = action_context({"merge": f"{downloaded}/*/ftaudit-report.json"}, merge_job)
+    merged = run_step(audit_step, context, merge_job)
+    assert merged.returncode == 0, merged.stderr
+    report = json.loads((merge_job / "ftaudit-report.json").read_text())
+    assert {k: v for k, v in report.items() if k != "created_at"} == {
+        k: v for k, v in expected.items() if k != "created_at"}
+    assert parse_outputs(merge_job / "github_output")["status"] == "fail"
+    assert "ftaudit: FAIL" in (merge_job / "step_summary").read_text()
+
+    cases = {
+        "nothing": ({"merge": f"{downloaded}/none-*.json"}, "merge: no report matches"),
+        "both": ({"merge": f"{downloaded}/*/ftaudit-report.json", "shard": "1/3"}, "give shard or merge, not both"),
+        "no model": ({}, "model is required, unless merge is given"),
+    }
+    for inputs, message in cases.values():
+        bad = run_step(audit_step, action_context(inputs, merge_job), merge_job)
+        assert bad.returncode == 2 and message in bad.stdout
+
+
 def test_weights_checked_out_without_lfs_say_so(models, tmp_path):
     base, tuned = models
     weights = tuned / "model.safetensors"
@@ -258,7 +296,7 @@ def test_fail_on(tmp_path, status, fail_on, code):
 
 def test_action_definition():
     assert ACTION["runs"]["using"] == "composite"
-    assert ACTION["inputs"]["model"]["required"] is True
+    assert "required" not in ACTION["inputs"]["model"]  # not with merge; the audit step asks for it otherwise
     defaults = {name: spec.get("default") for name, spec in ACTION["inputs"].items()}
     assert defaults["device"] == "cpu" and defaults["push-card"] == "false" and defaults["fail-on"] == "fail"
     assert {"base", "revision", "policy", "hf-token", "python-version"} <= set(defaults)
@@ -291,7 +329,7 @@ def test_action_definition():
     assert restore["with"]["path"] == save["with"]["path"] == path
     assert step(steps, "audit")["env"]["FTAUDIT_CACHE"] == step(steps, "spectra")["env"]["FTAUDIT_CACHE"] == path
     assert restore["with"]["restore-keys"] == step(steps, "spectra")["env"]["PREFIX"] == "ftaudit-spectra-${{ runner.os }}-"
-    assert restore["if"] == step(steps, "spectra")["if"] == "inputs.cache == 'true'"
+    assert restore["if"] == step(steps, "spectra")["if"] == "inputs.cache == 'true' && inputs.merge == ''"
     assert save["with"]["key"] == "${{ steps.spectra.outputs.key }}"
     assert "steps.spectra.outputs.key != steps.restore-spectra.outputs.cache-matched-key" in save["if"]
 
@@ -308,10 +346,10 @@ def test_workflows_parse_and_use_the_action_as_it_is_defined(name):
                 continue
             assert any(s.get("uses", "").startswith("actions/checkout@") for s in steps[:i])
             given = spec.get("with", {})
-            assert set(given) <= set(ACTION["inputs"]) and "model" in given
+            assert set(given) <= set(ACTION["inputs"]) and ("model" in given) != ("merge" in given)
             for value in given.values():
                 for expression in EXPRESSION.findall(str(value)):
-                    assert expression.split(".")[0] in {"inputs", "env", "secrets", "github"}, expression
+                    assert expression.split(".")[0] in {"inputs", "env", "secrets", "github", "matrix"}, expression
 
 
 def test_example_workflow_triggers():
@@ -433,3 +471,19 @@ def test_relay_forwards_new_commits_on_main_to_repository_dispatch(relay):
     assert path == "/repos/me/models/dispatches" and headers["Authorization"] == "Bearer ghp_token"
     assert body == {"event_type": "hf-model-updated",
                     "client_payload": {"repo": "org/tuned", "revision": "b" * 40, "before": "a" * 40}}
+
+
+def test_the_sharded_workflow_merges_what_its_shard_jobs_upload():
+    import fnmatch
+
+    jobs = load(WORKFLOWS / "audit-sharded.yml")["jobs"]
+    shards = jobs["shard"]["strategy"]["matrix"]["shard"]
+    action = next(s for s in jobs["shard"]["steps"] if s.get("uses") == "./.github/actions/ftaudit")["with"]
+    assert shards == list(range(1, len(shards) + 1)) and action["shard"] == f"${{{{ matrix.shard }}}}/{len(shards)}"
+    uploaded = [evaluate(action["artifact-name"], {"matrix.shard": str(i)}) for i in shards]
+    download = next(s for s in jobs["merge"]["steps"] if s.get("uses", "").startswith("actions/download-artifact@"))
+    assert jobs["merge"]["needs"] == "shard"
+    assert all(fnmatch.fnmatch(name, download["with"]["pattern"]) for name in uploaded)
+    merge = next(s for s in jobs["merge"]["steps"] if s.get("uses") == "./.github/actions/ftaudit")["with"]["merge"]
+    report = Path(evaluate(step(ACTION["runs"]["steps"], "Upload the report")["with"]["path"], {"runner.temp": "."}))
+    assert all(fnmatch.fnmatch(f"{download['with']['path']}/{name}/{report.name}", merge) for name in uploaded)

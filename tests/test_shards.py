@@ -137,7 +137,15 @@ def test_merge_refuses_what_is_not_every_shard_of_one_audit(pair, tmp_path):
     report = json.loads(two[1].read_text())
     report["model"]["id"] = "org/other"
     other_model.write_text(json.dumps(report))
+    edited = {}
+    for name, shard in {"beyond": {"index": 3, "count": 2}, "half": {"index": 2}}.items():
+        report = json.loads(two[1].read_text())
+        report["settings"]["shard"] = shard
+        edited[name] = tmp_path / f"{name}.json"
+        edited[name].write_text(json.dumps(report))
     cases = {
+        (two[0], edited["beyond"]): "settings.shard 3/2 is not a shard of 2",
+        (two[0], edited["half"]): "settings.shard must be {'index': I, 'count': N}, not {'index': 2}",
         (two[0],): "the reports are shards 1/2: merge needs each of 1/N to N/N once",
         (two[0], two[0]): "the reports are shards 1/2, 1/2: merge needs each",
         (two[0], three[1]): "the reports are shards 1/2, 2/3: merge needs each",
