@@ -342,3 +342,19 @@ def test_github_outputs_and_job_summary(hub_env, tmp_path):
     delimiter = lines[3].removeprefix("report<<")
     assert delimiter.startswith("ghadelimiter_") and lines[4:] == [str(tmp_path / "a"), "status=pass", delimiter]
     write_github_outputs(report, None, {})  # outside GitHub Actions: nothing to do
+
+
+def test_the_merge_of_a_hub_models_shards_pushes_the_whole_audits_card(hub_env, tmp_path):
+    sha = publish(hub_env, tmp_path)
+    shards = [tmp_path / f"shard-{i}.json" for i in (1, 2)]
+    for i, path in enumerate(shards, 1):
+        result = CliRunner().invoke(main, ["check", "org/tuned", "--shard", f"{i}/2", "--json", str(path)])
+        assert result.exit_code == 1, result.stderr
+    result = CliRunner().invoke(main, ["merge", *map(str, shards), "--push", "--token", TOKEN, "--json",
+                                       str(tmp_path / "merged.json")])
+    assert result.exit_code == 1, result.stderr
+    merged = Report.read(tmp_path / "merged.json")
+    assert merged.model.revision == sha and merged.summary.matrices_analysed == audit().summary.matrices_analysed
+    readme = read(hub_env, "README.md", "refs/pr/1")
+    assert frontmatter.read(readme)["ftaudit"] == card_data_from_report(merged)
+    assert read(hub_env, "ftaudit/badge.svg", "refs/pr/1") == render_badge_svg(merged)
