@@ -92,7 +92,7 @@ def test_a_shard_says_so_and_merge_writes_what_check_writes(pair):
     code, stdout, _ = audit(pair, "--shard", "2/3")
     assert "shard 2 of 3: the numbers and the verdict cover its matrices only" in stdout
     code, markdown, _ = audit(pair, "--shard", "2/3", "--format", "markdown")
-    assert "Shard 2 of 3: the numbers and the verdict cover this shard's matrices only" in markdown
+    assert "`\n\nShard 2 of 3: the numbers and the verdict cover this shard's matrices only" in markdown  # a paragraph
     out = pair["root"] / "outputs"
     out.mkdir()
     code, stdout, stderr = run("merge", *shard_reports(pair, 2), "--card", out / "card.md", "--badge", out / "b.svg",
