@@ -56,6 +56,7 @@ def rank_zero(t: dict) -> dict:
         ({"use_dora": True}, None, "DoRA adapters (use_dora) are not supported"),
         ({"kasa_config": {"beta": 0.0001, "gamma": 0.001}}, None, "KaSA adapters (kasa_config) are not supported"),
         ({"use_bdlora": {"nblocks": 2}}, None, "block-diagonal LoRA adapters (use_bdlora) are not supported"),
+        ({"init_lora_weights": "corda"}, None, "init_lora_weights='corda' are not supported"),
         ({"peft_type": "IA3"}, None, "IA3 adapters are not supported (only LoRA)"),
         ({"peft_type": "LOKR"}, None, "LOKR adapters are not supported"),
         ({"target_parameters": "mlp.experts.w1"}, None, "target_parameters must be a list of parameter names"),
@@ -272,7 +273,7 @@ def peft_variant(tmp_path: Path, **lora: object) -> tuple[Path, Path]:
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=4, vocab_size=50))
     model.save_pretrained(tmp_path / "base")
-    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **lora)
+    config = peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, **lora})
     adapted = peft.get_peft_model(model, config)
     if config.use_qalora:  # PEFT gives QALoRA's pooled A to GPTQ layers only, which need CUDA: the same, on plain ones
         for module in adapted.modules():
@@ -294,3 +295,13 @@ def test_lora_variants_peft_makes_but_not_as_w0_plus_ba_are_refused(tmp_path, lo
     for command in (["check"], ["fix", "--out", str(tmp_path / "out")]):
         result = CliRunner().invoke(main, [*command, str(folder), "--base", str(base)])
         assert result.exit_code == 2 and result.stderr == f"ftaudit: error: {folder}: {message}\n", result.stderr
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "olora"])
+def test_a_lora_initialised_on_a_changed_base_is_refused(tmp_path, init):
+    """PiSSA and OLoRA subtract the initial B·A from W0: the saved factors apply to that changed base, which the adapter
+    does not hold. They had been audited on the published base, with wrong numbers."""
+    folder, base = peft_variant(tmp_path, init_lora_weights=init)
+    result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base)])
+    assert result.exit_code == 2 and f"init_lora_weights={init!r} are not supported" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1

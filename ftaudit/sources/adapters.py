@@ -51,6 +51,10 @@ _UNSUPPORTED_VARIANTS = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora"
 """LoRA variants whose merge is not W0 + scaling·B·A: DoRA rescales the columns, KaSA puts a diagonal between B and A
 and truncates W0, block-diagonal LoRA stores A or B as blocks. aLoRA (activated LoRA) adapts only the tokens after its
 invocation sequence and has no merge; QALoRA's A acts on inputs pooled by groups, a narrower matrix than W0's."""
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+"""`init_lora_weights` (or its prefix: pissa_niter_16) that subtract the initial B·A from W0, or quantize it: the factors
+apply to that changed base, which the adapter does not hold. PEFT's save_pretrained with
+path_initial_model_for_weight_conversion saves a LoRA of the published base instead, marked `init_lora_weights: true`."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,12 @@ def _check_config(config: dict[str, object], label: str) -> None:
     for key, what in _UNSUPPORTED_VARIANTS.items():
         if config.get(key):
             raise UnsupportedError(f"{label}: {what} adapters ({key}) are not supported")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        raise UnsupportedError(
+            f"{label}: adapters initialised with init_lora_weights={init!r} are not supported: that initialisation "
+            "changes the base's weights, which the adapter does not hold (save it with PEFT's "
+            "path_initial_model_for_weight_conversion, or audit the merged model)")
     targets = config.get("target_parameters")
     if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise InvalidWeightsError(f"{label}/adapter_config.json: target_parameters must be a list of parameter names")
