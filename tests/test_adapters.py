@@ -270,7 +270,7 @@ def peft_variant(tmp_path: Path, **lora: object) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4, vocab_size=50))
     model.save_pretrained(tmp_path / "base")
     config = peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, **lora})
@@ -287,10 +287,12 @@ def peft_variant(tmp_path: Path, **lora: object) -> tuple[Path, Path]:
     ({"alora_invocation_tokens": [3, 4], "task_type": "CAUSAL_LM"},
      "aLoRA adapters (alora_invocation_tokens) are not supported"),
     ({"use_qalora": True, "qalora_group_size": 16}, "QALoRA adapters (use_qalora) are not supported"),
+    ({"layer_replication": [[0, 1], [0, 1]]}, "layer-replicating adapters (layer_replication) are not supported"),
 ])
 def test_lora_variants_peft_makes_but_not_as_w0_plus_ba_are_refused(tmp_path, lora, message):
-    """aLoRA, which PEFT cannot merge, had been audited as if merged, and QALoRA's narrower A had been taken for
-    the sign of another base."""
+    """aLoRA, which PEFT cannot merge, had been audited as if merged, QALoRA's narrower A had been taken for the sign
+    of another base, and the LoRA of a replicated layer (the tuned model's layer 1, a copy of the base's layer 0) had
+    been applied to the base's layer of that index."""
     folder, base = peft_variant(tmp_path, **lora)
     for command in (["check"], ["fix", "--out", str(tmp_path / "out")]):
         result = CliRunner().invoke(main, [*command, str(folder), "--base", str(base)])
