@@ -57,6 +57,8 @@ def rank_zero(t: dict) -> dict:
         ({"kasa_config": {"beta": 0.0001, "gamma": 0.001}}, None, "KaSA adapters (kasa_config) are not supported"),
         ({"use_bdlora": {"nblocks": 2}}, None, "block-diagonal LoRA adapters (use_bdlora) are not supported"),
         ({"init_lora_weights": "corda"}, None, "init_lora_weights='corda' are not supported"),
+        ({"arrow_config": {"top_k": 1, "task_adapter_names": ["task_0", "task_1"]}}, None,
+         "Arrow router adapters (arrow_config) are not supported"),
         ({"peft_type": "IA3"}, None, "IA3 adapters are not supported (only LoRA)"),
         ({"peft_type": "LOKR"}, None, "LOKR adapters are not supported"),
         ({"target_parameters": "mlp.experts.w1"}, None, "target_parameters must be a list of parameter names"),

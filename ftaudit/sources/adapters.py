@@ -48,12 +48,13 @@ _MERGE_UNUSED = (".lora_velora_embed.", ".lora_monteclora_sampler.")
 sampler): no tensor of the tuned model."""
 _UNSUPPORTED_VARIANTS = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA",
                          "alora_invocation_tokens": "aLoRA", "use_qalora": "QALoRA",
-                         "layer_replication": "layer-replicating"}
+                         "layer_replication": "layer-replicating", "arrow_config": "Arrow router"}
 """LoRA variants whose merge is not W0 + scaling·B·A: DoRA rescales the columns, KaSA puts a diagonal between B and A
 and truncates W0, block-diagonal LoRA stores A or B as blocks. aLoRA (activated LoRA) adapts only the tokens after its
 invocation sequence and has no merge; QALoRA's A acts on inputs pooled by groups, a narrower matrix than W0's.
 layer_replication stacks copies of the base's layers, each adapted on its own: layer i of the tuned model need not be
-the base's layer i."""
+the base's layer i. Arrow's router picks, token by token, among other LoRA adapters; its own factors are unused, and
+it has no merge."""
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 """`init_lora_weights` (or its prefix: pissa_niter_16) that subtract the initial B·A from W0, or quantize it: the factors
 apply to that changed base, which the adapter does not hold. PEFT's save_pretrained with
