@@ -309,3 +309,31 @@ def test_a_lora_initialised_on_a_changed_base_is_refused(tmp_path, init):
     result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base)])
     assert result.exit_code == 2 and f"init_lora_weights={init!r} are not supported" in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_conv1d_layers_are_transposed_whatever_the_config_says(tmp_path):
+    """PEFT sets fan_in_fan_out layer by layer (True for GPT-2's Conv1D, False for a Linear head), and the config saves
+    the last: an adapter of both saves False. Its square attn.c_proj had been built with ΔW untransposed, silently."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=64, n_layer=1, n_head=4, vocab_size=50, n_positions=32, tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=4, target_modules=["attn.c_proj", "lm_head"], init_lora_weights=False)
+    adapted = peft.get_peft_model(model, config)
+    adapted.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    found = {}
+    for side in ("adapter", "merged"):
+        out = tmp_path / f"{side}.json"
+        result = CliRunner().invoke(main, ["check", str(tmp_path / side), "--base", str(tmp_path / "base"), "--json",
+                                           str(out), "--include", "head", "--no-cache"])
+        assert result.exit_code in (0, 1), result.stderr
+        found[side] = {m["name"]: m for m in json.loads(out.read_text())["matrices"]}
+    assert sorted(found["adapter"]) == sorted(found["merged"]) == ["lm_head.weight", "transformer.h.0.attn.c_proj.weight"]
+    for name, matrix in found["merged"].items():
+        assert found["adapter"][name]["max_cos"] == pytest.approx(matrix["max_cos"], abs=1e-5), name
+        assert found["adapter"][name]["indicators"]["relative_update_norm"] == pytest.approx(
+            matrix["indicators"]["relative_update_norm"], rel=1e-5), name

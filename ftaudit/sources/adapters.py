@@ -2,7 +2,8 @@
 
 Ranks come from the factors' shapes; alphas from `lora_alpha` and `alpha_pattern` (matched the way
 PEFT matches it); scaling is alpha/r, or alpha/√r with `use_rslora`; `fan_in_fan_out` transposes
-the update. Tensors the adapter stores whole (`modules_to_save`) replace the base tensor; rows it
+the update (in a family with Conv1D layers, those layers' and no other's, whatever the config says).
+Tensors the adapter stores whole (`modules_to_save`) replace the base tensor; rows it
 stores (`trainable_token_indices`) replace those rows of the base's embedding, as PEFT's index_copy does;
 lora_B's bias (`lora_bias`) is added, scaled, to the layer's bias, as PEFT's merge adds it.
 
@@ -316,6 +317,10 @@ class AdaptedTensors:
                 self._sources[base_name] = ("rows", wanted[original])
                 continue
             module = self.modules[wanted[original]]
+            if layout.conv1d and "lora_embedding_" not in module.a:  # PEFT sets fan_in_fan_out layer by layer, True
+                # for a Conv1D and False for a Linear, the config keeping the last: the layer's, as the base stores it
+                module = replace(module, transpose=layout.transposed(base_name, base_infos[base_name].shape))
+                self.modules[module.module] = module
             self._check_fit(module, base_infos[base_name])
             self._infos[base_name] = base_infos[base_name]
             self._sources[base_name] = ("lora", module.module)
