@@ -132,10 +132,12 @@ def _matches(name: str, glob: str) -> bool:
 
 
 def _prefixes(names: Iterable[str]) -> set[str]:
+    """Candidate wrapper prefixes: each name's first one or two parts, short of its module and tensor (`lm_head.` of
+    `lm_head.weight` is none, which would pair it with `model.norm.weight` by their last part)."""
     out = {""}
     for name in names:
         parts = name.split(".")
-        out.update(".".join(parts[:i]) + "." for i in (1, 2) if len(parts) > i)
+        out.update(".".join(parts[:i]) + "." for i in (1, 2) if len(parts) > i + 1)
     return out
 
 

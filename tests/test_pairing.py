@@ -127,3 +127,13 @@ def test_quantized_experts_are_found():
     assert quantized_matrix(mxfp4) is not None
     assert quantized_matrix(infos({"model.layers.0.mlp.experts.down_proj": (4, 32, 48)}, "F8_E4M3")) is not None
     assert quantized_matrix(infos({"model.layers.0.mlp.experts.down_proj": (4, 32, 48)}, "BF16")) is None
+
+
+def test_a_name_is_not_stripped_to_its_last_part():
+    """A tuned tensor the base does not have (an adapter's `lm_head.weight`, the base's head tied to its embedding) had
+    been paired with the base's one `model.norm.weight` by stripping both to `weight`, which won one more match."""
+    base = ["model.embed_tokens.weight", "model.layers.0.q_proj.weight", "model.norm.weight"]
+    tuned = ["model.layers.0.q_proj.weight", "lm_head.weight"]
+    b, t = align(base, tuned)
+    assert t["lm_head.weight"] == "lm_head.weight" and "lm_head.weight" not in b
+    assert b[next(k for k, v in t.items() if v == "model.layers.0.q_proj.weight")] == "model.layers.0.q_proj.weight"
