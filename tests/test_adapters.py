@@ -337,3 +337,47 @@ def test_conv1d_layers_are_transposed_whatever_the_config_says(tmp_path):
         assert found["adapter"][name]["max_cos"] == pytest.approx(matrix["max_cos"], abs=1e-5), name
         assert found["adapter"][name]["indicators"]["relative_update_norm"] == pytest.approx(
             matrix["indicators"]["relative_update_norm"], rel=1e-5), name
+
+
+def test_the_base_layers_an_adapter_saves_are_those_peft_loads(tmp_path):
+    """PEFT saves the base layer of a targeted embedding (embed_tokens.base_layer.weight) and, with bias="all", the
+    trained biases of adapted layers (query.base_layer.bias), and loads them in place of the base's. They had been
+    taken for tensors the base lacks, and the trained biases left out of the merge."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    folder, base = peft_variant(tmp_path, target_modules=["embed_tokens", "q_proj"])
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(folder / "adapter_model.safetensors")
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base), "--include", "embedding", "--json",
+                                       str(out), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    report = json.loads(out.read_text())
+    assert report["tensors"]["missing_in_base"] == [] and report["model"]["adapter"]["modules_to_save"] == []
+    assert "model.embed_tokens.weight" in {m["name"] for m in report["matrices"]}
+    weights = load_file(folder / "adapter_model.safetensors")
+    name = "base_model.model.model.embed_tokens.base_layer.weight"
+    save_file({**weights, name: torch.cat([weights[name], weights[name][:10]])}, folder / "adapter_model.safetensors")
+    result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base)])
+    assert result.exit_code == 2 and "is of another shape (a resized vocabulary)" in result.stderr, result.stderr
+
+    base_dir = ft.base_model_dir()
+    config = peft.LoraConfig(r=4, target_modules=["query", "value"], bias="all", init_lora_weights=False)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.BertModel.from_pretrained(base_dir, local_files_only=True), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+    model.save_pretrained(tmp_path / "bias")
+    merged = model.merge_and_unload().state_dict()
+    out = tmp_path / "fix.json"
+    result = CliRunner().invoke(main, ["fix", str(tmp_path / "bias"), "--base", str(base_dir), "--merge", "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "1", "--json", str(out), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    assert not any("base_layer" in n for n in json.loads(out.read_text())["before"]["model"]["adapter"]["modules_to_save"])
+    written = load_file(tmp_path / "fixed" / "model.safetensors")
+    assert set(written) <= set(load_file(base_dir / "model.safetensors"))
+    biases = [n for n in written if n.endswith(("query.bias", "value.bias", "dense.bias"))]
+    assert len(biases) == 31  # query, value and 3 dense layers of each of 6, and the pooler
+    for name in biases:
+        assert torch.allclose(written[name], merged[name], atol=1e-6), name

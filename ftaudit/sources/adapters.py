@@ -36,6 +36,7 @@ PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
 _TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 _BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
+_BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<tensor>weight|bias)$")
 FACTOR_CACHE = 2
 """LoRA modules whose factors are kept, in float64: a stack's, and the other stack's of its experts, whose parts the
 base may store side by side (experts.0.down_proj, experts.0.gate_proj)."""
@@ -94,6 +95,9 @@ class LoraAdapter:
         """Embedding modules with trained token rows: the adapter's tensor of those rows, and their indices."""
         self.biases: dict[str, str] = {}
         """Modules whose lora_B has a bias (lora_bias), which PEFT's merge adds, scaled, to the layer's bias."""
+        self.base_layers: dict[str, str] = {}
+        """Tensors of adapted layers that the adapter saves (an embedding's weight, bias="all"'s biases), which PEFT
+        loads in place of the base's, by the layer's tensor: the W0 its LoRA or lora_bias adds to."""
         factors: dict[str, dict[str, str]] = {}
         targets = config.get("target_parameters") or []
         for name in self.weights.infos:
@@ -103,15 +107,22 @@ class LoraAdapter:
             if any(key in f"{name}." for key in _MERGE_UNUSED):
                 continue
             match, rows, bias = _FACTOR.match(name), _TOKEN_ROWS.match(name), _BIAS.match(name)
+            base_layer = _BASE_LAYER.match(name)
             if match:
                 factors.setdefault(_strip_peft(match["module"]), {})[match["side"]] = name
             elif bias:
                 self.biases[_strip_peft(bias["module"])] = name
+            elif base_layer:
+                self.base_layers[f"{_strip_peft(base_layer['module'])}.{base_layer['tensor']}"] = name
             elif rows:
                 module = _strip_peft(rows["module"])
                 self.rows[module] = (name, self._token_indices(module, name))
             else:
                 self.replaced[_strip_peft(name)] = name
+        for key, name in list(self.base_layers.items()):  # a tensor of a layer neither adapted nor given a lora_bias
+            module, _, tensor = key.rpartition(".")
+            if module not in (factors if tensor == "weight" else self.biases):
+                self.replaced[key] = self.base_layers.pop(key)
         for module, pair in sorted(factors.items()):
             if set(pair) != {"A", "B"}:
                 raise InvalidWeightsError(f"{self.label}: module {module} has lora_{next(iter(pair))} but not its pair")
@@ -297,6 +308,8 @@ class AdaptedTensors:
         self._experts: dict[tuple[str, int], list[str]] = {}
         """The parts of each expert's matrix, by the adapter's module or tensor that holds it and the expert."""
         self._infos: dict[str, TensorInfo] = {}
+        self._base_layers: dict[str, str] = {}
+        """The base tensors whose W0 is the adapter's saved base layer (LoraAdapter.base_layers)."""
         for original in adapter_map.values():
             base_name = located.get(original)
             if original in parameters or original not in wanted:
@@ -321,6 +334,7 @@ class AdaptedTensors:
                 # for a Conv1D and False for a Linear, the config keeping the last: the layer's, as the base stores it
                 module = replace(module, transpose=layout.transposed(base_name, base_infos[base_name].shape))
                 self.modules[module.module] = module
+            self._base_layer(original, base_name)
             self._check_fit(module, base_infos[base_name])
             self._infos[base_name] = base_infos[base_name]
             self._sources[base_name] = ("lora", module.module)
@@ -329,6 +343,7 @@ class AdaptedTensors:
             if m not in layers or base_name is None or base_infos[base_name].shape != adapter_infos[name].shape:
                 raise InvalidWeightsError(f"{adapter.label}: {name} {list(adapter_infos[name].shape)} (lora_bias) "
                                           f"fits no bias of the base's {m}: is this the adapter's base?")
+            self._base_layer(f"{m}.bias", base_name)
             self._infos[base_name] = base_infos[base_name]
             self._sources[base_name] = ("bias", m)
         for module in list(self.modules.values()):
@@ -341,6 +356,24 @@ class AdaptedTensors:
                     self._sources[base_name] = ("lora", module.module)
                     if part is not None:
                         self._add_part(base_name, part)
+
+    def _base_layer(self, key: str, base_name: str) -> None:
+        """Take the adapter's saved base layer of tensor `key`, if any, as base tensor `base_name`'s W0."""
+        name = self.adapter.base_layers.get(key)
+        if name is None:
+            return
+        shape, base_shape = self.adapter.weights.infos[name].shape, self.base.infos[base_name].shape
+        if tuple(shape) != tuple(base_shape):
+            raise UnsupportedError(
+                f"{self.adapter.label}: {name} {list(shape)}, the layer PEFT loads in place of the base's {base_name} "
+                f"{list(base_shape)}, is of another shape (a resized vocabulary): merge the adapter into its base "
+                "(PEFT's merge_and_unload) and audit the merged model")
+        self._base_layers[base_name] = name
+
+    def _w0(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """Base tensor `name` as PEFT loads the adapted model: the adapter's saved base layer, or the base's own."""
+        saved = self._base_layers.get(name)
+        return self.adapter.weights.load(saved) if saved is not None else self.base.load(name, expert)
 
     def _replaced_parts(self, name: str, experts: list[list[str]]) -> None:
         """Adapter tensor `name`, a layers' stack saved whole (modules_to_save), as the parts the base stores each
@@ -461,7 +494,7 @@ class AdaptedTensors:
             return self.adapter.weights.load(source, expert)
         if kind == "bias":  # PEFT's merge: the base's bias + scaling·lora_B's
             bias = self.adapter.weights.load(self.adapter.biases[source]).double()
-            return self.base.load(name).double() + self.modules[source].scaling * bias
+            return self._w0(name).double() + self.modules[source].scaling * bias
         if kind == "rows":  # PEFT's merge: the base's rows at the indices replaced, in the base's dtype
             name_of_rows, indices = self.adapter.rows[source]
             base = self.base.load(name)
@@ -475,13 +508,15 @@ class AdaptedTensors:
                 stack[e] = stack[e].double() + update.left @ update.right
             return stack
         update = self._update(module, name, expert)
-        return self.base.load(name, expert).double() + update.left @ update.right
+        return self._w0(name, expert).double() + update.left @ update.right
 
     def low_rank(self, name: str, expert: int | None = None) -> LowRankUpdate | None:
         """ΔW of tensor `name` (or of expert `expert`'s matrix of a stack) as float64 factors; None for a tensor the
-        adapter replaces, whole or by rows."""
+        adapter replaces, whole or by rows, or whose W0 it saves (not the base's, to be exact)."""
         kind, source = self._sources[name]
-        return self._update(self.modules[source], name, expert) if kind == "lora" else None
+        if kind != "lora" or name in self._base_layers:
+            return None
+        return self._update(self.modules[source], name, expert)
 
     def _update(self, module: LoraModule, name: str, expert: int | None) -> LowRankUpdate:
         """ΔW of tensor `name` from `module`'s factors: of expert `expert`'s matrix of a stack, or of the rows of its
