@@ -36,7 +36,7 @@ EXPERTS_MARKED_TRANSPOSED = EXPERTS_IN_OUT_MODELS - {"llama4", "llama4_text"}
 """Those whose experts class transformers marks `is_transposed`: PEFT's LoRA on their stacks (target_parameters)
 holds each expert's ΔWᵀ as B·A; on every other stack, each expert's ΔW (Llama 4's too)."""
 CONCATENATED_EXPERTS = re.compile(r"(^|\.)experts\.mlp\.(w1|v1|w2)$")
-"""DBRX's tensors of experts' matrices one above the other: w1 and v1 out × in, w2 in × out (read from the shapes)."""
+"""DBRX's tensors of experts' matrices one above the other: w1 and v1 out × in, w2 in × out."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ class Layout:
     def transposed(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether tensor `name` of this shape holds its matrices in × out."""
         if is_expert_stack(name, shape):
+            if self.concatenated_experts is not None and CONCATENATED_EXPERTS.search(name):
+                return _projection(name) == "down"  # DBRX's w2, x·W_e, even where its matrices are square
             return self._stack_in_out(name, shape[1], shape[2])
         parts = name.split(".")
         return self.conv1d and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in CONV1D_MODULES

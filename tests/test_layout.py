@@ -104,6 +104,13 @@ def test_dbrx_experts_one_above_the_other_are_read_as_stacks():
     assert Layout.of(Architecture("llama", 64, 4)).stacked_shape("ffn.experts.mlp.w1", (192, 64)) is None
 
 
+def test_dbrx_w2_is_in_out_where_its_experts_matrices_are_square():
+    """ffn_hidden_size = d_model: the shapes cannot tell, DBRX's layers apply w2 as x·W_e all the same."""
+    dbrx = Layout.of(Architecture("dbrx", 64, 4))
+    assert dbrx.transposed("transformer.blocks.0.ffn.experts.mlp.w2", (4, 64, 64))
+    assert not dbrx.transposed("transformer.blocks.0.ffn.experts.mlp.w1", (4, 64, 64))
+
+
 @pytest.mark.parametrize("side", ["tuned", "adapter"])
 def test_conv1d_matrices_are_audited_out_by_in(models, side):
     root, base = models["root"], models["base"]
