@@ -10,9 +10,9 @@ modules_to_save); these rules, after transformers' conversion table, find them i
   the other: Qwen2/3-MoE, DeepSeek, OLMoE, Jamba and the like (`experts.{e}.gate_proj`, `up_proj`,
   `down_proj`), Mixtral and PhiMoE (`block_sparse_moe.experts.{e}.w1`, `w3`, `w2`), Nemotron-H.
 
-The routers of some of these families are renamed too (Mixtral's `block_sparse_moe.gate`, GraniteMoE's
-`router.layer`). A model saved in the layers' form (transformers' `save_original_format=False`, or an
-offloaded save) is matched to a checkpoint stored as published by the same rules
+The routers of some of these families are renamed too (Mixtral's and PhiMoE's `block_sparse_moe.gate`,
+GraniteMoE's `router.layer`). A model saved in the layers' form (transformers' `save_original_format=False`,
+or an offloaded save) is matched to a checkpoint stored as published by the same rules
 (ftaudit.sources.stored_as).
 """
 
@@ -41,6 +41,7 @@ _OWNERS = (("mlp.", "block_sparse_moe."),)
 """Owners that checkpoints name otherwise (Mixtral, PhiMoE)."""
 _ROUTERS = (
     (re.compile(r"^(?P<owner>.*\.)?mlp\.gate\.weight$"), "block_sparse_moe.gate.weight"),
+    (re.compile(r"^(?P<owner>.*\.)?mlp\.router\.weight$"), "block_sparse_moe.gate.weight"),
     (re.compile(r"^(?P<owner>.*\.)?block_sparse_moe\.router\.weight$"), "block_sparse_moe.router.layer.weight"),
 )
 """Routers that checkpoints name otherwise: Mixtral's and PhiMoE's, GraniteMoE's."""

@@ -305,3 +305,18 @@ def test_target_parameters_named_without_their_module_leave_the_layers_loras_alo
     merged = json_report("check", tmp_path / "merged", "--base", root / "base", "--format", "json", "--no-cache")
     assert any(m["name"].endswith("q_proj.weight") for m in from_adapter["matrices"])
     reference.assert_audited_as_merged(from_adapter, merged, rank=2, alpha=4.0)
+
+
+def test_phimoes_router_saved_in_the_layers_form_is_paired_with_the_published_one(tmp_path):
+    """PhiMoE's layers name its router `mlp.router`, its checkpoint `block_sparse_moe.gate`: paired either way round."""
+    config = transformers.PhimoeConfig(**SHAPES, intermediate_size=48, num_local_experts=EXPERTS, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "published")
+    model.save_pretrained(tmp_path / "layers-form", save_original_format=False)
+    assert "model.layers.0.mlp.router.weight" in load_file(tmp_path / "layers-form" / "model.safetensors")
+    for tuned, base in (("layers-form", "published"), ("published", "layers-form")):
+        report = json_report("check", tmp_path / tuned, "--base", tmp_path / base, "--format", "json", "--no-cache")
+        assert not report["tensors"]["missing_in_base"] and not report["tensors"]["missing_in_model"]
+        assert {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(LAYERS)} <= set(
+            report["tensors"]["unchanged"])
