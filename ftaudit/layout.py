@@ -67,14 +67,18 @@ class Layout:
         """The E × rows × cols stack that 2-D tensor `name` holds, its experts' matrices one above the other (DBRX's);
         None for any other tensor."""
         experts = self.concatenated_experts
-        if experts is None or len(shape) != 2 or shape[0] % experts or not CONCATENATED_EXPERTS.search(name):
+        if experts is None or len(shape) != 2 or shape[0] % experts or not self.concatenated(name):
             return None
         return experts, shape[0] // experts, shape[1]
+
+    def concatenated(self, name: str) -> bool:
+        """Whether tensor `name` holds its experts' matrices one above the other, read as a stack (DBRX's)."""
+        return self.concatenated_experts is not None and CONCATENATED_EXPERTS.search(name) is not None
 
     def transposed(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether tensor `name` of this shape holds its matrices in × out."""
         if is_expert_stack(name, shape):
-            if self.concatenated_experts is not None and CONCATENATED_EXPERTS.search(name):
+            if self.concatenated(name):
                 return _projection(name) == "down"  # DBRX's w2, x·W_e, even where its matrices are square
             return self._stack_in_out(name, shape[1], shape[2])
         parts = name.split(".")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ftaudit.cli import main
 from ftaudit.spectral import CERTIFIED_SIN
 from tests import reference
-from tests.invoke import json_report
+from tests.invoke import json_report, run
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,3 +110,16 @@ def test_pickled_experts_are_audited_alike(models, tmp_path):
     pickled = json_report("check", tmp_path / "tuned", args[0], tmp_path / "base", *args[1:])
     stored = json_report("check", root / "tuned", args[0], root / "base", *args[1:])
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
+
+
+def test_a_lora_on_the_concatenated_parameters_is_refused_in_one_line(models, tmp_path):
+    """PEFT's target_parameters on w1 and w2 give one update of all the experts' matrices one above the other (E·I × H):
+    refused as not supported, not as fitting none of the base's tensors (the base's own)."""
+    peft = pytest.importorskip("peft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(models["root"] / "base")
+    config = peft.LoraConfig(r=2, target_modules=["Wqkv"],
+                             target_parameters=["ffn.experts.mlp.w1", "ffn.experts.mlp.w2"])
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    code, _, stderr = run("check", tmp_path / "adapter", "--base", models["root"] / "base")
+    assert code == 2 and len(stderr.splitlines()) == 1
+    assert "a LoRA on DBRX's experts' parameters (target_parameters)" in stderr and "merge_and_unload" in stderr

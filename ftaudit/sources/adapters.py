@@ -413,6 +413,11 @@ class AdaptedTensors:
         fits: list[tuple[dict[str, Part | None], LoraModule]] = []
         for key, name in present.items():
             shape, candidate = infos[name].shape, self.adapter.for_parameter(module, key)
+            if len(shape) == 3 and layout.concatenated(name) and (shape[0] * shape[1], shape[2]) == (b[0], a[1]):
+                raise UnsupportedError(
+                    f"{label}: {module.module}: a LoRA on DBRX's experts' parameters (target_parameters), which hold "
+                    "their matrices one above the other, is not supported: merge the adapter into its base (PEFT's "
+                    "merge_and_unload) and audit the merged model")
             if candidate is None:
                 continue
             if len(shape) == 3 and shape[0] == candidate.experts:
