@@ -9,7 +9,7 @@ from pathlib import Path
 from ftaudit.audit import AuditOptions, Progress, Tensors, run_audit
 from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, architecture_of, declared_base, unusable_name
-from ftaudit.errors import BaseResolutionError, UnsupportedError, UsageError
+from ftaudit.errors import BaseResolutionError, InvalidWeightsError, UnsupportedError, UsageError
 from ftaudit.layout import Layout, matrix_tensor
 from ftaudit.pairing import quantized_matrix
 from ftaudit.policy import Policy, apply
@@ -81,19 +81,20 @@ def open_target(target: Target) -> Opened:
     architectures = architecture_of(tuned.storage), architecture_of(base.storage)  # config.json's, each read once
     _warn_other_architecture(tuned, base, *(a.model_type for a in architectures))
     layout = Layout.of(*architectures)
-    base_side = _restacked(open_weights(base.storage, allow_pickle=target.allow_pickle), layout)
+    base_side = _restacked(open_weights(base.storage, allow_pickle=target.allow_pickle), layout, base.storage.label)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
     model_ref = ModelRef(tuned.id, tuned.revision)
     base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
     if config is None:
-        weights = _restacked(open_weights(tuned.storage, allow_pickle=target.allow_pickle), layout)
+        weights = _restacked(open_weights(tuned.storage, allow_pickle=target.allow_pickle), layout, tuned.storage.label)
         _refuse_quantized(tuned.storage.label, weights, "audit the model before quantization")
         # one side may hold experts' stacks and routers as transformers' layers name them, the other as published
         tuned_side: Tensors = StoredAs.of(weights, base_side.infos, layout)
         base_stored = StoredAs.of(base_side, weights.infos, layout)
     else:
-        weights = _restacked(open_weights(tuned.storage, "adapter_model", target.allow_pickle), layout)
+        weights = _restacked(open_weights(tuned.storage, "adapter_model", target.allow_pickle), layout,
+                             tuned.storage.label)
         adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
@@ -101,12 +102,17 @@ def open_target(target: Target) -> Opened:
     return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout)
 
 
-def _restacked(weights: Checkpoint | PickleCheckpoint, layout: Layout) -> Checkpoint | PickleCheckpoint:
-    """`weights`, with the 2-D tensors that hold experts' matrices one above the other read as stacks (DBRX's)."""
+def _restacked(weights: Checkpoint | PickleCheckpoint, layout: Layout, label: str) -> Checkpoint | PickleCheckpoint:
+    """`weights`, with the 2-D tensors that hold experts' matrices one above the other read as stacks (DBRX's);
+    InvalidWeightsError for one whose rows do not divide into config.json's number of experts' matrices."""
     for name, info in weights.infos.items():
         shape = layout.stacked_shape(name, info.shape)
         if shape is not None:
             weights.restack(name, shape)
+        elif layout.concatenated(name) and len(info.shape) == 2:
+            raise InvalidWeightsError(
+                f"{label}: {name} {list(info.shape)} does not divide into the {layout.concatenated_experts} experts' "
+                "matrices that config.json gives (ffn_config.moe_num_experts)")
     return weights
 
 

@@ -123,3 +123,15 @@ def test_a_lora_on_the_concatenated_parameters_is_refused_in_one_line(models, tm
     code, _, stderr = run("check", tmp_path / "adapter", "--base", models["root"] / "base")
     assert code == 2 and len(stderr.splitlines()) == 1
     assert "a LoRA on DBRX's experts' parameters (target_parameters)" in stderr and "merge_and_unload" in stderr
+
+
+def test_a_config_whose_experts_do_not_divide_the_rows_is_refused_in_one_line(models, tmp_path):
+    """config.json's moe_num_experts that is no divisor of the tensors' rows: refused, not audited as one matrix."""
+    for side in ("base", "tuned"):
+        shutil.copytree(models["root"] / side, tmp_path / side)
+        config = json.loads((tmp_path / side / "config.json").read_text())
+        config["ffn_config"]["moe_num_experts"] = EXPERTS + 1
+        (tmp_path / side / "config.json").write_text(json.dumps(config))
+    code, _, stderr = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--no-cache")
+    assert code == 2 and len(stderr.splitlines()) == 1
+    assert f"[{EXPERTS * INTERMEDIATE}, {HIDDEN}] does not divide into the {EXPERTS + 1} experts' matrices" in stderr
