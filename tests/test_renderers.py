@@ -416,6 +416,8 @@ def test_github_annotations(reports):
     assert len(fail) == len(reports["fail"].verdict.reasons)
     assert all(line.startswith("::error title=ftaudit FAIL%3A ") for line in fail)
     assert all(reason in line for reason, line in zip(reports["fail"].verdict.reasons, fail, strict=True))
+    s = reports["fail"].summary
+    assert all(f"in {s.matrices_with_intruders} of {s.matrices_analysed} matrices," in line for line in fail)
     assert all(line.startswith("::warning ") for line in markdown.github_annotations(reports["warn"]))
     passed = markdown.github_annotations(reports["pass"])
     assert len(passed) == 1 and passed[0].startswith("::notice ") and "0 intruder dimensions" in passed[0]

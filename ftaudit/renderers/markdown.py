@@ -320,7 +320,7 @@ def github_annotations(report: Report, limit: int = 10) -> list[str]:
     s = report.summary
     headline = (
         f"{plural(s.intruder_dimensions, 'intruder dimension')} at ε={format_number(report.settings.epsilon)} "
-        f"in {s.matrices_analysed} matrices, forgetting risk {s.risk}"
+        f"in {s.matrices_with_intruders} of {s.matrices_analysed} matrices, forgetting risk {s.risk}"
     )
     messages = [f"{headline}: {reason}" for reason in report.verdict.reasons] or [headline]
     return [f"::{level} title={title}::{_escape_data(m)}" for m in messages[:limit]]
