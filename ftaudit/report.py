@@ -127,6 +127,8 @@ class Report:
             raise UsageError(f"not an ftaudit report (a JSON {type(data).__name__}, not an object)")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise UsageError(f"report schema version {data.get('schema_version')!r} is not {SCHEMA_VERSION!r}")
+        if data.get("kind") == "fix":
+            raise UsageError("the record of `ftaudit fix --json`, not a report of `ftaudit check --json`")
         try:
             d = dict(data)
             d.pop("schema_version")

@@ -427,7 +427,8 @@ def test_reports_read_back_into_the_same_report(pair, tmp_path):
     with pytest.raises(UsageError, match="bad.json: not an ftaudit report"):
         Report.read(tmp_path / "bad.json")
     for text, message in [("[1, 2]", "a JSON list, not an object"), ('{"schema_version": "9"}', "schema version '9'"),
-                          ('{"schema_version": "1", "matrices": 5}', "not an ftaudit report")]:
+                          ('{"schema_version": "1", "matrices": 5}', "not an ftaudit report"),
+                          ('{"schema_version": "1", "kind": "fix", "after": {}}', "the record of `ftaudit fix --json`")]:
         (tmp_path / "bad.json").write_text(text)
         code, _, stderr = run("card", "update", tmp_path / "card.md", "--report", tmp_path / "bad.json")
         assert code == 2 and stderr.startswith(f"ftaudit: error: {tmp_path / 'bad.json'}: ") and message in stderr
