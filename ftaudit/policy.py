@@ -128,13 +128,17 @@ def apply(policy: Policy, report: Report) -> Verdict:
         status = "fail"
     t = report.tensors
     if t.nonfinite:
-        reasons.append(f"non-finite weights (NaN or Inf) in {len(t.nonfinite)} matrices, first {t.nonfinite[0]}")
+        reasons.append(f"non-finite weights (NaN or Inf) in {_matrices(len(t.nonfinite))}, first {t.nonfinite[0]}")
         if policy.fail_on_nonfinite:
             status = "fail"
     missing = len(t.missing_in_base) + len(t.missing_in_model) + len(t.shape_mismatch)
     if missing:
-        reasons.append(f"{missing} matrices missing on one side or of different shapes")
+        reasons.append(f"{_matrices(missing)} missing on one side or of different shapes")
         if policy.fail_on_missing:
             status = "fail"
     report.verdict = Verdict(status, reasons)
     return report.verdict
+
+
+def _matrices(n: int) -> str:
+    return f"{n} matrix" if n == 1 else f"{n} matrices"

@@ -21,6 +21,7 @@ from ftaudit.audit import AuditOptions
 from ftaudit.check import Target, check
 from ftaudit.pairing import Selection
 from ftaudit.renderers import badge, card, heatmap, markdown
+from ftaudit.renderers import text as text_renderer
 from ftaudit.report import Report, Summary
 from tests.models import MODULES, llama_like, low_rank_update, small_update, write_model
 
@@ -184,6 +185,22 @@ def test_renderers_when_no_matrix_could_be_analysed(tmp_path):
     ET.fromstring(heatmap.render_heatmap_svg(report))
     ET.fromstring(badge.render_badge_svg(report))
     assert "14 matrices with NaN or Inf weights" in markdown.render_job_summary(report)
+
+
+def test_one_matrix_is_counted_in_the_singular(tmp_path):
+    base = llama_like()
+    one = {k: torch.full_like(v, math.nan) if k == "model.layers.0.self_attn.q_proj.weight" else v
+           for k, v in small_update(base).items() if k != "model.layers.1.mlp.up_proj.weight"}
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "one", one)
+    report = check(Target(str(tmp_path / "one"), str(tmp_path / "base")), AuditOptions(), policy_mod.load(None))
+    assert report.verdict.reasons == [
+        "non-finite weights (NaN or Inf) in 1 matrix, first model.layers.0.self_attn.q_proj.weight",
+        "1 matrix missing on one side or of different shapes",
+    ]
+    rendered = text_renderer.render(report)
+    assert "1 matrix with NaN or Inf weights" in rendered and "1 matrix missing in the model" in rendered
+    assert "1 matrices" not in rendered
 
 
 def test_card_section_escapes_what_comes_from_the_report(reports):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ftaudit.renderers.markdown import unanalysed, worst_matrices
+from ftaudit.renderers.markdown import plural, unanalysed, worst_matrices
 from ftaudit.report import Report
 
 STATUS_COLOURS = {"pass": "green", "warn": "yellow", "fail": "red"}
@@ -63,7 +63,8 @@ def _shard_note(report: Report) -> list[str]:
 def _tensor_notes(report: Report) -> list[str]:
     t = report.tensors
     notes = [
-        f"  {len(names)} matrices {label}: " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        f"  {plural(len(names), 'matrix', 'matrices')} {label}: " + ", ".join(names[:3])
+        + (", ..." if len(names) > 3 else "")
         for label, names in unanalysed(report)
     ]
     notes += [
