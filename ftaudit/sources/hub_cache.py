@@ -8,23 +8,32 @@ from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 from ftaudit.errors import NotFoundError
+from ftaudit.sources.checkpoint import PICKLE_SUFFIXES
 from ftaudit.sources.local import LocalStorage
+
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 def cached_snapshot(repo_id: str, revision: str | None) -> tuple[str, LocalStorage]:
     """The commit sha of `repo_id` at `revision` (a branch, tag or sha; default main) as the cache last saw it, and
-    its snapshot folder; NotFoundError when the cache does not hold it whole."""
+    its snapshot folder; NotFoundError when the cache does not hold it whole.
+
+    A snapshot of files fetched one by one (a card, a config.json) has no file listing to tell what it lacks: one
+    that holds no weights file is taken as partial too."""
     wanted = f"{repo_id}@{revision or 'main'}"
+    partial = NotFoundError(
+        f"{wanted}: only part of it is in the Hugging Face cache, and HF_HUB_OFFLINE is set: "
+        "download it whole first, or unset HF_HUB_OFFLINE"
+    )
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except IncompleteSnapshotError:
-        raise NotFoundError(
-            f"{wanted}: only part of it is in the Hugging Face cache, and HF_HUB_OFFLINE is set: "
-            "download it whole first, or unset HF_HUB_OFFLINE"
-        ) from None
+        raise partial from None
     except LocalEntryNotFoundError:
         raise NotFoundError(
             f"{wanted}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: "
             "download it first, or unset HF_HUB_OFFLINE"
         ) from None
+    if not any(path.name.endswith(WEIGHT_SUFFIXES) for path in folder.rglob("*")):
+        raise partial
     return folder.name, LocalStorage(folder, label=f"{repo_id}@{folder.name[:12]} (Hugging Face cache)")
