@@ -32,6 +32,7 @@ from ftaudit.pairing import TensorPair, pair_tensors
 from ftaudit.patch import Directions, find_directions, refactor_lora, scale_directions
 from ftaudit.policy import Policy
 from ftaudit.renderers import fix as fix_render
+from ftaudit.renderers.card import BADGE, HEATMAP, REPO_FILES, repo_files
 from ftaudit.report import ModelRef, Report
 from ftaudit.sources.adapters import AdaptedTensors, expert_factors
 from ftaudit.sources.checkpoint import Checkpoint
@@ -97,7 +98,7 @@ def fix(
     with ModelFolder(out) as folder, flushed(cache):
         _write_weights(folder, storage, weights, replace, phase("writing"))
         changed = bool(patcher.changes) or fmt == "merged"
-        left_out = _copy_files(folder, opened, fmt, weights, keep_card=not changed)
+        left_out, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed)
         after = check(
             Target(str(folder.path), base=before.base.id, base_revision=before.base.revision, token=target.token,
                    allow_pickle=target.allow_pickle),
@@ -113,8 +114,11 @@ def fix(
             before=before, after=after, changes=patcher.changes, files_left_out=left_out,
         )
         if changed:
-            section = fix_render.render_card_section(result)
+            section = fix_render.render_card_section(result, badge_path=BADGE if BADGE in audit_files else None,
+                                                     heatmap_path=HEATMAP if HEATMAP in audit_files else None)
             folder.write_bytes(CARD, cardfile.update_card(card, section, fix_render.card_data(result)).encode("utf-8"))
+            for name, text in repo_files(result.after, audit_files).items():
+                folder.write_bytes(name, text.encode("utf-8"))
         folder.commit()
     return result
 
@@ -156,8 +160,12 @@ def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, r
         folder.write_safetensors(storage, file, as_stored, step)
 
 
-def _copy_files(folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool) -> list[str]:
-    """Copy the input's other files; return the weights in other formats or other copies, which are left out."""
+def _copy_files(
+    folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool
+) -> tuple[list[str], list[str]]:
+    """Copy the input's other files; return the weights in other formats or other copies, which are left out, and,
+    unless `keep_card`, the audit's files (badge, heatmap) the input had, which are not copied: they are the card's,
+    to be rewritten with it."""
     written = {ref.file for ref in weights.tensors.values()}
     stem = "adapter_model" if fmt == "adapter" else "model"
     tuned = opened.tuned.storage
@@ -168,8 +176,11 @@ def _copy_files(folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoi
         sources.update(dict.fromkeys(extras, tuned))
     else:
         sources.update(dict.fromkeys(tuned.files(), tuned))
+    audit_files: list[str] = []
     if not keep_card:
-        sources.pop(CARD, None)
+        audit_files = [name for name in REPO_FILES if name in sources]
+        for name in (CARD, *audit_files):
+            sources.pop(name, None)
     left_out = []
     for name, storage in sorted(sources.items()):
         if name in written:
@@ -181,7 +192,7 @@ def _copy_files(folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoi
     if left_out:
         log.warning("left out %d file(s) of weights in other formats or other copies, which would keep the unpatched "
                     "values: %s", len(left_out), ", ".join(left_out))
-    return left_out
+    return left_out, audit_files
 
 
 def _other_copy(name: str, stem: str) -> bool:

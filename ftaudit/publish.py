@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import uuid
@@ -21,9 +20,7 @@ from huggingface_hub.errors import (
 
 from ftaudit.cardfile import card_data_from_report, update_card
 from ftaudit.errors import AccessError, FtauditError, NetworkError, NotFoundError, UsageError
-from ftaudit.renderers.badge import render_badge_svg, shields_endpoint
-from ftaudit.renderers.card import render_card_section
-from ftaudit.renderers.heatmap import render_heatmap_svg
+from ftaudit.renderers.card import BADGE, BADGE_JSON, HEATMAP, render_card_section, repo_files
 from ftaudit.renderers.markdown import render_job_summary, status_headline
 from ftaudit.report import Report
 from ftaudit.secrets import mask_shapes
@@ -32,7 +29,6 @@ from ftaudit.sources.hub import bound_session, endpoint, with_retries
 T = TypeVar("T")
 MODES = ("pr", "commit")
 COMMIT_PATH = re.compile(r"/commit/[^/]+$")  # the request that makes the commit or pull request (not preupload)
-BADGE, BADGE_JSON, HEATMAP = "ftaudit/badge.svg", "ftaudit/badge.json", "ftaudit/heatmap.svg"
 
 
 def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: bool = True, heatmap: bool = True) -> str:
@@ -52,13 +48,7 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
     label = f"{repo}@{sha[:12]}"
     branch = _read(lambda: _branch_at(api, repo, sha), repo, label, "branch list")
     readme = _read(lambda: _readme(api, repo, sha), repo, label, "README.md")
-    files = {}
-    if badge:
-        files[BADGE] = render_badge_svg(report)
-        files[BADGE_JSON] = json.dumps(shields_endpoint(report), indent=2) + "\n"
-    if heatmap:
-        files[HEATMAP] = render_heatmap_svg(report)
-    files = {path: mask_shapes(text) for path, text in files.items()}
+    files = repo_files(report, [*([BADGE, BADGE_JSON] if badge else []), *([HEATMAP] if heatmap else [])])
     section = render_card_section(
         report, badge_path=BADGE if badge else None, heatmap_path=HEATMAP if heatmap else None
     )

@@ -386,3 +386,28 @@ def test_fix_of_a_hub_adapter_streams_it_and_writes_what_a_local_fix_writes(runs
         assert (tmp_path / "out" / name).read_bytes() == (local / name).read_bytes()
     base_reads = [r for r in hub_env.requests if ft.BASE_ID in r.path and r.path.endswith("model.safetensors")]
     assert all(r.range for r in base_reads if r.method == "GET")  # only tensors, by Range: never the whole file
+
+
+def test_the_audit_files_a_push_left_are_rewritten_for_the_output(tmp_path):
+    """A model whose repo holds ftaudit/ files from `check --push`: the output's badge, shields.io endpoint and
+    heatmap describe the audit of the output, as its card does, not the input's."""
+    from tests.models import llama_like, low_rank_update, write_model
+
+    base = llama_like(layers=2)
+    write_model(tmp_path / "base", base)
+    model = write_model(tmp_path / "model", low_rank_update(base), readme=card(str(tmp_path / "base")))
+    (model / "ftaudit").mkdir()
+    code, _, stderr = run("check", model, "--badge", model / "ftaudit/badge.svg", "--quiet",
+                          "--heatmap", model / "ftaudit/heatmap.svg", "--badge-json", model / "ftaudit/badge.json")
+    assert code == 1, stderr
+    before = (model / "ftaudit/badge.json").read_text()
+    out, record = tmp_path / "fixed", tmp_path / "fix.json"
+    code, _, stderr = run("fix", model, "--out", out, "--lambda", 0, "--json", record, "--quiet")
+    assert code in (0, 1), stderr
+    after = Report.from_dict(json.loads(record.read_text())["after"])
+    endpoint = json.loads((out / "ftaudit/badge.json").read_text())
+    assert endpoint["message"] == f"{after.verdict.status} · {after.summary.intruder_dimensions} intruders"
+    assert (out / "ftaudit/badge.json").read_text() != before
+    assert f"{after.summary.intruder_dimensions} intruders" in (out / "ftaudit/badge.svg").read_text()
+    assert "<svg" in (out / "ftaudit/heatmap.svg").read_text()
+    assert "(ftaudit/badge.svg)" in (out / "README.md").read_text()  # the card shows them, as a push's does

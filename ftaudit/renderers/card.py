@@ -6,8 +6,11 @@ the result between the `<!-- ftaudit:begin -->` / `<!-- ftaudit:end -->` markers
 
 from __future__ import annotations
 
+import json
 import shlex
+from collections.abc import Iterable
 
+from ftaudit.renderers import badge, heatmap
 from ftaudit.renderers.markdown import (
     base_context,
     code_span,
@@ -18,7 +21,11 @@ from ftaudit.renderers.markdown import (
     status_headline,
 )
 from ftaudit.report import Report
+from ftaudit.secrets import mask_shapes
 
+BADGE, BADGE_JSON, HEATMAP = "ftaudit/badge.svg", "ftaudit/badge.json", "ftaudit/heatmap.svg"
+REPO_FILES = (BADGE, BADGE_JSON, HEATMAP)
+"""Where a model repo keeps the audit's badge, shields.io endpoint and heatmap, beside its card."""
 DECLARED_BY = {"card": "the model card", "adapter_config": "adapter_config.json", "cli": "the audit command"}
 PAPER = "Shuttleworth et al. (“LoRA vs Full Fine-tuning: An Illusion of Equivalence”, 2024, arXiv:2410.21228)"
 
@@ -135,3 +142,14 @@ def _link_target(path: str | None) -> str | None:
     if not path:
         return None
     return path.replace("\\", "/").replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+
+
+
+def repo_files(report: Report, names: Iterable[str]) -> dict[str, str]:
+    """The files of `names` (of REPO_FILES) that show `report` in a model repo."""
+    make = {
+        BADGE: lambda: badge.render_badge_svg(report),
+        BADGE_JSON: lambda: json.dumps(badge.shields_endpoint(report), indent=2) + "\n",
+        HEATMAP: lambda: heatmap.render_heatmap_svg(report),
+    }
+    return {name: mask_shapes(make[name]()) for name in names}

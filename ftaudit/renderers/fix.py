@@ -93,9 +93,11 @@ def render_fix_section(result: FixResult) -> str:
     )
 
 
-def render_card_section(result: FixResult) -> str:
-    """The whole card section of the patched model: its audit, then the fix."""
-    return card.render_card_section(result.after).rstrip("\n") + "\n\n" + render_fix_section(result)
+def render_card_section(result: FixResult, badge_path: str | None = None, heatmap_path: str | None = None) -> str:
+    """The whole card section of the patched model: its audit (embedding the badge and heatmap by these relative
+    paths), then the fix."""
+    return (card.render_card_section(result.after, badge_path=badge_path, heatmap_path=heatmap_path).rstrip("\n")
+            + "\n\n" + render_fix_section(result))
 
 
 def card_data(result: FixResult) -> dict[str, object]:
