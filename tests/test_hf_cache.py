@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,21 @@ def test_a_repo_whose_index_names_a_file_outside_it_is_refused_before_any_lookup
     code, _, stderr = run("check", "org/tuned")
     assert code == 2 and "file name '../model-0000" in stderr and "points outside the snapshot" in stderr, stderr
     assert not any("/../" in r.path or "%2E%2E" in r.path.upper() for r in hub_env.requests)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_offline_a_cached_ref_that_is_no_sha_is_refused(hub_env, tmp_path, offline, relative):
+    # A ref file holds what a server's X-Repo-Commit said: it must not lead out of the repo's snapshots.
+    publish(hub_env, tmp_path)
+    constants.HF_HUB_OFFLINE = False
+    snapshot = download(hub_env, "org/tuned")
+    download(hub_env, "org/base")
+    constants.HF_HUB_OFFLINE = True
+    repo = snapshot.parent.parent
+    outside = tmp_path / "outside"
+    outside.symlink_to(snapshot)  # a folder that holds a model, outside the cache
+    (repo / "refs" / "main").write_text(os.path.relpath(outside, repo / "snapshots") if relative else str(outside))
+    code, stdout, stderr = run("check", "org/tuned")
+    assert (code, stdout) == (2, "") and stderr.startswith("ftaudit: error: org/tuned@main: the Hugging Face cache "
+                                                           "names commit "), stderr
+    assert "which is not a commit sha (40 hex digits)" in stderr and len(stderr.splitlines()) == 1

@@ -13,6 +13,7 @@ import torch
 
 import ftaudit.audit as audit_module
 from ftaudit.sources import checkpoint
+from tests import hubserver
 from tests.hubserver import HubServer
 from tests.invoke import run
 from tests.models import (
@@ -372,3 +373,18 @@ def test_the_timeout_setting_bounds_the_requests_for_file_sizes_too(env, tmp_pat
     env.stall_next(1000, 2.0, ".safetensors", method="HEAD")
     code, _, stderr = run("check", "org/tuned")
     assert code == 2 and stderr.endswith(": model.safetensors: still failing after 2 attempts (ReadTimeout)\n"), stderr
+
+
+@pytest.mark.parametrize("sha", ["../..", "0" * 39, "ABCDEF" * 7])
+def test_a_commit_that_is_no_sha_is_refused_before_it_names_a_cache_path(env, tmp_path, monkeypatch, sha):
+    publish(env, tmp_path)
+    info = hubserver._model_info
+    monkeypatch.setattr(hubserver, "_model_info", lambda *a, **k: {**info(*a, **k), "sha": sha})
+    looked_up = []
+    monkeypatch.setattr("ftaudit.sources.hub.try_to_load_from_cache", lambda *a, **k: looked_up.append(k))
+    code, stdout, stderr = run("check", "org/tuned")
+    assert (code, stdout) == (2, "") and stderr == (
+        f"ftaudit: error: org/tuned: the server named commit {sha!r} for main, which is not a commit sha "
+        "(40 hex digits)\n"
+    )
+    assert not looked_up

@@ -47,6 +47,8 @@ log = logging.getLogger("ftaudit")
 T = TypeVar("T")
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+"""A full commit sha: the only name of a commit that may go into the Hugging Face cache's paths."""
 
 
 class _ToFtaudit(logging.Handler):
@@ -188,6 +190,11 @@ class HubStorage:
         )
         if not info.sha:
             raise NetworkError(f"{repo_id}: the server did not say which commit {revision or 'main'} is")
+        if not COMMIT_SHA.fullmatch(info.sha):
+            raise NetworkError(
+                f"{repo_id}: the server named commit {info.sha!r} for {revision or 'main'}, which is not a commit sha "
+                "(40 hex digits)"
+            )
         self.sha: str = info.sha
         self.label = f"{repo_id}@{self.sha[:12]}"
         self._files = sorted(s.rfilename for s in info.siblings or [])
