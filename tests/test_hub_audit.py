@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import time
 import weakref
 from pathlib import Path
 
@@ -388,3 +390,26 @@ def test_a_commit_that_is_no_sha_is_refused_before_it_names_a_cache_path(env, tm
         "(40 hex digits)\n"
     )
     assert not looked_up
+
+
+def test_a_range_answer_longer_than_the_range_is_refused_without_reading_it_whole(env, tmp_path, monkeypatch):
+    publish(env, tmp_path)
+    padding = 64 << 20
+    content = HubServer._content
+
+    def overlong(self, data, range_header, headers):
+        response = content(self, data, range_header, headers)
+        if response.status == 206:
+            response.body += bytes(padding)
+        return response
+
+    monkeypatch.setattr(HubServer, "_content", overlong)
+    code, stdout, stderr = run("check", "org/tuned")
+    assert (code, stdout) == (2, "") and re.fullmatch(
+        r"ftaudit: error: org/base@[0-9a-f]{12}/model\.safetensors: the server answered a Range request for bytes "
+        r"0-7 with more than its 8 bytes\n", stderr
+    ), stderr
+    deadline = time.monotonic() + 10  # the server logs a body as sent whole until a write fails
+    while any(r.bytes_sent >= padding for r in env.requests) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(r.bytes_sent < padding for r in env.requests)

@@ -281,7 +281,12 @@ class HubStorage:
             _raise_for_status(r)
             if r.status_code == 206:
                 _check_content_range(r.headers.get("Content-Range"), start, end)
-                data = r.read()
+                data = _slice(r.iter_bytes(), 0, length + 1)  # one byte more tells an overlong body
+                if len(data) > length:
+                    raise NetworkError(
+                        f"{self.label}/{name}: the server answered a Range request for bytes {start}-{end} with more "
+                        f"than its {length} bytes"
+                    )
             else:
                 if not self._warned_no_range:
                     log.warning(
