@@ -49,6 +49,8 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 """A full commit sha: the only name of a commit that may go into the Hugging Face cache's paths."""
+_IGNORES_RANGE: set[str] = set()
+"""The endpoints already found to ignore Range requests (and warned of once, not for the model and again the base)."""
 
 
 class _ToFtaudit(logging.Handler):
@@ -201,7 +203,6 @@ class HubStorage:
         self._sizes: dict[str, int] = {}
         self._cached_files: dict[str, Path | None] = {}
         self._texts: dict[str, str | None] = {}
-        self._warned_no_range = False
 
     def files(self) -> list[str]:
         return list(self._files)
@@ -280,7 +281,7 @@ class HubStorage:
         with get_session().stream("GET", self._url(name), headers=headers, timeout=self._timeout) as r:
             _raise_for_status(r)
             if r.status_code == 206:
-                _check_content_range(r.headers.get("Content-Range"), start, end)
+                _check_content_range(r.headers.get("Content-Range"), start, end, f"{self.label}/{name}")
                 data = _slice(r.iter_bytes(), 0, length + 1)  # one byte more tells an overlong body
                 if len(data) > length:
                     raise NetworkError(
@@ -288,12 +289,12 @@ class HubStorage:
                         f"than its {length} bytes"
                     )
             else:
-                if not self._warned_no_range:
+                if self.endpoint not in _IGNORES_RANGE:
                     log.warning(
                         "%s: the server ignores HTTP Range requests; reading whole files to take slices (slow)",
                         self.endpoint,
                     )
-                    self._warned_no_range = True
+                    _IGNORES_RANGE.add(self.endpoint)
                 data = _slice(r.iter_bytes(), start, length)
         if len(data) != length:
             raise _Transient(f"short read ({len(data)} of {length} bytes)")
@@ -352,10 +353,10 @@ def _retry_after(r: httpx2.Response | None) -> float | None:
     return float(value) if value and value.isdigit() else None
 
 
-def _check_content_range(value: str | None, start: int, end: int) -> None:
+def _check_content_range(value: str | None, start: int, end: int, where: str) -> None:
     match = CONTENT_RANGE.fullmatch(value or "")
     if not match or int(match[1]) != start or int(match[2]) != end:
-        raise NetworkError(f"the server answered a Range request for bytes {start}-{end} with range {value!r}")
+        raise NetworkError(f"{where}: the server answered a Range request for bytes {start}-{end} with range {value!r}")
 
 
 def _slice(chunks: Iterator[bytes], start: int, length: int) -> bytes:
