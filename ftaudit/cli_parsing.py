@@ -12,7 +12,7 @@ import click
 from click.exceptions import NoArgsIsHelpError
 
 from ftaudit.errors import EXIT_ERROR
-from ftaudit.secrets import Redactor
+from ftaudit.secrets import Redactor, clean_token, header_safe
 
 
 class OneLineError(click.ClickException):
@@ -70,7 +70,7 @@ class Token(click.ParamType):
     name = "token"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str | None:
-        token = str(value).replace("\r", "").replace("\n", "").strip()
-        if not all(c.isascii() and c.isprintable() for c in token):
+        token = clean_token(str(value))
+        if not header_safe(token):
             self.fail("holds a control or non-ASCII character, which no HTTP header can carry.", param, ctx)
         return token or None

@@ -24,7 +24,7 @@ from ftaudit.renderers.card import BADGE, BADGE_JSON, HEATMAP, render_card_secti
 from ftaudit.renderers.markdown import render_job_summary, status_headline
 from ftaudit.report import Report
 from ftaudit.secrets import mask_shapes
-from ftaudit.sources.hub import bound_session, endpoint, with_retries
+from ftaudit.sources.hub import bound_session, check_env_token, endpoint, with_retries
 
 T = TypeVar("T")
 MODES = ("pr", "commit")
@@ -44,6 +44,7 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
     if sha is None:
         raise UsageError("--push needs a Hub repository")
     api = HfApi(endpoint=endpoint(), token=token)
+    check_env_token(token)
     bound_session()
     label = f"{repo}@{sha[:12]}"
     branch = _read(lambda: _branch_at(api, repo, sha), repo, label, "branch list")

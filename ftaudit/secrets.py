@@ -25,6 +25,17 @@ def mask_shapes(text: str) -> str:
     return HUB_TOKEN.sub(MASK, URL_PASSWORD.sub(rf"\1{MASK}", text))
 
 
+def clean_token(token: str) -> str:
+    """`token` as huggingface_hub cleans one from HF_TOKEN or the saved login: line breaks and surrounding spaces
+    dropped."""
+    return token.replace("\r", "").replace("\n", "").strip()
+
+
+def header_safe(token: str) -> bool:
+    """Whether an HTTP header can carry `token`: printable ASCII only."""
+    return all(c.isascii() and c.isprintable() for c in token)
+
+
 def saved_login() -> str | None:
     """The token `hf auth login` saved, read from where huggingface_hub keeps it."""
     try:

@@ -368,6 +368,24 @@ def test_a_token_is_cleaned_like_huggingface_hub_cleans_hf_token_and_refused_if_
     assert len(env.requests) == start
 
 
+@pytest.mark.parametrize("name", ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
+def test_an_environment_token_no_header_can_carry_is_refused_without_being_shown(env, tmp_path, monkeypatch, name):
+    publish(env, tmp_path, private=True)
+    env.add_token(TOKEN, repos=["org/tuned", "org/base"])
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    for token in ("hf_SéCrEtToKeN1234567890abcdef", "hf_SeCrEt\x01ToKeN1234567890abcdef", "hf_SeCrEt\tToKeN12345678"):
+        monkeypatch.setenv(name, token)
+        code, stdout, stderr = run("check", "org/tuned")
+        assert (code, stdout) == (2, "") and stderr == (
+            f"ftaudit: error: {name} holds a control or non-ASCII character, which no HTTP header can carry: set it "
+            "to the token as the Hub shows it\n"
+        )
+    assert not env.requests
+    assert run("check", "org/tuned", "--token", TOKEN)[0] == 1  # the token given is sent instead
+    monkeypatch.setenv(name, f" {TOKEN}\r\n")  # cleaned as huggingface_hub cleans it
+    assert run("check", "org/tuned")[0] == 1
+
+
 def test_the_timeout_setting_bounds_the_requests_for_file_sizes_too(env, tmp_path, monkeypatch):
     publish(env, tmp_path)
     monkeypatch.setenv("FTAUDIT_HTTP_TIMEOUT", "0.3")

@@ -166,6 +166,17 @@ def test_a_token_without_write_access_is_refused(hub_env, tmp_path, monkeypatch,
     assert not (HfApi(endpoint=hub_env.url).list_repo_refs("org/tuned", include_pull_requests=True).pull_requests)
 
 
+def test_an_environment_token_no_header_can_carry_is_refused_before_any_request(hub_env, tmp_path, monkeypatch):
+    publish(hub_env, tmp_path)
+    report = audit()
+    start = len(hub_env.requests)
+    monkeypatch.setenv("HF_TOKEN", "hf_WrîteToKeN1234567890abcdef")
+    with pytest.raises(UsageError, match="^HF_TOKEN holds a control or non-ASCII character, which no HTTP header can "
+                       "carry: set it to the token as the Hub shows it$"):
+        push_card(report, token=None)
+    assert len(hub_env.requests) == start
+
+
 def test_local_folders_and_stale_audits_cannot_be_pushed(hub_env, tmp_path):
     publish(hub_env, tmp_path)
     local = audit(str(tmp_path / "tuned"), base=str(tmp_path / "base"))

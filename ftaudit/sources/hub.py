@@ -39,6 +39,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
 
 from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError, UsageError
+from ftaudit.secrets import clean_token, header_safe
 from ftaudit.sources.local import inside, read_range, read_small_text
 from ftaudit.sources.storage import MAX_TEXT_BYTES
 
@@ -72,6 +73,17 @@ def endpoint() -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UsageError(f"HF_ENDPOINT must be an http:// or https:// URL, not {url!r}")
     return url
+
+
+def check_env_token(token: str | None) -> None:
+    """With no token given, UsageError when the HF_TOKEN (else HUGGING_FACE_HUB_TOKEN) that huggingface_hub would send
+    holds a character no HTTP header can carry, as `--token` is refused; the value is never shown."""
+    if token is not None:
+        return
+    name = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "HUGGING_FACE_HUB_TOKEN"
+    if not header_safe(clean_token(os.environ.get(name, ""))):
+        raise UsageError(f"{name} holds a control or non-ASCII character, which no HTTP header can carry: set it to "
+                         "the token as the Hub shows it")
 
 
 def _setting(name: str, default: float, parse: Callable[[str], float], valid: Callable[[float], bool], what: str) -> float:
@@ -181,6 +193,7 @@ class HubStorage:
     def __init__(self, repo_id: str, revision: str | None, token: str | None) -> None:
         self.repo_id = repo_id
         self.endpoint = endpoint()
+        check_env_token(token)
         self._attempts, self._backoff, self._timeout = _retries(), _backoff(), _timeout()
         self.token = token
         self._has_token = bool(token or get_token())
