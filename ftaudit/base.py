@@ -46,9 +46,17 @@ def declared_base(storage: Storage) -> DeclaredBase:
     raise BaseResolutionError(f"{storage.label}: declares no base model (card base_model or adapter_config.json); {PASS_BASE}")
 
 
-def unusable_name(label: str, declared: DeclaredBase) -> str:
+def unusable_name(label: str, declared: DeclaredBase, hub_only: bool = False) -> str:
     """The error for a declared base that is neither a folder here nor a Hub repo id (a URL, say), naming where the
-    declaration is; it is never turned into an id by guessing."""
+    declaration is; it is never turned into an id by guessing. `hub_only`: the declaration was read from a Hub repo,
+    which may name only a Hub repo, never a path on this machine."""
+    if hub_only:
+        where = "the card declares base_model" if declared.declared_by == "card" else (
+            "adapter_config.json declares base_model_name_or_path")
+        return (
+            f"{label}: {where} {declared.id!r}, which is not a Hub repository id (org/name), and a Hub repo's "
+            f"declaration is never opened as a path on this machine: {PASS_BASE}"
+        )
     if declared.declared_by == "card":
         return (
             f"{label}: the card declares base_model {declared.id!r}, which is neither a Hub repository id nor a folder "

@@ -60,20 +60,22 @@ def _same_model(declared: str, model: str) -> bool:
 def open_target(target: Target) -> Opened:
     """Open the tuned model and the base it declares (or `target.base`); an adapter is applied to the base."""
     tuned = open_snapshot(target.model, target.revision, target.token)
+    hub_only = False
     if target.base is not None:
         declared = DeclaredBase(target.base, target.base_revision, "cli")
     else:
         declared = declared_base(tuned.storage)
+        hub_only = tuned.revision is not None  # a Hub repo's declaration names a Hub repo, never a path here
         if _same_model(declared.id, target.model):
             raise BaseResolutionError(
                 f"{tuned.storage.label}: declares itself as its base model ({declared.declared_by}: {declared.id}), "
                 f"which would find no change at all; {PASS_BASE}"
             )
-        if not opens(declared.id):
-            raise BaseResolutionError(unusable_name(tuned.storage.label, declared))
+        if not opens(declared.id, hub_only):
+            raise BaseResolutionError(unusable_name(tuned.storage.label, declared, hub_only))
         if target.base_revision:
             declared = DeclaredBase(declared.id, target.base_revision, declared.declared_by)
-    base = open_snapshot(declared.id, declared.revision, target.token)
+    base = open_snapshot(declared.id, declared.revision, target.token, hub_only)
     if adapter_config(base.storage) is not None:
         raise UsageError(
             f"{base.storage.label}: a PEFT adapter (adapter_config.json), not a base model: "

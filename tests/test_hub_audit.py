@@ -246,18 +246,44 @@ def test_a_declared_base_that_names_no_repo_nor_folder_says_where_it_is_declared
     code, stdout, stderr = run("check", "org/tuned")
     assert (code, stdout) == (2, "") and stderr == (
         f"ftaudit: error: org/tuned@{tuned_sha[:12]}: the card declares base_model 'https://huggingface.co/org/base', "
-        "which is neither a Hub repository id nor a folder here: base_model must be a repo id (org/name), "
-        "or pass the base with --base\n"
+        "which is not a Hub repository id (org/name), and a Hub repo's declaration is never opened as a path on this "
+        "machine: pass the base with --base\n"
     )
     code, stdout, stderr = run("check", "org/adapter")
     assert (code, stdout) == (2, "") and stderr == (
         f"ftaudit: error: org/adapter@{adapter_sha[:12]}: adapter_config.json declares base_model_name_or_path "
-        "'/home/trainer/models/base', which is neither a Hub repository id (org/name) nor a folder here: "
-        "pass the base with --base\n"
+        "'/home/trainer/models/base', which is not a Hub repository id (org/name), and a Hub repo's declaration is "
+        "never opened as a path on this machine: pass the base with --base\n"
     )
     assert not any("org/base" in r.path for r in env.requests[start:])  # no name was guessed from the URL
     assert run("check", "org/tuned", "--base", "org/base")[0] == 0
     assert run("check", "org/adapter", "--base", "org/base")[0] in (0, 1)
+
+
+def test_a_hub_repo_that_declares_a_path_here_is_refused_and_a_repo_id_is_never_a_folder(
+    env, tmp_path, monkeypatch
+):
+    base = llama_like()
+    here = write_model(tmp_path / "base", base)  # a folder on this machine, which a Hub repo must not reach
+    hub_base = env.add_repo("org/base", folder_files(write_model(tmp_path / "hub-base", base)))
+    tuned_sha = env.add_repo("org/tuned", folder_files(write_model(tmp_path / "tuned", small_update(base),
+                                                                   readme=card(str(here)))))
+    adapter_sha = env.add_repo("org/adapter", lora_adapter(base, str(here)))
+    for repo, sha, where in (("org/tuned", tuned_sha, "the card declares base_model"),
+                             ("org/adapter", adapter_sha, "adapter_config.json declares base_model_name_or_path")):
+        code, stdout, stderr = run("check", repo)
+        assert (code, stdout) == (2, "") and stderr == (
+            f"ftaudit: error: {repo}@{sha[:12]}: {where} '{here}', which is not a Hub repository id (org/name), and a "
+            "Hub repo's declaration is never opened as a path on this machine: pass the base with --base\n"
+        )
+    assert run("check", "org/tuned", "--base", here)[0] == 0  # given explicitly, a folder is fine
+    env.add_repo("org/tuned", folder_files(write_model(tmp_path / "tuned2", small_update(base), readme=card("org/base"))))
+    write_model(tmp_path / "org" / "base", llama_like(seed=7))  # a folder that happens to bear the repo's name
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.json"
+    code, _, stderr = run("check", "org/tuned", "--json", out)
+    assert code == 0, stderr
+    assert json.loads(out.read_text())["base"]["revision"] == hub_base
 
 
 @pytest.mark.parametrize("scheme", ["gptq", "bnb-4bit", "int8", "fp8"])

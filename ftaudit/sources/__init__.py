@@ -21,9 +21,9 @@ class Snapshot:
     storage: Storage
 
 
-def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapshot:
-    """Open `spec` as a local folder if one exists there, else as a Hub model repo id: read from the Hub, or in
-    offline mode (HF_HUB_OFFLINE) from the Hugging Face cache.
+def open_snapshot(spec: str, revision: str | None, token: str | None, hub_only: bool = False) -> Snapshot:
+    """Open `spec` as a local folder if one exists there (unless `hub_only`), else as a Hub model repo id: read from
+    the Hub, or in offline mode (HF_HUB_OFFLINE) from the Hugging Face cache.
 
     The Hub client is imported only for a Hub id, which keeps a local audit's start-up short. An empty `spec` is
     refused: as a path it would name the current folder.
@@ -31,7 +31,7 @@ def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapsho
     if not spec:
         raise UsageError("a model named by an empty string: pass a folder or a Hub repository id (org/name)")
     path = Path(spec).expanduser()
-    if path.exists():
+    if not hub_only and path.exists():
         if revision:
             raise UsageError(f"{spec} is a local folder: a revision applies only to Hub repositories")
         return Snapshot(spec, None, LocalStorage(path))
@@ -50,9 +50,9 @@ def open_snapshot(spec: str, revision: str | None, token: str | None) -> Snapsho
     return Snapshot(spec, storage.sha, storage)
 
 
-def opens(spec: str) -> bool:
-    """Whether `open_snapshot` can take `spec`: an existing local path or a valid Hub repo id."""
-    return Path(spec).expanduser().exists() or is_repo_id(spec)
+def opens(spec: str, hub_only: bool = False) -> bool:
+    """Whether `open_snapshot` can take `spec`: an existing local path (unless `hub_only`) or a valid Hub repo id."""
+    return (not hub_only and Path(spec).expanduser().exists()) or is_repo_id(spec)
 
 
 def is_repo_id(spec: str) -> bool:
