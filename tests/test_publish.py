@@ -4,13 +4,16 @@ GitHub Actions outputs."""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from huggingface_hub import HfApi, get_session
+from huggingface_hub import HfApi, close_session
 
 from ftaudit import frontmatter, policy
+from ftaudit import publish as publish_module
 from ftaudit.audit import AuditOptions
 from ftaudit.cardfile import card_data_from_report
 from ftaudit.check import Target, check
@@ -28,6 +31,14 @@ TOKEN = "hf_WrItEtOkEn1234567890abcdef"
 READ_TOKEN = "hf_ReAdOnLyToKeN1234567890abcd"
 BEGIN, END = "<!-- ftaudit:begin -->", "<!-- ftaudit:end -->"
 BODY = "# A model\n\nSome text.\n"
+
+
+@pytest.fixture(autouse=True)
+def fresh_client() -> Iterator[None]:
+    """A push makes huggingface_hub's shared client take FTAUDIT_HTTP_TIMEOUT as set then: close it after each test,
+    so that the next test's is built anew."""
+    yield
+    close_session()
 
 
 @pytest.fixture(autouse=True)
@@ -323,8 +334,6 @@ def test_a_redirect_loop_answering_the_write_is_a_failure_that_may_have_written(
 def test_a_stalled_server_times_out_instead_of_holding_the_push(hub_env, tmp_path, monkeypatch):
     publish(hub_env, tmp_path)
     report = audit()
-    session = get_session()
-    monkeypatch.setattr(session, "timeout", session.timeout)  # the push sets it; put it back afterwards
     monkeypatch.setenv("FTAUDIT_HTTP_TIMEOUT", "0.3")
     monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", "2")
     hub_env.delay = 3.0
@@ -369,3 +378,22 @@ def test_the_merge_of_a_hub_models_shards_pushes_the_whole_audits_card(hub_env, 
     readme = read(hub_env, "README.md", "refs/pr/1")
     assert frontmatter.read(readme)["ftaudit"] == card_data_from_report(merged)
     assert read(hub_env, "ftaudit/badge.svg", "refs/pr/1") == render_badge_svg(merged)
+
+
+def test_the_timeout_holds_for_the_client_huggingface_hub_rebuilds(hub_env, tmp_path, monkeypatch):
+    # huggingface_hub closes its shared client after a connection error, and its next request builds a new one.
+    publish(hub_env, tmp_path)
+    report = audit()
+    monkeypatch.setenv("FTAUDIT_HTTP_TIMEOUT", "0.3")
+    readme = publish_module._readme
+
+    def then_reconnect(*args):
+        text = readme(*args)
+        close_session()
+        return text
+
+    monkeypatch.setattr(publish_module, "_readme", then_reconnect)
+    hub_env.stall_next(1, 5.0, "/preupload/", method="POST")
+    start = time.monotonic()
+    assert push_card(report, token=TOKEN) == f"{hub_env.url}/org/tuned/discussions/1"  # huggingface_hub retried it
+    assert time.monotonic() - start < 3.0

@@ -26,6 +26,7 @@ from huggingface_hub import (
     get_session,
     hf_hub_download,
     hf_hub_url,
+    set_client_factory,
     try_to_load_from_cache,
 )
 from huggingface_hub.errors import (
@@ -37,6 +38,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
+from huggingface_hub.utils._http import default_client_factory  # not exported: the client it builds, to extend
 
 from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError, UsageError
 from ftaudit.secrets import clean_token, header_safe
@@ -114,9 +116,17 @@ def _timeout() -> httpx2.Timeout:
 
 
 def bound_session() -> None:
-    """Give huggingface_hub's shared HTTP client the timeout above as its default: it has none, so a server that
-    stalls would hold a request (one that takes no timeout of its own) forever."""
-    get_session().timeout = _timeout()
+    """Give huggingface_hub's shared HTTP client the timeout above as its default, and every client it builds again
+    (it closes the shared one after a connection error): its own have none, so a server that stalls would hold a
+    request (one that takes no timeout of its own) forever."""
+    set_client_factory(_bounded_client)
+
+
+def _bounded_client() -> httpx2.Client:
+    """huggingface_hub's default client, with FTAUDIT_HTTP_TIMEOUT as its default timeout."""
+    client = default_client_factory()
+    client.timeout = _timeout()
+    return client
 
 
 class _Transient(Exception):
