@@ -70,10 +70,28 @@ def _setup_logging(debug: bool, quiet: bool, annotate: bool, redactor: Redactor)
     line = "ftaudit: %(levelname)s: %(message)s"
     handler.setFormatter(_AnnotatedWarnings(line) if annotate else logging.Formatter(line))
     handler.addFilter(redactor.log_filter)
+    handler.addFilter(_once())
     log = logging.getLogger("ftaudit")
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+def _once() -> Callable[[logging.LogRecord], bool]:
+    """A logging filter that lets each warning through once (the model and its base on one server that ignores
+    Range requests, say, warn alike)."""
+    seen: set[str] = set()
+
+    def first(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in seen:
+            return False
+        seen.add(message)
+        return True
+
+    return first
 
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})

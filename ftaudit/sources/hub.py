@@ -52,8 +52,6 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 """A full commit sha: the only name of a commit that may go into the Hugging Face cache's paths."""
-_IGNORES_RANGE: set[str] = set()
-"""The endpoints already found to ignore Range requests (and warned of once, not for the model and again the base)."""
 
 
 class _ToFtaudit(logging.Handler):
@@ -226,6 +224,7 @@ class HubStorage:
         self._sizes: dict[str, int] = {}
         self._cached_files: dict[str, Path | None] = {}
         self._texts: dict[str, str | None] = {}
+        self._warned_no_range = False
 
     def files(self) -> list[str]:
         return list(self._files)
@@ -312,12 +311,12 @@ class HubStorage:
                         f"than its {length} bytes"
                     )
             else:
-                if self.endpoint not in _IGNORES_RANGE:
+                if not self._warned_no_range:
                     log.warning(
                         "%s: the server ignores HTTP Range requests; reading whole files to take slices (slow)",
                         self.endpoint,
                     )
-                    _IGNORES_RANGE.add(self.endpoint)
+                    self._warned_no_range = True
                 data = _slice(r.iter_bytes(), start, length)
         if len(data) != length:
             raise _Transient(f"short read ({len(data)} of {length} bytes)")
