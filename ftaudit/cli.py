@@ -150,8 +150,9 @@ _model_options = _options(
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--include", multiple=True, metavar="KIND|GLOB",
                  help=f"Also analyse these module kinds ({', '.join(k for k in KINDS if k != 'norm')}) "
-                 "or tensor-name globs."),
-    click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose names match."),
+                 "or tensor-name globs; several: repeat the option or separate them by commas."),
+    click.option("--exclude", multiple=True, metavar="GLOB",
+                 help="Skip tensors whose names match; several: repeat the option or separate them by commas."),
     click.option("--allow-pickle", is_flag=True,
                  help="Load pickle weights (.bin) with torch.load(weights_only=True) when there is no safetensors."),
     click.option("--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (default: built in)."),

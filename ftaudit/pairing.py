@@ -103,7 +103,9 @@ class Selection:
 
     @classmethod
     def from_options(cls, include: Sequence[str], exclude: Sequence[str]) -> Selection:
-        """`--include` values are kinds or globs, added to the default kinds."""
+        """`--include` values are kinds or globs, added to the default kinds; a value may list several, separated by
+        commas (outside a glob's brackets)."""
+        include, exclude = _listed(include), _listed(exclude)
         kinds = set(DEFAULT_KINDS) | {i for i in include if i in KINDS}
         globs = tuple(i for i in include if i not in KINDS)
         return cls(frozenset(kinds), globs, tuple(exclude))
@@ -123,6 +125,14 @@ class Selection:
 
 
 _BRACKET = re.compile(r"[\[\]]")
+_COMMA = re.compile(r",(?![^\[]*\])")
+"""A comma that separates values: not one inside a glob's brackets (`w[1,2]`)."""
+
+
+def _listed(values: Sequence[str]) -> list[str]:
+    """The values given, each option's split at its commas, empty ones dropped."""
+    return [item.strip() for value in values for item in _COMMA.split(value) if item.strip()]
+
 
 
 def _matches(name: str, glob: str) -> bool:

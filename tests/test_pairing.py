@@ -137,3 +137,12 @@ def test_a_name_is_not_stripped_to_its_last_part():
     b, t = align(base, tuned)
     assert t["lm_head.weight"] == "lm_head.weight" and "lm_head.weight" not in b
     assert b[next(k for k, v in t.items() if v == "model.layers.0.q_proj.weight")] == "model.layers.0.q_proj.weight"
+
+
+def test_an_option_may_list_several_values_separated_by_commas():
+    listed = Selection.from_options(["embedding, head", "*.w[1,2]"], ["*.k_proj.*,*.v_proj.*", ""])
+    repeated = Selection.from_options(["embedding", "head", "*.w[1,2]"], ["*.k_proj.*", "*.v_proj.*"])
+    assert listed == repeated
+    assert {"embedding", "head"} <= listed.kinds and listed.globs == ("*.w[1,2]",)  # a bracket's comma is the glob's
+    assert not listed.selects("model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.v_proj.weight",
+                              "attention")
