@@ -7,6 +7,7 @@ aside, which the policy sets afterwards.
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -43,11 +44,12 @@ class Shard:
     def take(self, items: Sequence[T], cost: Callable[[T], float]) -> list[T]:
         """The items of this shard, in their order: each item, costliest first, goes to the shard with the least work
         so far (the lowest-numbered of those tied), so that every shard of the same items computes the same split."""
-        load = [0.0] * self.count
-        mine = set()
+        loads: list[tuple[float, int]] = []  # (work, shard) of the shards given work so far, a heap: a time and
+        mine = set()  # memory that grow with the items, not with the count of shards
         for i in sorted(range(len(items)), key=lambda i: -cost(items[i])):
-            shard = load.index(min(load))
-            load[shard] += cost(items[i])
+            idle = (0.0, len(loads))  # the lowest-numbered shard with no item yet, if any
+            work, shard = idle if len(loads) < self.count and (not loads or idle < loads[0]) else heapq.heappop(loads)
+            heapq.heappush(loads, (work + cost(items[i]), shard))
             if shard == self.index - 1:
                 mine.add(i)
         return [item for i, item in enumerate(items) if i in mine]

@@ -88,6 +88,12 @@ def test_the_split_takes_the_costliest_first_and_is_the_same_in_every_shard():
     assert sorted(i for part in taken for i in part) == list(range(len(costs)))
 
 
+def test_the_split_takes_time_and_memory_by_the_items_not_by_the_count_of_shards():
+    items = list(range(200))
+    assert Shard(3, 10**12).take(items, float) == [197]  # a list of 10**12 loads: a MemoryError
+    assert [Shard(i, 10**12).take(items, float) for i in (200, 201)] == [[0], []]
+
+
 def test_a_shard_says_so_and_merge_writes_what_check_writes(pair):
     code, stdout, _ = audit(pair, "--shard", "2/3")
     assert "shard 2 of 3: the numbers and the verdict cover its matrices only" in stdout
