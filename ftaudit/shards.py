@@ -92,8 +92,8 @@ def _check_shards(reports: Sequence[Report]) -> Report:
     """The first shard's report, once every report is known to be one shard of the same audit, and all are there."""
     shards = [_shard_of(r) for r in reports]
     count = shards[0].count if shards else 0
-    if not shards or sorted(s.index for s in shards) != list(range(1, count + 1)) or any(
-            s.count != count for s in shards):
+    if len(shards) != count or any(s.count != count for s in shards) or sorted(
+            s.index for s in shards) != list(range(1, count + 1)):
         given = ", ".join(f"{s.index}/{s.count}" for s in shards) or "none"
         raise UsageError(f"the reports are shards {given}: merge needs each of 1/N to N/N once, of one N")
     first = reports[shards.index(min(shards, key=lambda s: s.index))]

@@ -144,7 +144,8 @@ def test_merge_refuses_what_is_not_every_shard_of_one_audit(pair, tmp_path):
     report["model"]["id"] = "org/other"
     other_model.write_text(json.dumps(report))
     edited = {}
-    for name, shard in {"beyond": {"index": 3, "count": 2}, "half": {"index": 2}}.items():
+    shards = {"beyond": {"index": 3, "count": 2}, "half": {"index": 2}, "huge": {"index": 2, "count": 10**12}}
+    for name, shard in shards.items():
         report = json.loads(two[1].read_text())
         report["settings"]["shard"] = shard
         edited[name] = tmp_path / f"{name}.json"
@@ -155,6 +156,7 @@ def test_merge_refuses_what_is_not_every_shard_of_one_audit(pair, tmp_path):
         (two[0],): "the reports are shards 1/2: merge needs each of 1/N to N/N once",
         (two[0], two[0]): "the reports are shards 1/2, 1/2: merge needs each",
         (two[0], three[1]): "the reports are shards 1/2, 2/3: merge needs each",
+        (edited["huge"], two[0]): "the reports are shards 2/1000000000000, 1/2: merge needs each",
         (*two, three[2]): "the reports are shards 1/2, 2/2, 3/3",
         (two[0], whole): "merge takes the reports of `ftaudit check --shard I/N`: one is the report of a whole audit",
         (two[0], other_k[1]): "shards 1/2 and 2/2 differ in their settings: they are not shards of one audit",
