@@ -99,6 +99,7 @@ def _check_shards(reports: Sequence[Report]) -> Report:
     first = reports[shards.index(min(shards, key=lambda s: s.index))]
     for report in reports:
         _check_same(first, report)
+    _check_disjoint(reports)
     return first
 
 
@@ -129,6 +130,18 @@ def _check_same(first: Report, other: Report) -> None:
         if a != b:
             raise UsageError(f"shards {_name(first)} and {_name(other)} differ in their {what}: they are not shards of "
                              "one audit")
+
+
+def _check_disjoint(reports: Sequence[Report]) -> None:
+    """No matrix is measured, and no row norm, in two of the shards: each holds its own part."""
+    for measured in (lambda r: [m.name for m in r.matrices] + r.tensors.nonfinite, lambda r: list(r.summary.heads)):
+        seen: dict[str, Report] = {}
+        for report in reports:
+            for name in measured(report):
+                if name in seen:
+                    raise UsageError(f"shards {_name(seen[name])} and {_name(report)} both measured {name}: they are "
+                                     "not parts of one split")
+                seen[name] = report
 
 
 def _global(tensors: TensorIssues) -> tuple[object, ...]:

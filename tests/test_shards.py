@@ -143,6 +143,10 @@ def test_merge_refuses_what_is_not_every_shard_of_one_audit(pair, tmp_path):
     report = json.loads(two[1].read_text())
     report["model"]["id"] = "org/other"
     other_model.write_text(json.dumps(report))
+    overlapping = tmp_path / "overlapping.json"
+    report = json.loads(two[1].read_text())
+    report["matrices"].append(json.loads(two[0].read_text())["matrices"][0])
+    overlapping.write_text(json.dumps(report))
     edited = {}
     shards = {"beyond": {"index": 3, "count": 2}, "half": {"index": 2}, "huge": {"index": 2, "count": 10**12}}
     for name, shard in shards.items():
@@ -160,6 +164,7 @@ def test_merge_refuses_what_is_not_every_shard_of_one_audit(pair, tmp_path):
         (*two, three[2]): "the reports are shards 1/2, 2/2, 3/3",
         (two[0], whole): "merge takes the reports of `ftaudit check --shard I/N`: one is the report of a whole audit",
         (two[0], other_k[1]): "shards 1/2 and 2/2 differ in their settings: they are not shards of one audit",
+        (two[0], overlapping): "shards 1/2 and 2/2 both measured model.",
         (two[0], other_model): "shards 1/2 and 2/2 differ in their model: they are not shards of one audit",
         (two[0], tmp_path / "absent.json"): "absent.json: cannot read the report",
     }
