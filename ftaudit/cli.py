@@ -336,16 +336,17 @@ def merge_command(
     report = _run(debug, redactor, lambda: join([Report.read(path) for path in reports]))
     _run(debug, redactor, lambda: check_audited(report))
     if push:
-        _run(debug, redactor, lambda: _refuse_push(report.model.id))
+        _run(debug, redactor, lambda: _refuse_push(report.model.id, local=report.model.revision is None))
     policy_mod.apply(policy, report)
     _emit(report, outputs, token, quiet, debug, redactor)
 
 
-def _refuse_push(model: str) -> None:
-    """--push of a local folder, or in offline mode, fails before the audit, not after it."""
+def _refuse_push(model: str, local: bool = False) -> None:
+    """--push of a local folder (`local`: audited as one, though it may not be here), or in offline mode, fails before
+    the audit, not after it."""
     from huggingface_hub import constants
 
-    if Path(model).expanduser().exists():
+    if local or Path(model).expanduser().exists():
         raise UsageError(f"--push needs a Hub repository: {model} is a local folder")
     if constants.is_offline_mode():
         raise UsageError("--push writes to the Hub, which HF_HUB_OFFLINE turns off")

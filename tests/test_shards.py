@@ -185,3 +185,16 @@ def test_shards_that_hold_no_matrix_are_audited_and_their_merge_refused_when_non
     assert (code, stdout) == (2, "")
     assert stderr == ("ftaudit: error: the selection (--include/--exclude) leaves no weight matrix to analyse: exclude "
                       "fewer, or --include other module kinds\n")
+
+
+def test_merge_refuses_to_push_a_local_folder_audited_elsewhere_before_writing_anything(pair, tmp_path):
+    shards = []
+    for path in shard_reports(pair, 2):  # as in a job where the folder the shards audited is not
+        report = json.loads(path.read_text())
+        report["model"]["id"] = "checkout/tuned"
+        shards.append(tmp_path / path.name)
+        shards[-1].write_text(json.dumps(report))
+    code, stdout, stderr = run("merge", *shards, "--push", "--json", tmp_path / "merged.json")
+    assert (code, stdout) == (2, "")
+    assert stderr == "ftaudit: error: --push needs a Hub repository: checkout/tuned is a local folder\n"
+    assert not (tmp_path / "merged.json").exists()
