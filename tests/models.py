@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -85,3 +86,12 @@ def folder_files(folder: Path) -> dict[str, bytes]:
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors)
+
+
+def pickled_copies(root: Path, tensors: dict[str, dict[str, torch.Tensor]], to: Path) -> Path:
+    """`to`, holding copies of root/base and root/tuned whose weights are `tensors[side]` pickled (pytorch_model.bin)
+    in place of their safetensors."""
+    for side in ("base", "tuned"):
+        shutil.copytree(root / side, to / side, ignore=shutil.ignore_patterns("*.safetensors"))
+        torch.save(tensors[side], to / side / "pytorch_model.bin")
+    return to

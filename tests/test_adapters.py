@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -209,28 +210,44 @@ def test_trained_token_rows_replace_those_rows_of_the_embedding(tmp_path):
     assert len(result.stderr.splitlines()) == 1
 
 
+def saved_and_merged(config: object, folder: Path, drawn: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """A PEFT model of the MiniLM base with LoRA `config`, its parameters that `drawn` names drawn at random, saved to
+    `folder`: the state dict PEFT's merge gives."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.BertModel.from_pretrained(ft.base_model_dir(), local_files_only=True),
+                                config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if drawn(name):
+                param.normal_()
+    model.save_pretrained(folder)
+    return model.merge_and_unload().state_dict()
+
+
+def fixed_merged(adapter: Path, tmp_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`fix --merge --lambda 1` of `adapter` against the MiniLM base (no intruder scaled): its record, and the weights
+    it writes."""
+    record = tmp_path / "fix.json"
+    result = CliRunner().invoke(main, ["fix", str(adapter), "--base", str(ft.base_model_dir()), "--merge", "--out",
+                                       str(tmp_path / "fixed"), "--lambda", "1", "--json", str(record), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    return json.loads(record.read_text()), load_file(tmp_path / "fixed" / "model.safetensors")
+
+
 def test_a_lora_bias_is_merged_into_the_layers_bias(tmp_path):
     """PEFT's lora_bias gives lora_B a bias, which a merge adds, scaled, to the layer's bias: `fix --merge` writes the
     bias PEFT merges, and the report does not list lora_B's bias as a tensor the adapter saves whole."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     base_dir = ft.base_model_dir()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_bias=True,
                              init_lora_weights=False)
-    torch.manual_seed(0)
-    model = peft.get_peft_model(transformers.BertModel.from_pretrained(base_dir, local_files_only=True), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name and name.endswith("bias"):
-                param.normal_()
-    model.save_pretrained(tmp_path / "adapter")
-    merged = model.merge_and_unload().state_dict()
-    out = tmp_path / "report.json"
-    result = CliRunner().invoke(main, ["fix", str(tmp_path / "adapter"), "--base", str(base_dir), "--merge", "--out",
-                                       str(tmp_path / "fixed"), "--lambda", "1", "--json", str(out), "--no-cache"])
-    assert result.exit_code in (0, 1), result.stderr
-    assert json.loads(out.read_text())["before"]["model"]["adapter"]["modules_to_save"] == []
-    written = load_file(tmp_path / "fixed" / "model.safetensors")
+    merged = saved_and_merged(config, tmp_path / "adapter", lambda name: "lora_B" in name and name.endswith("bias"))
+    record, written = fixed_merged(tmp_path / "adapter", tmp_path)
+    assert record["before"]["model"]["adapter"]["modules_to_save"] == []
     biases = [n for n in written if n.endswith(("query.bias", "value.bias"))]
     base = load_file(base_dir / "model.safetensors")
     assert len(biases) == 12 and not any(torch.equal(written[n], base[n]) for n in biases)
@@ -344,7 +361,7 @@ def test_the_base_layers_an_adapter_saves_are_those_peft_loads(tmp_path):
     trained biases of adapted layers (query.base_layer.bias), and loads them in place of the base's. They had been
     taken for tensors the base lacks, and the trained biases left out of the merge."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     folder, base = peft_variant(tmp_path, target_modules=["embed_tokens", "q_proj"])
     assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(folder / "adapter_model.safetensors")
     out = tmp_path / "report.json"
@@ -362,20 +379,9 @@ def test_the_base_layers_an_adapter_saves_are_those_peft_loads(tmp_path):
 
     base_dir = ft.base_model_dir()
     config = peft.LoraConfig(r=4, target_modules=["query", "value"], bias="all", init_lora_weights=False)
-    torch.manual_seed(0)
-    model = peft.get_peft_model(transformers.BertModel.from_pretrained(base_dir, local_files_only=True), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_()
-    model.save_pretrained(tmp_path / "bias")
-    merged = model.merge_and_unload().state_dict()
-    out = tmp_path / "fix.json"
-    result = CliRunner().invoke(main, ["fix", str(tmp_path / "bias"), "--base", str(base_dir), "--merge", "--out",
-                                       str(tmp_path / "fixed"), "--lambda", "1", "--json", str(out), "--no-cache"])
-    assert result.exit_code in (0, 1), result.stderr
-    assert not any("base_layer" in n for n in json.loads(out.read_text())["before"]["model"]["adapter"]["modules_to_save"])
-    written = load_file(tmp_path / "fixed" / "model.safetensors")
+    merged = saved_and_merged(config, tmp_path / "bias", lambda name: name.endswith("bias"))
+    record, written = fixed_merged(tmp_path / "bias", tmp_path)
+    assert not any("base_layer" in n for n in record["before"]["model"]["adapter"]["modules_to_save"])
     assert set(written) <= set(load_file(base_dir / "model.safetensors"))
     biases = [n for n in written if n.endswith(("query.bias", "value.bias", "dense.bias"))]
     assert len(biases) == 31  # query, value and 3 dense layers of each of 6, and the pooler

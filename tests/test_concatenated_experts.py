@@ -19,6 +19,7 @@ from ftaudit.cli import main
 from ftaudit.spectral import CERTIFIED_SIN
 from tests import reference
 from tests.invoke import json_report, run
+from tests.models import pickled_copies
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,13 +103,9 @@ def test_fix_patches_each_expert_within_its_tensor(models, tmp_path):
 
 
 def test_pickled_experts_are_audited_alike(models, tmp_path):
-    root = models["root"]
-    for side in ("base", "tuned"):
-        shutil.copytree(root / side, tmp_path / side, ignore=shutil.ignore_patterns("*.safetensors"))
-        torch.save(models[side], tmp_path / side / "pytorch_model.bin")
-    args = ("--base", "--format", "json", "--no-cache", "--allow-pickle")
-    pickled = json_report("check", tmp_path / "tuned", args[0], tmp_path / "base", *args[1:])
-    stored = json_report("check", root / "tuned", args[0], root / "base", *args[1:])
+    copies = pickled_copies(models["root"], models, tmp_path)
+    pickled, stored = (json_report("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache",
+                                   "--allow-pickle") for root in (copies, models["root"]))
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
 
 

@@ -25,6 +25,7 @@ from ftaudit.sources.local import LocalStorage
 from ftaudit.spectral import CERTIFIED_SIN
 from tests import reference
 from tests.invoke import json_report
+from tests.models import pickled_copies
 
 transformers = pytest.importorskip("transformers")
 
@@ -171,13 +172,9 @@ def test_an_expert_is_read_alone(models):
 
 
 def test_pickled_stacks_are_audited_alike(models, tmp_path):
-    root = models["root"]
-    for side in ("base", "tuned"):
-        shutil.copytree(root / side, tmp_path / side, ignore=shutil.ignore_patterns("*.safetensors"))
-        torch.save(models[side], tmp_path / side / "pytorch_model.bin")
-    args = ("--base", "--format", "json", "--no-cache", "--allow-pickle")
-    pickled = json_report("check", tmp_path / "tuned", args[0], tmp_path / "base", *args[1:])
-    stored = json_report("check", root / "tuned", args[0], root / "base", *args[1:])
+    copies = pickled_copies(models["root"], models, tmp_path)
+    pickled, stored = (json_report("check", root / "tuned", "--base", root / "base", "--format", "json", "--no-cache",
+                                   "--allow-pickle") for root in (copies, models["root"]))
     assert pickled["matrices"] == stored["matrices"] and pickled["tensors"] == stored["tensors"]
 
 

@@ -8,7 +8,9 @@ import json
 import re
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -436,18 +438,23 @@ def test_a_commit_that_is_no_sha_is_refused_before_it_names_a_cache_path(env, tm
     assert not looked_up
 
 
+def partial_answers(monkeypatch: pytest.MonkeyPatch, alter: Callable[[Any], None]) -> None:
+    """The fake Hub's answers to Range requests (206) altered by `alter` before they are sent."""
+    content = HubServer._content
+
+    def altered(self, data, range_header, headers):
+        response = content(self, data, range_header, headers)
+        if response.status == 206:
+            alter(response)
+        return response
+
+    monkeypatch.setattr(HubServer, "_content", altered)
+
+
 def test_a_range_answer_longer_than_the_range_is_refused_without_reading_it_whole(env, tmp_path, monkeypatch):
     publish(env, tmp_path)
     padding = 64 << 20
-    content = HubServer._content
-
-    def overlong(self, data, range_header, headers):
-        response = content(self, data, range_header, headers)
-        if response.status == 206:
-            response.body += bytes(padding)
-        return response
-
-    monkeypatch.setattr(HubServer, "_content", overlong)
+    partial_answers(monkeypatch, lambda response: setattr(response, "body", response.body + bytes(padding)))
     code, stdout, stderr = run("check", "org/tuned")
     assert (code, stdout) == (2, "") and re.fullmatch(
         r"ftaudit: error: org/base@[0-9a-f]{12}/model\.safetensors: the server answered a Range request for bytes "
@@ -461,15 +468,7 @@ def test_a_range_answer_longer_than_the_range_is_refused_without_reading_it_whol
 
 def test_a_range_answer_of_other_bytes_names_the_file(env, tmp_path, monkeypatch):
     publish(env, tmp_path)
-    content = HubServer._content
-
-    def shifted(self, data, range_header, headers):
-        response = content(self, data, range_header, headers)
-        if response.status == 206:
-            response.headers["Content-Range"] = "bytes 1-8/99"
-        return response
-
-    monkeypatch.setattr(HubServer, "_content", shifted)
+    partial_answers(monkeypatch, lambda response: response.headers.update({"Content-Range": "bytes 1-8/99"}))
     code, stdout, stderr = run("check", "org/tuned")
     assert (code, stdout) == (2, "") and re.fullmatch(
         r"ftaudit: error: org/base@[0-9a-f]{12}/model\.safetensors: the server answered a Range request for bytes "
