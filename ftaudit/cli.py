@@ -307,8 +307,8 @@ def check_command(
 
 def _shard(text: str, outputs: _Outputs) -> Shard:
     """The shard `--shard` names, where no output that shows the whole model is asked for."""
-    if outputs.of_the_model:
-        given = outputs.of_the_model
+    given = outputs.of_the_model
+    if given:
         raise UsageError(f"{', '.join(given)} {'shows' if len(given) == 1 else 'show'} the whole model, but a shard's "
                          "report covers part of it: give it to `ftaudit merge`, which joins the shards' reports")
     return Shard.parse(text)

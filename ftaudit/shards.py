@@ -44,8 +44,9 @@ class Shard:
     def take(self, items: Sequence[T], cost: Callable[[T], float]) -> list[T]:
         """The items of this shard, in their order: each item, costliest first, goes to the shard with the least work
         so far (the lowest-numbered of those tied), so that every shard of the same items computes the same split."""
-        loads: list[tuple[float, int]] = []  # (work, shard) of the shards given work so far, a heap: a time and
-        mine = set()  # memory that grow with the items, not with the count of shards
+        # (work, shard) of the shards given work so far, a heap: time and memory grow with the items, not the count
+        loads: list[tuple[float, int]] = []
+        mine = set()
         for i in sorted(range(len(items)), key=lambda i: -cost(items[i])):
             idle = (0.0, len(loads))  # the lowest-numbered shard with no item yet, if any
             work, shard = idle if len(loads) < self.count and (not loads or idle < loads[0]) else heapq.heappop(loads)
