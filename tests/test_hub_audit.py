@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -179,6 +180,7 @@ def test_a_stalled_server_times_out_is_retried_then_reported(env, tmp_path, monk
         ("FTAUDIT_HTTP_BACKOFF", "-1", "FTAUDIT_HTTP_BACKOFF must be a number of seconds, at least 0, not '-1'"),
         ("FTAUDIT_HTTP_TIMEOUT", "nan", "FTAUDIT_HTTP_TIMEOUT must be a number of seconds above 0, not 'nan'"),
         ("FTAUDIT_HTTP_TIMEOUT", "0", "FTAUDIT_HTTP_TIMEOUT must be a number of seconds above 0, not '0'"),
+        ("FTAUDIT_HTTP_MAX_WAIT", "-2", "FTAUDIT_HTTP_MAX_WAIT must be a number of seconds, at least 0, not '-2'"),
         ("HF_ENDPOINT", "hub.example", "HF_ENDPOINT must be an http:// or https:// URL, not 'hub.example'"),
         ("HF_ENDPOINT", "ftp://hub.example", "HF_ENDPOINT must be an http:// or https:// URL, not 'ftp://hub.example'"),
     ],
@@ -348,6 +350,37 @@ def test_the_hub_clients_own_retry_lines_are_ftaudit_warnings_with_the_endpoint_
     assert "ftaudit: WARNING: HTTP Error 429 thrown while requesting GET http://mirror:***@127.0.0.1" in stderr
     outside = capfd.readouterr()
     assert "s3cr3t-Passw0rd" not in stdout + stderr + outside.out + outside.err
+
+
+def finished_within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """fn()'s result, or a failed test when it has not returned after `seconds` (it is left running, a daemon)."""
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.append(fn()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert results, f"still running after {seconds} s"
+    return results[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        (".bin", {"Retry-After": "3600"}),  # huggingface_hub's own retry of a whole download
+        (".bin", {"RateLimit": '"api";r=0;t=3600', "RateLimit-Policy": '"fixed window";"api";q=500;w=3600'}),
+        ("/api/models/", {"Retry-After": "3600"}),  # ftaudit's retry
+    ],
+)
+def test_a_server_asking_for_an_hour_between_attempts_waits_at_most_the_max_wait(
+    env, tmp_path, monkeypatch, path, headers
+):
+    pickle_repo(env, tmp_path)
+    monkeypatch.setenv("FTAUDIT_HTTP_MAX_WAIT", "1")
+    env.fail_next(1, status=429, path_contains=path, method="GET", headers=headers)
+    started = time.monotonic()
+    code, _, stderr = finished_within(60, lambda: run("check", "org/tuned", "--allow-pickle", "--quiet"))
+    assert code == 1, stderr
+    assert time.monotonic() - started < 30
+    assert [r.status for r in env.requests if r.method == "GET" and path in r.path][:2] == [429, 200]
 
 
 @pytest.mark.parametrize(

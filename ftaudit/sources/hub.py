@@ -108,23 +108,53 @@ def _backoff() -> float:
     return _setting("FTAUDIT_HTTP_BACKOFF", 0.5, float, lambda s: s >= 0, "a number of seconds, at least 0")
 
 
+def _max_wait() -> float:
+    return _setting("FTAUDIT_HTTP_MAX_WAIT", 30.0, float, lambda s: s >= 0, "a number of seconds, at least 0")
+
+
 def _timeout() -> httpx2.Timeout:
     seconds = _setting("FTAUDIT_HTTP_TIMEOUT", 60.0, float, lambda s: s > 0, "a number of seconds above 0")
     return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
 
 
+_bounds: tuple[httpx2.Timeout, float] | None = None
+"""The bounds huggingface_hub's client factory was last given."""
+
+
 def bound_session() -> None:
-    """Give huggingface_hub's shared HTTP client the timeout above as its default, and every client it builds again
-    (it closes the shared one after a connection error): its own have none, so a server that stalls would hold a
-    request (one that takes no timeout of its own) forever."""
-    set_client_factory(_bounded_client)
+    """Bound huggingface_hub's shared HTTP client, and every client it builds again (it closes the shared one after a
+    connection error): FTAUDIT_HTTP_TIMEOUT as its default timeout, since its own have none and a server that stalls
+    would hold a request that takes no timeout of its own forever; and FTAUDIT_HTTP_MAX_WAIT as the longest wait a
+    server's Retry-After or rate-limit reset can ask of its own retries (a whole download, a push's uploads), which
+    otherwise wait as long as the server says."""
+    bounds = (_timeout(), _max_wait())
+    global _bounds
+    if bounds != _bounds:  # setting a factory closes the shared client, which another storage may be reading with
+        _bounds = bounds
+        set_client_factory(lambda: _bounded_client(*bounds))
 
 
-def _bounded_client() -> httpx2.Client:
-    """huggingface_hub's default client, with FTAUDIT_HTTP_TIMEOUT as its default timeout."""
+def _bounded_client(timeout: httpx2.Timeout, longest: float) -> httpx2.Client:
+    """huggingface_hub's default client, with `timeout` as its default and its answers' waits capped at `longest`."""
     client = default_client_factory()
-    client.timeout = _timeout()
+    client.timeout = timeout
+    client.event_hooks["response"] = [*client.event_hooks["response"], lambda r: _cap_waits(r, longest)]
     return client
+
+
+RATELIMIT_RESET = re.compile(r"(;\s*t=)(\d+)")
+"""The reset time, in seconds, of an IETF RateLimit header (`"api";r=0;t=55`), which huggingface_hub waits for."""
+
+
+def _cap_waits(response: httpx2.Response, longest: float) -> None:
+    """Lower the seconds a server asks a client to wait (Retry-After, RateLimit's reset) to at most `longest`."""
+    cap = int(longest)
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit() and int(value) > cap:
+        response.headers["Retry-After"] = str(cap)
+    limit = response.headers.get("RateLimit")
+    if limit:
+        response.headers["RateLimit"] = RATELIMIT_RESET.sub(lambda m: f"{m[1]}{min(int(m[2]), cap)}", limit)
 
 
 class _Transient(Exception):
@@ -168,6 +198,7 @@ def with_retries(
     """
     attempts = _retries() if attempts is None else attempts
     backoff = _backoff() if backoff is None else backoff
+    longest = _max_wait()
     attempt = 0
     while True:
         try:
@@ -181,9 +212,9 @@ def with_retries(
         attempt += 1
         if attempt == attempts:
             raise NetworkError(f"{label}: {what}: still failing after {attempts} attempts ({failure})") from None
-        delay = failure.retry_after if failure.retry_after is not None else backoff * 2 ** (attempt - 1)
+        delay = min(failure.retry_after if failure.retry_after is not None else backoff * 2 ** (attempt - 1), longest)
         log.debug("%s: %s: %s; retrying in %.1fs", label, what, failure, delay)
-        time.sleep(min(delay, 30.0))
+        time.sleep(delay)
 
 
 def _lasting(e: Exception, label: str, what: str, error: Callable[[HfHubHTTPError], FtauditError]) -> FtauditError:
@@ -203,6 +234,7 @@ class HubStorage:
         self.endpoint = endpoint()
         check_env_token(token)
         self._attempts, self._backoff, self._timeout = _retries(), _backoff(), _timeout()
+        bound_session()
         self.token = token
         self._has_token = bool(token or get_token())
         self.label = repo_id
