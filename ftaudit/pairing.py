@@ -124,7 +124,8 @@ class Selection:
         return [g for g in (*self.globs, *self.exclude) if not any(_matches(n, g) for n in names)]
 
 
-_BRACKET = re.compile(r"[\[\]]")
+_EXPERT = re.compile(r"\[(\d+)\]")
+"""A bracket holding only digits: an expert's index, as in `stack[3]`, never a glob's character class."""
 _COMMA = re.compile(r",(?![^\[]*\])")
 """A comma that separates values: not one inside a glob's brackets (`w[1,2]`)."""
 
@@ -136,9 +137,9 @@ def _listed(values: Sequence[str]) -> list[str]:
 
 
 def _matches(name: str, glob: str) -> bool:
-    """Whether `glob` matches `name` as a glob, or with its brackets taken as written: an expert's matrix `stack[3]`
-    is matched by its own name, whose `[3]` a glob would read as a character class."""
-    return fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(name, _BRACKET.sub(r"[\g<0>]", glob))
+    """Whether `glob` matches `name`, a bracket of digits in it taken as written: `*[2]` is every stack's expert 2
+    (`stack[2]`), not every name that ends in 2 (DBRX's `…mlp.w2`); other brackets are character classes (`[0-3]`)."""
+    return fnmatch.fnmatchcase(name, _EXPERT.sub(r"[[]\1[]]", glob))
 
 
 def _prefixes(names: Iterable[str]) -> set[str]:

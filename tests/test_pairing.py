@@ -117,6 +117,21 @@ def test_one_experts_matrix_is_selected_by_its_name_in_the_report():
         "*.gate_up_proj[7]"]
 
 
+def test_a_bracket_of_digits_names_an_expert_and_no_character_class():
+    """`*[2]` is every stack's expert 2: read as a glob it had also matched DBRX's stack `…mlp.w2` whole (the name ends
+    in 2), leaving out all its experts; a bracket that is not all digits stays a character class."""
+    w1, w2 = "transformer.blocks.0.ffn.experts.mlp.w1", "transformer.blocks.0.ffn.experts.mlp.w2"
+    base = infos({w1: (3, 8, 4), w2: (3, 8, 4)})
+    names = lambda pairing: [p.name for p in pairing.pairs]  # noqa: E731
+    assert names(pair_tensors(base, base, Selection.from_options([], ["*[2]"]))) == [
+        f"{w1}[0]", f"{w1}[1]", f"{w2}[0]", f"{w2}[1]"]
+    literal = pair_tensors(base, base, Selection.from_options([], ["*.w[2]"]))  # no stack is named `w`
+    assert len(literal.pairs) == 6 and literal.unmatched_globs == ["*.w[2]"]
+    assert names(pair_tensors(base, base, Selection.from_options([], ["*.w[1-2]"]))) == []
+    assert names(pair_tensors(base, base, Selection.from_options([], ["*.w1[0-1]"]))) == [
+        f"{w1}[0]", f"{w1}[1]", f"{w1}[2]"] + [f"{w2}[{e}]" for e in range(3)]
+
+
 def test_moe_blocks_are_mlp():
     assert module_kind("model.layers.0.block_sparse_moe.input_linear.weight") == "mlp"  # GraniteMoE's experts
     assert module_kind("model.layers.0.block_sparse_moe.gate.weight") == "mlp"  # Mixtral's router
