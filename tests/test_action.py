@@ -174,6 +174,15 @@ def test_shard_jobs_then_a_merge_job_give_the_whole_audit(models, tmp_path):
     assert parse_outputs(merge_job / "github_output")["status"] == "fail"
     assert "ftaudit: FAIL" in (merge_job / "step_summary").read_text()
 
+    # A YAML block (`merge: |`) lists the reports one a line, as it would list globs.
+    listed = merge_job / "listed"
+    listed.mkdir()
+    block = "".join(f"{downloaded}/ftaudit-shard-{index}/ftaudit-report.json\n" for index in (1, 2, 3))
+    merged = run_step(audit_step, action_context({"merge": block}, listed), listed)
+    assert merged.returncode == 0, merged.stderr
+    report = json.loads((listed / "ftaudit-report.json").read_text())
+    assert report["summary"] == expected["summary"] and report["verdict"] == expected["verdict"]
+
     cases = {
         "nothing": ({"merge": f"{downloaded}/none-*.json"}, "merge: no report matches"),
         "both": ({"merge": f"{downloaded}/*/ftaudit-report.json", "shard": "1/3"}, "give shard or merge, not both"),
