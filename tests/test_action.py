@@ -134,6 +134,20 @@ def test_audit_step_writes_outputs_summary_and_report_then_fail_on_decides(model
     ).stdout
 
 
+def test_a_token_on_several_lines_is_masked_line_by_line(models, tmp_path):
+    """The Hub client drops a token's line breaks and sends the rest (a token pasted wrapped still works): each line
+    is part of the token, and a mask of the whole would leave the lines after the first in the log."""
+    base, tuned = models
+    first, second = TOKEN[:14], TOKEN[14:]
+    inputs = {"model": str(tuned), "base": str(base), "hf-token": f"{first}\r\n{second}\n"}
+    audit = run_step(step(ACTION["runs"]["steps"], "audit"), action_context(inputs, tmp_path), tmp_path)
+    assert audit.returncode == 0, audit.stderr
+    logged = (audit.stdout + audit.stderr).splitlines()
+    masks = {line.removeprefix("::add-mask::") for line in logged if line.startswith("::add-mask::")}
+    assert {TOKEN, first, second} <= masks
+    assert all(line.startswith("::add-mask::") for line in logged if first in line or second in line)
+
+
 def test_could_not_audit_fails_the_audit_step(hub, models, tmp_path):
     _, tuned = models
     context = action_context({"model": str(tuned), "base": "org/missing-base"}, tmp_path)
