@@ -248,6 +248,16 @@ class _Outputs:
         return [option for option, value in given.items() if value]
 
 
+def _check_github_files(fmt: str) -> None:
+    """With --format github, the files GitHub Actions names for the outputs and the job summary, checked before the
+    work as the output files are: a failure to write them after a push would fail the step that made it."""
+    if fmt != "github":
+        return
+    for name in ("GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY"):
+        if path := os.environ.get(name):
+            check_writable(Path(path), "GitHub Actions output")
+
+
 def _emit(report: Report, outputs: _Outputs, token: str | None, quiet: bool, debug: bool, redactor: Redactor) -> None:
     """Write, push and print the judged report as `outputs` say, then exit with its verdict's code."""
     json_path = outputs.json_path
@@ -291,6 +301,7 @@ def check_command(
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
                    policy_path, no_cache, cache_size, quiet, debug, outputs.files, annotate=fmt == "github")
     redactor = setup.redactor
+    _run(debug, redactor, lambda: _check_github_files(fmt))
     options = setup.options
     if shard is not None:
         options = replace(options, shard=_run(debug, redactor, lambda: _shard(shard, outputs)))
@@ -332,6 +343,7 @@ def merge_command(
     redactor = Redactor.for_token(token)
     _setup_logging(debug, quiet, fmt == "github", redactor)
     _run(debug, redactor, lambda: [check_writable(path) for path in outputs.files if path is not None])
+    _run(debug, redactor, lambda: _check_github_files(fmt))
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
     report = _run(debug, redactor, lambda: join([Report.read(path) for path in reports]))
     _run(debug, redactor, lambda: check_audited(report))

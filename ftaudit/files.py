@@ -37,9 +37,11 @@ def write_bytes(path: Path, data: bytes, what: str = "") -> None:
         raise UsageError(f"{path}: cannot write{' ' + what if what else ''} ({e.strerror})") from None
 
 
-def check_writable(path: Path) -> None:
-    """Fail now, before any work, where `path` could not be written afterwards: no folder for it, or a folder there."""
+def check_writable(path: Path, what: str = "") -> None:
+    """Fail now, before any work, where `path` could not be written afterwards: no folder for it, or a folder there.
+    `what` names the file in the error, as in `write_bytes`."""
+    cannot = f"{path}: cannot write{' ' + what if what else ''}"
     if path.is_dir():
-        raise UsageError(f"{path}: cannot write (a folder is there)")
+        raise UsageError(f"{cannot} (a folder is there)")
     if not path.parent.is_dir():
-        raise UsageError(f"{path}: cannot write (no folder {path.parent})")
+        raise UsageError(f"{cannot} (no folder {path.parent})")

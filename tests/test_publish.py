@@ -364,6 +364,25 @@ def test_github_outputs_and_job_summary(hub_env, tmp_path):
     write_github_outputs(report, None, {})  # outside GitHub Actions: nothing to do
 
 
+@pytest.mark.parametrize(("variable", "problem"), [("GITHUB_OUTPUT", "a folder is there"),
+                                                 ("GITHUB_STEP_SUMMARY", "no folder {missing}")])
+def test_github_outputs_that_cannot_be_written_are_refused_before_the_audit_and_the_push(
+        hub_env, tmp_path, monkeypatch, variable, problem):
+    publish(hub_env, tmp_path)
+    missing = tmp_path / "missing"
+    path = tmp_path if variable == "GITHUB_OUTPUT" else missing / "summary"
+    monkeypatch.setenv(variable, str(path))
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["check", "org/tuned", "--push", "--token", TOKEN, "--format", "github",
+                                       "--json", str(report)])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"ftaudit: error: {path}: cannot write GitHub Actions output ({problem.format(missing=missing)})\n")
+    assert not report.exists() and pull_requests(hub_env) == []  # the step failed before anything was done
+    merged = CliRunner().invoke(main, ["merge", str(tmp_path / "shard-1.json"), "--format", "github"])
+    assert merged.exit_code == 2 and "cannot write GitHub Actions output" in merged.stderr  # before reading reports
+
+
 def test_the_merge_of_a_hub_models_shards_pushes_the_whole_audits_card(hub_env, tmp_path):
     sha = publish(hub_env, tmp_path)
     shards = [tmp_path / f"shard-{i}.json" for i in (1, 2)]
