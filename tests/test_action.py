@@ -207,6 +207,17 @@ def test_shard_jobs_then_a_merge_job_give_the_whole_audit(models, tmp_path):
         assert bad.returncode == 2 and message in bad.stdout
 
 
+@pytest.mark.parametrize("name", ["-tuned", "--help"])
+def test_a_model_folder_named_like_an_option_is_audited(tmp_path, name):
+    base = llama_like()
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / name, low_rank_update(base), readme=card())
+    inputs = {"model": name, "base": "base"}  # folders of the workspace, as a workflow gives them
+    result = run_step(step(ACTION["runs"]["steps"], "audit"), action_context(inputs, tmp_path), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "ftaudit-report.json").read_text())["model"]["id"] == name
+
+
 def test_weights_checked_out_without_lfs_say_so(models, tmp_path):
     base, tuned = models
     weights = tuned / "model.safetensors"
