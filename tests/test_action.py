@@ -199,6 +199,9 @@ def test_shard_jobs_then_a_merge_job_give_the_whole_audit(models, tmp_path):
 
     cases = {
         "nothing": ({"merge": f"{downloaded}/none-*.json"}, "merge: no report matches"),
+        "nothing listed": ({"merge": f"{downloaded}/none-1-*.json\n{downloaded}/none-2-*.json\n"},
+                           f"::error::merge: no report matches '{downloaded}/none-1-*.json "
+                           f"{downloaded}/none-2-*.json'\n"),  # one line: a workflow command spans one
         "both": ({"merge": f"{downloaded}/*/ftaudit-report.json", "shard": "1/3"}, "give shard or merge, not both"),
         "no model": ({}, "model is required, unless merge is given"),
     }
