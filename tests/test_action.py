@@ -371,6 +371,21 @@ def test_action_definition():
     assert "steps.spectra.outputs.key != steps.restore-spectra.outputs.cache-matched-key" in save["if"]
 
 
+def test_the_docs_list_every_input_with_its_default_and_every_output():
+    docs = (ROOT / "docs" / "github-action.md").read_text(encoding="utf-8")
+
+    def table(heading: str) -> dict[str, str]:
+        """The first two columns of the table under `heading`, its names without backticks."""
+        section = docs.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+        return dict(re.findall(r"^\| `([\w-]+)` \| ([^|]*?) \|", section, re.M))
+
+    inputs = table("Inputs")
+    assert set(inputs) == set(ACTION["inputs"]) and set(table("Outputs")) == set(ACTION["outputs"])
+    for name, spec in ACTION["inputs"].items():
+        if spec["default"]:
+            assert inputs[name] == f"`{spec['default']}`", name
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.yml")))
 def test_workflows_parse_and_use_the_action_as_it_is_defined(name):
     workflow = load(WORKFLOWS / name)
