@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -74,12 +74,14 @@ def run_audit(
     updates: Updates | None = None,
     unchanged: Collection[str] = frozenset(),
     layout: Layout = Layout(),
+    aliases: Mapping[str, str] = {},
 ) -> Report:
     """Audit every selected matrix pair; the verdict is left to the policy. `unchanged` names the base
     tensors a tuned side that lists only what it changes (an adapter) leaves as they are; `layout`
-    says which of the models' tensors hold their matrices in × out (ftaudit.layout)."""
+    says which of the models' tensors hold their matrices in × out (ftaudit.layout); `aliases` gives
+    tuned tensors another name that selects them too (an adapter's tied head)."""
     device = resolve_device(options.device)
-    pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection, unchanged, layout)
+    pairing = pair_tensors(base_side.infos, tuned_side.infos, options.selection, unchanged, layout, aliases)
     for glob in pairing.unmatched_globs:
         log.warning("%r matches no weight matrix of either model (names as in the report)", glob)
     issues = TensorIssues(

@@ -101,11 +101,13 @@ class Architecture:
     hidden_size: int | None = None
     experts: int | None = None
     """`ffn_config.moe_num_experts`: DBRX concatenates its experts' matrices (ftaudit.layout)."""
+    tied_embeddings: bool | None = None
+    """`tie_word_embeddings` (or its `text_config`'s): the output head shares the input embedding's weight."""
 
 
 def architecture_of(storage: Storage) -> Architecture:
-    """config.json's `model_type`, `hidden_size` (or its `text_config`'s, or `d_model`) and DBRX's number of experts;
-    nothing without one (an adapter, a bare checkpoint) or when unreadable as JSON."""
+    """config.json's `model_type`, `hidden_size` (or its `text_config`'s, or `d_model`), DBRX's number of experts and
+    `tie_word_embeddings`; nothing without one (an adapter, a bare checkpoint) or when unreadable as JSON."""
     text = storage.read_text("config.json")
     try:
         config = json.loads(text) if text is not None else None
@@ -119,7 +121,10 @@ def architecture_of(storage: Storage) -> Architecture:
     sizes = [config.get("hidden_size"), text_config.get("hidden_size") if isinstance(text_config, dict) else None,
              config.get("d_model")]
     experts = ffn_config.get("moe_num_experts") if isinstance(ffn_config, dict) else None
-    return Architecture(model_type if isinstance(model_type, str) else None, _positive(sizes), _positive([experts]))
+    ties = [config.get("tie_word_embeddings"), text_config.get("tie_word_embeddings") if isinstance(text_config, dict)
+            else None]
+    return Architecture(model_type if isinstance(model_type, str) else None, _positive(sizes), _positive([experts]),
+                        next((t for t in ties if isinstance(t, bool)), None))
 
 
 def _positive(values: list[object]) -> int | None:

@@ -98,6 +98,9 @@ def open_target(target: Target) -> Opened:
         weights = _restacked(open_weights(tuned.storage, "adapter_model", target.allow_pickle), layout,
                              tuned.storage.label)
         adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
+        for embedding, head in adapted.tied.items():
+            log.warning("%s is tied to the input embedding (tie_word_embeddings): its LoRA is audited as PEFT merges "
+                        "it, as an update of %s, the embedding's weight too", head.removesuffix(".weight"), embedding)
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
     base_ref = BaseRef(base.id, base.revision, declared.declared_by)
@@ -160,6 +163,7 @@ def audit_opened(
     report = run_audit(
         opened.model_ref, opened.base_ref, tuned_side, opened.base_side, options, progress, cache,
         adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(), opened.layout,
+        adapter.tied if adapter else {},
     )
     if options.shard is None:  # a shard may hold none of the matrices: its merge is checked instead
         check_audited(report)

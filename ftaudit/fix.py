@@ -245,7 +245,9 @@ class _Patcher:
         self.cache = cache
         self.device = resolve_device(options.device)
         flagged = {m.name for m in before.matrices if m.intruders > 0} if fix_options.lam != 1 else set()
-        pairing = pair_tensors(self.base.infos, self.tuned.infos, options.selection, layout=opened.layout)
+        aliases = self.tuned.tied if isinstance(self.tuned, AdaptedTensors) else {}
+        pairing = pair_tensors(self.base.infos, self.tuned.infos, options.selection, layout=opened.layout,
+                               aliases=aliases)
         self.pairs: dict[str, list[TensorPair]] = {}
         """The flagged matrices of each tuned tensor: itself, or experts of a stack."""
         for pair in pairing.pairs:

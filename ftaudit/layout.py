@@ -53,15 +53,19 @@ class Layout:
     """The width of the hidden states, which tells a stack's layout from its shape."""
     concatenated_experts: int | None = None
     """The number of experts whose matrices the family stores one above the other in 2-D tensors (DBRX)."""
+    tied_embeddings: bool | None = None
+    """config.json's `tie_word_embeddings`: the output head shares the input embedding's weight; None where unsaid."""
 
     @classmethod
     def of(cls, *architectures: Architecture) -> Layout:
-        """The layout of the first of `architectures` (config.json's) whose type is known; the first hidden width."""
+        """The layout of the first of `architectures` (config.json's) whose type is known; the first hidden width, and
+        the first that says whether the embeddings are tied."""
         model_type = next((a.model_type for a in architectures if a.model_type is not None), None)
         hidden = next((a.hidden_size for a in architectures if a.hidden_size is not None), None)
         experts = next((a.experts for a in architectures if a.experts is not None), None)
+        tied = next((a.tied_embeddings for a in architectures if a.tied_embeddings is not None), None)
         return cls(model_type in CONV1D_MODELS, model_type in EXPERTS_IN_OUT_MODELS,
-                   model_type in EXPERTS_MARKED_TRANSPOSED, hidden, experts if model_type == "dbrx" else None)
+                   model_type in EXPERTS_MARKED_TRANSPOSED, hidden, experts if model_type == "dbrx" else None, tied)
 
     def stacked_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
         """The E × rows × cols stack that 2-D tensor `name` holds, its experts' matrices one above the other (DBRX's);

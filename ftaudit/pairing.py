@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ftaudit.layout import Layout, expert_name, is_expert_stack
@@ -35,6 +35,8 @@ _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         r"|c_fc|dense_h_to_4h|dense_4h_to_h|wi|output\.dense)(\.|$)")),
 ]
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_POSITIONS = re.compile(r"(^|\.)(wpe|[^.]*pos[^.]*)(\.weight)?$")
+"""Position embeddings (GPT-2's wpe, BERT's position_embeddings, OPT's embed_positions)."""
 
 
 def module_kind(name: str) -> str:
@@ -110,13 +112,15 @@ class Selection:
         globs = tuple(i for i in include if i not in KINDS)
         return cls(frozenset(kinds), globs, tuple(exclude))
 
-    def selects(self, tensor: str, matrix: str, kind: str) -> bool:
+    def selects(self, tensor: str, matrix: str, kind: str, also: tuple[str, ...] = ()) -> bool:
         """Whether matrix `matrix` of tensor `tensor` (itself, or `tensor[e]`, an expert's of a stack) is analysed:
-        no exclude glob matches either name, and its kind is selected or an include glob matches either."""
-        names = {tensor, matrix}
+        no exclude glob matches any of its names, and its kind is selected or an include glob matches a name. `also`
+        names it otherwise (a tied head, the embedding's other layer), by a name of its own kind."""
+        names = {tensor, matrix, *also}
         if any(_matches(n, g) for n in names for g in self.exclude):
             return False
-        return kind in self.kinds or any(_matches(n, g) for n in names for g in self.globs)
+        kinds = {kind, *(module_kind(n) for n in also)}
+        return bool(kinds & self.kinds) or any(_matches(n, g) for n in names for g in self.globs)
 
     def unmatched(self, names: Iterable[str]) -> list[str]:
         """The include and exclude globs that match none of `names`."""
@@ -180,19 +184,23 @@ def pair_tensors(
     base: dict[str, TensorInfo], tuned: dict[str, TensorInfo], selection: Selection,
     unchanged: Collection[str] = frozenset(),
     layout: Layout = Layout(),
+    aliases: Mapping[str, str] = {},
 ) -> Pairing:
     """Pair the floating-point matrices of both sides (2-D, or stacked experts) and pick those to analyse.
     `unchanged` names base tensors that the tuned side leaves as they are (an adapter's untargeted ones): not
-    missing. `layout` says which tensors hold their matrices in × out."""
+    missing. `layout` says which tensors hold their matrices in × out. `aliases` gives tuned tensors another name
+    that selects them too (an adapter's tied head, by the embedding it shares)."""
     result = Pairing()
     b_map, t_map = align(_matrices(base), _matrices(tuned))
     matrices = {key: _matrix_names(key, (base[b_map[key]] if key in b_map else tuned[t_map[key]]).shape)
                 for key in sorted(b_map.keys() | t_map.keys())}
-    result.unmatched_globs = selection.unmatched([*matrices, *(n for names in matrices.values() for n in names)])
+    result.unmatched_globs = selection.unmatched([*matrices, *(n for names in matrices.values() for n in names),
+                                                  *aliases.values()])
     for key, names in matrices.items():
         b_name, t_name = b_map.get(key), t_map.get(key)
         kind = module_kind(key)
-        chosen = [n for n in names if selection.selects(key, n, kind)]
+        also = (aliases[t_name],) if t_name in aliases else ()
+        chosen = [n for n in names if selection.selects(key, n, kind, also)]
         result.not_selected += len(names) - len(chosen)
         if not chosen:
             if kind in VOCAB_KINDS and b_name is not None and t_name is not None:
@@ -245,6 +253,14 @@ def _pairs(
 def _analysed_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
     """A tensor's shape with its matrices out × in."""
     return (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
+
+
+def input_embeddings(tensors: dict[str, TensorInfo], shape: tuple[int, ...]) -> list[str]:
+    """The token embeddings among `tensors` that an output head of `shape` (vocabulary × hidden) may be tied to:
+    floating-point embedding matrices of that shape, position embeddings aside."""
+    return sorted(n for n, t in tensors.items()
+                  if tuple(t.shape) == tuple(shape) and t.dtype in FLOAT_DTYPES and module_kind(n) == "embedding"
+                  and not _POSITIONS.search(n.lower()))
 
 
 def quantized_matrix(tensors: dict[str, TensorInfo]) -> TensorInfo | None:

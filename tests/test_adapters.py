@@ -387,3 +387,109 @@ def test_the_base_layers_an_adapter_saves_are_those_peft_loads(tmp_path):
     assert len(biases) == 31  # query, value and 3 dense layers of each of 6, and the pooler
     for name in biases:
         assert torch.allclose(written[name], merged[name], atol=1e-6), name
+
+
+def tied_head(tmp_path: Path, family: str, **lora: object) -> tuple[Path, Path, Path]:
+    """A small model of `family` whose lm_head is tied to its input embedding (the checkpoint stores only the
+    embedding), an adapter PEFT makes of it with the LoRA options `lora`, and the model PEFT merges from that adapter
+    loaded back: their folders."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=50, tie_word_embeddings=True))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=64, n_layer=1, n_head=4, vocab_size=50, n_positions=32, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "base")
+    peft.get_peft_model(model, peft.LoraConfig(r=4, init_lora_weights=False, **lora)).save_pretrained(
+        tmp_path / "adapter")
+    base = type(model).from_pretrained(tmp_path / "base")
+    merged = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    return tmp_path / "adapter", tmp_path / "base", tmp_path / "merged"
+
+
+@pytest.mark.parametrize(("family", "targets", "embedding"), [
+    ("llama", ["lm_head", "q_proj"], "model.embed_tokens.weight"),
+    ("gpt2", ["lm_head", "c_attn"], "transformer.wte.weight"),
+])
+def test_a_lora_on_a_head_tied_to_the_embedding_is_audited_as_peft_merges_it(tmp_path, family, targets, embedding):
+    """A base with tie_word_embeddings stores only its input embedding, which its lm_head shares: PEFT's merge of a
+    LoRA on lm_head changes that one tensor. The adapter had been refused as adapting a tensor the base lacks."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    folder, base, merged = tied_head(tmp_path, family, target_modules=targets)
+    assert "lm_head.weight" not in load_file(base / "model.safetensors")
+    found, reports = {}, {}
+    for side in (folder, merged):
+        out = tmp_path / f"{side.name}.json"
+        result = CliRunner().invoke(main, ["check", str(side), "--base", str(base), "--json", str(out), "--include",
+                                           "embedding", "--no-cache"])
+        assert result.exit_code in (0, 1), result.stderr
+        reports[side.name] = json.loads(out.read_text())
+        found[side.name] = {m["name"]: m for m in reports[side.name]["matrices"]}
+    assert embedding in found["adapter"] and sorted(found["adapter"]) == sorted(found["merged"])
+    for name, matrix in found["merged"].items():
+        assert found["adapter"][name]["max_cos"] == pytest.approx(matrix["max_cos"], abs=1e-5), name
+        assert found["adapter"][name]["intruders"] == matrix["intruders"], name
+        assert found["adapter"][name]["indicators"]["relative_update_norm"] == pytest.approx(
+            matrix["indicators"]["relative_update_norm"], rel=1e-5), name
+    assert found["adapter"][embedding]["lora"]["rank"] == 4
+    heads = reports["adapter"]["summary"]["heads"][embedding], reports["merged"]["summary"]["heads"][embedding]
+    assert heads[0] == pytest.approx(heads[1], rel=1e-5)
+    assert reports["adapter"]["model"]["adapter"]["tied"] == {"lm_head": embedding}
+    assert reports["adapter"]["tensors"]["missing_in_base"] == []
+    for selection, analysed in [([], False), (["--include", "head"], True), (["--include", "lm_head.weight"], True),
+                                (["--include", "embedding", "--exclude", "lm_head*"], False)]:
+        result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base), "--format", "json", "--no-cache",
+                                           *selection])
+        assert result.exit_code in (0, 1), result.stderr
+        assert f"lm_head is tied to the input embedding (tie_word_embeddings): its LoRA is audited as PEFT merges it, " \
+               f"as an update of {embedding}, the embedding's weight too" in result.stderr
+        assert "matches no weight matrix" not in result.stderr
+        report = json.loads(result.stdout)
+        assert (embedding in {m["name"] for m in report["matrices"]}) == analysed, selection
+        assert embedding in report["summary"]["heads"]  # measured for its row norms when not analysed in full
+
+    record, written = tmp_path / "fix.json", tmp_path / "fixed"
+    result = CliRunner().invoke(main, ["fix", str(folder), "--base", str(base), "--merge", "--out", str(written),
+                                       "--lambda", "1", "--include", "head", "--json", str(record), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    expected = load_file(merged / "model.safetensors")
+    weights = load_file(written / "model.safetensors")
+    assert sorted(weights) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.allclose(weights[name], tensor, atol=1e-6), name
+    import transformers
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(written)
+    assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert torch.allclose(loaded.get_output_embeddings().weight, expected[embedding], atol=1e-6)
+
+    (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()),
+                                                  "tie_word_embeddings": False}))
+    result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base)])
+    assert result.exit_code == 2 and result.stderr == f"ftaudit: error: {folder}: adapts lm_head, which the base does " \
+                                                      "not have\n", result.stderr
+
+
+@pytest.mark.parametrize("lora", [
+    {"target_modules": ["lm_head", "embed_tokens", "q_proj"]},
+    {"target_modules": ["lm_head", "q_proj"], "ensure_weight_tying": True},
+])
+def test_a_lora_on_both_a_tied_head_and_its_embedding_is_refused(tmp_path, lora):
+    """PEFT's merge adds the updates of both layers to the one tensor they share (with ensure_weight_tying, the same
+    update twice): a model neither layer computes. The embedding's update had been silently replaced by the head's."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    folder, base, _ = tied_head(tmp_path, "llama", **lora)
+    for command in (["check"], ["fix", "--merge", "--out", str(tmp_path / "out")]):
+        result = CliRunner().invoke(main, [*command, str(folder), "--base", str(base)])
+        assert result.exit_code == 2 and result.stderr == (
+            f"ftaudit: error: {folder}: adapts both lm_head and model.embed_tokens, which the base ties into one "
+            "tensor, model.embed_tokens.weight (tie_word_embeddings): PEFT's merge adds both updates to it, a model "
+            "neither layer computes; if the merged model is the one you use, merge the adapter (PEFT's "
+            "merge_and_unload) and audit that\n"), result.stderr

@@ -25,7 +25,7 @@ import torch
 from ftaudit.errors import InvalidWeightsError, UnsupportedError
 from ftaudit.layout import Layout
 from ftaudit.low_rank import LowRankUpdate
-from ftaudit.pairing import align
+from ftaudit.pairing import align, input_embeddings
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.safetensors import TensorInfo
@@ -33,6 +33,8 @@ from ftaudit.sources.storage import Storage
 from ftaudit.stored_stacks import Part, first_names, parts_fit, stored_names, where_stored
 
 PEFT_PREFIX = "base_model.model."
+TIED_HEADS = ("lm_head",)
+"""Output heads that a base with tie_word_embeddings shares with its input embedding, storing only the embedding."""
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
 _TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 _BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
@@ -301,6 +303,14 @@ class AdaptedTensors:
                     located.get(k) or k in parts for k in module.parameters):
                 self.modules[m] = replace(module, parameters=())
         layers = [m for m, module in self.modules.items() if not module.parameters]
+        self.tied: dict[str, str] = {}
+        """Base tensors that an adapted output head shares with the input embedding (tie_word_embeddings, the head
+        not stored): the head's tensor, by the embedding's, which its LoRA changes as PEFT's merge does."""
+        for m in layers:
+            if located.get(f"{m}.weight") is None and m.rpartition(".")[2] in TIED_HEADS and layout.tied_embeddings \
+                    is not False and (embedding := self._tied_embedding(self.modules[m])) is not None:
+                located[f"{m}.weight"] = embedding
+                self.tied[embedding] = f"{m}.weight"
         parameters = {k for module in self.modules.values() for k in module.parameters}
         wanted = {f"{m}.weight": m for m in [*layers, *adapter.rows]} | dict.fromkeys([*adapter.replaced, *parameters])
         self._sources: dict[str, tuple[str, str]] = {}
@@ -320,14 +330,14 @@ class AdaptedTensors:
             if original in adapter.replaced:
                 info = adapter_infos[adapter.replaced[original]]
                 self._infos[base_name or original] = info
-                self._sources[base_name or original] = ("replaced", adapter.replaced[original])
+                self._set_source(base_name or original, "replaced", adapter.replaced[original])
                 continue
             if base_name is None:
                 raise InvalidWeightsError(f"{adapter.label}: adapts {wanted[original]}, which the base does not have")
             if wanted[original] in adapter.rows:
                 self._check_rows(wanted[original], base_infos[base_name])
                 self._infos[base_name] = base_infos[base_name]
-                self._sources[base_name] = ("rows", wanted[original])
+                self._set_source(base_name, "rows", wanted[original])
                 continue
             module = self.modules[wanted[original]]
             if layout.conv1d and "lora_embedding_" not in module.a:  # PEFT sets fan_in_fan_out layer by layer, True
@@ -337,7 +347,7 @@ class AdaptedTensors:
             self._base_layer(original, base_name)
             self._check_fit(module, base_infos[base_name])
             self._infos[base_name] = base_infos[base_name]
-            self._sources[base_name] = ("lora", module.module)
+            self._set_source(base_name, "lora", module.module)
         for m, name in adapter.biases.items():
             base_name = located.get(f"{m}.bias")
             if m not in layers or base_name is None or base_infos[base_name].shape != adapter_infos[name].shape:
@@ -356,6 +366,31 @@ class AdaptedTensors:
                     self._sources[base_name] = ("lora", module.module)
                     if part is not None:
                         self._add_part(base_name, part)
+
+    def _tied_embedding(self, module: LoraModule) -> str | None:
+        """The base's input embedding that output head `module` is tied to: the one token embedding of its shape;
+        None where there is none."""
+        infos = self.adapter.weights.infos
+        found = input_embeddings(self.base.infos, (infos[module.b].shape[0], infos[module.a].shape[1]))
+        if len(found) > 1:
+            raise UnsupportedError(
+                f"{self.adapter.label}: {module.module}, tied to the input embedding, fits more than one of the base's "
+                f"embeddings ({', '.join(found)}): merge the adapter into its base (PEFT's merge_and_unload) and audit "
+                "the merged model")
+        return found[0] if found else None
+
+    def _set_source(self, base_name: str, kind: str, source: str) -> None:
+        """Base tensor `base_name` as the adapter's `kind` of tensor `source`: a tensor it adapts once."""
+        if base_name in self._sources:
+            other = self._sources[base_name][1]
+            if base_name in self.tied:
+                raise UnsupportedError(
+                    f"{self.adapter.label}: adapts both {_strip_peft(other)} and {_strip_peft(source)}, which the base "
+                    f"ties into one tensor, {base_name} (tie_word_embeddings): PEFT's merge adds both updates to it, a "
+                    "model neither layer computes; if the merged model is the one you use, merge the adapter (PEFT's "
+                    "merge_and_unload) and audit that")
+            raise InvalidWeightsError(f"{self.adapter.label}: {base_name} is adapted twice")
+        self._sources[base_name] = (kind, source)
 
     def _base_layer(self, key: str, base_name: str) -> None:
         """Take the adapter's saved base layer of tensor `key`, if any, as base tensor `base_name`'s W0."""
@@ -471,8 +506,9 @@ class AdaptedTensors:
         return dict(self._infos)
 
     def describe(self) -> dict[str, object]:
-        """The adapter as the report shows it."""
-        return self.adapter.describe(self.modules)
+        """The adapter as the report shows it, with the heads it adapts as their tied embedding."""
+        tied = {head.removesuffix(".weight"): embedding for embedding, head in sorted(self.tied.items())}
+        return {**self.adapter.describe(self.modules), **({"tied": tied} if tied else {})}
 
     @property
     def unchanged(self) -> frozenset[str]:
