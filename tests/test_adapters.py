@@ -493,3 +493,18 @@ def test_a_lora_on_both_a_tied_head_and_its_embedding_is_refused(tmp_path, lora)
             "tensor, model.embed_tokens.weight (tie_word_embeddings): PEFT's merge adds both updates to it, a model "
             "neither layer computes; if the merged model is the one you use, merge the adapter (PEFT's "
             "merge_and_unload) and audit that\n"), result.stderr
+
+
+def test_a_tied_head_whose_embedding_the_base_stores_twice_is_refused(tmp_path):
+    """Of two token embeddings of the head's shape, the one it is tied to is not told by the checkpoint."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    folder, base, _ = tied_head(tmp_path, "llama", target_modules=["lm_head", "q_proj"])
+    weights = load_file(base / "model.safetensors")
+    save_file({**weights, "model.decoder.embed_tokens.weight": weights["model.embed_tokens.weight"].clone()},
+              base / "model.safetensors")
+    result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base)])
+    assert result.exit_code == 2 and result.stderr == (
+        f"ftaudit: error: {folder}: lm_head, tied to the input embedding, fits more than one of the base's embeddings "
+        "(model.decoder.embed_tokens.weight, model.embed_tokens.weight): merge the adapter into its base (PEFT's "
+        "merge_and_unload) and audit the merged model\n"), result.stderr

@@ -360,10 +360,8 @@ class AdaptedTensors:
             if module.parameters:
                 tensors, self.modules[module.module] = self._parameter(module, located, parts, layout)
                 for base_name, part in tensors.items():
-                    if base_name in self._sources:
-                        raise InvalidWeightsError(f"{adapter.label}: {base_name} is adapted twice")
                     self._infos[base_name] = base_infos[base_name]
-                    self._sources[base_name] = ("lora", module.module)
+                    self._set_source(base_name, "lora", module.module)
                     if part is not None:
                         self._add_part(base_name, part)
 
