@@ -468,6 +468,11 @@ def test_a_lora_on_a_head_tied_to_the_embedding_is_audited_as_peft_merges_it(tmp
     loaded = transformers.AutoModelForCausalLM.from_pretrained(written)
     assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     assert torch.allclose(loaded.get_output_embeddings().weight, expected[embedding], atol=1e-6)
+    result = CliRunner().invoke(main, ["fix", str(folder), "--base", str(base), "--out", str(tmp_path / "patched"),
+                                       "--lambda", "0.5", "--include", "head", "--json", str(record), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    changes = {c["name"]: c["tensors"] for c in json.loads(record.read_text())["changes"]}
+    assert changes[embedding] == ["base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"]
 
     (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()),
                                                   "tie_word_embeddings": False}))
