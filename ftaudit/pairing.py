@@ -115,7 +115,7 @@ class Selection:
     def selects(self, tensor: str, matrix: str, kind: str, also: tuple[str, ...] = ()) -> bool:
         """Whether matrix `matrix` of tensor `tensor` (itself, or `tensor[e]`, an expert's of a stack) is analysed:
         no exclude glob matches any of its names, and its kind is selected or an include glob matches a name. `also`
-        names it otherwise (a tied head, the embedding's other layer), by a name of its own kind."""
+        gives it other names (a tied head's, for the embedding it shares), whose kinds and globs count as its own."""
         names = {tensor, matrix, *also}
         if any(_matches(n, g) for n in names for g in self.exclude):
             return False

@@ -306,11 +306,13 @@ class AdaptedTensors:
         self.tied: dict[str, str] = {}
         """Base tensors that an adapted output head shares with the input embedding (tie_word_embeddings, the head
         not stored): the head's tensor, by the embedding's, which its LoRA changes as PEFT's merge does."""
-        for m in layers:
-            if located.get(f"{m}.weight") is None and m.rpartition(".")[2] in TIED_HEADS and layout.tied_embeddings \
-                    is not False and (embedding := self._tied_embedding(self.modules[m])) is not None:
-                located[f"{m}.weight"] = embedding
-                self.tied[embedding] = f"{m}.weight"
+        for m in layers if layout.tied_embeddings is not False else ():
+            head = f"{m}.weight"
+            if located.get(head) is not None or m.rpartition(".")[2] not in TIED_HEADS:
+                continue
+            embedding = self._tied_embedding(self.modules[m])
+            if embedding is not None:
+                located[head], self.tied[embedding] = embedding, head
         parameters = {k for module in self.modules.values() for k in module.parameters}
         wanted = {f"{m}.weight": m for m in [*layers, *adapter.rows]} | dict.fromkeys([*adapter.replaced, *parameters])
         self._sources: dict[str, tuple[str, str]] = {}
