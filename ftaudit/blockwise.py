@@ -7,6 +7,7 @@ float64 unless told otherwise), into one buffer per call, with the same sums as 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,40 @@ PIECE = 512
 """Rows of a Gram matrix computed together; only pieces on or above the diagonal are multiplied."""
 
 F64 = torch.float64
+
+
+SAFE_EXPONENT = 400
+"""Largest |log2| of a float64 matrix's largest magnitude measured as stored: beyond it, sums of squares
+could overflow (past 2^511) or lose their digits to underflow (below 2^-511), so `scale_exponent`
+brings the matrix back. F32, F16 and BF16 values never get there."""
+
+
+def scale_exponent(*matrices: torch.Tensor) -> int:
+    """e such that 2^e·W has its largest magnitude in [1/2, 1), W the first of `matrices` not all zeros,
+    when W is stored in float64 and that magnitude lies beyond 2^±SAFE_EXPONENT; else 0.
+
+    Scaling by a power of two is exact: singular vectors and every ratio of the scaled matrices are
+    the matrices' own, and their singular values are 2^e times theirs.
+    """
+    for w in matrices:
+        if w.dtype != F64 or w.numel() == 0:
+            return 0
+        low, high = torch.aminmax(w)
+        largest = torch.stack([-low, high]).max().item()  # NaN when W holds one
+        if not math.isfinite(largest):
+            return 0
+        if largest > 0:
+            exponent = math.frexp(largest)[1]
+            return -exponent if abs(exponent) > SAFE_EXPONENT else 0
+    return 0
+
+
+def scaled(w: torch.Tensor, exponent: int) -> torch.Tensor:
+    """2^exponent·W, exactly (in two halves, so that neither factor leaves float64's range); W itself when 0."""
+    if exponent == 0:
+        return w
+    half = exponent // 2
+    return (w * 2.0**half).mul_(2.0 ** (exponent - half))
 
 
 def blocks(w: torch.Tensor, dim: int, minus: torch.Tensor | None = None, dtype: torch.dtype = F64) -> Iterator[torch.Tensor]:
@@ -102,7 +137,8 @@ def pair_sums(base: torch.Tensor, tuned: torch.Tensor, with_gram: bool = True) -
     float64 pass that upcasts a block of each matrix at a time.
 
     Float64 squares of stored F32, F16 or BF16 values cannot overflow, so a sum is non-finite
-    exactly when its row or column holds a NaN or ±inf (float64 weights beyond 1e154 count so too).
+    exactly when its row or column holds a NaN or ±inf (float64 weights beyond 1e154 count so too: see
+    `scale_exponent`).
     """
     dim = _gram_dim(base)
     other = 1 - dim

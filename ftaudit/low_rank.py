@@ -40,6 +40,10 @@ class LowRankUpdate:
     def to(self, device: torch.device) -> LowRankUpdate:
         return LowRankUpdate(self.left.to(device), self.right.to(device))
 
+    def scaled(self, exponent: int) -> LowRankUpdate:
+        """2^exponent·ΔW (`blockwise.scaled`)."""
+        return LowRankUpdate(blockwise.scaled(self.left, exponent), self.right)
+
     def transposed(self) -> LowRankUpdate:
         """ΔWᵀ = rightᵀ @ leftᵀ."""
         return LowRankUpdate(self.right.mT.contiguous(), self.left.mT.contiguous())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -20,8 +21,9 @@ from ftaudit.analyses.indicators import (
     subspace_drift,
 )
 from ftaudit.analyses.intruders import intruders
-from ftaudit.blockwise import pair_sums
+from ftaudit.blockwise import pair_sums, scale_exponent, scaled
 from ftaudit.cache import SpectrumCache
+from ftaudit.errors import UnsupportedError
 from ftaudit.low_rank import LowRankUpdate, top_left_updated
 from ftaudit.pairing import TensorPair
 from ftaudit.report import MatrixResult
@@ -89,16 +91,19 @@ def analyse_pair(
     and ΔW's spectrum from the factors instead of decomposing the tuned matrix and ΔW. Everything is
     computed in float64 from the stored tensors, upcast a block at a time, never whole. Without
     `update`, the tuned tensor is taken from `stored` and freed before the base is decomposed.
+    Float64 weights whose squares would leave float64's range are measured scaled by a power of two
+    (`scale_exponent`), and their singular values reported at their own scale.
     """
-    w0 = stored.base.to(device, non_blocking=True)
+    exponent = scale_exponent(stored.base, stored.tuned)
+    w0 = scaled(stored.base.to(device, non_blocking=True), exponent)
     # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
     # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
     dtypes = () if stored.tuned_dtype == torch.float64 else (stored.base.dtype, stored.tuned_dtype)
     if update is None:  # the tuned matrix is needed only to measure ΔW and its own top k
         wt = None
-        measured = _measure_update(w0, stored.take_tuned().to(device, non_blocking=True), dtypes, k, None)
+        measured = _measure_update(w0, scaled(stored.take_tuned().to(device, non_blocking=True), exponent), dtypes, k, None)
     else:  # it also refines the top k found from the base's spectrum, below: moved to the device once
-        update, wt = update.to(device), stored.tuned.to(device, non_blocking=True)
+        update, wt = update.to(device).scaled(exponent), scaled(stored.tuned.to(device, non_blocking=True), exponent)
         measured = _measure_update(w0, wt, dtypes, k, update)
     if isinstance(measured, Skipped):
         return measured
@@ -115,6 +120,7 @@ def analyse_pair(
     found = intruders(base, w0, tuned)
     base_sigma1 = base.S[0].item()
     drift = subspace_drift(base.top(w0, k), tuned.U, k)
+    sigma = _unscaled(found.sigma, exponent, pair.name)
     return MatrixResult(
         name=pair.name,
         kind=pair.kind,
@@ -122,7 +128,7 @@ def analyse_pair(
         shape=list(pair.shape),
         max_cos=found.max_cos,
         intruders=found.count(epsilon),
-        sigma=found.sigma,
+        sigma=sigma,
         match=found.match,
         outside_span=found.outside_span,
         indicators={
@@ -133,8 +139,16 @@ def analyse_pair(
             "numerical_rank": numerical_rank(delta_sigma, pair.shape, measured.noise_floor),
             "subspace_drift_deg": drift[-1] if drift else 0.0,
         },
-        intruder_strength=intruder_strength(found.sigma, found.max_cos, epsilon, base_sigma1),
+        intruder_strength=intruder_strength(sigma, found.max_cos, epsilon, _unscaled([base_sigma1], exponent, pair.name)[0]),
     )
+
+
+def _unscaled(values: list[float], exponent: int, name: str) -> list[float]:
+    """Singular values measured on matrices scaled by 2^exponent, at the matrices' own scale."""
+    try:
+        return [math.ldexp(v, -exponent) for v in values]
+    except OverflowError:
+        raise UnsupportedError(f"matrix {name!r}: its singular values exceed float64's range") from None
 
 
 def _measure_update(
