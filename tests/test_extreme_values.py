@@ -21,9 +21,10 @@ def f64_pair(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     return w0, w0 + 3 * update
 
 
-def audit(tmp_path, w0: torch.Tensor, wt: torch.Tensor) -> dict:
-    write_model(tmp_path / "base", {NAME: w0})
-    write_model(tmp_path / "tuned", {NAME: wt})
+def audit(tmp_path, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> dict:
+    """The JSON report of a model with `tuned` tensors against a base with `base` ones."""
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "tuned", tuned)
     return json_report("check", tmp_path / "tuned", "--base", tmp_path / "base", "--format", "json", "--no-cache")
 
 
@@ -31,8 +32,8 @@ def audit(tmp_path, w0: torch.Tensor, wt: torch.Tensor) -> dict:
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
 def test_float64_weights_whose_squares_leave_float64s_range(tmp_path, scale, shape):
     w0, wt = f64_pair(shape)
-    plain = audit(tmp_path / "plain", w0, wt)
-    report = audit(tmp_path / "scaled", w0 * scale, wt * scale)
+    plain = audit(tmp_path / "plain", {NAME: w0}, {NAME: wt})
+    report = audit(tmp_path / "scaled", {NAME: w0 * scale}, {NAME: wt * scale})
     assert report["tensors"]["unchanged"] == report["tensors"]["nonfinite"] == []
     [matrix], [expected] = report["matrices"], plain["matrices"]
     assert matrix["max_cos"] == pytest.approx(reference.max_cos(w0, wt), abs=CERTIFIED_SIN)
@@ -44,3 +45,15 @@ def test_float64_weights_whose_squares_leave_float64s_range(tmp_path, scale, sha
         assert found == pytest.approx({**unscaled, "sigma": unscaled["sigma"] * scale}, rel=1e-9)
     assert report["summary"]["intruder_dimensions"] == plain["summary"]["intruder_dimensions"] > 0
     assert report["verdict"] == plain["verdict"]
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_a_float64_heads_row_norms_at_the_edges_of_float64s_range(tmp_path, scale):
+    w0, wt = f64_pair((48, 32))
+    head = w0 * torch.linspace(0.5, 2.0, 48, dtype=torch.float64)[:, None]
+    plain = audit(tmp_path / "plain", {NAME: w0, "lm_head.weight": w0.clone()}, {NAME: wt, "lm_head.weight": head})
+    report = audit(tmp_path / "scaled", {NAME: w0 * scale, "lm_head.weight": w0 * scale},
+                   {NAME: wt * scale, "lm_head.weight": head * scale})
+    expected = plain["summary"]["heads"]["lm_head.weight"]
+    assert expected["mean_norm_ratio"] == pytest.approx(1.25, abs=0.05) and expected["zero_base_rows"] == 0
+    assert report["summary"]["heads"]["lm_head.weight"] == pytest.approx(expected, rel=1e-9)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ftaudit.blockwise import PairSums, row_norms
+from ftaudit.blockwise import PairSums, row_norms, scale_exponent, scaled
 from ftaudit.sources.safetensors import FLOAT_DTYPES
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -179,9 +179,11 @@ def row_norm_drift(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float |
     the base is). "median_relative_change" (signed) and "max_relative_change" (largest absolute)
     of (‖t_i‖ − ‖b_i‖) / ‖b_i‖ over rows whose base row is not all zeros; None if there are none.
     "zero_base_rows": how many base rows were all zeros (excluded from the per-row figures).
-    None when either matrix holds a NaN or ±inf (its row's float64 norm then does too).
+    None when either matrix holds a NaN or ±inf (its row's float64 norm then does too). Every figure
+    is a ratio: float64 weights beyond float64's squaring range are measured scaled (`scale_exponent`).
     """
-    nb, nt = row_norms(base), row_norms(tuned)
+    exponent = scale_exponent(base, tuned)
+    nb, nt = row_norms(scaled(base, exponent)), row_norms(scaled(tuned, exponent))
     if not bool(torch.isfinite(nb.sum() + nt.sum())):
         return None
     live = nb > 0
