@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ftaudit.errors import UnsupportedError
+
 BLOCK = 1024
 """Rows or columns upcast at a time."""
 PIECE = 512
@@ -53,6 +55,14 @@ def scaled(w: torch.Tensor, exponent: int) -> torch.Tensor:
         return w
     half = exponent // 2
     return (w * 2.0**half).mul_(2.0 ** (exponent - half))
+
+
+def unscaled(values: list[float], exponent: int, name: str) -> list[float]:
+    """Singular values measured on a matrix scaled by 2^exponent (`scaled`), at the matrix's own scale."""
+    try:
+        return [math.ldexp(v, -exponent) for v in values]
+    except OverflowError:
+        raise UnsupportedError(f"matrix {name!r}: its singular values exceed float64's range") from None
 
 
 def blocks(w: torch.Tensor, dim: int, minus: torch.Tensor | None = None, dtype: torch.dtype = F64) -> Iterator[torch.Tensor]:

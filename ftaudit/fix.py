@@ -23,6 +23,7 @@ import torch
 
 from ftaudit import __version__, cardfile
 from ftaudit.audit import AuditOptions, Progress
+from ftaudit.blockwise import scale_exponent, scaled, unscaled
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
 from ftaudit.check import Opened, Target, audit_opened, check, open_target
 from ftaudit.errors import UnsupportedError, UsageError
@@ -420,7 +421,11 @@ class _Patcher:
         w = upcast(tuned, self.device)
         if not (torch.isfinite(w0).all() and torch.isfinite(w).all()):
             return None
-        found = find_directions(self._basis(raw_w0, w0), w0, w, self.options.k, self.options.epsilon, self.only_top)
+        exponent = scale_exponent(raw_w0, tuned)  # measured as the audit measures them; scaling them down is homogeneous
+        w0_scaled, w_scaled = scaled(w0, exponent), scaled(w, exponent)
+        found = find_directions(self._basis(raw_w0, w0_scaled), w0_scaled, w_scaled, self.options.k,
+                                self.options.epsilon, self.only_top)
+        found = Directions(found.index, found.U, unscaled(found.sigma, exponent, pair.name), found.max_cos)
         return (w, found) if found.index else None
 
     def _scaled(self, pair: TensorPair, w: torch.Tensor, found: Directions) -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ftaudit.spectral import CERTIFIED_SIN
 from tests import reference
-from tests.invoke import json_report
+from tests.invoke import json_report, run
 from tests.models import write_model
 
 NAME = "model.layers.0.mlp.down_proj.weight"
@@ -57,3 +60,22 @@ def test_a_float64_heads_row_norms_at_the_edges_of_float64s_range(tmp_path, scal
     expected = plain["summary"]["heads"]["lm_head.weight"]
     assert expected["mean_norm_ratio"] == pytest.approx(1.25, abs=0.05) and expected["zero_base_rows"] == 0
     assert report["summary"]["heads"]["lm_head.weight"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_fix_scales_the_intruders_of_float64_weights_at_the_edges_of_float64s_range(tmp_path, scale):
+    w0, wt = f64_pair((48, 32))
+    records = {}
+    for label, factor in (("plain", 1.0), ("scaled", scale)):
+        write_model(tmp_path / label / "base", {NAME: w0 * factor})
+        write_model(tmp_path / label / "tuned", {NAME: wt * factor})
+        code, _, stderr = run("fix", tmp_path / label / "tuned", "--base", tmp_path / label / "base",
+                              "--out", tmp_path / label / "fixed", "--json", tmp_path / label / "fix.json", "--no-cache")
+        assert code in (0, 1), stderr
+        records[label] = {**json.loads((tmp_path / label / "fix.json").read_text()), "code": code}
+        records[label]["fixed"] = load_file(tmp_path / label / "fixed" / "model.safetensors")[NAME] / factor
+    [change], [expected] = records["scaled"]["changes"], records["plain"]["changes"]
+    assert records["scaled"]["code"] == records["plain"]["code"]
+    assert change["directions"] == expected["directions"] == [0]
+    assert change["sigma_before"] == pytest.approx([s * scale for s in expected["sigma_before"]], rel=1e-9)
+    assert torch.allclose(records["scaled"]["fixed"], records["plain"]["fixed"], rtol=1e-9, atol=1e-12)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,9 +20,8 @@ from ftaudit.analyses.indicators import (
     subspace_drift,
 )
 from ftaudit.analyses.intruders import intruders
-from ftaudit.blockwise import pair_sums, scale_exponent, scaled
+from ftaudit.blockwise import pair_sums, scale_exponent, scaled, unscaled
 from ftaudit.cache import SpectrumCache
-from ftaudit.errors import UnsupportedError
 from ftaudit.low_rank import LowRankUpdate, top_left_updated
 from ftaudit.pairing import TensorPair
 from ftaudit.report import MatrixResult
@@ -120,7 +118,7 @@ def analyse_pair(
     found = intruders(base, w0, tuned)
     base_sigma1 = base.S[0].item()
     drift = subspace_drift(base.top(w0, k), tuned.U, k)
-    sigma = _unscaled(found.sigma, exponent, pair.name)
+    sigma = unscaled(found.sigma, exponent, pair.name)
     return MatrixResult(
         name=pair.name,
         kind=pair.kind,
@@ -139,16 +137,8 @@ def analyse_pair(
             "numerical_rank": numerical_rank(delta_sigma, pair.shape, measured.noise_floor),
             "subspace_drift_deg": drift[-1] if drift else 0.0,
         },
-        intruder_strength=intruder_strength(sigma, found.max_cos, epsilon, _unscaled([base_sigma1], exponent, pair.name)[0]),
+        intruder_strength=intruder_strength(sigma, found.max_cos, epsilon, unscaled([base_sigma1], exponent, pair.name)[0]),
     )
-
-
-def _unscaled(values: list[float], exponent: int, name: str) -> list[float]:
-    """Singular values measured on matrices scaled by 2^exponent, at the matrices' own scale."""
-    try:
-        return [math.ldexp(v, -exponent) for v in values]
-    except OverflowError:
-        raise UnsupportedError(f"matrix {name!r}: its singular values exceed float64's range") from None
 
 
 def _measure_update(
