@@ -79,3 +79,12 @@ def test_fix_scales_the_intruders_of_float64_weights_at_the_edges_of_float64s_ra
     assert change["directions"] == expected["directions"] == [0]
     assert change["sigma_before"] == pytest.approx([s * scale for s in expected["sigma_before"]], rel=1e-9)
     assert torch.allclose(records["scaled"]["fixed"], records["plain"]["fixed"], rtol=1e-9, atol=1e-12)
+
+
+def test_singular_values_beyond_float64s_range_are_a_one_line_error(tmp_path):
+    w0, wt = (w.clamp(-1.0, 1.0) * 1.7e308 for w in f64_pair((48, 32)))
+    write_model(tmp_path / "base", {NAME: w0})
+    write_model(tmp_path / "tuned", {NAME: wt})
+    code, _, stderr = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--no-cache")
+    assert code == 2
+    assert stderr == f"ftaudit: error: matrix {NAME!r}: its singular values exceed float64's range\n"
