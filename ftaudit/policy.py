@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, fields
+import os
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from ftaudit.errors import PolicyError
-from ftaudit.report import LEVELS, Report, Summary, Verdict
+from ftaudit.report import DEFAULT_POLICY, LEVELS, TRIGGERS, AppliedPolicy, Report, Summary, Verdict
+from ftaudit.secrets import mask_shapes
 
 NOT_METRICS = {"intruder_curve", "risk", "update", "by_kind", "by_layer", "heads"}
 METRICS = tuple(f.name for f in fields(Summary) if f.name not in NOT_METRICS)
@@ -27,6 +31,7 @@ class Policy:
     fail_on_nonfinite: bool
     fail_on_missing: bool
     source: str
+    """`default`, or the path given."""
 
 
 def default_text() -> str:
@@ -37,7 +42,7 @@ def load(path: Path | None) -> Policy:
     """The policy at `path` layered over the default one."""
     default = yaml.safe_load(default_text())
     if path is None:
-        return _build(default, "default")
+        return _build(default, DEFAULT_POLICY)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -57,7 +62,8 @@ def load(path: Path | None) -> Policy:
         raise PolicyError(f"{path}: verdict must be a mapping")
     verdict = {**default["verdict"], **(user.get("verdict") or {})}
     merged = {**default, **user, "verdict": verdict}
-    return _build(merged, str(path))
+    # a file named `default` is recorded by a path that cannot be read as the built-in policy
+    return _build(merged, str(path) if str(path) != DEFAULT_POLICY else os.path.join(".", DEFAULT_POLICY))
 
 
 def _build(doc: dict[str, object], source: str) -> Policy:
@@ -87,7 +93,7 @@ def _build(doc: dict[str, object], source: str) -> Policy:
     if not isinstance(verdict, dict):
         raise fail("verdict must be a mapping")
     for key in ("warn_at", "fail_at"):
-        if verdict.get(key) not in ("medium", "high", "never"):
+        if verdict.get(key) not in TRIGGERS:
             raise fail(f"verdict.{key} must be medium, high or never")
     for key in ("fail_on_nonfinite", "fail_on_missing"):
         if not isinstance(verdict.get(key), bool):
@@ -108,7 +114,7 @@ def _build(doc: dict[str, object], source: str) -> Policy:
 
 
 def apply(policy: Policy, report: Report) -> Verdict:
-    """Set the report's risk level and verdict, with every reason that fired."""
+    """Set the report's risk level and verdict, with every reason that fired and the policy that judged it."""
     risk, reasons = "low", []
     for metric, levels in policy.risk.items():
         value = getattr(report.summary, metric)
@@ -136,8 +142,16 @@ def apply(policy: Policy, report: Report) -> Verdict:
         reasons.append(f"{_matrices(missing)} missing on one side or of different shapes")
         if policy.fail_on_missing:
             status = "fail"
-    report.verdict = Verdict(status, reasons)
+    report.verdict = Verdict(status, reasons, applied(policy))
     return report.verdict
+
+
+def applied(policy: Policy) -> AppliedPolicy:
+    """`policy` as a report records it, with a digest of its content so that two reports' policies compare."""
+    content = asdict(policy)
+    source = content.pop("source")
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    return AppliedPolicy(source=mask_shapes(source), digest=digest, **content)
 
 
 def _matrices(n: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from ftaudit.errors import UsageError
@@ -17,6 +17,10 @@ LEVELS = ("low", "medium", "high")
 """Forgetting-risk levels, lowest first."""
 STATUSES = ("pass", "warn", "fail")
 """The verdicts of a report that the policy has judged."""
+DEFAULT_POLICY = "default"
+"""The source of the built-in policy, as a report records it."""
+TRIGGERS = ("medium", "high", "never")
+"""The risk levels at which a policy warns or fails, or never."""
 
 
 @dataclass
@@ -98,9 +102,37 @@ class Summary:
 
 
 @dataclass
+class AppliedPolicy:
+    """The policy that judged a report: where it came from, a digest of its content, and that content."""
+
+    source: str
+    """`default` (DEFAULT_POLICY), or the path given to --policy, anything shaped like a secret masked."""
+    digest: str
+    """The first 12 hex digits of SHA-256 over the content below (keys sorted, compact JSON)."""
+    k: int
+    epsilon: float
+    risk: dict[str, dict[str, float]]
+    warn_at: str
+    fail_at: str
+    fail_on_nonfinite: bool
+    fail_on_missing: bool
+
+    @property
+    def custom(self) -> bool:
+        """Whether a policy file judged the report, not the built-in policy."""
+        return self.source != DEFAULT_POLICY
+
+    def describe(self) -> str:
+        """The policy in a few words: its source and digest."""
+        return f"{self.source} (digest {self.digest})"
+
+
+@dataclass
 class Verdict:
     status: str
     reasons: list[str]
+    policy: AppliedPolicy | None = None
+    """None in a report not yet judged, or written by an ftaudit that did not record it."""
 
 
 @dataclass
@@ -173,19 +205,26 @@ def _not_json(constant: str) -> object:
     raise ValueError(f"{constant} is no JSON number")
 
 
-_VALUES = {("Summary", "risk"): LEVELS, ("Verdict", "status"): STATUSES}
+_VALUES = {("Summary", "risk"): LEVELS, ("Verdict", "status"): STATUSES, ("AppliedPolicy", "warn_at"): TRIGGERS,
+           ("AppliedPolicy", "fail_at"): TRIGGERS}
 """The fields whose strings are one of a few."""
 
 
 def _known(cls: type, data: object) -> dict[str, object]:
     """The fields of `cls` in `data`, each checked against its declared type, down to the items of its lists and
-    objects, and to the values it can take: a later ftaudit may add fields within a schema version, which this one
-    skips."""
+    objects, and to the values it can take; a field whose type is a dataclass is built as one. A later ftaudit may
+    add fields within a schema version, which this one skips."""
     if not isinstance(data, dict):
         raise TypeError(f"{cls.__name__} must be a JSON object, not {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
     for name, value in known.items():
+        nested = _dataclass_in(hints[name])
+        if nested is not None and value is not None:
+            if not isinstance(value, dict):
+                raise TypeError(f"{cls.__name__}.{name} must be a JSON object or null, not {json.dumps(value)[:40]}")
+            known[name] = nested(**_known(nested, value))
+            continue
         if not _has_type(value, hints[name]):
             what = hints[name].__name__ if isinstance(hints[name], type) else hints[name]
             raise TypeError(f"{cls.__name__}.{name} must be {what}, not {json.dumps(value)[:40]}")
@@ -193,6 +232,12 @@ def _known(cls: type, data: object) -> dict[str, object]:
         if allowed is not None and value not in allowed:
             raise TypeError(f"{cls.__name__}.{name} must be one of {', '.join(allowed)}, not {json.dumps(value)[:40]}")
     return known
+
+
+def _dataclass_in(hint: object) -> type | None:
+    """The dataclass among the types of `hint` (`AppliedPolicy | None`), if any."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return next((o for o in options if isinstance(o, type) and is_dataclass(o)), None)
 
 
 def _has_type(value: object, hint: object) -> bool:
