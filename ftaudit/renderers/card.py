@@ -121,7 +121,8 @@ def _norm_phrase(report: Report) -> str:
 
 
 def reproduce_command(report: Report) -> str:
-    """The `ftaudit check` command line that audits the same pair with the same settings."""
+    """The `ftaudit check` command line that audits the same pair with the same settings, under the same policy file
+    (by its path as recorded) when it was not the default."""
     args = ["ftaudit", "check", report.model.id]
     if report.model.revision:
         args += ["--revision", report.model.revision]
@@ -134,6 +135,9 @@ def reproduce_command(report: Report) -> str:
             args += ["--include", item]
     for item in report.settings.exclude:
         args += ["--exclude", item]
+    policy = report.verdict.policy
+    if policy is not None and policy.custom:
+        args += ["--policy", policy.source]
     return " ".join(shlex.quote(a) for a in args)
 
 

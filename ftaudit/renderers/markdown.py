@@ -257,6 +257,7 @@ def base_context(report: Report, top: int = 5) -> dict[str, object]:
         "status": report.verdict.status,
         "emoji": STATUS_EMOJI.get(report.verdict.status, "❔"),
         "risk": report.summary.risk,
+        "policy": report.verdict.policy,
         "eps": format_number(report.settings.epsilon),
         "metrics": summary_metrics(report),
         "worst": worst,

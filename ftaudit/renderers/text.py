@@ -43,10 +43,12 @@ def render(report: Report, top: int = 10) -> str:
     lines += _tensor_notes(report)
     risk = report.summary.risk
     status = report.verdict.status
+    policy = report.verdict.policy
     lines += [
         "",
         "Forgetting risk: " + click.style(risk.upper(), fg=RISK_COLOURS.get(risk), bold=True)
-        + "   Verdict: " + click.style(status.upper(), fg=STATUS_COLOURS.get(status), bold=True),
+        + "   Verdict: " + click.style(status.upper(), fg=STATUS_COLOURS.get(status), bold=True)
+        + (f"   Policy: {policy.describe()}" if policy else ""),
     ]
     lines += [f"  - {reason}" for reason in report.verdict.reasons]
     return "\n".join(lines)
