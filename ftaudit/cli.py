@@ -32,7 +32,7 @@ from ftaudit.renderers import badge, card, heatmap, markdown, text
 from ftaudit.renderers import fix as fix_render
 from ftaudit.report import Report
 from ftaudit.secrets import Redactor
-from ftaudit.shards import Shard, join
+from ftaudit.shards import Shard, join, warn_other_policy
 
 GIB = 1024**3
 T = TypeVar("T")
@@ -345,11 +345,13 @@ def merge_command(
     _run(debug, redactor, lambda: [check_writable(path) for path in outputs.files if path is not None])
     _run(debug, redactor, lambda: _check_github_files(fmt))
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
-    report = _run(debug, redactor, lambda: join([Report.read(path) for path in reports]))
+    shards = _run(debug, redactor, lambda: [Report.read(path) for path in reports])
+    report = _run(debug, redactor, lambda: join(shards))
     _run(debug, redactor, lambda: check_audited(report))
     if push:
         _run(debug, redactor, lambda: _refuse_push(report.model.id, local=report.model.revision is None))
     policy_mod.apply(policy, report)
+    warn_other_policy(shards, policy_mod.applied(policy))
     _emit(report, outputs, token, quiet, debug, redactor)
 
 

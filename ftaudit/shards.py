@@ -8,6 +8,7 @@ aside, which the policy sets afterwards.
 from __future__ import annotations
 
 import heapq
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -16,9 +17,10 @@ from typing import TypeVar
 
 from ftaudit.errors import UsageError
 from ftaudit.layout import matrix_tensor
-from ftaudit.report import Report, TensorIssues
+from ftaudit.report import AppliedPolicy, Report, TensorIssues
 from ftaudit.summary import summarise
 
+log = logging.getLogger("ftaudit")
 T = TypeVar("T")
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -87,6 +89,18 @@ def join(reports: Sequence[Report]) -> Report:
         tensors=tensors,
         matrices=matrices,
     )
+
+
+def warn_other_policy(reports: Sequence[Report], policy: AppliedPolicy) -> None:
+    """Warn when a shard was judged under another policy than `policy`, the merge's: the merge's alone judges the
+    whole, and a policy the shards were given but the merge was not is likely a mistake."""
+    for report in reports:
+        other = report.verdict.policy
+        if other is not None and other.digest != policy.digest:
+            log.warning("shard %s was judged under policy %s, the merge under policy %s: the verdict is the merge's; "
+                        "give merge the shards' --policy to judge the whole as they were", _name(report),
+                        other.describe(), policy.describe())
+            return
 
 
 def _check_shards(reports: Sequence[Report]) -> Report:
