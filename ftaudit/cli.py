@@ -52,8 +52,16 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
         click.echo(redactor("".join(traceback.format_exception(error))), err=True)
     # a library's message can span lines: the contract is one
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    click.echo(f"ftaudit: error: {redactor(one_line)}", err=True)
+    click.echo(_error_line(redactor(one_line)), err=True)
     sys.exit(EXIT_ERROR)
+
+
+def _error_line(message: str) -> str:
+    """An error's one line; with --format github, as warnings are then, a workflow command, which GitHub shows on the
+    run's page (else only the step's log would say why it failed)."""
+    if any(isinstance(h.formatter, _AnnotatedWarnings) for h in logging.getLogger("ftaudit").handlers):
+        return markdown.workflow_error(message)
+    return f"ftaudit: error: {message}"
 
 
 class _AnnotatedWarnings(logging.Formatter):
@@ -434,6 +442,7 @@ def card_group() -> None:
 def card_update(card_file: Path, report_path: Path, badge_link: str | None, heatmap_link: str | None) -> None:
     """Put the audit section into CARD_FILE (a README.md), replacing an earlier one in place."""
     redactor = Redactor.for_token(None)
+    _setup_logging(False, False, False, redactor)
 
     def update() -> None:
         report = Report.read(report_path)

@@ -377,7 +377,7 @@ def test_github_outputs_that_cannot_be_written_are_refused_before_the_audit_and_
                                        "--json", str(report)])
     assert result.exit_code == 2
     assert result.stderr == (
-        f"ftaudit: error: {path}: cannot write GitHub Actions output ({problem.format(missing=missing)})\n")
+        f"::error title=ftaudit could not audit::{path}: cannot write GitHub Actions output ({problem.format(missing=missing)})\n")
     assert not report.exists() and pull_requests(hub_env) == []  # the step failed before anything was done
     merged = CliRunner().invoke(main, ["merge", str(tmp_path / "shard-1.json"), "--format", "github"])
     assert merged.exit_code == 2 and "cannot write GitHub Actions output" in merged.stderr  # before reading reports

@@ -332,6 +332,11 @@ def workflow_warning(message: str) -> str:
     return f"::warning title=ftaudit::{_escape_data(message)}"
 
 
+def workflow_error(message: str) -> str:
+    """An `::error::` workflow command: the run's page shows `message` as the error that stopped ftaudit."""
+    return f"::error title=ftaudit could not audit::{_escape_data(message)}"
+
+
 def _escape_data(text: str) -> str:
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
