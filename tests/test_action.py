@@ -280,6 +280,14 @@ def test_true_false_inputs_are_checked(models, tmp_path, name):
     assert not (tmp_path / "ftaudit-report.json").exists()
 
 
+def test_an_input_in_an_error_cannot_end_the_workflow_command_or_start_another(models, tmp_path):
+    forged = "yes\n::add-mask::everything\r\n100%"
+    context = action_context({"model": str(models[1]), "base": str(models[0]), "cache": forged}, tmp_path)
+    bad = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
+    assert bad.returncode == 2
+    assert bad.stdout == "::error::cache must be true or false, not 'yes%0A::add-mask::everything%0D%0A100%25'\n"
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_on_a_torch_without_cuda_says_why_before_the_audit(models, tmp_path, device):
     if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
