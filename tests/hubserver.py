@@ -7,9 +7,15 @@ errors with the status codes and `X-Error-Code` headers the Hub uses, so the cli
 `HfApi.create_commit` works too: `POST /api/validate-yaml`, `POST /api/models/{repo}/preupload/{rev}` (every file is
 told to go as a "regular" upload, inline in the commit, so no LFS or Xet transfer is needed) and
 `POST /api/models/{repo}/commit/{rev}[?create_pr=1]` (NDJSON: a header, then `file` / `deletedFile` /
-`deletedFolder` lines). A commit moves the branch (412 if `parentCommit` is not its head); with `create_pr` it
-makes the next `refs/pr/N` from `parentCommit` (or the branch head) and answers a `pullRequestUrl`. Both need a token
-added with `write=True` for the repo: no token gets 401, any other token 403. Every request is logged,
+`deletedFolder` lines). A commit moves the branch, or a pull request's `refs/pr/N` (412 if `parentCommit` is not
+its head); with `create_pr` it opens pull request N, titled by the commit's summary and authored by the token's user,
+on a new `refs/pr/N` from `parentCommit` (or the branch head), and answers a `pullRequestUrl`. Both need a token
+added with `write=True` for the repo: no token gets 401, any other token 403.
+
+Discussions and pull requests share one numbering per repo: `GET /api/models/{repo}/discussions` lists them newest
+first, a page at a time (`type`, `status` and `author` filter them, `p` is the page), `POST .../discussions/{num}/status`
+closes or reopens one (the repo's writers and its author may) and `POST .../discussions/{num}/merge` merges a pull
+request into its branch (writers only). `GET /api/whoami-v2` names the token's user. Every request is logged,
 and faults (ignored ranges, error statuses, connections dropped mid-body, delays) can be injected at runtime.
 
 With `redirect_lfs` set, LFS files (weights) are answered like the Hub does: a 302 carrying the file's metadata
@@ -44,6 +50,8 @@ _RESOLVE_PATH = re.compile(r"/(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/
 _REFS_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/refs")
 _WRITE_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<action>preupload|commit)/(?P<rev>[^/]+)")
 _PR_REF = re.compile(r"refs/pr/(\d+)")
+_DISCUSSIONS_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/discussions")
+_DISCUSSION_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/discussions/(?P<num>\d+)/(?P<action>status|merge)")
 _CDN_PATH = re.compile(r"/lfs/(?P<sha256>[0-9a-f]{64})")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$", re.DOTALL | re.MULTILINE)
@@ -80,18 +88,39 @@ class _Commit:
 
 
 @dataclass
+class _Discussion:
+    num: int
+    title: str
+    author: str
+    created: str
+    target: str | None  # the branch a pull request is against; None for a discussion
+    status: str = "open"  # open, closed, or (a pull request) merged
+
+    @property
+    def is_pull_request(self) -> bool:
+        return self.target is not None
+
+
+@dataclass
 class _Repo:
     private: bool
     gated: bool
     created: str
-    branches: dict[str, str] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)  # pull requests' refs/pr/N too
     commits: dict[str, _Commit] = field(default_factory=dict)
+    discussions: dict[int, _Discussion] = field(default_factory=dict)
+
+    def next_number(self) -> int:
+        """The number of the next discussion or pull request."""
+        prs = (int(m[1]) for name in self.branches if (m := _PR_REF.fullmatch(name)))
+        return 1 + max([*self.discussions, *prs], default=0)
 
 
 @dataclass(frozen=True)
 class _Grant:
     repos: frozenset[str]  # private and gated repos the token may read (and, with `write`, commit to)
     write: bool
+    user: str
 
 
 @dataclass
@@ -119,8 +148,8 @@ class HubServer:
     """A fake Hugging Face Hub: add repos and tokens, point huggingface_hub at `url` (`endpoint=server.url`).
 
     Runtime knobs (thread-safe): `ignore_range` (answer Range GETs with 200 and the whole body), `delay`
-    (seconds slept before answering each request), `redirect_lfs` (see the module docstring),
-    `fail_next`, `drop_next` and `stall_next`.
+    (seconds slept before answering each request), `redirect_lfs` (see the module docstring), `page_size`
+    (discussions listed a page), `fail_next`, `drop_next` and `stall_next`.
     """
 
     def __init__(self) -> None:
@@ -128,6 +157,7 @@ class HubServer:
         self.ignore_range = False
         self.delay = 0.0
         self.redirect_lfs = False
+        self.page_size = 50
         self.proxy_auth: str | None = None
         """An Authorization header (such as HTTP Basic credentials) that a proxy in front would take: sent with no
         token, it reads as anonymous."""
@@ -194,13 +224,22 @@ class HubServer:
             repo.private, repo.gated = private, gated
             return self._store(repo_id, repo, revision_name, blobs, repo.branches.get(revision_name), card_data)
 
-    def add_token(self, token: str, repos: Iterable[str] = (), *, write: bool = False) -> None:
+    def add_token(self, token: str, repos: Iterable[str] = (), *, write: bool = False, user: str = "user") -> None:
         """Make `token` valid (`Authorization: Bearer <token>`), granting it the private and gated `repos`.
 
-        With `write`, the token may also commit to `repos` and open pull requests on them.
+        With `write`, the token may also commit to `repos` and open pull requests on them. `user` owns the token: it
+        is the author of the pull requests the token opens.
         """
         with self._lock:
-            self._tokens[token] = _Grant(frozenset(repos), write)
+            self._tokens[token] = _Grant(frozenset(repos), write, user)
+
+    def add_discussion(self, repo_id: str, title: str, *, author: str = "user") -> int:
+        """Open a discussion (not a pull request) on `repo_id`; return its number."""
+        with self._lock:
+            repo = self._repos[repo_id]
+            num = repo.next_number()
+            repo.discussions[num] = _Discussion(num, title, author, _now(), None)
+            return num
 
     def _store(
         self,
@@ -281,6 +320,14 @@ class HubServer:
                 if match is None or data is None:
                     return _error(404, "Not Found")
                 return self._content(data, headers.get("Range"), {"ETag": f'"{match["sha256"]}"'})
+            if url.path == "/api/whoami-v2":
+                return self._whoami(auth)
+            if match := _DISCUSSIONS_PATH.fullmatch(url.path):
+                repo_id = unquote(match["repo"])
+                repo = self._access(repo_id, auth, files=False)
+                if isinstance(repo, _Response):
+                    return repo
+                return self._discussions(repo_id, repo, parse_qs(url.query))
             if match := _REFS_PATH.fullmatch(url.path):
                 repo_id = unquote(match["repo"])
                 repo = self._access(repo_id, auth, files=False)
@@ -319,27 +366,90 @@ class HubServer:
         self, repo_id: str, authorization: str | None, *, files: bool, write: bool = False
     ) -> _Repo | _Response:
         """The repo if the credentials may read it (its files, with `files`; commit to it, with `write`)."""
-        token = None
-        if authorization is not None and authorization == self.proxy_auth:
-            authorization = None
-        if authorization is not None:
-            token = authorization.removeprefix("Bearer ").strip()
-            if not authorization.startswith("Bearer ") or token not in self._tokens:
-                return _error(401, "Invalid credentials in Authorization header")
-        grant = self._tokens[token] if token is not None else None
+        grant = self._grant(authorization)
+        if isinstance(grant, _Response):
+            return grant
         granted = grant is not None and repo_id in grant.repos
         repo = self._repos.get(repo_id)
         if repo is None or (repo.private and not granted):
-            return _error(401 if token is None else 404, "Repository not found", "RepoNotFound")
+            return _error(401 if grant is None else 404, "Repository not found", "RepoNotFound")
         if files and repo.gated and not granted:
-            if token is None:
+            if grant is None:
                 return _error(401, f"Access to model {repo_id} is restricted. Please log in.", "GatedRepo")
             return _error(403, f"Access to model {repo_id} is restricted: not in the authorized list.", "GatedRepo")
         if write and not (granted and grant is not None and grant.write):
-            if token is None:
+            if grant is None:
                 return _error(401, "You must be authenticated to write to a repository")
             return _error(403, f"You don't have the rights to write to {repo_id}: it needs a token with write access")
         return repo
+
+    def _grant(self, authorization: str | None) -> _Grant | None | _Response:
+        """What the credentials' token may do: None for no token (or the proxy's credentials), 401 for an unknown one."""
+        if authorization is None or authorization == self.proxy_auth:
+            return None
+        token = authorization.removeprefix("Bearer ").strip()
+        if not authorization.startswith("Bearer ") or token not in self._tokens:
+            return _error(401, "Invalid credentials in Authorization header")
+        return self._tokens[token]
+
+    def _whoami(self, authorization: str | None) -> _Response:
+        grant = self._grant(authorization)
+        if not isinstance(grant, _Grant):
+            return _error(401, "Invalid credentials in Authorization header")
+        role = "write" if grant.write else "read"
+        return _json({"type": "user", "name": grant.user,
+                      "auth": {"type": "access_token", "accessToken": {"role": role}}})
+
+    def _discussions(self, repo_id: str, repo: _Repo, query: dict[str, list[str]]) -> _Response:
+        """A page of the repo's discussions and pull requests, newest first, as `GET .../discussions` answers."""
+        kind, status = query.get("type", ["all"])[0], query.get("status", ["all"])[0]
+        author, page = query.get("author", [None])[0], query.get("p", ["0"])[0]
+        if kind not in ("all", "discussion", "pull_request") or status not in ("all", "open", "closed"):
+            return _error(400, f"Invalid filter: type={kind}, status={status}")
+        if not page.isdigit():
+            return _error(400, f"Invalid page: {page}")
+        chosen = [
+            d for d in sorted(repo.discussions.values(), key=lambda d: d.num, reverse=True)
+            if (kind == "all" or (kind == "pull_request") == d.is_pull_request)
+            and (status == "all" or (status == "open") == (d.status == "open"))
+            and (author is None or d.author == author)
+        ]
+        start = int(page) * self.page_size
+        return _json({
+            "discussions": [_discussion(repo_id, d) for d in chosen[start : start + self.page_size]],
+            "count": len(chosen),
+            "start": start,
+            "numClosedDiscussions": sum(d.status != "open" for d in repo.discussions.values()),
+        })
+
+    def _change(self, repo_id: str, num: int, action: str, authorization: str | None, body: bytes) -> _Response:
+        """Close or reopen discussion `num` (`action` "status"), or merge pull request `num` into its branch."""
+        repo = self._access(repo_id, authorization, files=False)
+        if isinstance(repo, _Response):
+            return repo
+        discussion = repo.discussions.get(num)
+        if discussion is None:
+            return _error(404, f"Discussion {num} not found")
+        grant = self._grant(authorization)
+        user = grant.user if isinstance(grant, _Grant) else None
+        writer = isinstance(grant, _Grant) and grant.write and repo_id in grant.repos
+        if not writer and not (action == "status" and user == discussion.author):
+            return _error(401 if user is None else 403, f"You don't have the rights to change discussion {num}")
+        if action == "status":
+            new = json.loads(body or b"{}").get("status")
+            if new not in ("open", "closed") or discussion.status == "merged":
+                return _error(400, f"Cannot set the status of discussion {num} ({discussion.status}) to {new}")
+            discussion.status = new
+            event = {"id": f"{num}-{len(self.requests)}", "type": "status-change", "createdAt": _now(),
+                     "author": {"name": user}, "data": {"status": new}}
+            return _json({"newStatus": event})
+        if discussion.target is None or discussion.status != "open":
+            return _error(400, f"Discussion {num} is not an open pull request")
+        head = repo.commits[repo.branches[f"refs/pr/{num}"]]
+        self._store(repo_id, repo, discussion.target, dict(head.files), repo.branches[discussion.target],
+                    message=f"Merge pull request #{num}")
+        discussion.status = "merged"
+        return _json({})
 
     def _post(self, path: str, query: dict[str, list[str]], authorization: str | None, body: bytes) -> _Response:
         if path == "/api/validate-yaml":
@@ -348,6 +458,8 @@ class HubServer:
             except yaml.YAMLError as e:
                 return _json({"errors": [{"message": f"Invalid YAML: {e}"}], "warnings": []}, status=400)
             return _json({"errors": [], "warnings": []})
+        if match := _DISCUSSION_PATH.fullmatch(path):
+            return self._change(unquote(match["repo"]), int(match["num"]), match["action"], authorization, body)
         match = _WRITE_PATH.fullmatch(path)
         if match is None:
             return _error(404, "Not Found")
@@ -365,10 +477,15 @@ class HubServer:
             ]})
         if revision not in repo.branches:
             return _error(404, f"Invalid rev id: {revision} is not a branch", "RevisionNotFound")
-        return self._commit(repo_id, repo, revision, body, create_pr="create_pr" in query)
+        grant = self._grant(authorization)
+        author = grant.user if isinstance(grant, _Grant) else "user"
+        return self._commit(repo_id, repo, revision, body, create_pr="create_pr" in query, author=author)
 
-    def _commit(self, repo_id: str, repo: _Repo, branch: str, body: bytes, *, create_pr: bool) -> _Response:
-        """Apply an NDJSON commit to `branch`, or to a new pull request against it."""
+    def _commit(
+        self, repo_id: str, repo: _Repo, branch: str, body: bytes, *, create_pr: bool, author: str
+    ) -> _Response:
+        """Apply an NDJSON commit to `branch` (or a pull request's `refs/pr/N`), or to a new pull request by `author`
+        against it."""
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             return _error(400, "The commit must start with a header")
@@ -397,8 +514,9 @@ class HubServer:
                 return _error(400, f"Unsupported commit operation {key} on {value.get('path')}")
         ref = branch
         if create_pr:
-            number = 1 + max((int(m[1]) for name in repo.branches if (m := _PR_REF.fullmatch(name))), default=0)
+            number = repo.next_number()
             ref = f"refs/pr/{number}"
+            repo.discussions[number] = _Discussion(number, header.get("summary", ""), author, _now(), branch)
         sha = self._store(repo_id, repo, ref, files, parent.sha, message=header.get("summary", ""))
         answer = {"success": True, "commitOid": sha, "commitUrl": f"{self.url}/{repo_id}/commit/{sha}"}
         if create_pr:
@@ -548,6 +666,21 @@ def _refs(repo: _Repo, *, include_prs: bool) -> dict[str, Any]:
         else:
             refs["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha})
     return refs
+
+
+def _discussion(repo_id: str, d: _Discussion) -> dict[str, Any]:
+    """A discussion or pull request as `GET /api/models/{repo_id}/discussions` lists it."""
+    return {
+        "num": d.num,
+        "title": d.title,
+        "status": d.status,
+        "isPullRequest": d.is_pull_request,
+        "createdAt": d.created,
+        "author": {"name": d.author, "type": "user"},
+        "repo": {"name": repo_id, "type": "model"},
+        "pinned": False,
+        "numComments": 1,
+    }
 
 
 def _error(status: int, message: str, code: str | None = None) -> _Response:

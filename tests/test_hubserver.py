@@ -399,3 +399,118 @@ def test_invalid_card_metadata_is_refused(hub: HubServer) -> None:
         HfApi(endpoint=hub.url, token="writer").create_commit(
             "org/ft", [add("README.md", b"---\nbase_model: [unclosed\n---\n")], commit_message="x"
         )
+
+
+def test_discussions_and_pull_requests_are_listed_newest_first(hub: HubServer) -> None:
+    hub.add_repo("org/ft", {"README.md": README})
+    hub.add_token("bot", ["org/ft"], write=True, user="ci-bot")
+    hub.add_token("alice", ["org/ft"], write=True, user="alice")
+    bot, alice = HfApi(endpoint=hub.url, token="bot"), HfApi(endpoint=hub.url, token="alice")
+    first = bot.create_commit("org/ft", [add("a.txt", b"a")], commit_message="ftaudit: pass", create_pr=True)
+    question = hub.add_discussion("org/ft", "Which base?", author="alice")
+    second = alice.create_commit("org/ft", [add("b.txt", b"b")], commit_message="Add b", create_pr=True)
+    assert (first.pr_num, question, second.pr_num) == (1, 2, 3)
+
+    listed = list(HfApi(endpoint=hub.url, token=False).get_repo_discussions("org/ft"))
+    assert [(d.num, d.title, d.author, d.status, d.is_pull_request, d.git_reference) for d in listed] == [
+        (3, "Add b", "alice", "open", True, "refs/pr/3"),
+        (2, "Which base?", "alice", "open", False, None),
+        (1, "ftaudit: pass", "ci-bot", "open", True, "refs/pr/1"),
+    ]
+    assert listed[0].url == f"{hub.url}/org/ft/discussions/3" and listed[0].repo_id == "org/ft"
+    assert all(d.created_at.tzinfo is not None for d in listed)
+
+    def nums(**filters: str) -> list[int]:
+        return [d.num for d in bot.get_repo_discussions("org/ft", **filters)]
+
+    assert nums(discussion_type="pull_request") == [3, 1] and nums(discussion_type="discussion") == [2]
+    assert nums(author="ci-bot") == [1] and nums(discussion_type="pull_request", author="alice") == [3]
+    bot.change_discussion_status("org/ft", 3, "closed")
+    assert nums(discussion_status="open") == [2, 1] and nums(discussion_status="closed") == [3]
+    assert [d.status for d in bot.get_repo_discussions("org/ft")] == ["closed", "open", "open"]
+
+
+def test_discussions_are_listed_a_page_at_a_time(hub: HubServer) -> None:
+    hub.add_repo("org/ft", {"README.md": README})
+    for i in range(5):
+        hub.add_discussion("org/ft", f"question {i}")
+    hub.page_size = 2
+    listed = list(HfApi(endpoint=hub.url, token=False).get_repo_discussions("org/ft"))
+    assert [d.title for d in listed] == [f"question {i}" for i in (4, 3, 2, 1, 0)]
+    pages = [r.path for r in hub.requests if "/discussions" in r.path]
+    assert [path.rsplit("p=", 1)[1] for path in pages] == ["0", "1", "2"]
+
+
+def test_discussions_of_a_private_repo_need_its_token(hub: HubServer) -> None:
+    hub.add_repo("org/private", {"README.md": README}, private=True)
+    hub.add_token("reader", ["org/private"])
+    hub.add_discussion("org/private", "hidden")
+    with pytest.raises(RepositoryNotFoundError):
+        list(HfApi(endpoint=hub.url, token=False).get_repo_discussions("org/private"))
+    assert [d.title for d in HfApi(endpoint=hub.url, token="reader").get_repo_discussions("org/private")] == ["hidden"]
+
+
+def test_a_commit_onto_a_pull_request_moves_its_ref(hub: HubServer, tmp_path: Path) -> None:
+    main = hub.add_repo("org/ft", {"README.md": README})
+    hub.add_token("writer", ["org/ft"], write=True)
+    api = HfApi(endpoint=hub.url, token="writer")
+    opened = api.create_commit("org/ft", [add("a.txt", b"1")], commit_message="PR", create_pr=True)
+
+    update = api.create_commit("org/ft", [add("a.txt", b"2")], commit_message="again", revision="refs/pr/1",
+                               parent_commit=opened.oid)
+    assert update.pr_url is None and update.oid != opened.oid
+    refs = api.list_repo_refs("org/ft", include_pull_requests=True)
+    assert [(p.ref, p.target_commit) for p in refs.pull_requests or []] == [("refs/pr/1", update.oid)]
+    assert [b.target_commit for b in refs.branches] == [main]
+    assert download(hub, tmp_path, "org/ft", "a.txt", revision="refs/pr/1") == b"2"
+    assert [d.num for d in api.get_repo_discussions("org/ft")] == [1]  # the same pull request, no new one
+
+    with pytest.raises(HfHubHTTPError) as stale:  # the pull request moved on since opened.oid
+        api.create_commit("org/ft", [add("a.txt", b"3")], commit_message="x", revision="refs/pr/1",
+                          parent_commit=opened.oid)
+    assert stale.value.response.status_code == 412
+    assert api.list_repo_refs("org/ft", include_pull_requests=True).pull_requests[0].target_commit == update.oid
+
+
+def test_whoami_names_the_tokens_user(hub: HubServer) -> None:
+    hub.add_token("bot", write=True, user="ci-bot")
+    hub.add_token("reader")
+    assert HfApi(endpoint=hub.url, token="bot").whoami()["name"] == "ci-bot"
+    assert HfApi(endpoint=hub.url, token="reader").whoami()["auth"]["accessToken"]["role"] == "read"
+    with pytest.raises(HfHubHTTPError) as unknown:
+        HfApi(endpoint=hub.url, token="nobody").whoami()
+    assert unknown.value.response.status_code == 401
+
+
+def test_closing_and_merging_pull_requests(hub: HubServer, tmp_path: Path) -> None:
+    hub.add_repo("org/ft", {"README.md": README, "config.json": b"{}"})
+    hub.add_token("writer", ["org/ft"], write=True, user="owner")
+    hub.add_token("author", ["org/ft"], write=True, user="alice")
+    hub.add_token("reader", ["org/ft"], user="bob")
+    owner, reader = HfApi(endpoint=hub.url, token="writer"), HfApi(endpoint=hub.url, token="reader")
+    one = owner.create_commit("org/ft", [add("a.txt", b"a")], commit_message="one", create_pr=True)
+    two = HfApi(endpoint=hub.url, token="author").create_commit(
+        "org/ft", [add("b.txt", b"b")], commit_message="two", create_pr=True)
+    hub.add_token("author", ["org/ft"], user="alice")  # no longer a writer: may still close its own pull request
+
+    for denied in (lambda: reader.change_discussion_status("org/ft", 1, "closed"),
+                   lambda: reader.merge_pull_request("org/ft", 1),
+                   lambda: HfApi(endpoint=hub.url, token="author").merge_pull_request("org/ft", 2)):
+        with pytest.raises(HfHubHTTPError) as refused:
+            denied()
+        assert refused.value.response.status_code == 403
+    event = HfApi(endpoint=hub.url, token="author").change_discussion_status("org/ft", 2, "closed")
+    assert (event.new_status, event.author) == ("closed", "alice")
+
+    owner.merge_pull_request("org/ft", 1)
+    main = owner.model_info("org/ft")
+    assert main.sha not in (one.oid, two.oid) and download(hub, tmp_path, "org/ft", "a.txt", revision=main.sha) == b"a"
+    assert [(d.num, d.status) for d in owner.get_repo_discussions("org/ft")] == [(2, "closed"), (1, "merged")]
+    for again in (lambda: owner.merge_pull_request("org/ft", 1), lambda: owner.merge_pull_request("org/ft", 2),
+                  lambda: owner.change_discussion_status("org/ft", 1, "open")):
+        with pytest.raises(HfHubHTTPError) as refused:
+            again()
+        assert refused.value.response.status_code == 400
+    with pytest.raises(HfHubHTTPError) as missing:
+        owner.change_discussion_status("org/ft", 9, "closed")
+    assert missing.value.response.status_code == 404
