@@ -281,8 +281,8 @@ def _emit(report: Report, outputs: _Outputs, token: str | None, quiet: bool, deb
     if outputs.push or outputs.fmt == "github":
         from ftaudit import publish  # the Hub client: imported only when needed, to keep start-up short
     if outputs.push:
-        url = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=outputs.push_mode))
-        logging.getLogger("ftaudit").info("audit published: %s", url)
+        pushed = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=outputs.push_mode))
+        logging.getLogger("ftaudit").info("%s", pushed)
     if outputs.fmt == "github":
         _run(debug, redactor, lambda: publish.write_github_outputs(report, outputs.json_path))
     if not quiet:

@@ -6,18 +6,15 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import CommitInfo, CommitOperationAdd, GitRefs, HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+from ftaudit import pull_request
 from ftaudit.cardfile import card_data_from_report, update_card
 from ftaudit.errors import AccessError, FtauditError, NetworkError, NotFoundError, UsageError
 from ftaudit.renderers.card import BADGE, BADGE_JSON, HEATMAP, render_card_section, repo_files
@@ -31,12 +28,44 @@ MODES = ("pr", "commit")
 COMMIT_PATH = re.compile(r"/commit/[^/]+$")  # the request that makes the commit or pull request (not preupload)
 
 
-def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: bool = True, heatmap: bool = True) -> str:
-    """Put the audit on the audited Hub repo and return the pull request's URL (mode "pr") or the commit's ("commit").
+@dataclass(frozen=True)
+class Pushed:
+    """What a push did on the Hub: `action` is "opened", "updated" or "unchanged" (a pull request, at `url`), or
+    "committed" (the commit at `url`)."""
+
+    url: str
+    action: str
+
+    def __str__(self) -> str:
+        said = {
+            "opened": "pull request opened",
+            "updated": "pull request updated (the one open for this commit)",
+            "unchanged": "pull request left as it is (the one open for this commit already holds this audit)",
+            "committed": "committed",
+        }
+        return f"{said[self.action]}: {self.url}"
+
+
+@dataclass(frozen=True)
+class _Change:
+    """What a write makes, for the messages of its failures."""
+
+    made: str  # what the Hub may have done when the answer was lost
+    then: str  # what to do then
+    moved: str  # what HTTP 412 means: the commit's parent is no longer the head of its ref
+    create_pr: bool = False  # whether the write opens a pull request
+
+
+def push_card(
+    report: Report, *, token: str | None, mode: str = "pr", badge: bool = True, heatmap: bool = True
+) -> Pushed:
+    """Put the audit on the audited Hub repo: a pull request (mode "pr") or a commit ("commit").
 
     The change is README.md (the card section and front-matter key, through `update_card`; a new card if there is
     none) and the badge and heatmap files under `ftaudit/`, based on the audited commit, which must still be the head
-    of a branch: the pull request targets that branch, or the commit goes onto it.
+    of a branch: the pull request targets that branch, or the commit goes onto it. A pull request that ftaudit opened
+    for the same commit and that is still open (`pull_request.find`) is updated instead, or left as it is when it
+    already holds the change.
     """
     if mode not in MODES:
         raise UsageError(f"--push-mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -47,31 +76,60 @@ def push_card(report: Report, *, token: str | None, mode: str = "pr", badge: boo
     check_env_token(token)
     bound_session()
     label = f"{repo}@{sha[:12]}"
-    branch = _read(lambda: _branch_at(api, repo, sha), repo, label, "branch list")
-    readme = _read(lambda: _readme(api, repo, sha), repo, label, "README.md")
+
+    def read(fn: Callable[[], T], what: str) -> T:
+        return _read(fn, repo, label, what)
+
+    refs = read(lambda: api.list_repo_refs(repo, include_pull_requests=True), "branch list")
+    branch = _branch_at(refs, repo, sha)
     files = repo_files(report, [*([BADGE, BADGE_JSON] if badge else []), *([HEATMAP] if heatmap else [])])
     section = render_card_section(
         report, badge_path=BADGE if badge else None, heatmap_path=HEATMAP if heatmap else None
     )
-    files["README.md"] = update_card(readme, section, card_data_from_report(report))
-    info = _write(
+    data = card_data_from_report(report)
+    heads = {pr.ref: pr.target_commit for pr in refs.pull_requests or []}
+    own = pull_request.find(api, repo, sha, heads, read) if mode == "pr" else None
+    if own is None:
+        files["README.md"] = update_card(read(lambda: _readme(api, repo, sha), "README.md"), section, data)
+        info = _commit(api, report, files, branch, sha, _OPENING if mode == "pr" else _COMMITTING)
+        return Pushed(info.pr_url or info.commit_url, "opened" if mode == "pr" else "committed")
+    files["README.md"] = update_card(own.readme, section, data)  # edits made in the pull request stay
+    if pull_request.holds(api, repo, own, files, report.created_at, read):
+        return Pushed(own.url, "unchanged")
+    _commit(api, report, files, own.ref, own.head, _Change(
+        f"updated pull request #{own.num}", "push again, which leaves it as it is if it holds the change",
+        f"pull request #{own.num} changed while the card was pushed: push again"))
+    return Pushed(own.url, "updated")
+
+
+_OPENING = _Change(
+    "opened the pull request", "push again, which finds it rather than opening another",
+    "the branch moved on while the card was pushed: audit the new revision, then push", create_pr=True)
+_COMMITTING = _Change(
+    "made it", "look at the repo's commits before pushing again (a second push could make a duplicate)",
+    _OPENING.moved)
+
+
+def _commit(api: HfApi, report: Report, files: dict[str, str], revision: str, parent: str, change: _Change) -> CommitInfo:
+    """Commit `files` onto `revision` (a branch, or a pull request's ref) whose head is `parent`, or open a pull request
+    against it (`change.create_pr`)."""
+    return _write(
         lambda: api.create_commit(
-            repo,
+            report.model.id,
             [CommitOperationAdd(path, text.encode()) for path, text in files.items()],
-            commit_message=f"ftaudit: {status_headline(report)}",
+            commit_message=f"{pull_request.TITLE}{status_headline(report)}",
             commit_description=(
-                f"Fine-tuning audit of {sha} against {mask_shapes(report.base.id)}, "
+                f"Fine-tuning audit of {report.model.revision} against {mask_shapes(report.base.id)}, "
                 f"by ftaudit {report.tool.get('version', '')}: "
                 "the ftaudit section and metadata of the model card, its badge and heatmap."
             ),
-            revision=branch,
-            create_pr=mode == "pr",
-            parent_commit=sha,
+            revision=revision,
+            create_pr=change.create_pr,
+            parent_commit=parent,
         ),
-        repo,
-        mode,
+        report.model.id,
+        change,
     )
-    return info.pr_url or info.commit_url
 
 
 def write_github_outputs(report: Report, report_path: Path | None, env: Mapping[str, str] = os.environ) -> None:
@@ -105,9 +163,9 @@ def _append(path: str, text: str) -> None:
         raise UsageError(f"{path}: cannot write GitHub Actions output ({e.strerror})") from None
 
 
-def _branch_at(api: HfApi, repo: str, sha: str) -> str:
+def _branch_at(refs: GitRefs, repo: str, sha: str) -> str:
     """The branch whose head is the audited commit (main if several are)."""
-    heads = [b.name for b in api.list_repo_refs(repo).branches if b.target_commit == sha]
+    heads = [b.name for b in refs.branches if b.target_commit == sha]
     if not heads:
         raise UsageError(
             f"{repo}: the audited commit {sha[:12]} is not the head of any branch (it has moved on since): "
@@ -119,12 +177,9 @@ def _branch_at(api: HfApi, repo: str, sha: str) -> str:
 def _readme(api: HfApi, repo: str, sha: str) -> str:
     """README.md at the audited commit, line endings untouched (text mode would turn CRLF into LF on every line);
     empty when the repo has none."""
+    data = pull_request.file_at(api, repo, "README.md", sha)
     try:
-        path = api.hf_hub_download(repo, "README.md", revision=sha)
-    except RemoteEntryNotFoundError:
-        return ""
-    try:
-        return Path(path).read_bytes().decode("utf-8")
+        return "" if data is None else data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{repo}/README.md: the card is not UTF-8 text") from None
 
@@ -135,7 +190,7 @@ def _read(fn: Callable[[], T], repo: str, label: str, what: str) -> T:
     return with_retries(fn, label, what, lambda e: _error(e, repo, writing=False))
 
 
-def _write(fn: Callable[[], T], repo: str, mode: str) -> T:
+def _write(fn: Callable[[], T], repo: str, change: _Change) -> T:
     """Make the commit or pull request, once: a retry after a lost answer could make a second one. A failure says
     whether anything was written, where that can be known."""
     try:
@@ -144,6 +199,8 @@ def _write(fn: Callable[[], T], repo: str, mode: str) -> T:
         raise
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
+        if status == 412:
+            raise NetworkError(f"{repo}: {change.moved}") from None
         if status is None or status < 500:
             raise _error(e, repo, writing=True) from None
         failure, sent = f"HTTP {status}", _sent_commit(e)
@@ -154,10 +211,9 @@ def _write(fn: Callable[[], T], repo: str, mode: str) -> T:
         raise UsageError(f"{repo}: {e}") from None
     if not sent:
         raise NetworkError(f"{repo}: the push failed ({failure}); nothing was written: run again later")
-    where = "pull requests" if mode == "pr" else "commits"
     raise NetworkError(
-        f"{repo}: the push failed ({failure}) after the change was sent, so the Hub may have made it: look at the "
-        f"repo's {where} before pushing again (a second push could make a duplicate)"
+        f"{repo}: the push failed ({failure}) after the change was sent, so the Hub may have {change.made}: "
+        f"{change.then}"
     )
 
 
@@ -184,8 +240,6 @@ def _error(e: HfHubHTTPError, repo: str, writing: bool) -> FtauditError:
         return NotFoundError(f"{repo}: no such model repository on {endpoint()}, or the token cannot read it")
     if status in (401, 403):
         return AccessError(f"{repo}: the token may not read this repository (HTTP {status})")
-    if status == 412:
-        return NetworkError(f"{repo}: the branch moved on while the card was pushed: audit the new revision, then push")
     if writing:
         return NetworkError(f"{repo}: the Hub refused the change (HTTP {status}); nothing was written")
     return NetworkError(f"{repo}: the Hub answered HTTP {status}")

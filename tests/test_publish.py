@@ -6,21 +6,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from huggingface_hub import HfApi, close_session
+from huggingface_hub import CommitOperationAdd, HfApi, close_session
 
 from ftaudit import frontmatter, policy
 from ftaudit import publish as publish_module
 from ftaudit.audit import AuditOptions
-from ftaudit.cardfile import card_data_from_report
+from ftaudit.cardfile import card_data_from_report, update_card
 from ftaudit.check import Target, check
 from ftaudit.cli import main
 from ftaudit.errors import AccessError, FtauditError, UsageError
 from ftaudit.publish import push_card, write_github_outputs
 from ftaudit.renderers.badge import render_badge_svg, shields_endpoint
+from ftaudit.renderers.card import render_card_section
 from ftaudit.renderers.heatmap import render_heatmap_svg
 from ftaudit.renderers.markdown import render_job_summary
 from ftaudit.report import Report
@@ -29,6 +31,7 @@ from tests.models import card, folder_files, llama_like, low_rank_update, small_
 
 TOKEN = "hf_WrItEtOkEn1234567890abcdef"
 READ_TOKEN = "hf_ReAdOnLyToKeN1234567890abcd"
+ALICE = "hf_AlIcEsToKeN1234567890abcdefg"  # a person's, with write access too
 BEGIN, END = "<!-- ftaudit:begin -->", "<!-- ftaudit:end -->"
 BODY = "# A model\n\nSome text.\n"
 
@@ -43,9 +46,10 @@ def fresh_client() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def tokens(hub_env: HubServer) -> None:
-    """A write token and a read-only token for org/tuned."""
-    hub_env.add_token(TOKEN, ["org/tuned"], write=True)
-    hub_env.add_token(READ_TOKEN, ["org/tuned"])
+    """Write tokens of the CI's user and of a person, and a read-only token, for org/tuned."""
+    hub_env.add_token(TOKEN, ["org/tuned"], write=True, user="ci-bot")
+    hub_env.add_token(ALICE, ["org/tuned"], write=True, user="alice")
+    hub_env.add_token(READ_TOKEN, ["org/tuned"], user="ci-bot")
 
 
 def publish(
@@ -86,8 +90,8 @@ def test_push_opens_a_pull_request_with_the_card_badge_and_heatmap(hub_env, tmp_
     report = audit()
     assert report.model.revision == sha and report.verdict.status == "fail"
 
-    url = push_card(report, token=TOKEN)
-    assert url == f"{hub_env.url}/org/tuned/discussions/1"
+    pushed = push_card(report, token=TOKEN)
+    assert (pushed.url, pushed.action) == (f"{hub_env.url}/org/tuned/discussions/1", "opened")
     api = HfApi(endpoint=hub_env.url, token=TOKEN)
     assert api.model_info("org/tuned").sha == sha  # main is unchanged
     pr = api.list_repo_refs("org/tuned", include_pull_requests=True).pull_requests or []
@@ -111,9 +115,9 @@ def test_push_opens_a_pull_request_with_the_card_badge_and_heatmap(hub_env, tmp_
 
 def test_commit_mode_changes_main_and_a_second_push_replaces_the_section(hub_env, tmp_path):
     first_sha = publish(hub_env, tmp_path)
-    url = push_card(audit(), token=TOKEN, mode="commit")
+    pushed = push_card(audit(), token=TOKEN, mode="commit")
     main = HfApi(endpoint=hub_env.url, token=TOKEN).model_info("org/tuned").sha
-    assert main != first_sha and url == f"{hub_env.url}/org/tuned/commit/{main}"
+    assert main != first_sha and (pushed.url, pushed.action) == (f"{hub_env.url}/org/tuned/commit/{main}", "committed")
     first = read(hub_env, "README.md")
     assert "ftaudit/badge.svg" in files(hub_env, "main")
 
@@ -242,7 +246,7 @@ def test_the_push_retries_its_reads(hub_env, tmp_path, status, method, path):
     report = audit()
     start = len(hub_env.requests)
     hub_env.fail_next(3, status=status, path_contains=path, method=method)  # more than huggingface_hub retries
-    assert push_card(report, token=TOKEN) == f"{hub_env.url}/org/tuned/discussions/1"
+    assert push_card(report, token=TOKEN).url == f"{hub_env.url}/org/tuned/discussions/1"
     assert requests_to(hub_env, start, method, path) == [status] * 3 + [200]
     assert pull_requests(hub_env) == ["refs/pr/1"]
     assert section(read(hub_env, "README.md", "refs/pr/1")) and read(hub_env, "README.md", sha) == card(
@@ -270,7 +274,11 @@ def test_the_write_is_not_retried_and_its_failure_says_what_was_written(hub_env,
     sha = publish(hub_env, tmp_path)
     report = audit()
     api = HfApi(endpoint=hub_env.url, token=TOKEN)
-    where = "pull requests" if mode == "pr" else "commits"
+    then = {
+        "pr": "so the Hub may have opened the pull request: push again, which finds it rather than opening another",
+        "commit": "so the Hub may have made it: look at the repo's commits before pushing again (a second push could "
+                  "make a duplicate)",
+    }[mode]
 
     start = len(hub_env.requests)
     hub_env.fail_next(1, status=429, path_contains="/commit/", method="POST")  # refused: nothing written
@@ -287,20 +295,19 @@ def test_the_write_is_not_retried_and_its_failure_says_what_was_written(hub_env,
     hub_env.fail_next(1, status=503, path_contains="/commit/", method="POST")  # sent, then failed: cannot be told
     with pytest.raises(FtauditError) as unknown:
         push_card(report, token=TOKEN, mode=mode)
-    assert str(unknown.value) == (
-        f"org/tuned: the push failed (HTTP 503) after the change was sent, so the Hub may have made it: look at the "
-        f"repo's {where} before pushing again (a second push could make a duplicate)"
-    )
+    assert str(unknown.value) == f"org/tuned: the push failed (HTTP 503) after the change was sent, {then}"
     assert requests_to(hub_env, start, "POST", "/commit/") == [429, 503]
 
     hub_env.drop_next(1, path_contains="/commit/", method="POST")  # made, but the answer was lost
-    with pytest.raises(FtauditError, match=f"after the change was sent, so the Hub may have made it: look at the "
-                       f"repo's {where}") as lost:
+    with pytest.raises(FtauditError) as lost:
         push_card(report, token=TOKEN, mode=mode)
+    assert str(lost.value).endswith(f"after the change was sent, {then}")
     assert TOKEN not in str(lost.value) and "\n" not in str(lost.value)
     assert requests_to(hub_env, start, "POST", "/commit/") == [429, 503, 200]  # one write, not retried
     if mode == "pr":
         assert pull_requests(hub_env) == ["refs/pr/1"] and api.model_info("org/tuned").sha == sha
+        assert push_card(report, token=TOKEN).action == "unchanged"  # as the message says: pushing again finds it
+        assert pull_requests(hub_env) == ["refs/pr/1"] and requests_to(hub_env, start, "POST", "/commit/")[3:] == []
     else:
         assert pull_requests(hub_env) == [] and api.model_info("org/tuned").sha != sha
 
@@ -316,7 +323,7 @@ def test_a_failed_write_to_a_branch_with_a_slash_is_known_to_have_been_sent(hub_
     with pytest.raises(FtauditError) as unknown:
         push_card(report, token=TOKEN)
     assert requests_to(hub_env, start, "POST", "/commit/") == [503]
-    assert "after the change was sent, so the Hub may have made it" in str(unknown.value)
+    assert "after the change was sent, so the Hub may have opened" in str(unknown.value)
 
 
 def test_a_redirect_loop_answering_the_write_is_a_failure_that_may_have_written(hub_env, tmp_path):
@@ -328,7 +335,7 @@ def test_a_redirect_loop_answering_the_write_is_a_failure_that_may_have_written(
         push_card(report, token=TOKEN)
     assert str(unknown.value).startswith(
         "org/tuned: the push failed (TooManyRedirects from http://127.0.0.1:"
-    ) and "after the change was sent, so the Hub may have made it" in str(unknown.value)
+    ) and "after the change was sent, so the Hub may have opened" in str(unknown.value)
 
 
 def test_a_stalled_server_times_out_instead_of_holding_the_push(hub_env, tmp_path, monkeypatch):
@@ -414,5 +421,129 @@ def test_the_timeout_holds_for_the_client_huggingface_hub_rebuilds(hub_env, tmp_
     monkeypatch.setattr(publish_module, "_readme", then_reconnect)
     hub_env.stall_next(1, 5.0, "/preupload/", method="POST")
     start = time.monotonic()
-    assert push_card(report, token=TOKEN) == f"{hub_env.url}/org/tuned/discussions/1"  # huggingface_hub retried it
+    assert push_card(report, token=TOKEN).url == f"{hub_env.url}/org/tuned/discussions/1"  # huggingface_hub retried
     assert time.monotonic() - start < 3.0
+
+
+def open_pull_requests(hub: HubServer) -> list[tuple[int, str]]:
+    """The number and author of each open pull request on org/tuned, newest first."""
+    listed = HfApi(endpoint=hub.url, token=TOKEN).get_repo_discussions(
+        "org/tuned", discussion_type="pull_request", discussion_status="open")
+    return [(pr.num, pr.author) for pr in listed]
+
+
+def pr_heads(hub: HubServer) -> dict[str, str]:
+    refs = HfApi(endpoint=hub.url, token=TOKEN).list_repo_refs("org/tuned", include_pull_requests=True)
+    return {pr.ref: pr.target_commit for pr in refs.pull_requests or []}
+
+
+def test_pushing_again_on_the_same_commit_leaves_its_pull_request_as_it_is(hub_env, tmp_path):
+    sha = publish(hub_env, tmp_path)
+    report = audit()
+    first = push_card(report, token=TOKEN)
+    heads = pr_heads(hub_env)
+    start = len(hub_env.requests)
+    rerun = replace(audit(), created_at="2031-02-03T04:05:06+00:00")  # the job run again: the same audit, later
+    again = push_card(rerun, token=TOKEN)
+    assert open_pull_requests(hub_env) == [(1, "ci-bot")] and pr_heads(hub_env) == heads
+    assert requests_to(hub_env, start, "POST", "/commit/") == []
+    assert (again.url, again.action) == (first.url, "unchanged")
+    assert f"audited {report.created_at}" in read(hub_env, "README.md", "refs/pr/1")
+    assert HfApi(endpoint=hub_env.url).model_info("org/tuned").sha == sha
+
+
+def test_a_new_audit_of_the_same_commit_updates_its_pull_request(hub_env, tmp_path):
+    sha = publish(hub_env, tmp_path)
+    first = push_card(audit(), token=TOKEN)
+    edited = read(hub_env, "README.md", "refs/pr/1").replace("Some text.", "Some better text.")
+    HfApi(endpoint=hub_env.url, token=ALICE).create_commit(  # a reviewer's edit in the pull request
+        "org/tuned", [CommitOperationAdd("README.md", edited.encode())], commit_message="Reword",
+        revision="refs/pr/1")
+    edited_head = pr_heads(hub_env)["refs/pr/1"]
+    stricter = check(Target("org/tuned"), AuditOptions(device="cpu", epsilon=0.3), policy.load(None))
+
+    pushed = push_card(stricter, token=TOKEN)
+    assert open_pull_requests(hub_env) == [(1, "ci-bot")] and pr_heads(hub_env)["refs/pr/1"] != edited_head
+    assert (pushed.url, pushed.action) == (first.url, "updated")
+    readme = read(hub_env, "README.md", "refs/pr/1")
+    assert frontmatter.read(readme)["ftaudit"] == card_data_from_report(stricter)
+    assert "ε = 0.3" in section(readme) and "Some better text." in readme  # the reviewer's edit stays
+    assert read(hub_env, "ftaudit/heatmap.svg", "refs/pr/1") == render_heatmap_svg(stricter)
+    assert read(hub_env, "ftaudit/badge.svg", "refs/pr/1") == render_badge_svg(stricter)
+    assert HfApi(endpoint=hub_env.url).model_info("org/tuned").sha == sha
+    assert push_card(stricter, token=TOKEN).action == "unchanged"
+
+
+@pytest.mark.parametrize("other", ["opened by a person", "titled by a person", "of an older commit", "closed",
+                                   "merged"])
+def test_a_pull_request_that_is_not_the_open_one_ftaudit_made_for_the_commit_is_left_alone(hub_env, tmp_path, other):
+    publish(hub_env, tmp_path)
+    report = audit()
+    if other == "opened by a person":  # ftaudit's pull request for this commit, but a person's: alice ran it
+        push_card(report, token=ALICE)
+    elif other == "titled by a person":  # ftaudit's change, but a pull request the CI's user opened by hand
+        readme = update_card(card("org/base", tags=["lora"]), render_card_section(report),
+                             card_data_from_report(report))
+        HfApi(endpoint=hub_env.url, token=TOKEN).create_commit(
+            "org/tuned", [CommitOperationAdd("README.md", readme.encode())], commit_message="Add the audit",
+            create_pr=True)
+    elif other == "of an older commit":
+        push_card(report, token=TOKEN)
+        hub_env.add_repo("org/tuned", {**folder_files(tmp_path / "tuned"), "notes.txt": b"v2"})
+        report = audit()
+    elif other == "closed":
+        push_card(report, token=TOKEN)
+        HfApi(endpoint=hub_env.url, token=TOKEN).change_discussion_status("org/tuned", 1, "closed")
+    else:  # merged into main; the audited commit is still the head of release
+        hub_env.add_repo("org/tuned", folder_files(tmp_path / "tuned"), revision_name="release")
+        push_card(report, token=TOKEN)
+        HfApi(endpoint=hub_env.url, token=TOKEN).merge_pull_request("org/tuned", 1)
+    heads = pr_heads(hub_env)
+
+    pushed = push_card(report, token=TOKEN)
+    assert (pushed.url, pushed.action) == (f"{hub_env.url}/org/tuned/discussions/2", "opened")
+    assert pr_heads(hub_env) == {**heads, "refs/pr/2": pr_heads(hub_env)["refs/pr/2"]}  # #1 as it was
+    assert open_pull_requests(hub_env)[0] == (2, "ci-bot")
+    assert frontmatter.read(read(hub_env, "README.md", "refs/pr/2"))["ftaudit"] == card_data_from_report(report)
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/discussions"), ("GET", "/whoami-v2"),
+                                              ("GET", "/resolve/"), ("HEAD", "/resolve/")])
+def test_pushing_again_retries_the_reads_that_find_the_pull_request(hub_env, tmp_path, method, path):
+    publish(hub_env, tmp_path)
+    report = audit()
+    push_card(report, token=TOKEN)
+    start = len(hub_env.requests)
+    hub_env.fail_next(3, status=503, path_contains=path, method=method)
+    assert push_card(report, token=TOKEN).action == "unchanged"
+    assert requests_to(hub_env, start, method, path)[:4] == [503] * 3 + [200]
+    assert open_pull_requests(hub_env) == [(1, "ci-bot")]
+
+
+def test_the_update_of_a_pull_request_is_not_retried(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    push_card(audit(), token=TOKEN)
+    stricter = check(Target("org/tuned"), AuditOptions(device="cpu", epsilon=0.3), policy.load(None))
+    start = len(hub_env.requests)
+    hub_env.fail_next(1, status=503, path_contains="/commit/refs%2Fpr%2F1", method="POST")
+    with pytest.raises(FtauditError) as unknown:
+        push_card(stricter, token=TOKEN)
+    assert str(unknown.value) == (
+        "org/tuned: the push failed (HTTP 503) after the change was sent, so the Hub may have updated pull request #1: "
+        "push again, which leaves it as it is if it holds the change"
+    )
+    assert requests_to(hub_env, start, "POST", "/commit/") == [503]
+    assert push_card(stricter, token=TOKEN).action == "updated" and open_pull_requests(hub_env) == [(1, "ci-bot")]
+
+
+def test_the_command_says_what_the_push_did(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    url = f"{hub_env.url}/org/tuned/discussions/1"
+    said = []
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["check", "org/tuned", "--push", "--token", TOKEN])
+        assert result.exit_code == 1, result.stderr
+        said.append(result.stderr.splitlines()[-1])
+    assert said == [f"ftaudit: INFO: pull request opened: {url}", "ftaudit: INFO: pull request left as it is (the one "
+                    f"open for this commit already holds this audit): {url}"]
+    assert open_pull_requests(hub_env) == [(1, "ci-bot")]
