@@ -258,7 +258,7 @@ class _Outputs:
 
 def _check_github_files(fmt: str) -> None:
     """With --format github, the files GitHub Actions names for the outputs and the job summary, checked before the
-    work as the output files are: a failure to write them after a push would fail the step that made it."""
+    work as the output files are: a runner that cannot take them fails the step before the audit, not after it."""
     if fmt != "github":
         return
     for name in ("GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY"):
@@ -267,7 +267,8 @@ def _check_github_files(fmt: str) -> None:
 
 
 def _emit(report: Report, outputs: _Outputs, token: str | None, quiet: bool, debug: bool, redactor: Redactor) -> None:
-    """Write, push and print the judged report as `outputs` say, then exit with its verdict's code."""
+    """Write, print and push the judged report as `outputs` say, then exit with its verdict's code. The push comes
+    last: when it fails (exit code 2), the files, the GitHub outputs and job summary and stdout have the verdict."""
     json_path = outputs.json_path
     if json_path is not None:
         _run(debug, redactor, lambda: report.write(json_path))
@@ -280,13 +281,13 @@ def _emit(report: Report, outputs: _Outputs, token: str | None, quiet: bool, deb
             _run(debug, redactor, lambda: write_text(path, make()))
     if outputs.push or outputs.fmt == "github":
         from ftaudit import publish  # the Hub client: imported only when needed, to keep start-up short
-    if outputs.push:
-        pushed = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=outputs.push_mode))
-        logging.getLogger("ftaudit").info("%s", pushed)
     if outputs.fmt == "github":
         _run(debug, redactor, lambda: publish.write_github_outputs(report, outputs.json_path))
     if not quiet:
         click.echo(redactor(_stdout(report, outputs.fmt)))
+    if outputs.push:
+        pushed = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=outputs.push_mode))
+        logging.getLogger("ftaudit").info("%s", pushed)
     sys.exit(EXIT_FAIL if report.verdict.status == "fail" else EXIT_PASS)
 
 

@@ -547,3 +547,31 @@ def test_the_command_says_what_the_push_did(hub_env, tmp_path):
     assert said == [f"ftaudit: INFO: pull request opened: {url}", "ftaudit: INFO: pull request left as it is (the one "
                     f"open for this commit already holds this audit): {url}"]
     assert open_pull_requests(hub_env) == [(1, "ci-bot")]
+
+
+@pytest.mark.parametrize("failure", ["read-only token", "card not YAML"])
+def test_a_failed_push_leaves_the_verdict_in_the_job_summary_outputs_and_log(hub_env, tmp_path, monkeypatch, failure):
+    base = llama_like()
+    hub_env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    readme = card("org/base") if failure == "read-only token" else "---\nbase_model: org/base\ntags: [lora\n---\n# A\n"
+    tuned = write_model(tmp_path / "tuned", low_rank_update(base), readme=readme)
+    hub_env.add_repo("org/tuned", folder_files(tuned), card_data={})
+    outputs, summary, path = tmp_path / "output", tmp_path / "summary", tmp_path / "r.json"
+    monkeypatch.setenv("GITHUB_OUTPUT", str(outputs))
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    result = CliRunner().invoke(main, ["check", "org/tuned", "--base", "org/base", "--push", "--format", "github",
+                                       "--json", str(path),
+                                       "--token", READ_TOKEN if failure == "read-only token" else TOKEN])
+
+    assert result.exit_code == 2  # the push failed
+    assert result.stderr.splitlines()[-1] == "ftaudit: error: " + (
+        "org/tuned: the Hub refused the change (HTTP 403): --push needs a token with WRITE access to org/tuned (a "
+        "fine-grained token with write permission on the repo, or a token with the write role)"
+        if failure == "read-only token" else
+        "the card's front matter is not valid YAML (while parsing a flow sequence): fix it first")
+    report = Report.read(path)
+    assert report.verdict.status == "fail" and pull_requests(hub_env) == []
+    assert outputs.read_text() == (f"status=fail\nrisk={report.summary.risk}\n"
+                                   f"intruders={report.summary.intruder_dimensions}\nreport={path}\n")
+    assert summary.read_text() == render_job_summary(report).rstrip("\n") + "\n"
+    assert result.stdout.startswith("::error")  # the verdict's annotations
