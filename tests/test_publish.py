@@ -575,3 +575,14 @@ def test_a_failed_push_leaves_the_verdict_in_the_job_summary_outputs_and_log(hub
                                    f"intruders={report.summary.intruder_dimensions}\nreport={path}\n")
     assert summary.read_text() == render_job_summary(report).rstrip("\n") + "\n"
     assert result.stdout.startswith("::error")  # the verdict's annotations
+
+
+def test_without_a_token_the_pull_request_is_not_looked_up_and_the_push_is_refused(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    report = audit()
+    push_card(report, token=TOKEN)
+    heads = pr_heads(hub_env)
+    start = len(hub_env.requests)
+    with pytest.raises(AccessError, match="--push needs a token with WRITE access to org/tuned"):
+        push_card(report, token=None)
+    assert requests_to(hub_env, start, "GET", "/whoami-v2") == [] and pr_heads(hub_env) == heads
