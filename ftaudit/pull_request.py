@@ -55,9 +55,10 @@ def find(api: HfApi, repo: str, sha: str, heads: Mapping[str, str], read: Read) 
         return None
     user = read(lambda: api.whoami()["name"], "the token's user")
     for pr in candidates:
-        if pr.author != user:
+        ref = pr.git_reference
+        if pr.author != user or ref is None:
             continue
-        ref, head = pr.git_reference or "", heads[pr.git_reference or ""]
+        head = heads[ref]
         readme = _text(read(lambda: file_at(api, repo, "README.md", head), f"README.md of pull request #{pr.num}"))
         if readme is not None and _audited_revision(readme) == sha:
             return OpenPullRequest(pr.num, pr.url, ref, head, readme)
