@@ -232,7 +232,7 @@ def test_weights_checked_out_without_lfs_say_so(models, tmp_path):
     result = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"::error title=ftaudit could not audit::{weights}: a Git LFS pointer, not the file: fetch the LFS files "
+        f"::error title=ftaudit::{weights}: a Git LFS pointer, not the file: fetch the LFS files "
         "(git lfs pull; in GitHub Actions, actions/checkout with lfs: true)"
     )
 

@@ -125,12 +125,12 @@ def test_with_format_github_an_error_is_a_workflow_command_that_stays_redacted(p
     missing = tmp_path / "100%_hf_InTheEnvironmentAbcdefghijklmn"
     code, stdout, stderr = run("check", pair["full"], "--base", missing, "--format", "github")
     assert code == 2 and stdout == ""
-    assert stderr.startswith("::error title=ftaudit could not audit::") and stderr.count("\n") == 1
+    assert stderr.startswith("::error title=ftaudit::") and stderr.count("\n") == 1
     assert "100%25_***" in stderr and "hf_In" not in stderr
     code, _, plain = run("check", pair["full"], "--base", missing)
     assert code == 2 and plain == "ftaudit: error: " + stderr.split("::", 2)[2].replace("%25", "%")
     code, _, merged = run("merge", tmp_path / "none.json", "--format", "github")
-    assert code == 2 and merged.startswith("::error title=ftaudit could not audit::")
+    assert code == 2 and merged.startswith("::error title=ftaudit::")
     report = tmp_path / "r.json"
     assert run("check", pair["full"], "--format", "github", "--json", report)[0] == 0
     code, _, card = run("card", "update", tmp_path / "README.md", "--report", tmp_path / "none.json")

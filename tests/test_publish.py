@@ -384,7 +384,7 @@ def test_github_outputs_that_cannot_be_written_are_refused_before_the_audit_and_
                                        "--json", str(report)])
     assert result.exit_code == 2
     assert result.stderr == (
-        f"::error title=ftaudit could not audit::{path}: cannot write GitHub Actions output ({problem.format(missing=missing)})\n")
+        f"::error title=ftaudit::{path}: cannot write GitHub Actions output ({problem.format(missing=missing)})\n")
     assert not report.exists() and pull_requests(hub_env) == []  # the step failed before anything was done
     merged = CliRunner().invoke(main, ["merge", str(tmp_path / "shard-1.json"), "--format", "github"])
     assert merged.exit_code == 2 and "cannot write GitHub Actions output" in merged.stderr  # before reading reports
@@ -564,7 +564,7 @@ def test_a_failed_push_leaves_the_verdict_in_the_job_summary_outputs_and_log(hub
                                        "--token", READ_TOKEN if failure == "read-only token" else TOKEN])
 
     assert result.exit_code == 2  # the push failed
-    assert result.stderr.splitlines()[-1] == "ftaudit: error: " + (
+    assert result.stderr.splitlines()[-1] == "::error title=ftaudit::" + (
         "org/tuned: the Hub refused the change (HTTP 403): --push needs a token with WRITE access to org/tuned (a "
         "fine-grained token with write permission on the repo, or a token with the write role)"
         if failure == "read-only token" else

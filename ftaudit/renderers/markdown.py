@@ -334,7 +334,7 @@ def workflow_warning(message: str) -> str:
 
 def workflow_error(message: str) -> str:
     """An `::error::` workflow command: the run's page shows `message` as the error that stopped ftaudit."""
-    return f"::error title=ftaudit could not audit::{_escape_data(message)}"
+    return f"::error title=ftaudit::{_escape_data(message)}"
 
 
 def _escape_data(text: str) -> str:
