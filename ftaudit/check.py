@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from ftaudit.report import BaseRef, ModelRef, Report
 from ftaudit.sources import Snapshot, open_snapshot, open_weights, opens
 from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
 from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.fingerprint import fingerprint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.stored_as import StoredAs
 
@@ -87,24 +89,31 @@ def open_target(target: Target) -> Opened:
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
     model_ref = ModelRef(tuned.id, tuned.revision)
+    base_ref = BaseRef(base.id, base.revision, declared.declared_by, _fingerprint(base, base_side))
     base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
     if config is None:
         weights = _restacked(open_weights(tuned.storage, allow_pickle=target.allow_pickle), layout, tuned.storage.label)
         _refuse_quantized(tuned.storage.label, weights, "audit the model before quantization")
+        model_ref.fingerprint = _fingerprint(tuned, weights)
         # one side may hold experts' stacks and routers as transformers' layers name them, the other as published
         tuned_side: Tensors = StoredAs.of(weights, base_side.infos, layout)
         base_stored = StoredAs.of(base_side, weights.infos, layout)
     else:
         weights = _restacked(open_weights(tuned.storage, "adapter_model", target.allow_pickle), layout,
                              tuned.storage.label)
+        model_ref.fingerprint = _fingerprint(tuned, weights, json.dumps(config, sort_keys=True))
         adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
         for embedding, head in adapted.tied.items():
             log.warning("%s is tied to the input embedding (tie_word_embeddings): its LoRA is audited as PEFT merges "
                         "it, as an update of %s, the embedding's weight too", head.removesuffix(".weight"), embedding)
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
-    base_ref = BaseRef(base.id, base.revision, declared.declared_by)
     return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout)
+
+
+def _fingerprint(snapshot: Snapshot, weights: Checkpoint | PickleCheckpoint, *texts: str) -> str | None:
+    """What identifies the weights of a snapshot that no revision names (a local folder); None for a Hub commit."""
+    return fingerprint(weights, *texts) if snapshot.revision is None else None
 
 
 def _restacked(weights: Checkpoint | PickleCheckpoint, layout: Layout, label: str) -> Checkpoint | PickleCheckpoint:

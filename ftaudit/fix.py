@@ -105,7 +105,7 @@ def fix(
                    allow_pickle=target.allow_pickle),
             options, policy, phase("auditing output"), cache,
         )
-        after.model = ModelRef(str(out), None, after.model.adapter)
+        after.model = ModelRef(str(out), None, after.model.adapter, after.model.fingerprint)
         after.base = before.base
         result = FixResult(
             tool={"name": "ftaudit", "version": __version__},

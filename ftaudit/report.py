@@ -28,6 +28,8 @@ class ModelRef:
     id: str
     revision: str | None
     adapter: dict[str, object] | None = None
+    fingerprint: str | None = None
+    """What identifies the weights of a model that has no revision (a local folder): ftaudit.sources.fingerprint."""
 
 
 @dataclass
@@ -35,6 +37,8 @@ class BaseRef:
     id: str
     revision: str | None
     declared_by: str
+    fingerprint: str | None = None
+    """As ModelRef.fingerprint."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +39,10 @@ def test_gentle_update_passes_and_writes_the_contract(pair, tmp_path):
     report = json.loads(out.read_text())
     assert report["schema_version"] == "1"
     assert report["tool"]["name"] == "ftaudit"
+    fingerprints = report["model"].pop("fingerprint"), report["base"].pop("fingerprint")
     assert report["model"] == {"id": str(pair["full"]), "revision": None, "adapter": None}
     assert report["base"] == {"id": str(pair["base"]), "revision": None, "declared_by": "card"}
+    assert all(re.fullmatch("[0-9a-f]{64}", f) for f in fingerprints) and len(set(fingerprints)) == 2
     assert report["settings"]["k"] == 10 and report["settings"]["epsilon"] == 0.5
     assert report["settings"]["device"] == "cpu"
     s = report["summary"]
@@ -523,7 +526,8 @@ def test_the_base_is_read_from_a_card_with_a_bom_or_a_blank_first_line(pair, tmp
     out = tmp_path / "r.json"
     code, _, stderr = run("check", tuned, "--json", out, "--quiet")
     assert code == 0, stderr
-    assert json.loads(out.read_text())["base"] == {"id": str(pair["base"]), "revision": None, "declared_by": "card"}
+    base = json.loads(out.read_text())["base"]
+    assert base == {"id": str(pair["base"]), "revision": None, "declared_by": "card", "fingerprint": base["fingerprint"]}
 
 
 def test_card_badge_heatmap_and_formats(pair, tmp_path):

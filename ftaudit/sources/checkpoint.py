@@ -58,6 +58,15 @@ class Checkpoint:
         ref = self.tensors[name]
         self.tensors[name] = TensorRef(ref.file, replace(ref.info, shape=shape))
 
+    def stored_size(self, name: str) -> int:
+        """The bytes tensor `name` takes as stored."""
+        return self.tensors[name].info.nbytes
+
+    def read_stored(self, name: str, start: int, length: int) -> bytes | bytearray:
+        """`length` bytes of tensor `name` as stored, from its byte `start`."""
+        ref = self.tensors[name]
+        return self.storage.read(ref.file, ref.info.start + start, length)
+
     def load(self, name: str, expert: int | None = None) -> torch.Tensor:
         """One tensor, or one expert's matrix of a stack (only its bytes are read), as a CPU tensor of its
         stored dtype; a repeated load of the last one, while it is still in use, returns it again (an

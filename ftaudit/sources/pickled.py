@@ -45,6 +45,16 @@ class PickleCheckpoint:
         tensor = self._tensors[name]
         return tensor if expert is None else tensor[expert]
 
+    def stored_size(self, name: str) -> int:
+        """The bytes tensor `name` takes as stored."""
+        tensor = self._tensors[name]
+        return tensor.numel() * tensor.element_size()
+
+    def read_stored(self, name: str, start: int, length: int) -> bytes:
+        """`length` bytes of tensor `name` as stored, from its byte `start` (only those pages of the mapped file)."""
+        flat = self._tensors[name].reshape(-1).view(torch.uint8)
+        return flat[start : start + length].numpy().tobytes()
+
 
 def _load(storage: Storage, name: str) -> dict[str, object]:
     path = storage.local_path(name)
