@@ -28,7 +28,7 @@ from ftaudit.report import (
     Settings,
     TensorIssues,
 )
-from ftaudit.shards import Shard, matrix_order
+from ftaudit.shards import Shard, assignment, matrix_order
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.spectral import resolve_device
 from ftaudit.summary import summarise
@@ -92,7 +92,7 @@ def run_audit(
             {"name": n, "base_rows": b, "model_rows": t, "compared_rows": min(b, t)} for n, b, t in pairing.resized
         ],
         not_selected=pairing.not_selected,
-        unchanged=pairing.unchanged,
+        unchanged=list(pairing.unchanged),  # a copy: the analysis adds those it finds
     )
     results: list[MatrixResult] = []
     heads: dict[str, dict[str, float | None]] = {}
@@ -101,6 +101,7 @@ def run_audit(
     scale, pairs = pairing.scale_only, pairing.pairs
     if options.shard is not None:
         scale, pairs = options.shard.take(scale, _cells), options.shard.take(pairs, _work)
+    given = [pair.name for pair in pairs] + pairing.unchanged  # every shard lists the pairing's unchanged as its own
     todo = scale + pairs
     scale_only = len(scale)
 
@@ -149,6 +150,8 @@ def run_audit(
         summary=summarise(results, options.epsilons, heads, len(issues.unchanged)),
         tensors=issues,
         matrices=results,
+        assignment=None if options.shard is None else assignment(
+            given, list(heads), len(pairing.pairs) + len(pairing.unchanged)),
     )
 
 

@@ -354,7 +354,7 @@ def merge_command(
     _run(debug, redactor, lambda: [check_writable(path) for path in outputs.files if path is not None])
     _run(debug, redactor, lambda: _check_github_files(fmt))
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
-    shards = _run(debug, redactor, lambda: [Report.read(path) for path in reports])
+    shards = _run(debug, redactor, lambda: [(str(path), Report.read(path)) for path in reports])
     report = _run(debug, redactor, lambda: join(shards))
     _run(debug, redactor, lambda: check_audited(report))
     if push:

@@ -132,6 +132,21 @@ class AppliedPolicy:
 
 
 @dataclass
+class Assignment:
+    """What a shard's audit (`check --shard`) was given of the whole audit, which `merge` checks its report against."""
+
+    matrices: int
+    """The matrices given to the shard: those its report lists in `matrices`, `tensors.nonfinite` and
+    `tensors.unchanged`."""
+    heads: int
+    """The tensors it measured for their row norms: those in `summary.heads`."""
+    all_matrices: int
+    """The matrices of the whole audit, split among its shards."""
+    names_sha256: str
+    """Hex SHA-256 of the names of both (ftaudit.shards.names_sha256)."""
+
+
+@dataclass
 class Verdict:
     status: str
     reasons: list[str]
@@ -150,6 +165,8 @@ class Report:
     tensors: TensorIssues
     matrices: list[MatrixResult]
     verdict: Verdict = field(default_factory=lambda: Verdict("pending", []))
+    assignment: Assignment | None = None
+    """A shard's (`settings.shard`); None for a whole audit."""
     schema_version: str = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, object]:
@@ -181,6 +198,7 @@ class Report:
                 tensors=TensorIssues(**_known(TensorIssues, d["tensors"])),
                 matrices=[MatrixResult(**_known(MatrixResult, m)) for m in d["matrices"]],
                 verdict=Verdict(**_known(Verdict, d["verdict"])),
+                assignment=None if d.get("assignment") is None else Assignment(**_known(Assignment, d["assignment"])),
             )
         except (KeyError, TypeError) as e:
             raise UsageError(f"not an ftaudit report ({type(e).__name__}: {e})") from None

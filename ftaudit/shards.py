@@ -7,7 +7,9 @@ aside, which the policy sets afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -17,7 +19,7 @@ from typing import TypeVar
 
 from ftaudit.errors import UsageError
 from ftaudit.layout import matrix_tensor
-from ftaudit.report import AppliedPolicy, Report, TensorIssues
+from ftaudit.report import AppliedPolicy, Assignment, Report, TensorIssues
 from ftaudit.summary import summarise
 
 log = logging.getLogger("ftaudit")
@@ -67,18 +69,40 @@ def matrix_order(name: str) -> tuple[str, int]:
     return tensor, int(name[len(tensor) + 1:-1]) if name != tensor else -1
 
 
-def join(reports: Sequence[Report]) -> Report:
-    """The report of the whole audit from its N shards' reports, all of them, given in any order; its verdict is left
-    to the policy."""
-    first = _check_shards(reports)
-    matrices = sorted((m for r in reports for m in r.matrices), key=lambda m: matrix_order(m.name))
-    heads = dict(sorted(((name, head) for r in reports for name, head in r.summary.heads.items())))
+def assignment(matrices: Sequence[str], heads: Sequence[str], all_matrices: int) -> Assignment:
+    """The record of what a shard was given: its `matrices` (to analyse, or found nonfinite or unchanged) of the whole
+    audit's `all_matrices`, and the `heads` it measured for their row norms."""
+    return Assignment(len(matrices), len(heads), all_matrices, names_sha256(matrices, heads))
+
+
+def names_sha256(matrices: Sequence[str], heads: Sequence[str]) -> str:
+    """Hex SHA-256 of the JSON array of the sorted names of `matrices` and that of `heads`."""
+    return hashlib.sha256(json.dumps([sorted(matrices), sorted(heads)]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    """A shard's report, and the file it was read from."""
+
+    file: str
+    report: Report
+    shard: Shard
+    assignment: Assignment
+
+
+def join(reports: Sequence[tuple[str, Report]]) -> Report:
+    """The report of the whole audit from its N shards' reports (file, report), all of them, given in any order; its
+    verdict is left to the policy."""
+    shards = _check_shards(reports)
+    first = shards[0].report
+    matrices = sorted((m for s in shards for m in s.report.matrices), key=lambda m: matrix_order(m.name))
+    heads = dict(sorted(((name, head) for s in shards for name, head in s.report.summary.heads.items())))
     tensors = replace(
         first.tensors,
-        nonfinite=sorted({n for r in reports for n in r.tensors.nonfinite}, key=matrix_order),
-        unchanged=sorted({n for r in reports for n in r.tensors.unchanged}, key=matrix_order),
+        nonfinite=sorted({n for s in shards for n in s.report.tensors.nonfinite}, key=matrix_order),
+        unchanged=sorted({n for s in shards for n in s.report.tensors.unchanged}, key=matrix_order),
     )
-    devices = sorted({r.settings.device for r in reports})
+    devices = sorted({s.report.settings.device for s in shards})
     return Report(
         tool=first.tool,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -91,31 +115,36 @@ def join(reports: Sequence[Report]) -> Report:
     )
 
 
-def warn_other_policy(reports: Sequence[Report], policy: AppliedPolicy) -> None:
-    """Warn when a shard was judged under another policy than `policy`, the merge's: the merge's alone judges the
-    whole, and a policy the shards were given but the merge was not is likely a mistake."""
-    for report in reports:
+def warn_other_policy(reports: Sequence[tuple[str, Report]], policy: AppliedPolicy) -> None:
+    """Warn when a shard (file, report) was judged under another policy than `policy`, the merge's: the merge's alone
+    judges the whole, and a policy the shards were given but the merge was not is likely a mistake."""
+    for file, report in reports:
         other = report.verdict.policy
         if other is not None and other.digest != policy.digest:
-            log.warning("shard %s was judged under policy %s, the merge under policy %s: the verdict is the merge's; "
-                        "give merge the shards' --policy to judge the whole as they were", _name(report),
-                        other.describe(), policy.describe())
+            shard = _shard_of(report)
+            log.warning("shard %d/%d (%s) was judged under policy %s, the merge under policy %s: the verdict is the "
+                        "merge's; give merge the shards' --policy to judge the whole as they were",
+                        shard.index, shard.count, file, other.describe(), policy.describe())
             return
 
 
-def _check_shards(reports: Sequence[Report]) -> Report:
-    """The first shard's report, once every report is known to be one shard of the same audit, and all are there."""
-    shards = [_shard_of(r) for r in reports]
-    count = shards[0].count if shards else 0
-    if len(shards) != count or any(s.count != count for s in shards) or sorted(
-            s.index for s in shards) != list(range(1, count + 1)):
-        given = ", ".join(f"{s.index}/{s.count}" for s in shards) or "none"
+def _check_shards(reports: Sequence[tuple[str, Report]]) -> list[ShardReport]:
+    """The reports, by shard, once every one is known to be one shard of the same audit, holding all it was given,
+    and all are there."""
+    shards = [_shard_report(file, report) for file, report in reports]
+    count = shards[0].shard.count if shards else 0
+    if len(shards) != count or any(s.shard.count != count for s in shards) or sorted(
+            s.shard.index for s in shards) != list(range(1, count + 1)):
+        given = ", ".join(f"{s.shard.index}/{s.shard.count}" for s in shards) or "none"
         raise UsageError(f"the reports are shards {given}: merge needs each of 1/N to N/N once, of one N")
-    first = reports[shards.index(min(shards, key=lambda s: s.index))]
-    for report in reports:
-        _check_same(first, report)
-    _check_disjoint(reports)
-    return first
+    shards.sort(key=lambda s: s.shard.index)
+    for shard in shards:
+        _check_same(shards[0], shard)
+    _check_disjoint(shards)
+    for shard in shards:
+        _check_holds_its_part(shard)
+    _check_all_there(shards)
+    return shards
 
 
 def _shard_of(report: Report) -> Shard:
@@ -131,38 +160,87 @@ def _shard_of(report: Report) -> Shard:
     return found
 
 
-def _check_same(first: Report, other: Report) -> None:
-    """`other` is a shard of the audit `first` is a shard of: the same models, settings and ftaudit, and the same
-    pairing of their tensors."""
+def _shard_report(file: str, report: Report) -> ShardReport:
+    """The report of a shard that records what merge checks: its assignment, and what identifies local weights."""
+    shard = _shard_of(report)
+    missing = [what for what, absent in (
+        ("assignment", report.assignment is None),
+        ("model.fingerprint", report.model.revision is None and report.model.fingerprint is None),
+        ("base.fingerprint", report.base.revision is None and report.base.fingerprint is None),
+    ) if absent]
+    if missing or report.assignment is None:
+        raise UsageError(f"shard {shard.index}/{shard.count} ({file}) records no {' or '.join(missing)}, by which "
+                         "merge checks the shards (a report of an earlier ftaudit, or edited): audit the shard again "
+                         "with this ftaudit")
+    return ShardReport(file, report, shard, report.assignment)
+
+
+def _check_same(first: ShardReport, other: ShardReport) -> None:
+    """`other` is a shard of the audit `first` is a shard of: the same models and weights, settings and ftaudit, the
+    same pairing of their tensors and the same matrices split."""
+    a, b = first.report, other.report
     same = {
-        "ftaudit version": (first.tool, other.tool),
-        "model": (first.model, other.model),
-        "base": (first.base, other.base),
-        "settings": (replace(first.settings, device="", shard=None), replace(other.settings, device="", shard=None)),
-        "tensors": (_global(first.tensors), _global(other.tensors)),
+        "ftaudit version": (a.tool, b.tool),
+        "model": (replace(a.model, fingerprint=None), replace(b.model, fingerprint=None)),
+        "base": (replace(a.base, fingerprint=None), replace(b.base, fingerprint=None)),
+        "settings": (replace(a.settings, device="", shard=None), replace(b.settings, device="", shard=None)),
+        "tensors": (_global(a.tensors), _global(b.tensors)),
+        "number of matrices split (assignment.all_matrices)": (first.assignment.all_matrices,
+                                                                other.assignment.all_matrices),
     }
-    for what, (a, b) in same.items():
-        if a != b:
-            raise UsageError(f"shards {_name(first)} and {_name(other)} differ in their {what}: they are not shards of "
-                             "one audit")
+    for what, (x, y) in same.items():
+        if x != y:
+            raise UsageError(f"shards {_name(first)} and {_name(other)} differ in their {what}: they are not shards "
+                             "of one audit")
+    for side, x, y in (("model", a.model, b.model), ("base", a.base, b.base)):
+        if x.fingerprint != y.fingerprint:
+            raise UsageError(f"shards {_name(first)} and {_name(other)} read different weights from {x.id} (their "
+                             f"{side}.fingerprint differs): the folder changed between their audits; audit every "
+                             "shard from the same files")
 
 
-def _check_disjoint(reports: Sequence[Report]) -> None:
+def _check_disjoint(shards: Sequence[ShardReport]) -> None:
     """No matrix is measured, and no row norm, in two of the shards: each holds its own part."""
     for measured in (lambda r: [m.name for m in r.matrices] + r.tensors.nonfinite, lambda r: list(r.summary.heads)):
-        seen: dict[str, Report] = {}
-        for report in reports:
-            for name in measured(report):
+        seen: dict[str, ShardReport] = {}
+        for shard in shards:
+            for name in measured(shard.report):
                 if name in seen:
-                    raise UsageError(f"shards {_name(seen[name])} and {_name(report)} both measured {name}: they are "
+                    raise UsageError(f"shards {_name(seen[name])} and {_name(shard)} both measured {name}: they are "
                                      "not parts of one split")
-                seen[name] = report
+                seen[name] = shard
+
+
+def _check_holds_its_part(shard: ShardReport) -> None:
+    """The report lists every matrix and head its audit was given, and no other."""
+    matrices, heads = _held(shard.report)
+    given = shard.assignment
+    if names_sha256(matrices, heads) != given.names_sha256:
+        lists = (f"{len(matrices)} matrices and {len(heads)} heads where its audit had {given.matrices} and "
+                 f"{given.heads}" if (len(matrices), len(heads)) != (given.matrices, given.heads) else
+                 "other matrices or heads than its audit had")
+        raise UsageError(f"shard {_name(shard)} lists {lists} (assignment): the report was edited or cut short; "
+                         "audit the shard again")
+
+
+def _check_all_there(shards: Sequence[ShardReport]) -> None:
+    """Together the shards list every matrix of the whole audit."""
+    listed = len({name for s in shards for name in _held(s.report)[0]})
+    expected = shards[0].assignment.all_matrices
+    if listed != expected:
+        raise UsageError(f"the shards list {listed} matrices of the {expected} their audit split among them "
+                         "(assignment.all_matrices): they are not parts of one split")
+
+
+def _held(report: Report) -> tuple[list[str], list[str]]:
+    """The matrices a shard's report lists (analysed, nonfinite or unchanged) and the heads it measured."""
+    return [m.name for m in report.matrices] + report.tensors.nonfinite + report.tensors.unchanged, list(
+        report.summary.heads)
 
 
 def _global(tensors: TensorIssues) -> tuple[object, ...]:
     return tuple(getattr(tensors, name) for name in _GLOBAL_ISSUES)
 
 
-def _name(report: Report) -> str:
-    shard = _shard_of(report)
-    return f"{shard.index}/{shard.count}"
+def _name(shard: ShardReport) -> str:
+    return f"{shard.shard.index}/{shard.shard.count} ({shard.file})"

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from examples import minilm_finetunes as ft
 from ftaudit.shards import Shard
 from tests.invoke import run
 from tests.models import llama_like, low_rank_update, small_update, write_model
 
 EXPERTS = "model.layers.0.mlp.experts.down_proj"
+ADAPTER = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +68,7 @@ def test_the_shards_merged_give_the_whole_audits_report(pair, count):
     assert expected["tensors"]["unchanged"] == ["model.layers.2.self_attn.o_proj.weight"]
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= expected["summary"]["heads"].keys()
     assert f"{EXPERTS}[3]" in [m["name"] for m in expected["matrices"] if m["intruders"]]
+    assert expected["model"]["fingerprint"] and expected["base"]["fingerprint"] and expected["assignment"] is None
     assert without_time(merged) == expected
     assert f"{expected['summary']['matrices_analysed']} matrices analysed" in stdout
 
@@ -163,9 +169,11 @@ def test_merge_refuses_what_is_not_every_shard_of_one_audit(pair, tmp_path):
         (edited["huge"], two[0]): "the reports are shards 2/1000000000000, 1/2: merge needs each",
         (*two, three[2]): "the reports are shards 1/2, 2/2, 3/3",
         (two[0], whole): "merge takes the reports of `ftaudit check --shard I/N`: one is the report of a whole audit",
-        (two[0], other_k[1]): "shards 1/2 and 2/2 differ in their settings: they are not shards of one audit",
-        (two[0], overlapping): "shards 1/2 and 2/2 both measured model.",
-        (two[0], other_model): "shards 1/2 and 2/2 differ in their model: they are not shards of one audit",
+        (two[0], other_k[1]): f"shards 1/2 ({two[0]}) and 2/2 ({other_k[1]}) differ in their settings: they are not "
+                              "shards of one audit",
+        (two[0], overlapping): f"shards 1/2 ({two[0]}) and 2/2 ({overlapping}) both measured model.",
+        (two[0], other_model): f"shards 1/2 ({two[0]}) and 2/2 ({other_model}) differ in their model: they are not "
+                               "shards of one audit",
         (two[0], tmp_path / "absent.json"): "absent.json: cannot read the report",
     }
     for reports, message in cases.items():
@@ -198,3 +206,140 @@ def test_merge_refuses_to_push_a_local_folder_audited_elsewhere_before_writing_a
     assert (code, stdout) == (2, "")
     assert stderr == "ftaudit: error: --push needs a Hub repository: checkout/tuned is a local folder\n"
     assert not (tmp_path / "merged.json").exists()
+
+
+def edited(path: Path, to: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy at `to` of the report at `path`, edited by `edit`."""
+    report = json.loads(path.read_text())
+    edit(report)
+    to.write_text(json.dumps(report))
+    return to
+
+
+def test_merge_refuses_a_shard_whose_report_lacks_a_matrix_or_head_it_was_given(pair, tmp_path):
+    """A report edited by hand or cut short loses an entry: the shard's assignment, its count and the digest of its
+    names, says so."""
+    reports = shard_reports(pair, 3)
+    data = [json.loads(p.read_text()) for p in reports]
+    assert [d["assignment"]["all_matrices"] for d in data] == [26] * 3  # the experts' 5 among them
+    assert sum(d["assignment"]["matrices"] for d in data) == 26 and data[0]["assignment"]["names_sha256"]
+    where = {  # the shard (from 0) whose report holds each kind of entry, and how to take one out
+        "matrix": (0, lambda r: r["matrices"].pop(1)),
+        "nonfinite": (next(i for i, d in enumerate(data) if d["tensors"]["nonfinite"]),
+                      lambda r: r["tensors"]["nonfinite"].pop()),
+        "unchanged": (next(i for i, d in enumerate(data) if d["tensors"]["unchanged"]),
+                      lambda r: r["tensors"]["unchanged"].pop()),
+        "head": (next(i for i, d in enumerate(data) if d["summary"]["heads"]),
+                 lambda r: r["summary"]["heads"].popitem()),
+    }
+    for what, (i, take_out) in where.items():
+        given = data[i]["assignment"]
+        cut = edited(reports[i], tmp_path / f"{what}.json", take_out)
+        others = [p for j, p in enumerate(reports) if j != i]
+        code, stdout, stderr = run("merge", *others, cut)
+        lacking = (given["matrices"] - (what != "head"), given["heads"] - (what == "head"))
+        assert (code, stdout) == (2, ""), what
+        assert stderr == (f"ftaudit: error: shard {i + 1}/3 ({cut}) lists {lacking[0]} matrices and {lacking[1]} heads "
+                          f"where its audit had {given['matrices']} and {given['heads']} (assignment): the report was "
+                          "edited or cut short; audit the shard again\n")
+
+
+def test_merge_refuses_shards_a_matrix_was_moved_between_or_renamed_in(pair, tmp_path):
+    one, two = shard_reports(pair, 2)
+    moved = json.loads(one.read_text())["matrices"][0]
+    from_one = edited(one, tmp_path / "from-one.json", lambda r: r["matrices"].pop(0))
+    to_two = edited(two, tmp_path / "to-two.json", lambda r: r["matrices"].append(moved))
+    code, stdout, stderr = run("merge", from_one, to_two)
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith(f"ftaudit: error: shard 1/2 ({from_one}) lists ") and "where its audit had" in stderr
+    code, stdout, stderr = run("merge", one, to_two)
+    assert f"shards 1/2 ({one}) and 2/2 ({to_two}) both measured {moved['name']}" in stderr
+    renamed = edited(two, tmp_path / "renamed.json", lambda r: r["matrices"][0].update(name="model.layers.9.q"))
+    code, stdout, stderr = run("merge", one, renamed)
+    assert (code, stdout) == (2, "")
+    assert stderr == (f"ftaudit: error: shard 2/2 ({renamed}) lists other matrices or heads than its audit had "
+                      "(assignment): the report was edited or cut short; audit the shard again\n")
+
+
+def test_merge_refuses_shards_that_together_lack_matrices_of_the_whole_audit(pair, tmp_path):
+    def more(report: dict) -> None:
+        report["assignment"]["all_matrices"] += 1
+
+    shards = [edited(p, tmp_path / p.name, more) for p in shard_reports(pair, 2)]
+    code, stdout, stderr = run("merge", *shards)
+    assert (code, stdout) == (2, "")
+    assert stderr == ("ftaudit: error: the shards list 26 matrices of the 27 their audit split among them "
+                      "(assignment.all_matrices): they are not parts of one split\n")
+    code, stdout, stderr = run("merge", shards[0], shard_reports(pair, 2)[1])
+    assert "differ in their number of matrices split (assignment.all_matrices)" in stderr
+
+
+@pytest.mark.parametrize("field", ["assignment", "model.fingerprint", "base.fingerprint"])
+def test_merge_refuses_the_reports_of_an_ftaudit_that_did_not_record_what_it_checks(pair, tmp_path, field):
+    def drop(report: dict) -> None:
+        *path, key = field.split(".")
+        (report[path[0]] if path else report).pop(key)
+
+    one, two = shard_reports(pair, 2)
+    older = edited(two, tmp_path / "older.json", drop)
+    code, stdout, stderr = run("merge", one, older)
+    assert (code, stdout) == (2, "")
+    assert stderr == (f"ftaudit: error: shard 2/2 ({older}) records no {field}, by which merge checks the shards (a "
+                      "report of an earlier ftaudit, or edited): audit the shard again with this ftaudit\n")
+
+
+@pytest.mark.parametrize("side", ["tuned", "base"])
+def test_merge_refuses_shards_of_a_local_folder_whose_weights_changed_between_their_audits(tmp_path, side):
+    """A folder re-exported (the same names and shapes, other values) between two shards' jobs is caught; the same
+    bytes written again (a fresh checkout: new mtimes) are not."""
+    base = llama_like(layers=2)
+    tensors = {"base": base, "tuned": low_rank_update(small_update(base), only="layers.1.")}
+    folders = {name: write_model(tmp_path / name, t) for name, t in tensors.items()}
+
+    def shard(index: int) -> Path:
+        path = tmp_path / f"shard-{index}.json"
+        code, _, stderr = run("check", folders["tuned"], "--base", folders["base"], "--no-cache", "--shard",
+                              f"{index}/2", "--json", path)
+        assert code in (0, 1), stderr
+        return path
+
+    first = shard(1)
+    write_model(folders[side], tensors[side])  # the same bytes, new mtimes
+    second = shard(2)
+    code, _, stderr = run("merge", first, second)
+    assert code == 1, stderr
+    changed = dict(tensors[side])
+    changed["model.layers.0.mlp.up_proj.weight"] = low_rank_update(changed, only="layers.0.mlp.up")[
+        "model.layers.0.mlp.up_proj.weight"]  # one matrix of the shard already audited, as `ftaudit fix` changes it
+    write_model(folders[side], changed)
+    second = shard(2)
+    code, stdout, stderr = run("merge", first, second)
+    assert (code, stdout) == (2, "")
+    role = "model" if side == "tuned" else "base"
+    assert stderr == (f"ftaudit: error: shards 1/2 ({first}) and 2/2 ({second}) read different weights from "
+                      f"{folders[side]} (their {role}.fingerprint differs): the folder changed between their audits; "
+                      "audit every shard from the same files\n")
+
+
+def test_the_shards_of_an_adapter_merged_give_the_whole_audits_report(tmp_path):
+    """The matrices an adapter leaves as the base has them are the pairing's: every shard lists them as unchanged."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({n: t for n, t in tensors.items() if ".attention.self.query." in n}, adapter / "adapter_model.safetensors")
+    whole = tmp_path / "whole.json"
+    code, _, stderr = run("check", adapter, "--base", ft.base_model_dir(), "--no-cache", "--json", whole)
+    assert code in (0, 1), stderr
+    shards = []
+    for index in (1, 2, 3):
+        shards.append(tmp_path / f"shard-{index}.json")
+        code, _, stderr = run("check", adapter, "--base", ft.base_model_dir(), "--no-cache", "--shard", f"{index}/3",
+                              "--json", shards[-1])
+        assert code in (0, 1), stderr
+    assert len(without_time(whole)["tensors"]["unchanged"]) == 30  # 36 attention and MLP matrices, 6 adapted
+    assert [json.loads(s.read_text())["assignment"]["all_matrices"] for s in shards] == [36] * 3
+    merged = tmp_path / "merged.json"
+    code, _, stderr = run("merge", *shards, "--json", merged)
+    assert code in (0, 1), stderr
+    assert without_time(merged) == without_time(whole)
+    assert without_time(whole)["model"]["fingerprint"] and without_time(whole)["base"]["fingerprint"]
