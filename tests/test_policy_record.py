@@ -184,7 +184,7 @@ def test_merge_records_its_own_policy_and_warns_when_the_shards_were_judged_unde
     shard = json.loads(judged[0].read_text())["verdict"]["policy"]
     assert code == 1 and merged["verdict"]["status"] == "fail"
     assert merged["verdict"]["policy"] == check(pair)["verdict"]["policy"]
-    assert stderr == (f"ftaudit: WARNING: shard 1/2 was judged under policy {lenient} (digest {shard['digest']}), the "
+    assert stderr == (f"ftaudit: WARNING: shard 1/2 ({judged[0]}) was judged under policy {lenient} (digest {shard['digest']}), the "
                       f"merge under policy default (digest {merged['verdict']['policy']['digest']}): the verdict is "
                       "the merge's; give merge the shards' --policy to judge the whole as they were\n")
 
