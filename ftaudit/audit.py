@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from ftaudit import __version__
-from ftaudit.analyses.indicators import row_norm_drift
+from ftaudit.analyses.indicators import HEAD_FIGURES, row_norm_drift
 from ftaudit.analyses.matrix import Skipped, StoredPair, analyse_pair
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
 from ftaudit.layout import Layout, as_analysed
@@ -121,6 +121,9 @@ def run_audit(
         for i, pair, head, result in in_order(stream, analyse, workers):
             if head is not None:
                 heads[pair.name] = head
+            elif result is None:  # measured for its row norms alone, which a NaN or ±inf leaves without a figure
+                heads[pair.name] = dict.fromkeys(HEAD_FIGURES)
+                issues.nonfinite.append(pair.name)
             if result is Skipped.NONFINITE:
                 issues.nonfinite.append(pair.name)
             elif result is Skipped.UNCHANGED:

@@ -188,7 +188,7 @@ def audit_opened(
 def check_audited(report: Report) -> None:
     """Refuse the report of an audit that compared no matrix, saying why; warn when every one it compared is
     unchanged."""
-    if report.summary.matrices_analysed == 0 and not report.tensors.nonfinite:
+    if report.summary.matrices_analysed == 0 and not report.nonfinite_matrices:
         if not report.tensors.unchanged:
             raise UnsupportedError(_nothing_to_audit(report))
         log.warning("every matrix compared is identical in %s and %s: is the model its base itself?",

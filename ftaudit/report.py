@@ -169,6 +169,11 @@ class Report:
     """A shard's (`settings.shard`); None for a whole audit."""
     schema_version: str = SCHEMA_VERSION
 
+    @property
+    def nonfinite_matrices(self) -> list[str]:
+        """`tensors.nonfinite` less the heads and embeddings measured for their row norms alone (`summary.heads`)."""
+        return [n for n in self.tensors.nonfinite if n not in self.summary.heads]
+
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         return {"schema_version": data.pop("schema_version"), **data}

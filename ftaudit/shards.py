@@ -233,8 +233,9 @@ def _check_all_there(shards: Sequence[ShardReport]) -> None:
 
 
 def _held(report: Report) -> tuple[list[str], list[str]]:
-    """The matrices a shard's report lists (analysed, nonfinite or unchanged) and the heads it measured."""
-    return [m.name for m in report.matrices] + report.tensors.nonfinite + report.tensors.unchanged, list(
+    """The matrices a shard's report lists (analysed, nonfinite or unchanged) and the heads it measured (a nonfinite
+    head, in both `summary.heads` and `tensors.nonfinite`, among the heads)."""
+    return [m.name for m in report.matrices] + report.nonfinite_matrices + report.tensors.unchanged, list(
         report.summary.heads)
 
 

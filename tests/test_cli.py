@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from ftaudit.cli import main
 from tests import reference
-from tests.invoke import run
+from tests.invoke import json_report, run
 from tests.models import card, llama_like, low_rank_update, small_update, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +182,20 @@ def test_nonfinite_weights_fail_with_the_tensor_named(tmp_path, side, bad):
     assert code == 1 and report["tensors"]["nonfinite"] == ["model.layers.1.mlp.up_proj.weight"]
     assert any("model.layers.1.mlp.up_proj.weight" in r for r in report["verdict"]["reasons"])
     assert report["summary"]["matrices_analysed"] == 13
+
+
+def test_a_nonfinite_embedding_measured_for_its_row_norms_fails_with_its_name(tmp_path):
+    """It had been left out of the report, as if unchanged: no row-norm figures, not listed, and a pass."""
+    base = llama_like()
+    tuned = small_update(base)
+    tuned["model.embed_tokens.weight"][5, 2] = float("nan")
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "tuned", tuned)
+    report = json_report("check", tmp_path / "tuned", "--base", tmp_path / "base", "--format", "json")
+    assert report["tensors"]["nonfinite"] == ["model.embed_tokens.weight"] and report["verdict"]["status"] == "fail"
+    assert report["summary"]["heads"]["model.embed_tokens.weight"] == dict.fromkeys(
+        ["mean_norm_ratio", "median_relative_change", "max_relative_change", "zero_base_rows"])
+    assert report["summary"]["matrices_analysed"] == 14 and report["tensors"]["not_selected"] == 2
 
 
 def test_missing_tensors_are_reported_and_can_fail(tmp_path):

@@ -18,12 +18,16 @@ from tests.models import llama_like, low_rank_update, small_update, write_model
 
 EXPERTS = "model.layers.0.mlp.experts.down_proj"
 ADAPTER = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
+NAN = "model.layers.0.self_attn.q_proj.weight"
+"""The fixture's matrix holding NaN."""
+EMBEDDING = "model.embed_tokens.weight"
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A model with every kind of entry a report lists: analysed matrices (some with intruders), each expert's
-    matrix of a stack, an unchanged matrix, a NaN one, and a head and an embedding measured for their row norms."""
+    matrix of a stack, an unchanged matrix, a NaN one, and a head (holding an inf) and an embedding measured for their
+    row norms."""
     root = tmp_path_factory.mktemp("shards")
     g = torch.Generator().manual_seed(5)
     base = llama_like(layers=3) | {EXPERTS: torch.randn(5, 32, 48, generator=g) / 6}
@@ -32,6 +36,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tuned[EXPERTS][3] += 2 * torch.randn(32, 1, generator=g) @ torch.randn(1, 48, generator=g)
     tuned["model.layers.2.self_attn.o_proj.weight"] = base["model.layers.2.self_attn.o_proj.weight"]
     tuned["model.layers.0.self_attn.q_proj.weight"] = torch.full((32, 32), float("nan"))
+    tuned["lm_head.weight"][1, 1] = float("inf")  # a head measured for its row norms, which then have no figure
     return {"base": write_model(root / "base", base), "tuned": write_model(root / "tuned", tuned), "root": root}
 
 
@@ -64,7 +69,8 @@ def test_the_shards_merged_give_the_whole_audits_report(pair, count):
     merge_code, stdout, _ = run("merge", *reversed(shards), "--json", merged)
     assert (code, merge_code) == (1, 1), stderr  # the NaN matrix fails the verdict, in the whole and in the merge
     expected = without_time(whole)
-    assert expected["tensors"]["nonfinite"] == ["model.layers.0.self_attn.q_proj.weight"]
+    assert expected["tensors"]["nonfinite"] == ["lm_head.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert expected["summary"]["heads"]["lm_head.weight"]["mean_norm_ratio"] is None
     assert expected["tensors"]["unchanged"] == ["model.layers.2.self_attn.o_proj.weight"]
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= expected["summary"]["heads"].keys()
     assert f"{EXPERTS}[3]" in [m["name"] for m in expected["matrices"] if m["intruders"]]
@@ -225,12 +231,12 @@ def test_merge_refuses_a_shard_whose_report_lacks_a_matrix_or_head_it_was_given(
     assert sum(d["assignment"]["matrices"] for d in data) == 26 and data[0]["assignment"]["names_sha256"]
     where = {  # the shard (from 0) whose report holds each kind of entry, and how to take one out
         "matrix": (0, lambda r: r["matrices"].pop(1)),
-        "nonfinite": (next(i for i, d in enumerate(data) if d["tensors"]["nonfinite"]),
-                      lambda r: r["tensors"]["nonfinite"].pop()),
+        "nonfinite": (next(i for i, d in enumerate(data) if NAN in d["tensors"]["nonfinite"]),
+                      lambda r: r["tensors"]["nonfinite"].remove(NAN)),
         "unchanged": (next(i for i, d in enumerate(data) if d["tensors"]["unchanged"]),
                       lambda r: r["tensors"]["unchanged"].pop()),
-        "head": (next(i for i, d in enumerate(data) if d["summary"]["heads"]),
-                 lambda r: r["summary"]["heads"].popitem()),
+        "head": (next(i for i, d in enumerate(data) if EMBEDDING in d["summary"]["heads"]),
+                 lambda r: r["summary"]["heads"].pop(EMBEDDING)),
     }
     for what, (i, take_out) in where.items():
         given = data[i]["assignment"]

@@ -168,6 +168,10 @@ def intruder_strength(
     ]
 
 
+HEAD_FIGURES = ("mean_norm_ratio", "median_relative_change", "max_relative_change", "zero_base_rows")
+"""What `row_norm_drift` measures of a head or embedding."""
+
+
 def row_norm_drift(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float | None] | None:
     """Drift of row L2 norms, for output heads and embeddings (one row per class or token).
 
@@ -199,12 +203,8 @@ def row_norm_drift(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float |
         ratio: float | None = mean_t / mean_b
     else:
         ratio = 1.0 if mean_t == 0.0 else None
-    return {
-        "mean_norm_ratio": ratio,
-        "median_relative_change": None if math.isnan(median) else median,
-        "max_relative_change": None if math.isnan(largest) else largest,
-        "zero_base_rows": float(zero_rows),
-    }
+    return dict(zip(HEAD_FIGURES, (ratio, None if math.isnan(median) else median,
+                                   None if math.isnan(largest) else largest, float(zero_rows))))
 
 
 def low_rank_bound(shape: tuple[int, int]) -> int:
