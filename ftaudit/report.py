@@ -237,7 +237,7 @@ _VALUES = {("Summary", "risk"): LEVELS, ("Verdict", "status"): STATUSES, ("Appli
 """The fields whose strings are one of a few."""
 
 
-def _known(cls: type, data: object) -> dict[str, object]:
+def _known(cls: type, data: object) -> dict[str, typing.Any]:
     """The fields of `cls` in `data`, each checked against its declared type, down to the items of its lists and
     objects, and to the values it can take; a field whose type is a dataclass is built as one. A later ftaudit may
     add fields within a schema version, which this one skips."""
