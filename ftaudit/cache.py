@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -39,6 +40,8 @@ ALGORITHM = "gram-eigh/f32-basis/5"
 DEFAULT_MAX_BYTES = 20 * 1024**3
 PENDING = 1
 """Computed bases waiting for the writer at most, besides the one being written: `put` waits beyond."""
+ENTRY_NAME = re.compile(r"[0-9a-f]{64}")
+"""The stem of an entry's file name (a key); eviction touches no other file of the directory."""
 
 
 def default_dir() -> Path:
@@ -229,9 +232,12 @@ class SpectrumCache:
 
     def _evict(self, written: Path) -> None:
         """Remove least recently used entries of earlier audits until the cache fits its cap; when
-        this audit's own entries exceed it, drop the one just `written` and keep no more."""
+        this audit's own entries exceed it, drop the one just `written` and keep no more. Only
+        entries count and go: other files in the directory (a model's folder) are left alone."""
         entries, total = [], 0
-        for p in self.directory.glob("*/*.safetensors"):
+        for p in self.directory.glob("??/*.safetensors"):
+            if not (ENTRY_NAME.fullmatch(p.stem) and p.parent.name == p.stem[:2]):
+                continue
             try:
                 st = p.stat()
             except OSError:

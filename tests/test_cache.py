@@ -336,3 +336,16 @@ def test_a_cached_basis_gives_bitwise_the_products_of_a_fresh_one(tmp_path, shap
     assert torch.equal(cached.transposed_times(w, x), fresh.transposed_times(w, x))
     assert torch.equal(cached.times(w, y), fresh.times(w, y))
     assert torch.equal(cached.top(w, 10), fresh.top(w, 10))
+
+
+def test_eviction_removes_only_the_caches_own_entries(tmp_path):
+    """FTAUDIT_CACHE set to a folder that also holds models: the cap never costs them a file."""
+    cap, (first, second) = _entry_size(tmp_path), _bases(2)
+    folder = tmp_path / "models"
+    mine = [write_model(folder / "llama", llama_like(layers=1)) / "model.safetensors",
+            write_model(folder / "ab", llama_like(layers=1, seed=1)) / "model.safetensors"]
+    for w in (first, second):  # two audits: the second evicts the first's entry
+        with SpectrumCache(folder, max_bytes=cap) as cache:
+            cache.get_or_compute(tensor_key(w), lambda w=w: base_basis(w.double()))
+    assert all(path.exists() for path in mine)
+    assert [p.stem for p in folder.glob("*/*.safetensors") if p not in mine] == [tensor_key(second)]
