@@ -411,3 +411,40 @@ def test_the_audit_files_a_push_left_are_rewritten_for_the_output(tmp_path):
     assert f"{after.summary.intruder_dimensions} intruders" in (out / "ftaudit/badge.svg").read_text()
     assert "<svg" in (out / "ftaudit/heatmap.svg").read_text()
     assert "(ftaudit/badge.svg)" in (out / "README.md").read_text()  # the card shows them, as a push's does
+
+
+def test_sigterm_mid_write_removes_the_unfinished_output(tmp_path):
+    """A cancelled CI job, `timeout` or `docker stop` sends SIGTERM: it ends `fix` as Ctrl-C does, with one line,
+    exit code 2 and nothing of the unfinished output left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "writing"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from ftaudit import writer\n"
+        "from ftaudit.cli import run\n"
+        "ready = Path(sys.argv[1])\n"
+        "def stalled(tensor, info):\n"
+        "    ready.touch()\n"
+        "    time.sleep(120)\n"
+        "writer.encode = stalled\n"
+        "sys.argv = ['ftaudit', *sys.argv[2:]]\n"
+        "run()\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, ready, "fix", ADAPTER, "--base", BASE, "--out", out, "--k", "2", "--quiet",
+         *LAYERS_4_5], stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "never reached the write"
+    assert list(tmp_path.glob(".out.ftaudit-partial-*/*.safetensors"))  # the output is being written
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (2, "ftaudit: error: interrupted\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["writing"]
