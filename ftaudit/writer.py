@@ -9,6 +9,7 @@ copied unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -47,12 +48,15 @@ class ModelFolder:
     """A model folder being written; `commit()` makes it appear at its destination, whole.
 
     Use as a context manager: leaving the block without `commit()` (an error, an interrupt) removes
-    everything written.
+    everything written, and the folders made to hold `out`.
     """
 
     def __init__(self, out: Path) -> None:
         check_destination(out)
         self.out = out
+        self._made = [parent for parent in out.parents if not parent.exists()]
+        """The folders above `out` that this one makes, nearest first."""
+        self._committed = False
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=f".{out.name}.ftaudit-partial-", dir=out.parent))
@@ -68,6 +72,10 @@ class ModelFolder:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         if self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
+        if not self._committed:
+            for parent in self._made:
+                with contextlib.suppress(OSError):  # another process may have put something there meanwhile
+                    parent.rmdir()
 
     def commit(self) -> None:
         """Move the finished folder to its destination (an empty folder there is replaced)."""
@@ -78,6 +86,7 @@ class ModelFolder:
             os.replace(self.path, self.out)
         except OSError as e:
             raise UsageError(f"{self.out}: cannot move the finished model there ({e.strerror})") from None
+        self._committed = True
 
     @contextmanager
     def _file(self, name: str) -> Iterator[BinaryIO]:

@@ -448,3 +448,16 @@ def test_sigterm_mid_write_removes_the_unfinished_output(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert (proc.returncode, stderr) == (2, "ftaudit: error: interrupted\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["writing"]
+
+
+def test_a_failed_fix_leaves_no_folder_it_made_for_out(tmp_path, monkeypatch):
+    from ftaudit import writer
+
+    def failing(tensor: torch.Tensor, info: object) -> bytes:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "encode", failing)
+    code, _, stderr = run("fix", ADAPTER, "--base", BASE, "--out", tmp_path / "new" / "models" / "out", "--k", 2,
+                          *LAYERS_4_5)
+    assert code == 2 and "No space left on device" in stderr
+    assert list(tmp_path.iterdir()) == []
