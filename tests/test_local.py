@@ -59,3 +59,18 @@ def test_an_unreadable_folder_is_a_one_line_error(tmp_path):
         tuned.chmod(0o755)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "cannot read (Permission denied)" in result.stderr
+
+
+def test_a_file_that_shrinks_while_it_is_read_is_a_one_line_error_naming_it_once(tmp_path):
+    from ftaudit.errors import InvalidWeightsError
+    from ftaudit.sources.checkpoint import Checkpoint
+    from ftaudit.sources.local import LocalStorage
+
+    weights = write_model(tmp_path / "model", llama_like()) / "model.safetensors"
+    checkpoint = Checkpoint(LocalStorage(tmp_path / "model"), ["model.safetensors"])
+    last = max(checkpoint.tensors.values(), key=lambda ref: ref.info.end).info
+    os.truncate(weights, last.end - 4)  # rewritten meanwhile, say by a training run saving a checkpoint
+    with pytest.raises(InvalidWeightsError) as raised:
+        checkpoint.load(last.name)
+    assert str(raised.value) == (f"{weights}: file ends before byte {last.end}: it has changed since its header was "
+                                 "read; run again once nothing writes it")

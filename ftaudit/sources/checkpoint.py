@@ -78,8 +78,9 @@ class Checkpoint:
                 return last
             ref = self.tensors[name]
             info = ref.info if expert is None else ref.info.part(expert)
+            data = self.storage.read(ref.file, info.start, info.nbytes)
             try:
-                tensor = safetensors.decode(self.storage.read(ref.file, info.start, info.nbytes), info)
+                tensor = safetensors.decode(data, info)
             except InvalidWeightsError as e:  # an integer tensor where a float one is needed (an adapter's factor)
                 raise InvalidWeightsError(f"{self.storage.label}/{ref.file}: {e}") from None
             self._last = (key, weakref.ref(tensor))

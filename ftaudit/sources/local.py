@@ -60,7 +60,8 @@ def inside(name: str, label: str) -> PurePosixPath:
 
 
 def read_range(path: Path, start: int, length: int, label: str) -> bytearray:
-    """Exactly `length` bytes of a file from offset `start`, read straight into a bytearray."""
+    """Exactly `length` bytes of a file from offset `start`, read straight into a bytearray (a file shorter than that
+    has shrunk since its validated header was read)."""
     data = bytearray(length)
     try:
         with open(path, "rb") as f:
@@ -69,7 +70,8 @@ def read_range(path: Path, start: int, length: int, label: str) -> bytearray:
     except OSError as e:
         raise cannot_read(label, e) from None
     if got != length:
-        raise InvalidWeightsError(f"{label}: file ends before byte {start + length}")
+        raise InvalidWeightsError(f"{label}: file ends before byte {start + length}: it has changed since its header "
+                                  "was read; run again once nothing writes it")
     return data
 
 
