@@ -41,7 +41,7 @@ from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 from ftaudit.sources.storage import Storage
 from ftaudit.sources.stored_as import StoredAs
 from ftaudit.spectral import Basis, base_basis, resolve_device, upcast
-from ftaudit.writer import ModelFolder, Replace, check_destination
+from ftaudit.writer import ModelFolder, Replace
 
 log = logging.getLogger("ftaudit")
 
@@ -80,23 +80,23 @@ def fix(
 ) -> FixResult:
     """Write the patched model to `out` (which must not exist, or be empty) and return what was done."""
     phase = phases or (lambda name: None)
-    check_destination(out)
-    opened = open_target(target)
-    adapter = opened.tuned_side if isinstance(opened.tuned_side, AdaptedTensors) else None
-    if fix_options.merge and adapter is None:
-        raise UsageError(f"{opened.tuned.id} is a full model: --merge applies only to LoRA adapters")
-    fmt = "model" if adapter is None else "merged" if fix_options.merge else "adapter"
-    storage, weights = _weights_to_write(opened, fmt)
-    before = audit_opened(opened, options, policy, phase("auditing input"), cache)
-    patcher = _Patcher(opened, before, options, fix_options, cache)
-    if fmt == "merged":
-        patcher.check_mergeable()
-    if fmt == "adapter":
-        patcher.check_adapter_can_hold()
-    card = _card_to_update(opened.tuned.storage) if patcher.pairs or fmt == "merged" else ""
-    replace: Replace = {"model": patcher.model_tensor, "adapter": patcher.adapter_tensor,
-                        "merged": patcher.merged_tensor}[fmt]
+    # the destination first: one that cannot be written fails before the work, not after it
     with ModelFolder(out) as folder, flushed(cache):
+        opened = open_target(target)
+        adapter = opened.tuned_side if isinstance(opened.tuned_side, AdaptedTensors) else None
+        if fix_options.merge and adapter is None:
+            raise UsageError(f"{opened.tuned.id} is a full model: --merge applies only to LoRA adapters")
+        fmt = "model" if adapter is None else "merged" if fix_options.merge else "adapter"
+        storage, weights = _weights_to_write(opened, fmt)
+        before = audit_opened(opened, options, policy, phase("auditing input"), cache)
+        patcher = _Patcher(opened, before, options, fix_options, cache)
+        if fmt == "merged":
+            patcher.check_mergeable()
+        if fmt == "adapter":
+            patcher.check_adapter_can_hold()
+        card = _card_to_update(opened.tuned.storage) if patcher.pairs or fmt == "merged" else ""
+        replace: Replace = {"model": patcher.model_tensor, "adapter": patcher.adapter_tensor,
+                            "merged": patcher.merged_tensor}[fmt]
         _write_weights(folder, storage, weights, replace, phase("writing"))
         changed = bool(patcher.changes) or fmt == "merged"
         left_out, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from ftaudit.cli import main
@@ -20,3 +26,16 @@ def json_report(*args: object) -> dict:
     code, stdout, stderr = run(*args)
     assert code in (0, 1), stderr
     return json.loads(stdout)
+
+
+def run_unprivileged(*args: object) -> subprocess.CompletedProcess[str]:
+    """`ftaudit *args` in a process that file permissions apply to (root without its override capabilities)."""
+    command = [sys.executable, "-m", "ftaudit", *map(str, args)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: file permissions cannot be made to apply")
+        drop = "-dac_override,-dac_read_search"
+        command = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", *command]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

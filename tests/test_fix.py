@@ -7,6 +7,7 @@ shards with an index, so that the output's dtype, sharding and untouched bytes c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -461,3 +462,18 @@ def test_a_failed_fix_leaves_no_folder_it_made_for_out(tmp_path, monkeypatch):
                           *LAYERS_4_5)
     assert code == 2 and "No space left on device" in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_cannot_be_written_fails_before_the_audit(tmp_path):
+    from tests.invoke import run_unprivileged
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        result = run_unprivileged("fix", ADAPTER, "--base", BASE, "--out", locked / "out", *LAYERS_4_5)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"ftaudit: error: {locked / 'out'}: cannot write there (Permission denied)\n"
+    assert not list(Path(os.environ["FTAUDIT_CACHE"]).rglob("*.safetensors"))  # no base spectrum: nothing audited
+    assert list(locked.iterdir()) == []

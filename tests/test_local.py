@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.invoke import run_unprivileged
 from tests.models import llama_like, low_rank_update, write_model
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def check_unprivileged(*args: object) -> subprocess.CompletedProcess[str]:
     """`ftaudit check` in a process that file permissions apply to (root without its override capabilities)."""
-    command = [sys.executable, "-m", "ftaudit", "check", *map(str, args), "--no-cache"]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: file permissions cannot be made to apply")
-        drop = "-dac_override,-dac_read_search"
-        command = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", *command]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return run_unprivileged("check", *args, "--no-cache")
 
 
 @pytest.mark.parametrize("pickle", [False, True])
