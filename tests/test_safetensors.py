@@ -103,3 +103,31 @@ def test_rejects_bad_header_lengths_without_allocating():
         st.header_length(struct.pack("<Q", 2**62), 10**6, "f")
     with pytest.raises(InvalidWeightsError, match="truncated"):
         st.header_length(struct.pack("<Q", 500), 100, "f")
+
+
+def test_parses_the_newer_dtypes_the_library_writes_and_sizes_sub_byte_ones_in_bits():
+    tensors = {
+        "freqs_cis": torch.randn(4, 3, dtype=torch.complex64),
+        "scales": torch.ones(4, 2).to(torch.float8_e8m0fnu),
+        "packed": torch.zeros(4, 3, dtype=torch.uint8).view(torch.float4_e2m1fn_x2),  # two F4 values a byte
+        "w": torch.randn(3, 4),
+    }
+    blob = safetensors_bytes(tensors)
+    header = parse(blob)
+    sizes = {name: info.nbytes for name, info in header.tensors.items()}
+    assert sizes == {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    assert header.tensors["packed"].dtype == "F4" and header.tensors["packed"].shape == (4, 6)
+    with pytest.raises(InvalidWeightsError, match=r"F4 \[3\] is not a whole number of bytes"):
+        parse(build({"x": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, bytes(2)))
+
+
+def test_a_model_with_a_buffer_in_a_newer_dtype_is_audited(tmp_path):
+    from tests.invoke import run
+    from tests.models import llama_like, low_rank_update, write_model
+
+    base = llama_like(layers=1)
+    buffer = {"model.rotary_emb.freqs_cis": torch.randn(8, 4, dtype=torch.complex64)}
+    write_model(tmp_path / "base", {**base, **buffer})
+    write_model(tmp_path / "tuned", {**low_rank_update(base), **buffer})
+    code, _, stderr = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--quiet")
+    assert code == 1 and stderr == "", stderr

@@ -18,12 +18,14 @@ from ftaudit.errors import InvalidWeightsError
 MAX_HEADER_BYTES = 100_000_000
 """Headers larger than this are refused (the reference implementation uses the same cap)."""
 
-ITEM_SIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
+ITEM_BITS: dict[str, int] = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16,
+    "I64": 64, "I32": 32, "I16": 16, "I8": 8,
+    "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8,
+    "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "C64": 64,
+    "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
 }
+"""Every dtype the format defines, by its size in bits: a tensor of sub-byte values fills whole bytes."""
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -125,7 +127,7 @@ def _tensor_info(name: str, entry: object, data_start: int, label: str) -> Tenso
     if not isinstance(entry, dict):
         raise InvalidWeightsError(f"{where}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in ITEM_SIZE:
+    if not isinstance(dtype, str) or dtype not in ITEM_BITS:
         raise InvalidWeightsError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise InvalidWeightsError(f"{where}: shape must be a list of non-negative integers")
@@ -134,7 +136,10 @@ def _tensor_info(name: str, entry: object, data_start: int, label: str) -> Tenso
     begin, end = offsets
     if begin > end:
         raise InvalidWeightsError(f"{where}: data_offsets end before they begin")
-    expected = math.prod(shape) * ITEM_SIZE[dtype]
+    bits = math.prod(shape) * ITEM_BITS[dtype]
+    if bits % 8:
+        raise InvalidWeightsError(f"{where}: {dtype} {shape} is not a whole number of bytes")
+    expected = bits // 8
     if end - begin != expected:
         raise InvalidWeightsError(
             f"{where}: holds {end - begin} bytes but {dtype} {shape} needs {expected}"
