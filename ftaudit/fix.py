@@ -68,6 +68,12 @@ class FixOptions:
     merge: bool = False
     """For an adapter: write the merged model instead of an adapter."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.lam <= 1:  # NaN too: it would write NaN weights, and λ > 1 adds forgetting
+            raise UsageError(f"λ must be a number from 0 to 1, not {self.lam}")
+        if self.only_top is not None and self.only_top < 1:
+            raise UsageError(f"only_top must be at least 1, not {self.only_top}")
+
 
 def fix(
     target: Target,

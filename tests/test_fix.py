@@ -477,3 +477,17 @@ def test_an_out_that_cannot_be_written_fails_before_the_audit(tmp_path):
     assert result.stderr == f"ftaudit: error: {locked / 'out'}: cannot write there (Permission denied)\n"
     assert not list(Path(os.environ["FTAUDIT_CACHE"]).rglob("*.safetensors"))  # no base spectrum: nothing audited
     assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"lam": float("nan")}, "λ must be a number from 0 to 1, not nan"),
+    ({"lam": 1.5}, "λ must be a number from 0 to 1, not 1.5"),
+    ({"lam": -0.25}, "λ must be a number from 0 to 1, not -0.25"),
+    ({"only_top": 0}, "only_top must be at least 1, not 0"),
+])
+def test_the_library_refuses_a_lambda_or_only_top_the_command_line_would(options, message):
+    from ftaudit.errors import UsageError
+    from ftaudit.fix import FixOptions
+
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        FixOptions(**options)
