@@ -34,14 +34,16 @@ Replace = Callable[[TensorInfo], torch.Tensor | None]
 
 
 def check_destination(out: Path) -> None:
-    """Refuse a destination that exists and is not an empty folder, or is the current folder (the finished model
-    is moved into place whole, replacing an empty folder)."""
+    """Refuse a destination that exists and is not an empty folder, or is the current folder or a mount point (the
+    finished model is moved into place whole, replacing an empty folder)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UsageError(f"{out}: exists and is not a folder; choose a new --out")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"{out}: exists and is not empty; choose a new --out or remove it")
     if out.is_dir() and out.resolve() == Path.cwd().resolve():
         raise UsageError(f"{out}: is the current folder, which the finished model cannot replace; choose a new --out")
+    if out.is_dir() and os.path.ismount(out):
+        raise UsageError(f"{out}: is a mount point, which the finished model cannot replace; choose a new --out inside it")
 
 
 class ModelFolder:

@@ -1,4 +1,4 @@
-"""The command line run in-process, as the tests call it."""
+"""The command line as the tests call it: in-process, or in a process of its own."""
 
 from __future__ import annotations
 
@@ -39,3 +39,11 @@ def run_unprivileged(*args: object) -> subprocess.CompletedProcess[str]:
         command = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", *command]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def tmpfs_in_a_user_namespace(where: Path) -> bool:
+    """Whether this user may mount a tmpfs in a new user and mount namespace (no root needed where allowed)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "tmpfs", str(where)], capture_output=True)
+    return probe.returncode == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import ftaudit.cache as cache_module
 from ftaudit.cache import PENDING, SpectrumCache, tensor_key
 from ftaudit.cli import main
 from ftaudit.spectral import base_basis
+from tests.invoke import tmpfs_in_a_user_namespace
 from tests.models import llama_like, low_rank_update, small_update, write_model
 
 
@@ -132,14 +132,6 @@ def test_full_disk_warns_once_leaves_no_partial_file_and_the_audit_goes_on(model
     code, stderr, report = audit(models["a"], models["base"])
     assert code == uncached[0] and "0 hits, 14 misses" in stderr and len(entries(cache_dir)) == 14
     assert report["matrices"] == uncached[2]["matrices"]
-
-
-def tmpfs_in_a_user_namespace(where: Path) -> bool:
-    """Whether this user may mount a tmpfs in a new user and mount namespace (no root needed where allowed)."""
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "tmpfs", str(where)], capture_output=True)
-    return probe.returncode == 0
 
 
 def test_a_filesystem_that_fills_up_keeps_the_complete_entries_only(models, tmp_path, monkeypatch):

@@ -491,3 +491,26 @@ def test_the_library_refuses_a_lambda_or_only_top_the_command_line_would(options
 
     with pytest.raises(UsageError, match=f"^{message}$"):
         FixOptions(**options)
+
+
+def test_a_mount_point_as_out_is_refused_before_the_audit(tmp_path):
+    """An empty volume mounted at --out (a container's output folder) cannot be replaced by the finished model."""
+    import subprocess
+    import sys
+
+    from tests.invoke import tmpfs_in_a_user_namespace
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    if not tmpfs_in_a_user_namespace(out):
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    script = 'mount -t tmpfs tmpfs "$OUT" && "$@"'
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script, "sh", sys.executable, "-m", "ftaudit", "fix", str(ADAPTER),
+         "--base", str(BASE), "--out", str(out), *LAYERS_4_5],
+        env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parent.parent)
+    assert (proc.returncode, proc.stderr) == (
+        2, f"ftaudit: error: {out}: is a mount point, which the finished model cannot replace; choose a new --out "
+           "inside it\n")
+    assert not list(Path(os.environ["FTAUDIT_CACHE"]).rglob("*.safetensors"))  # no base spectrum: nothing audited
