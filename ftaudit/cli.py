@@ -425,6 +425,7 @@ def fix_command(
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
                    policy_path, no_cache, cache_size, quiet, debug, (json_path, card_path))
     redactor = setup.redactor
+    _run(debug, redactor, lambda: _check_not_out(out, {"--json": json_path, "--card": card_path}))
     phases, close = phase_displays() if not quiet else (None, lambda: None)
     fix_options = FixOptions(lam=lam, only_top=only_top, merge=merge)
     try:
@@ -440,6 +441,13 @@ def fix_command(
     if not quiet:
         click.echo(redactor(fix_render.render_text(result)))
     sys.exit(EXIT_FAIL if result.after.verdict.status == "fail" else EXIT_PASS)
+
+
+def _check_not_out(out: Path, files: dict[str, Path | None]) -> None:
+    """Refuse now a file option naming the --out folder, which would fail only once the model is written."""
+    for option, path in files.items():
+        if path is not None and path.resolve() == out.resolve():
+            raise UsageError(f"{path}: {option} names the --out folder; choose another file")
 
 
 @main.group("card")

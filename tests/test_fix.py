@@ -514,3 +514,12 @@ def test_a_mount_point_as_out_is_refused_before_the_audit(tmp_path):
         2, f"ftaudit: error: {out}: is a mount point, which the finished model cannot replace; choose a new --out "
            "inside it\n")
     assert not list(Path(os.environ["FTAUDIT_CACHE"]).rglob("*.safetensors"))  # no base spectrum: nothing audited
+
+
+@pytest.mark.parametrize("option", ["--json", "--card"])
+def test_a_record_or_card_path_naming_out_is_refused_before_the_work(tmp_path, option):
+    out = tmp_path / "fixed"
+    code, _, stderr = run("fix", ADAPTER, "--base", BASE, "--out", out, option, tmp_path / "." / "fixed", *LAYERS_4_5)
+    assert (code, stderr) == (2, f"ftaudit: error: {tmp_path / 'fixed'}: {option} names the --out folder; "
+                                 "choose another file\n")
+    assert list(tmp_path.iterdir()) == []
