@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -101,7 +102,8 @@ class LoraAdapter:
         """Tensors of adapted layers that the adapter saves (an embedding's weight, bias="all"'s biases), which PEFT
         loads in place of the base's, by the layer's tensor: the W0 its LoRA or lora_bias adds to."""
         factors: dict[str, dict[str, str]] = {}
-        targets = config.get("target_parameters") or []
+        given = config.get("target_parameters")
+        targets = given if isinstance(given, list) else []  # a list of names, or none (_check_config)
         for name in self.weights.infos:
             for key, what in _UNSUPPORTED_KEYS.items():
                 if key in name:
@@ -147,7 +149,7 @@ class LoraAdapter:
             raise InvalidWeightsError(
                 f"{self.label}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} have rank 0"
             )
-        alpha = float(_pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8)))
+        alpha = self._alpha(module)
         scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
         # On raw parameters, the rank and alpha are those of the parameter the base's shapes pick (for_parameter)
@@ -164,9 +166,15 @@ class LoraAdapter:
                                       f"(got {rank!r})")
         if rows % rank:
             return None
-        alpha = float(_pattern_value(self.config.get("alpha_pattern"), key, self.config.get("lora_alpha", 8)))
+        alpha = self._alpha(key)
         scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         return replace(module, rank=rank, alpha=alpha, scaling=scaling, parameters=(key,), experts=rows // rank)
+
+    def _alpha(self, key: str) -> float:
+        """The alpha of module or parameter `key`: `alpha_pattern`'s, else `lora_alpha` (numbers: _check_config)."""
+        alpha = _pattern_value(self.config.get("alpha_pattern"), key, self.config.get("lora_alpha", 8))
+        assert isinstance(alpha, (int, float))
+        return float(alpha)
 
     def _token_indices(self, module: str, name: str) -> list[int]:
         """The token rows that `name` holds: `trainable_token_indices` (a list, or a dict keyed by module name)."""
@@ -293,10 +301,11 @@ class AdaptedTensors:
         """The layers' stacks that the base stores expert by expert: each expert's parts."""
         for key, names in stored.items():
             found = where_stored(names, located, base_infos) if located.get(key) is None else None
-            if found is not None and isinstance(found[1], str):
-                located[key] = found[1]
-            elif found is not None:
-                parts[key] = found[1]
+            where = None if found is None else found[1]
+            if isinstance(where, str):
+                located[key] = where
+            elif where is not None:
+                parts[key] = where
         for m, module in adapter.modules.items():  # a layer's LoRA given parameters by a bare target's name (PEFT's
             # target_parameters=["down_proj"] names one of any module): the base has the layer, and none of those
             if module.parameters and located.get(f"{m}.weight") and not any(
@@ -314,7 +323,7 @@ class AdaptedTensors:
             if embedding is not None:
                 located[head], self.tied[embedding] = embedding, head
         parameters = {k for module in self.modules.values() for k in module.parameters}
-        wanted = {f"{m}.weight": m for m in [*layers, *adapter.rows]} | dict.fromkeys([*adapter.replaced, *parameters])
+        wanted = {f"{m}.weight": m for m in [*layers, *adapter.rows]}
         self._sources: dict[str, tuple[str, str]] = {}
         self._parts: dict[str, Part] = {}
         self._experts: dict[tuple[str, int], list[str]] = {}
@@ -324,7 +333,7 @@ class AdaptedTensors:
         """The base tensors whose W0 is the adapter's saved base layer (LoraAdapter.base_layers)."""
         for original in adapter_map.values():
             base_name = located.get(original)
-            if original in parameters or original not in wanted:
+            if original in parameters or (original not in wanted and original not in adapter.replaced):
                 continue
             if original in adapter.replaced and original in parts:
                 self._replaced_parts(adapter.replaced[original], parts[original])
@@ -431,13 +440,13 @@ class AdaptedTensors:
         self._experts.setdefault((self._sources[name][1], part.expert), []).append(name)
 
     def _parameter(self, module: LoraModule, located: dict[str, str | None], parts: dict[str, list[list[str]]],
-                   layout: Layout) -> tuple[dict[str, Part | None], LoraModule]:
+                   layout: Layout) -> tuple[Mapping[str, Part | None], LoraModule]:
         """The base tensors that a LoRA on raw parameters adapts, those of the one of `module.parameters` its factors
         fit, and the module as that parameter's LoRA, with the tensor's layout: one ΔW per expert of a stack, ΔWᵀ in
         some families (ftaudit.layout). A stack the base stores expert by expert gives each part's rows of the
         expert's ΔW (ftaudit.stored_stacks)."""
         label, infos = self.adapter.label, self.base.infos
-        present = {k: located[k] for k in module.parameters if located.get(k) is not None}
+        present = {k: where for k in module.parameters if (where := located.get(k)) is not None}
         split = {k: parts[k] for k in module.parameters if k in parts}
         if not present and not split:
             raise UnsupportedError(
@@ -445,7 +454,7 @@ class AdaptedTensors:
                 "(transformers converts this model's weights as it loads them): merge the adapter into its base "
                 "(PEFT's merge_and_unload) and audit the merged model")
         a, b = self.adapter.weights.infos[module.a].shape, self.adapter.weights.infos[module.b].shape
-        fits: list[tuple[dict[str, Part | None], LoraModule]] = []
+        fits: list[tuple[Mapping[str, Part | None], LoraModule]] = []
         for key, name in present.items():
             shape, candidate = infos[name].shape, self.adapter.for_parameter(module, key)
             if len(shape) == 3 and layout.concatenated(name) and (shape[0] * shape[1], shape[2]) == (b[0], a[1]):
