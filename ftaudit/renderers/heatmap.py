@@ -51,6 +51,27 @@ class Cell:
     tooltip: str
 
 
+@dataclass(frozen=True)
+class Legend:
+    """The colour key: its title, swatches or gradient bar with ticks, the "not analysed" key, and its extent."""
+
+    title: str
+    x: float
+    y: float
+    swatch_y: float
+    swatch_h: int
+    swatch_w: int
+    swatches: list[tuple[float, str, str]]
+    stops: list[tuple[str, str]]
+    ticks: list[tuple[float, str, str]]
+    bar_w: int
+    label_y: float
+    missing: bool
+    none_x: float
+    right: float
+    bottom: float
+
+
 def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
     """The heatmap of `metric` ("intruders" or a key of the matrices' indicators) as an SVG document."""
     values = _metric_values(report, metric)
@@ -58,8 +79,8 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
     row_keys: list[int | None] = [*rows, *([None] if any(m.layer is None for m in report.matrices) else [])]
     columns = _column_order(report.matrices)
     shared: dict[tuple[int | None, str], list[MatrixResult]] = {}
-    for m in report.matrices:
-        shared.setdefault((m.layer, column_label(m.name)), []).append(m)
+    for matrix in report.matrices:
+        shared.setdefault((matrix.layer, column_label(matrix.name)), []).append(matrix)
     grid = {key: max(ms, key=lambda m: _order(values[id(m)])) for key, ms in shared.items()}
 
     dense = len(row_keys) > 12
@@ -102,13 +123,13 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
     width = math.ceil(max(
         grid_x + grid_w + max(overhang, 0) + PAD,
         PAD * 2 + text_width(title, TITLE_SIZE, bold=True),
-        legend["right"] + PAD,
+        legend.right + PAD,
         320,
     ))
     ids = f"{report.model.id} vs {report.base.id}"
     width = max(width, min(MAX_WIDTH, math.ceil(2 * PAD + text_width(ids, LABEL_SIZE))))
     subtitle = _fit_ids(report.model.id, report.base.id, width - 2 * PAD)
-    height = math.ceil(legend["bottom"] + PAD)
+    height = math.ceil(legend.bottom + PAD)
 
     cells = []
     for r, key in enumerate(row_keys):
@@ -217,7 +238,7 @@ def _rgb(hex_colour: str) -> tuple[int, int, int]:
 
 def _text_on(fill: str) -> str:
     """Dark text on light cells, white on dark ones (relative luminance, WCAG)."""
-    def lin(c: int) -> float:
+    def lin(c: float) -> float:
         c /= 255
         return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
 
@@ -294,18 +315,20 @@ def _tail(text: str, width: float, size: float) -> str:
 
 
 def _legend(scale: _Scale, metric: str, report: Report, values: dict[int, float | None],
-            x: float, y: float) -> dict[str, object]:
+            x: float, y: float) -> Legend:
     """The colour key: one swatch per value for small integer ranges, a gradient bar otherwise."""
     title = (f"Intruders per matrix at ε = {report.settings.epsilon:g}, of its top {report.settings.k} "
              "singular vectors" if metric == "intruders"
              else _metric_title(metric))
     swatch_y = y + LABEL_SIZE + 6
     integral = all(v is None or float(v).is_integer() for v in values.values())
-    swatches, stops, ticks = [], [], []
+    swatches: list[tuple[float, str, str]] = []
+    stops: list[tuple[str, str]] = []
+    ticks: list[tuple[float, str, str]] = []
     if integral and scale.hi - scale.lo <= 12:
         size = 22
-        for i, v in enumerate(range(int(scale.lo), int(scale.hi) + 1)):
-            swatches.append((x + i * size, scale.colour(v), str(v)))
+        for i, count in enumerate(range(int(scale.lo), int(scale.hi) + 1)):
+            swatches.append((x + i * size, scale.colour(count), str(count)))
         bar_w = size * len(swatches)
         swatch_w = size
     else:
@@ -324,12 +347,12 @@ def _legend(scale: _Scale, metric: str, report: Report, values: dict[int, float 
     none_x = x + bar_w + 24
     key_right = none_x + 20 + text_width("not analysed", LABEL_SIZE) if missing else x + bar_w + 20
     right = max(x + text_width(title, LABEL_SIZE), key_right)
-    return {
-        "title": title, "x": x, "y": y, "swatch_y": swatch_y, "swatch_h": 14, "swatch_w": swatch_w,
-        "swatches": swatches, "stops": stops, "ticks": ticks, "bar_w": bar_w,
-        "label_y": swatch_y + 14 + LABEL_SIZE + 3, "missing": missing, "none_x": none_x,
-        "right": right, "bottom": swatch_y + 14 + LABEL_SIZE + 6,
-    }
+    return Legend(
+        title=title, x=x, y=y, swatch_y=swatch_y, swatch_h=14, swatch_w=swatch_w,
+        swatches=swatches, stops=stops, ticks=ticks, bar_w=bar_w,
+        label_y=swatch_y + 14 + LABEL_SIZE + 3, missing=missing, none_x=none_x,
+        right=right, bottom=swatch_y + 14 + LABEL_SIZE + 6,
+    )
 
 
 def _tick_label(value: float, step: float) -> str:
