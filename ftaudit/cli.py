@@ -41,6 +41,7 @@ T = TypeVar("T")
 
 def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
     """Run `fn`; any failure becomes one redacted line on stderr and exit code 2."""
+    error: BaseException
     try:
         return fn()
     except FtauditError as e:
@@ -210,7 +211,7 @@ def _setup(
     as GitHub workflow commands."""
     redactor = Redactor.for_token(token)
     _setup_logging(debug, quiet, annotate, redactor)
-    _run(debug, redactor, lambda: [check_writable(path) for path in outputs if path is not None])
+    _run(debug, redactor, lambda: _check_writable(outputs))
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
     options = AuditOptions(
         k=k or policy.k,
@@ -267,6 +268,13 @@ class _Outputs:
         given = {"--card": self.card_path, "--badge": self.badge_path, "--badge-json": self.badge_json_path,
                  "--heatmap": self.heatmap_path, "--push": self.push}
         return [option for option, value in given.items() if value]
+
+
+def _check_writable(paths: tuple[Path | None, ...]) -> None:
+    """Fail now where an output file given could not be written afterwards (`check_writable`)."""
+    for path in paths:
+        if path is not None:
+            check_writable(path)
 
 
 def _check_github_files(fmt: str) -> None:
@@ -364,7 +372,7 @@ def merge_command(
     outputs = _Outputs(json_path, fmt, card_path, badge_path, badge_json_path, heatmap_path, push, push_mode)
     redactor = Redactor.for_token(token)
     _setup_logging(debug, quiet, fmt == "github", redactor)
-    _run(debug, redactor, lambda: [check_writable(path) for path in outputs.files if path is not None])
+    _run(debug, redactor, lambda: _check_writable(outputs.files))
     _run(debug, redactor, lambda: _check_github_files(fmt))
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
     shards = _run(debug, redactor, lambda: [(str(path), Report.read(path)) for path in reports])

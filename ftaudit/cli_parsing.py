@@ -56,7 +56,8 @@ class FiniteRange(click.FloatRange):
     """A float range that also refuses NaN and ±inf, which every comparison with a bound lets through."""
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        number = super().convert(value, param, ctx)
+        # click types FloatRange's input as a float: it is the option's text, or its default
+        number = super().convert(value, param, ctx)  # type: ignore[arg-type]
         if not math.isfinite(number):
             self.fail(f"{value} is not a finite number.", param, ctx)
         return number
