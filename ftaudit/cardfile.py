@@ -140,8 +140,8 @@ def _marker_spans(text: str) -> tuple[list[tuple[int, int]], str | None]:
         stripped = line.strip() if len(line) - len(line.lstrip(" ")) < 4 else ""  # 4 spaces: indented code
         opening = _FENCE.match(line)
         if fence is not None:
-            closes = opening and opening[1][0] == fence[0] and len(opening[1]) >= len(fence)
-            if closes and not line[opening.end():].strip():
+            if (opening and opening[1][0] == fence[0] and len(opening[1]) >= len(fence)
+                    and not line[opening.end():].strip()):
                 fence = None
         elif opening:
             fence = opening[1]
@@ -169,8 +169,8 @@ def _set_key(body: str, data: dict[str, object], nl: str) -> str:
         before = yaml.safe_load(body) if body.strip() else None
         before = {} if before is None else before  # empty, or only comments
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0]
-        raise UsageError(f"the card's front matter is not valid YAML ({first}): fix it first") from None
+        problem = str(e).splitlines()[0]
+        raise UsageError(f"the card's front matter is not valid YAML ({problem}): fix it first") from None
     if not isinstance(before, dict):
         raise UsageError("the card's front matter is not a YAML mapping: fix it first")
     block = _key_block(data, nl)

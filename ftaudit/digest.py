@@ -30,7 +30,7 @@ def _hashers() -> ThreadPoolExecutor:
 
 def digest(label: str, tensors: list[torch.Tensor]) -> str:
     """Hex SHA-256 over `label` and the bytes of `tensors` (CPU), in pieces hashed in parallel."""
-    views = [memoryview(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()) for t in tensors]
+    views = [t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().data for t in tensors]
     pieces = [(view, start) for view in views for start in range(0, len(view), PIECE)]
     top = hashlib.sha256(label.encode())
     top.update(len(views).to_bytes(8, "little"))

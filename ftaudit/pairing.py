@@ -199,7 +199,7 @@ def pair_tensors(
     for key, names in matrices.items():
         b_name, t_name = b_map.get(key), t_map.get(key)
         kind = module_kind(key)
-        also = (aliases[t_name],) if t_name in aliases else ()
+        also = (aliases[t_name],) if t_name is not None and t_name in aliases else ()
         chosen = [n for n in names if selection.selects(key, n, kind, also)]
         result.not_selected += len(names) - len(chosen)
         if not chosen:
@@ -239,7 +239,7 @@ def _pairs(
     b_transposed, t_transposed = layout.transposed(key, b_shape), layout.transposed(key, t_shape)
     shape = _analysed_shape(b_shape, b_transposed)
     if shape == _analysed_shape(t_shape, t_transposed):
-        pair = TensorPair(key, b_name, t_name, kind, layer_index(key), shape[-2:], transposed=b_transposed,
+        pair = TensorPair(key, b_name, t_name, kind, layer_index(key), (shape[-2], shape[-1]), transposed=b_transposed,
                           tuned_transposed=t_transposed)
         if len(b_shape) == 2:
             return [pair]

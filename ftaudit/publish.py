@@ -220,7 +220,7 @@ def _write(fn: Callable[[], T], repo: str, change: _Change) -> T:
 def _sent_commit(e: HfHubHTTPError | httpx2.RequestError) -> bool:
     """Whether the failed request was the one that makes the commit (True when that cannot be told)."""
     try:
-        request = e.response.request if isinstance(e, HfHubHTTPError) else e.request  # type: ignore[union-attr]
+        request = e.response.request if isinstance(e, HfHubHTTPError) else e.request
     except (AttributeError, RuntimeError):  # no request recorded
         return True
     path = request.url.raw_path.split(b"?")[0].decode("ascii")  # as sent: a branch's "/" is still %2F there

@@ -215,7 +215,7 @@ def low_rank_bound(shape: tuple[int, int]) -> int:
 def classify_update(
     relative_norms: Sequence[float | None], numerical_ranks: Sequence[int], shapes: Sequence[tuple[int, int]],
     unchanged: int = 0,
-) -> dict[str, str | int | None]:
+) -> dict[str, object]:
     """Model-level kind of update, from the per-matrix relative norms and numerical ranks of the analysed
     matrices, and the count of `unchanged` ones (identical in both models, not analysed).
 

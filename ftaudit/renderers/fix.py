@@ -38,7 +38,7 @@ def comparison(result: FixResult) -> list[tuple[str, str, str]]:
     rows = []
     for key in COMPARED:
         label = SUMMARY_LABELS[key] + (f" (ε = {eps})" if key == "intruder_dimensions" else "")
-        rows.append((label, *(_value(r, key) for r in (result.before, result.after))))
+        rows.append((label, _value(result.before, key), _value(result.after, key)))
     rows.append(("Forgetting risk", result.before.summary.risk, result.after.summary.risk))
     rows.append(("Verdict", result.before.verdict.status, result.after.verdict.status))
     return rows

@@ -297,7 +297,7 @@ class HubStorage:
             name,
         ))
 
-    def read(self, name: str, start: int, length: int) -> bytes:
+    def read(self, name: str, start: int, length: int) -> bytes | bytearray:
         if length == 0:
             return b""
         cached = self._cached(name)
