@@ -155,6 +155,10 @@ ftaudit promises, the other half covering the float32 rounding of the base's bas
 
 START_FACTOR = 4
 """The float32 start holds START_FACTOR·k + 1 vectors: close neighbours of the top k sit inside it."""
+START_MAX_SHARE = 1 / 8
+"""Largest start, as a share of the smaller side: its products, and the refinement's, cost more with every vector,
+and a start of more than about an eighth of the vectors takes longer than the full decomposition (k = 10 has one of 41
+vectors, within the share from REFINE_MIN on)."""
 KRYLOV_STEPS = 2
 """Block Krylov steps from the start: the Rayleigh–Ritz space is span(S, G·S, G²·S)."""
 
@@ -181,13 +185,14 @@ def top_left(w: torch.Tensor, k: int) -> Spectrum:
     start from the float32 Gram matrix, which `refine_top_left` polishes in float64 and certifies:
     the iterated start (matrix products only) first, else, where the top values are too close for
     it to converge within its budget, the Gram's float32 eigendecomposition. Where neither can be
-    certified (tied or clustered values, k close to the rank), and for matrices under REFINE_MIN,
-    the full float64 decomposition answers instead.
+    certified (tied or clustered values, k close to the rank), for matrices under REFINE_MIN, and for
+    a k whose start would exceed START_MAX_SHARE of the vectors, the full float64 decomposition answers
+    instead.
     """
     k = min(k, *w.shape)
-    if REFINE_MIN <= min(w.shape) and k < min(w.shape):
+    count = min(START_FACTOR * k + 1, min(w.shape))
+    if REFINE_MIN <= min(w.shape) and k < min(w.shape) and count <= START_MAX_SHARE * min(w.shape):
         gram = blockwise.gram(w, dtype=torch.float32)
-        count = min(START_FACTOR * k + 1, min(w.shape))
         for start in (lambda: iterated_start(gram, count, k), lambda: _eigh_start(gram, count)):
             found = start()
             refined = None if found is None else refine_top_left(w, _lifted(w, found), k)

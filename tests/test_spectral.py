@@ -23,6 +23,21 @@ from tests import reference
 def refine_every_size(monkeypatch):
     """The small matrices here go through the float32 start and refinement, as large ones do."""
     monkeypatch.setattr(spectral, "REFINE_MIN", 0)
+    monkeypatch.setattr(spectral, "START_MAX_SHARE", 1.0)
+
+
+def test_a_start_of_more_than_an_eighth_of_the_vectors_gives_way_to_the_full_decomposition(
+        monkeypatch, full_decompositions):
+    """Such a start, and its refinement, cost more than the decomposition: k = 599 of 600 had taken 12 times as long."""
+    monkeypatch.setattr(spectral, "REFINE_MIN", 512)
+    monkeypatch.setattr(spectral, "START_MAX_SHARE", 1 / 8)
+    starts: list[int] = []
+    monkeypatch.setattr(spectral, "iterated_start", lambda gram, count, k: starts.append(count))
+    w = torch.randn(600, 640, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    assert torch.allclose(top_left(w, 19).S, torch.linalg.svdvals(w)[:19], rtol=1e-12)
+    assert (full_decompositions, starts) == ([(600, 640)], [])  # 4·19 + 1 = 77 > 600 / 8
+    top_left(w, 18)
+    assert starts == [73]  # 73 ≤ 75: the start is tried first
 
 
 def test_matrices_under_refine_min_take_the_full_decomposition(monkeypatch, full_decompositions):
