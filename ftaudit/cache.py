@@ -16,6 +16,7 @@ A cache that cannot be written is skipped with one warning: the audit goes on wi
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -24,7 +25,6 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -57,7 +57,7 @@ def tensor_key(w: torch.Tensor) -> str:
     return digest(f"{ALGORITHM}|{w.dtype}|{tuple(w.shape)}", [w.cpu()])
 
 
-def _load(f: BinaryIO, info: format_.TensorInfo) -> torch.Tensor:
+def _load(f: io.BufferedReader, info: format_.TensorInfo) -> torch.Tensor:
     """One tensor of a validated entry, read into memory allocated as a computed basis's is (the
     float64 products with it then round exactly as with a freshly computed one)."""
     dtype = format_.FLOAT_DTYPES.get(info.dtype)
@@ -65,7 +65,7 @@ def _load(f: BinaryIO, info: format_.TensorInfo) -> torch.Tensor:
         raise InvalidWeightsError(f"tensor {info.name!r}: dtype {info.dtype} is not a float dtype")
     tensor = torch.empty(info.shape, dtype=dtype)
     f.seek(info.start)
-    if f.readinto(tensor.view(torch.uint8).reshape(-1).numpy()) != info.nbytes:
+    if f.readinto(tensor.view(torch.uint8).reshape(-1).numpy().data) != info.nbytes:
         raise InvalidWeightsError(f"tensor {info.name!r}: truncated")
     return tensor
 
@@ -218,7 +218,7 @@ class SpectrumCache:
                 with os.fdopen(fd, "wb") as f:  # the tensors' own memory, not a serialised copy
                     f.write(header)
                     for t in tensors.values():
-                        f.write(t.view(torch.uint8).reshape(-1).numpy())
+                        f.write(t.view(torch.uint8).reshape(-1).numpy().data)
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ftaudit import __version__, cardfile
-from ftaudit.audit import AuditOptions, Progress
+from ftaudit.audit import AuditOptions, Progress, Tensors
 from ftaudit.blockwise import scale_exponent, scaled, unscaled
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
 from ftaudit.check import Opened, Target, audit_opened, check, open_target
@@ -132,6 +132,7 @@ def fix(
 
 def _weights_to_write(opened: Opened, fmt: str) -> tuple[Storage, Checkpoint]:
     """The safetensors checkpoint the output is a patched copy of, and its storage."""
+    weights: Tensors
     if fmt == "merged":
         storage, weights = opened.base.storage, opened.base_side
     elif fmt == "adapter":

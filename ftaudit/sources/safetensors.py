@@ -77,7 +77,7 @@ def encode_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return struct.pack("<Q", len(text)) + text
 
 
-def header_length(prefix: bytes, file_size: int, label: str) -> int:
+def header_length(prefix: bytes | bytearray, file_size: int, label: str) -> int:
     """Read and check the 8-byte header length against the file size."""
     if file_size < 8 or len(prefix) < 8:
         raise InvalidWeightsError(f"{label}: truncated safetensors file ({file_size} bytes, no header)")
@@ -100,7 +100,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def parse_header(raw: bytes, file_size: int, label: str) -> Header:
+def parse_header(raw: bytes | bytearray, file_size: int, label: str) -> Header:
     """Parse and completely validate header JSON `raw` of a file of `file_size` bytes."""
     data_start = 8 + len(raw)
     data_len = file_size - data_start
