@@ -104,8 +104,10 @@ def open_target(target: Target) -> Opened:
         model_ref.fingerprint = _fingerprint(tuned, weights, json.dumps(config, sort_keys=True))
         adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
         for embedding, head in adapted.tied.items():
-            log.warning("%s is tied to the input embedding (tie_word_embeddings): its LoRA is audited as PEFT merges "
-                        "it, as an update of %s, the embedding's weight too", head.removesuffix(".weight"), embedding)
+            what = ("its trained token rows are audited as PEFT merges them, as rows" if adapted.token_rows(embedding)
+                    else "its LoRA is audited as PEFT merges it, as an update")
+            log.warning("%s is tied to the input embedding (tie_word_embeddings): %s of %s, the embedding's weight too",
+                        head.removesuffix(".weight"), what, embedding)
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
     return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout)

@@ -255,12 +255,12 @@ def _analysed_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]
     return (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
 
 
-def input_embeddings(tensors: dict[str, TensorInfo], shape: tuple[int, ...]) -> list[str]:
-    """The token embeddings among `tensors` that an output head of `shape` (vocabulary × hidden) may be tied to:
-    floating-point embedding matrices of that shape, position embeddings aside."""
+def input_embeddings(tensors: dict[str, TensorInfo], shape: tuple[int | None, int]) -> list[str]:
+    """The token embeddings among `tensors` that an output head of `shape` (vocabulary × hidden; any vocabulary
+    where it is None) may be tied to: floating-point embedding matrices of that shape, position embeddings aside."""
     return sorted(n for n, t in tensors.items()
-                  if tuple(t.shape) == tuple(shape) and t.dtype in FLOAT_DTYPES and module_kind(n) == "embedding"
-                  and not _POSITIONS.search(n.lower()))
+                  if len(t.shape) == 2 and shape[0] in (None, t.shape[0]) and t.shape[1] == shape[1]
+                  and t.dtype in FLOAT_DTYPES and module_kind(n) == "embedding" and not _POSITIONS.search(n.lower()))
 
 
 def quantized_matrix(tensors: dict[str, TensorInfo]) -> TensorInfo | None:

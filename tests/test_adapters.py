@@ -513,3 +513,34 @@ def test_a_tied_head_whose_embedding_the_base_stores_twice_is_refused(tmp_path):
         f"ftaudit: error: {folder}: lm_head, tied to the input embedding, fits more than one of the base's embeddings "
         "(model.decoder.embed_tokens.weight, model.embed_tokens.weight): merge the adapter into its base (PEFT's "
         "merge_and_unload) and audit the merged model\n"), result.stderr
+
+
+def test_trained_token_rows_of_a_tied_head_are_audited_as_peft_merges_them(tmp_path):
+    """PEFT's merge of trainable_token_indices on a tied lm_head writes those rows of the embedding it shares. The
+    adapter had been refused as adapting an lm_head the base does not have."""
+    pytest.importorskip("peft")
+    import peft
+    import transformers
+
+    folder, base, _ = tied_head(tmp_path, "llama", target_modules=["q_proj"],
+                                trainable_token_indices={"lm_head": [1, 2]})
+    weights = load_file(folder / "adapter_model.safetensors")
+    rows = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+    weights[rows] = torch.randn_like(weights[rows])  # as trained: PEFT starts them at the base's rows
+    save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    merged = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), folder)
+    merged.merge_and_unload().save_pretrained(tmp_path / "merged")
+    found, said = {}, {}
+    for side in (folder, tmp_path / "merged"):
+        result = CliRunner().invoke(main, ["check", str(side), "--base", str(base), "--format", "json", "--include",
+                                           "embedding", "--no-cache"])
+        assert result.exit_code in (0, 1), result.stderr
+        found[side.name], said[side.name] = json.loads(result.stdout), result.stderr
+    embedding = "model.embed_tokens.weight"
+    assert found["adapter"]["model"]["adapter"]["tied"] == {"lm_head": embedding}
+    assert said["adapter"] == "ftaudit: WARNING: lm_head is tied to the input embedding (tie_word_embeddings): its " \
+        f"trained token rows are audited as PEFT merges them, as rows of {embedding}, the embedding's weight too\n"
+    matrices = [{m["name"]: m["max_cos"] for m in found[side]["matrices"]} for side in ("adapter", "merged")]
+    assert sorted(matrices[0]) == sorted(matrices[1]) and embedding in matrices[0]
+    for name, max_cos in matrices[1].items():
+        assert matrices[0][name] == pytest.approx(max_cos, abs=1e-5), name

@@ -315,11 +315,11 @@ class AdaptedTensors:
         self.tied: dict[str, str] = {}
         """Base tensors that an adapted output head shares with the input embedding (tie_word_embeddings, the head
         not stored): the head's tensor, by the embedding's, which its LoRA changes as PEFT's merge does."""
-        for m in layers if layout.tied_embeddings is not False else ():
+        for m in [*layers, *adapter.rows] if layout.tied_embeddings is not False else ():
             head = f"{m}.weight"
             if located.get(head) is not None or m.rpartition(".")[2] not in TIED_HEADS:
                 continue
-            embedding = self._tied_embedding(self.modules[m])
+            embedding = self._tied_embedding(m)
             if embedding is not None:
                 located[head], self.tied[embedding] = embedding, head
         parameters = {k for module in self.modules.values() for k in module.parameters}
@@ -376,14 +376,16 @@ class AdaptedTensors:
                     if part is not None:
                         self._add_part(base_name, part)
 
-    def _tied_embedding(self, module: LoraModule) -> str | None:
-        """The base's input embedding that output head `module` is tied to: the one token embedding of its shape;
-        None where there is none."""
-        infos = self.adapter.weights.infos
-        found = input_embeddings(self.base.infos, (infos[module.b].shape[0], infos[module.a].shape[1]))
+    def _tied_embedding(self, m: str) -> str | None:
+        """The base's input embedding that output head `m` (a LoRA's, or trained token rows') is tied to: the one
+        token embedding of its shape; None where there is none."""
+        infos, module = self.adapter.weights.infos, self.modules.get(m)
+        shape = ((infos[module.b].shape[0], infos[module.a].shape[1]) if module is not None
+                 else (None, infos[self.adapter.rows[m][0]].shape[1]))
+        found = input_embeddings(self.base.infos, shape)
         if len(found) > 1:
             raise UnsupportedError(
-                f"{self.adapter.label}: {module.module}, tied to the input embedding, fits more than one of the base's "
+                f"{self.adapter.label}: {m}, tied to the input embedding, fits more than one of the base's "
                 f"embeddings ({', '.join(found)}): merge the adapter into its base (PEFT's merge_and_unload) and audit "
                 "the merged model")
         return found[0] if found else None
