@@ -42,9 +42,8 @@ def find(api: HfApi, repo: str, sha: str, heads: Mapping[str, str], read: Read) 
     user of this one: its title is ftaudit's, its author this token's user, and its card's `ftaudit` key records `sha`
     as the audited revision. `heads` maps the repo's pull-request refs to their commits. None without a token: no
     push can be made then."""
-    listed = read(
-        lambda: list(api.get_repo_discussions(repo, discussion_type="pull_request", discussion_status="open")),
-        "open pull requests",
+    listed = read(  # every status: the Hub's filter `open` might leave out a draft, which a pull request can be
+        lambda: list(api.get_repo_discussions(repo, discussion_type="pull_request")), "pull requests"
     )
     candidates = sorted(
         (pr for pr in listed if pr.is_pull_request and pr.status in ("open", "draft")

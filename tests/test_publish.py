@@ -452,6 +452,17 @@ def test_pushing_again_on_the_same_commit_leaves_its_pull_request_as_it_is(hub_e
     assert HfApi(endpoint=hub_env.url).model_info("org/tuned").sha == sha
 
 
+def test_a_draft_pull_request_of_ftaudits_is_found_too(hub_env, tmp_path):
+    """The Hub's `open` filter may leave drafts out (the fake's does): the pull requests are listed whatever their
+    status, and ftaudit's is taken while it is open or a draft."""
+    publish(hub_env, tmp_path)
+    first = push_card(audit(), token=TOKEN)
+    hub_env._repos["org/tuned"].discussions[1].status = "draft"
+    again = push_card(replace(audit(), created_at="2031-02-03T04:05:06+00:00"), token=TOKEN)
+    assert (again.url, again.action) == (first.url, "unchanged")
+    assert pull_requests(hub_env) == ["refs/pr/1"]
+
+
 def test_a_new_audit_of_the_same_commit_updates_its_pull_request(hub_env, tmp_path):
     sha = publish(hub_env, tmp_path)
     first = push_card(audit(), token=TOKEN)
