@@ -36,7 +36,7 @@ from ftaudit.renderers import fix as fix_render
 from ftaudit.renderers.card import BADGE, HEATMAP, REPO_FILES, repo_files
 from ftaudit.report import ModelRef, Report
 from ftaudit.sources.adapters import AdaptedTensors, expert_factors
-from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.checkpoint import Checkpoint, is_training_state
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 from ftaudit.sources.storage import Storage
 from ftaudit.sources.stored_as import StoredAs
@@ -214,6 +214,9 @@ def _other_copy(name: str, stem: str) -> bool:
 
 
 def _other_weights(name: str) -> bool:
+    """A file of weights in another format; not a training run's state (`optimizer.pt`), which is copied."""
+    if is_training_state(name):
+        return False
     lowered = PurePosixPath(name).name.lower()
     return lowered.endswith(OTHER_WEIGHT_SUFFIXES) or any(
         lowered.endswith(f"{suffix}.index.json") for suffix in OTHER_WEIGHT_SUFFIXES

@@ -95,3 +95,27 @@ def pickled_copies(root: Path, tensors: dict[str, dict[str, torch.Tensor]], to: 
         shutil.copytree(root / side, to / side, ignore=shutil.ignore_patterns("*.safetensors"))
         torch.save(tensors[side], to / side / "pytorch_model.bin")
     return to
+
+
+TRAINER_STATE = ["optimizer.pt", "rng_state.pth", "scaler.pt", "scheduler.pt", "training_args.bin"]
+"""What transformers' Trainer saves beside the weights in a checkpoint folder, besides trainer_state.json."""
+
+
+def write_trainer_state(folder: Path) -> Path:
+    """Save into `folder` a training run's state as transformers' Trainer does in a checkpoint folder: its
+    TrainingArguments, optimizer, scheduler, scaler and random states (pickles, none of them weights)."""
+    import random
+
+    from transformers import TrainingArguments
+
+    torch.save(TrainingArguments(output_dir=str(folder), report_to=[]), folder / "training_args.bin")
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    optimizer = torch.optim.AdamW([weight], lr=1e-3)
+    weight.sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0).state_dict(), folder / "scheduler.pt")
+    torch.save(torch.amp.GradScaler("cpu").state_dict(), folder / "scaler.pt")
+    torch.save({"python": random.getstate(), "cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+    return folder

@@ -21,7 +21,9 @@ from examples import minilm_finetunes as ft
 from ftaudit.report import Report
 from ftaudit.spectral import top_left
 from tests.invoke import run
-from tests.models import card, folder_files
+from tests.models import (
+    TRAINER_STATE, card, folder_files, llama_like, low_rank_update, write_model, write_trainer_state,
+)
 
 BASE = ft.base_model_dir()
 ADAPTER = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
@@ -59,6 +61,13 @@ def write_full_model(folder: Path) -> Path:
     (folder / "onnx").mkdir()
     (folder / "onnx" / "model.onnx").write_bytes(b"an export that would keep the unpatched weights")
     return folder
+
+
+def small_fine_tune(root: Path) -> Path:
+    """root/model: a small Llama-shaped model with intruders, whose card names root/base, its base."""
+    base = llama_like(layers=1)
+    write_model(root / "base", base)
+    return write_model(root / "model", low_rank_update(base), readme=card(str(root / "base")))
 
 
 LAYERS_4_5 = ["--exclude", "encoder.layer.[0-3].*"]
@@ -392,8 +401,6 @@ def test_fix_of_a_hub_adapter_streams_it_and_writes_what_a_local_fix_writes(runs
 def test_the_audit_files_a_push_left_are_rewritten_for_the_output(tmp_path):
     """A model whose repo holds ftaudit/ files from `check --push`: the output's badge, shields.io endpoint and
     heatmap describe the audit of the output, as its card does, not the input's."""
-    from tests.models import llama_like, low_rank_update, write_model
-
     base = llama_like(layers=2)
     write_model(tmp_path / "base", base)
     model = write_model(tmp_path / "model", low_rank_update(base), readme=card(str(tmp_path / "base")))
@@ -523,3 +530,16 @@ def test_a_record_or_card_path_naming_out_is_refused_before_the_work(tmp_path, o
     assert (code, stderr) == (2, f"ftaudit: error: {tmp_path / 'fixed'}: {option} names the --out folder; "
                                  "choose another file\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_runs_state_beside_the_weights_is_copied_not_left_out_as_weights(tmp_path):
+    """A Trainer's checkpoint folder: its arguments, optimizer, scheduler, scaler and random states are not weights."""
+    model = write_trainer_state(small_fine_tune(tmp_path))
+    out, record = tmp_path / "fixed", tmp_path / "fix.json"
+    code, _, stderr = run("fix", model, "--out", out, "--lambda", 0, "--json", record, "--quiet")
+    assert code in (0, 1), stderr
+    fixed = json.loads(record.read_text())
+    assert fixed["changes"] and fixed["output"]["files_left_out"] == []
+    for name in [*TRAINER_STATE, "trainer_state.json"]:
+        assert (out / name).read_bytes() == (model / name).read_bytes(), name
+    assert "left out" not in stderr and "Left out" not in (out / "README.md").read_text()

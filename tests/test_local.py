@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from tests.invoke import run_unprivileged
-from tests.models import llama_like, low_rank_update, write_model
+from tests.invoke import run, run_unprivileged
+from tests.models import card, llama_like, low_rank_update, write_model, write_trainer_state
 
 
 def check_unprivileged(*args: object) -> subprocess.CompletedProcess[str]:
@@ -62,3 +62,16 @@ def test_a_file_that_shrinks_while_it_is_read_is_a_one_line_error_naming_it_once
         checkpoint.load(last.name)
     assert str(raised.value) == (f"{weights}: file ends before byte {last.end}: it has changed since its header was "
                                  "read; run again once nothing writes it")
+
+
+def test_a_training_runs_state_is_not_taken_for_pickled_weights(tmp_path):
+    """A checkpoint folder whose weights are elsewhere (FSDP's shards, say): its optimizer.pt and training_args.bin
+    are not the model's weights, with or without --allow-pickle."""
+    write_model(tmp_path / "base", llama_like(layers=1))
+    folder = tmp_path / "checkpoint-500"
+    folder.mkdir()
+    (folder / "README.md").write_text(card(str(tmp_path / "base")))
+    write_trainer_state(folder)
+    for extra in ([], ["--allow-pickle"]):
+        code, _, stderr = run("check", folder, *extra)
+        assert (code, stderr) == (2, f"ftaudit: error: {folder}: no weights found (no .safetensors or pickle files)\n")

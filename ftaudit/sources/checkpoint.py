@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
 
 import torch
 
@@ -17,6 +19,12 @@ from ftaudit.sources.storage import Storage
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 """How the text file that Git LFS stores in place of a file begins (a checkout that did not fetch LFS files)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TRAINING_STATE = re.compile(
+    r"training_args\.bin|(optimizer|scheduler|sampler)(_\d+)?\.(pt|bin)|scaler\.pt|rng_state(_\d+)?\.pth"
+    r"|random_states_\d+\.pkl"
+)
+"""Files that transformers' Trainer and accelerate save beside the weights in a checkpoint folder: the run's
+arguments, optimizer, scheduler, sampler, scaler and random states, not weights."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,11 @@ class WeightFiles:
     weight_map: dict[str, str] | None
 
 
+def is_training_state(name: str) -> bool:
+    """Whether file `name` (a path in a snapshot) is a training run's state saved beside the weights."""
+    return TRAINING_STATE.fullmatch(PurePosixPath(name).name) is not None
+
+
 def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
     """The files that hold the weights: safetensors first (via the shard index if any), else pickles."""
     files = storage.files()
@@ -128,7 +141,7 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
             return WeightFiles(fmt, shards, weight_map)
         if single in files:
             return WeightFiles(fmt, [single], None)
-        found = sorted(f for f in top_level if f.endswith(suffixes))
+        found = sorted(f for f in top_level if f.endswith(suffixes) and not is_training_state(f))
         if found:
             return WeightFiles(fmt, found, None)
     raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files)")

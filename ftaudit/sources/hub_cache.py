@@ -10,7 +10,7 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 from huggingface_hub.file_download import repo_folder_name
 
 from ftaudit.errors import NotFoundError
-from ftaudit.sources.checkpoint import PICKLE_SUFFIXES
+from ftaudit.sources.checkpoint import PICKLE_SUFFIXES, is_training_state
 from ftaudit.sources.hub import COMMIT_SHA
 from ftaudit.sources.local import LocalStorage
 
@@ -45,6 +45,6 @@ def cached_snapshot(repo_id: str, revision: str | None) -> tuple[str, LocalStora
             f"{wanted}: the Hugging Face cache names commit {commit!r} for it, which is not a commit sha "
             "(40 hex digits): download it again, or unset HF_HUB_OFFLINE"
         )
-    if not any(path.name.endswith(WEIGHT_SUFFIXES) for path in folder.rglob("*")):
+    if not any(path.name.endswith(WEIGHT_SUFFIXES) and not is_training_state(path.name) for path in folder.rglob("*")):
         raise partial
     return folder.name, LocalStorage(folder, label=f"{repo_id}@{folder.name[:12]} (Hugging Face cache)")
