@@ -543,3 +543,22 @@ def test_a_training_runs_state_beside_the_weights_is_copied_not_left_out_as_weig
     for name in [*TRAINER_STATE, "trainer_state.json"]:
         assert (out / name).read_bytes() == (model / name).read_bytes(), name
     assert "left out" not in stderr and "Left out" not in (out / "README.md").read_text()
+
+
+def test_hidden_files_of_a_local_input_are_copied_as_a_hub_inputs_are_but_not_git_or_its_cache(tmp_path, hub_env):
+    model = small_fine_tune(tmp_path)
+    (model / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    hub_env.add_repo("me/base", folder_files(tmp_path / "base"))
+    hub_env.add_repo("me/model", folder_files(model))
+    (model / ".git").mkdir()  # neither can be in a Hub repository
+    (model / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (model / ".cache" / "huggingface").mkdir(parents=True)
+    (model / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
+    written = {}
+    for name, source, base in (("local", model, tmp_path / "base"), ("hub", "me/model", "me/base")):
+        out = tmp_path / f"fixed-{name}"
+        code, _, stderr = run("fix", source, "--base", base, "--out", out, "--lambda", 0, "--quiet")
+        assert code in (0, 1), stderr
+        written[name] = sorted(folder_files(out))
+    assert written["local"] == written["hub"] == [".gitattributes", "README.md", "model.safetensors"]
+    assert (tmp_path / "fixed-local" / ".gitattributes").read_bytes() == (model / ".gitattributes").read_bytes()

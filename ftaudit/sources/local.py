@@ -8,6 +8,10 @@ from pathlib import Path, PurePosixPath
 from ftaudit.errors import AccessError, InvalidWeightsError, NotFoundError
 from ftaudit.sources.storage import MAX_TEXT_BYTES
 
+NOT_MODEL_FILES = (".git", ".cache")
+"""Folders that are not the model's files (git's own; huggingface_hub's download records), which a Hub repository
+cannot hold; a worktree's `.git` may be a file."""
+
 
 class LocalStorage:
     """A folder on disk, read by slices. Its files may be links to elsewhere, as in the Hugging Face cache."""
@@ -22,7 +26,7 @@ class LocalStorage:
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+            if p.is_file() and not any(part in NOT_MODEL_FILES for part in p.relative_to(self.root).parts)
         )
 
     def _path(self, name: str) -> Path:
