@@ -59,9 +59,10 @@ def _same_model(declared: str, model: str) -> bool:
     return declared.lower() == model.lower()
 
 
-def open_target(target: Target) -> Opened:
-    """Open the tuned model and the base it declares (or `target.base`); an adapter is applied to the base."""
-    tuned = open_snapshot(target.model, target.revision, target.token)
+def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
+    """Open the tuned model and the base it declares (or `target.base`); an adapter is applied to the base. `tuned`
+    is the model's snapshot when it is already open (a folder being written, named as its destination)."""
+    tuned = tuned or open_snapshot(target.model, target.revision, target.token)
     hub_only = False
     if target.base is not None:
         declared = DeclaredBase(target.base, target.base_revision, "cli")

@@ -25,7 +25,7 @@ from ftaudit import __version__, cardfile
 from ftaudit.audit import AuditOptions, Progress, Tensors
 from ftaudit.blockwise import scale_exponent, scaled, unscaled
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
-from ftaudit.check import Opened, Target, audit_opened, check, open_target
+from ftaudit.check import Opened, Target, audit_opened, open_target
 from ftaudit.errors import UnsupportedError, UsageError
 from ftaudit.fixreport import FixResult, FixSettings, MatrixChange
 from ftaudit.layout import as_analysed
@@ -34,9 +34,11 @@ from ftaudit.patch import Directions, find_directions, refactor_lora, scale_dire
 from ftaudit.policy import Policy
 from ftaudit.renderers import fix as fix_render
 from ftaudit.renderers.card import BADGE, HEATMAP, REPO_FILES, repo_files
-from ftaudit.report import ModelRef, Report
+from ftaudit.report import Report
+from ftaudit.sources import Snapshot
 from ftaudit.sources.adapters import AdaptedTensors, expert_factors
 from ftaudit.sources.checkpoint import Checkpoint, is_training_state
+from ftaudit.sources.local import LocalStorage
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 from ftaudit.sources.storage import Storage
 from ftaudit.sources.stored_as import StoredAs
@@ -106,12 +108,12 @@ def fix(
         _write_weights(folder, storage, weights, replace, phase("writing"))
         changed = bool(patcher.changes) or fmt == "merged"
         left_out, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed)
-        after = check(
-            Target(str(folder.path), base=before.base.id, base_revision=before.base.revision, token=target.token,
-                   allow_pickle=target.allow_pickle),
+        written = Snapshot(str(out), None, LocalStorage(folder.path, label=str(out)))  # named as it will be
+        after = audit_opened(
+            open_target(Target(str(out), base=before.base.id, base_revision=before.base.revision, token=target.token,
+                               allow_pickle=target.allow_pickle), written),
             options, policy, phase("auditing output"), cache,
         )
-        after.model = ModelRef(str(out), None, after.model.adapter, after.model.fingerprint)
         after.base = before.base
         result = FixResult(
             tool={"name": "ftaudit", "version": __version__},

@@ -545,6 +545,20 @@ def test_a_training_runs_state_beside_the_weights_is_copied_not_left_out_as_weig
     assert "left out" not in stderr and "Left out" not in (out / "README.md").read_text()
 
 
+def test_warnings_on_the_audit_of_the_output_name_out(tmp_path):
+    """Not the unfinished folder it is written in, which is gone once the command ends."""
+    model = small_fine_tune(tmp_path)
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (model / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    out = tmp_path / "fixed"
+    code, _, stderr = run("fix", model, "--out", out, "--lambda", 0, "--quiet")
+    assert code in (0, 1), stderr
+    other = "a llama one (config.json model_type): is it really its base?"
+    assert f"WARNING: {model} is a mistral model and {tmp_path / 'base'} {other}" in stderr
+    assert f"WARNING: {out} is a mistral model and {tmp_path / 'base'} {other}" in stderr
+    assert "partial" not in stderr
+
+
 def test_hidden_files_of_a_local_input_are_copied_as_a_hub_inputs_are_but_not_git_or_its_cache(tmp_path, hub_env):
     model = small_fine_tune(tmp_path)
     (model / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
