@@ -86,11 +86,15 @@ def fix(
     phases: Phases | None = None,
     cache: SpectrumCache | None = None,
 ) -> FixResult:
-    """Write the patched model to `out` (which must not exist, or be empty) and return what was done."""
+    """Write the patched model to `out` (which must not exist, or be empty, and must not be inside the folder of the
+    model or its base) and return what was done."""
     phase = phases or (lambda name: None)
     # the destination first: one that cannot be written fails before the work, not after it
+    _refuse_out_inside(out, {"model": target.model, "base": target.base})
     with ModelFolder(out) as folder, flushed(cache):
         opened = open_target(target)
+        if opened.base.revision is None:  # a local folder the model's card names
+            _refuse_out_inside(out, {"base": opened.base.id})
         adapter = opened.tuned_side if isinstance(opened.tuned_side, AdaptedTensors) else None
         if fix_options.merge and adapter is None:
             raise UsageError(f"{opened.tuned.id} is a full model: --merge applies only to LoRA adapters")
@@ -130,6 +134,15 @@ def fix(
                 folder.write_bytes(name, text.encode("utf-8"))
         folder.commit()
     return result
+
+
+def _refuse_out_inside(out: Path, inputs: dict[str, str | None]) -> None:
+    """Refuse an `out` inside the folder of an input (`model` or `base`, each a folder or a Hub id): that folder would
+    then hold the output, whose files a later audit or fix of it would take for its own."""
+    for side, spec in inputs.items():
+        folder = Path(spec).expanduser() if spec else None
+        if folder is not None and folder.is_dir() and folder.resolve() in out.resolve().parents:
+            raise UsageError(f"{out}: is inside the {side}'s folder {spec}; choose a --out outside it")
 
 
 def _weights_to_write(opened: Opened, fmt: str) -> tuple[Storage, Checkpoint]:

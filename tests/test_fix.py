@@ -532,6 +532,20 @@ def test_a_record_or_card_path_naming_out_is_refused_before_the_work(tmp_path, o
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("inside", "declared"), [("model", False), ("base", False), ("base", True)])
+def test_an_out_inside_an_input_folder_is_refused_before_the_audit(tmp_path, inside, declared):
+    """The input would hold the output, whose weights a later fix would copy and a later audit would list."""
+    model = small_fine_tune(tmp_path)
+    before = {side: folder_files(tmp_path / side) for side in ("model", "base")}
+    out = tmp_path / inside / "fixed" / "v1"
+    code, stdout, stderr = run("fix", model, "--out", out, *([] if declared else ["--base", tmp_path / "base"]))
+    message = f"{out}: is inside the {inside}'s folder {tmp_path / inside}; choose a --out outside it"
+    assert (code, stdout, stderr) == (2, "", f"ftaudit: error: {message}\n")
+    assert {side: folder_files(tmp_path / side) for side in ("model", "base")} == before
+    assert not (tmp_path / inside / "fixed").exists()
+    assert not list(Path(os.environ["FTAUDIT_CACHE"]).rglob("*.safetensors"))  # no base spectrum: nothing audited
+
+
 def test_a_training_runs_state_beside_the_weights_is_copied_not_left_out_as_weights(tmp_path):
     """A Trainer's checkpoint folder: its arguments, optimizer, scheduler, scaler and random states are not weights."""
     model = write_trainer_state(small_fine_tune(tmp_path))
