@@ -47,6 +47,18 @@ def test_the_same_tensors_give_the_same_fingerprint_in_any_files_written_at_any_
     assert of(pickled) == reference
 
 
+def test_integer_and_boolean_tensors_give_the_same_fingerprint_pickled_or_in_safetensors(tmp_path):
+    """Buffers a checkpoint holds beside its weights (position ids, masks) are named by their safetensors dtype in a
+    pickle too."""
+    tensors = model() | {"embeddings.position_ids": torch.arange(64).reshape(1, 64),
+                         "attention.bias": torch.ones(1, 8, 8, dtype=torch.bool),
+                         "scales": torch.arange(6, dtype=torch.int8), "counts": torch.arange(6, dtype=torch.uint8)}
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(tensors, pickled / "pytorch_model.bin")
+    assert of(pickled) == of(write_model(tmp_path / "safetensors", tensors))
+
+
 def test_other_values_names_dtypes_or_adapter_settings_give_another_fingerprint(tmp_path):
     tensors = model()
     reference = of(write_model(tmp_path / "reference", tensors))

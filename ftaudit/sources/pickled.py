@@ -16,7 +16,15 @@ from ftaudit.sources.local import cannot_read
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
 
-DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+}
+DTYPE_CODES = {getattr(torch, name): code for code, name in _TORCH_NAMES.items() if hasattr(torch, name)}
+"""Torch dtypes by the safetensors name of the same values (those this torch has), so that a tensor is described alike
+in either format."""
 
 
 class PickleCheckpoint:
