@@ -29,9 +29,11 @@ class CountingStorage(LocalStorage):
     """A folder that counts the bytes read from it."""
 
     read_bytes = 0
+    reads = 0
 
     def read(self, name: str, start: int, length: int) -> bytearray:
         self.read_bytes += length
+        self.reads += 1
         return super().read(name, start, length)
 
 
@@ -89,3 +91,16 @@ def test_it_reads_a_few_pieces_of_each_tensor_not_the_weights(tmp_path):
     headers = storage.read_bytes
     fingerprint(weights)
     assert storage.read_bytes - headers == 3 * 3 * PIECE + 8 * 4  # of 12 MiB: three pieces of each matrix, the norm
+
+
+def test_the_small_parts_of_a_3d_tensor_are_read_together(tmp_path):
+    """A 3-D tensor of many small parts (Mamba's convolutions, d_inner × 1 × d_conv) takes a read or a few, not one
+    per part; its fingerprint still follows every part's values."""
+    tensors = {f"layers.{i}.mixer.conv1d.weight": torch.randn(2048, 1, 4) for i in range(4)}
+    storage = CountingStorage(write_model(tmp_path / "conv", tensors))
+    weights = open_weights(storage)
+    reads = storage.reads
+    reference = fingerprint(weights)
+    assert storage.reads - reads == 4
+    tensors["layers.3.mixer.conv1d.weight"][1500, 0, 2] += 1
+    assert of(write_model(tmp_path / "changed", tensors)) != reference

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -20,6 +20,9 @@ PIECE = 4096
 """The bytes read at the start, the middle and the end of each tensor, and of each expert's matrix of a stack."""
 WHOLE = 16 * PIECE
 """A tensor (or an expert's matrix) no larger than this is read whole: one read costs about what three do."""
+RUN = 16 * WHOLE
+"""Adjacent pieces are read at once, up to this many bytes: a 3-D tensor of many small parts (Mamba's convolutions,
+d_inner × 1 × d_conv) takes a read or a few, not one per part."""
 READERS = 8
 """Reads in flight at once: a disk answers several faster than one after another."""
 
@@ -52,7 +55,7 @@ def fingerprint(weights: Stored, *texts: str) -> str:
 def _tensor(weights: Stored, info: TensorInfo) -> bytes:
     digest = hashlib.sha256(json.dumps([info.name, info.dtype, list(info.shape)]).encode())
     parts = max(info.shape[0], 1) if len(info.shape) == 3 else 1
-    for start, length in pieces(weights.stored_size(info.name), parts):
+    for start, length in joined(pieces(weights.stored_size(info.name), parts)):
         digest.update(weights.read_stored(info.name, start, length))
     return digest.digest()
 
@@ -66,3 +69,18 @@ def pieces(size: int, parts: int) -> Iterator[tuple[int, int]]:
             yield first, part
         else:
             yield from ((first, PIECE), (first + (part - PIECE) // 2, PIECE), (first + part - PIECE, PIECE))
+
+
+def joined(reads: Iterable[tuple[int, int]], most: int = RUN) -> Iterator[tuple[int, int]]:
+    """`reads` (start, length), in order, each run of adjacent ones as one read of at most `most` bytes: the same
+    bytes in the same order."""
+    start = length = 0
+    for first, size in reads:
+        if first == start + length and length + size <= most:
+            length += size
+            continue
+        if length:
+            yield start, length
+        start, length = first, size
+    if length:
+        yield start, length
