@@ -476,6 +476,11 @@ def card_update(card_file: Path, report_path: Path, badge_link: str | None, heat
 
     def update() -> None:
         report = Report.read(report_path)
+        shard = report.settings.shard
+        if shard is not None:
+            raise UsageError(f"{report_path}: the report of shard {shard.get('index')}/{shard.get('count')}, which "
+                             "covers part of the model, but a card shows the whole model: give every shard's report "
+                             "to `ftaudit merge` and the merged one to `card update`")
         section = card.render_card_section(report, badge_path=badge_link, heatmap_path=heatmap_link)
         cardfile.update_card_file(card_file, section, cardfile.card_data_from_report(report))
 

@@ -349,3 +349,21 @@ def test_the_shards_of_an_adapter_merged_give_the_whole_audits_report(tmp_path):
     assert code in (0, 1), stderr
     assert without_time(merged) == without_time(whole)
     assert without_time(whole)["model"]["fingerprint"] and without_time(whole)["base"]["fingerprint"]
+
+
+def test_card_update_refuses_a_shards_report_and_takes_the_merged_one(pair, tmp_path):
+    """A shard's numbers and verdict cover its part: a card shows the whole model, as `--card` does with `--shard`."""
+    card = tmp_path / "README.md"
+    card.write_text("# A model\n")
+    shards = shard_reports(pair, 2)
+    code, stdout, stderr = run("card", "update", card, "--report", shards[1])
+    assert (code, stdout) == (2, "")
+    assert stderr == (f"ftaudit: error: {shards[1]}: the report of shard 2/2, which covers part of the model, but a "
+                      "card shows the whole model: give every shard's report to `ftaudit merge` and the merged one "
+                      "to `card update`\n")
+    assert card.read_text() == "# A model\n"
+    merged = tmp_path / "merged.json"
+    assert run("merge", *shards, "--json", merged)[0] == 1
+    code, _, stderr = run("card", "update", card, "--report", merged)
+    assert code == 0, stderr
+    assert "ftaudit:begin" in card.read_text()
