@@ -190,12 +190,13 @@ def audit_opened(
 
 def check_audited(report: Report) -> None:
     """Refuse the report of an audit that compared no matrix, saying why; warn when every one it compared is
-    unchanged."""
+    unchanged and no head or embedding measured for its row norms holds a NaN or inf."""
     if report.summary.matrices_analysed == 0 and not report.nonfinite_matrices:
         if not report.tensors.unchanged:
             raise UnsupportedError(_nothing_to_audit(report))
-        log.warning("every matrix compared is identical in %s and %s: is the model its base itself?",
-                    report.model.id, report.base.id)
+        if not report.tensors.nonfinite:
+            log.warning("every matrix compared is identical in %s and %s: is the model its base itself?",
+                        report.model.id, report.base.id)
 
 
 def _nothing_to_audit(report: Report) -> str:

@@ -198,6 +198,21 @@ def test_a_nonfinite_embedding_measured_for_its_row_norms_fails_with_its_name(tm
     assert report["summary"]["matrices_analysed"] == 14 and report["tensors"]["not_selected"] == 2
 
 
+def test_a_model_whose_only_change_is_a_nonfinite_head_is_not_taken_for_its_base(tmp_path):
+    """Every matrix compared is unchanged, but the head, measured for its row norms, holds an inf: the model differs
+    from its base, and the audit fails saying so, as when the head is analysed (`--include head`)."""
+    base = llama_like()
+    tuned = dict(base)
+    tuned["lm_head.weight"] = base["lm_head.weight"].clone()
+    tuned["lm_head.weight"][3, 1] = float("inf")
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "tuned", tuned)
+    for args in ((), ("--include", "head")):
+        code, stdout, stderr = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--no-cache", *args)
+        assert code == 1 and stderr == "", args
+        assert "non-finite weights (NaN or Inf) in 1 matrix, first lm_head.weight" in stdout
+
+
 def test_missing_tensors_are_reported_and_can_fail(tmp_path):
     base = llama_like()
     tuned = small_update(base)
