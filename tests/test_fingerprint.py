@@ -12,6 +12,7 @@ from ftaudit.sources import open_weights
 from ftaudit.sources.fingerprint import PIECE, fingerprint
 from ftaudit.sources.local import LocalStorage
 from tests.models import llama_like, low_rank_update, write_model
+from tests.test_safetensors import build
 
 STACK = "model.layers.0.mlp.experts.gate_up_proj"
 
@@ -104,3 +105,19 @@ def test_the_small_parts_of_a_3d_tensor_are_read_together(tmp_path):
     assert storage.reads - reads == 4
     tensors["layers.3.mixer.conv1d.weight"][1500, 0, 2] += 1
     assert of(write_model(tmp_path / "changed", tensors)) != reference
+
+
+def test_every_byte_of_a_small_3d_tensor_of_sub_byte_values_counts(tmp_path):
+    """Experts' matrices of 4-bit values need not each fill whole bytes (4 × 1 × 1: 2 bytes; 4 × 3 × 3: 18): the bytes
+    of a small tensor are all read, however its parts split them."""
+    header = {"a.scales": {"dtype": "F4", "shape": [4, 1, 1], "data_offsets": [0, 2]},
+              "b.scales": {"dtype": "F4", "shape": [4, 3, 3], "data_offsets": [2, 20]}}
+
+    def of_bytes(name: str, data: bytes) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(build(header, data))
+        return of(tmp_path / name)
+
+    reference = of_bytes("zeros", bytes(20))
+    assert of_bytes("first", b"\x11" + bytes(19)) != reference
+    assert of_bytes("last", bytes(19) + b"\x01") != reference

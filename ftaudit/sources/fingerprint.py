@@ -54,8 +54,10 @@ def fingerprint(weights: Stored, *texts: str) -> str:
 
 def _tensor(weights: Stored, info: TensorInfo) -> bytes:
     digest = hashlib.sha256(json.dumps([info.name, info.dtype, list(info.shape)]).encode())
-    parts = max(info.shape[0], 1) if len(info.shape) == 3 else 1
-    for start, length in joined(pieces(weights.stored_size(info.name), parts)):
+    size = weights.stored_size(info.name)
+    # each expert's matrix of a stack, where each fills whole bytes (4-bit values may not): else the whole
+    parts = info.shape[0] if len(info.shape) == 3 and info.shape[0] and size % info.shape[0] == 0 else 1
+    for start, length in joined(pieces(size, parts)):
         digest.update(weights.read_stored(info.name, start, length))
     return digest.digest()
 
