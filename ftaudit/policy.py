@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ftaudit.errors import PolicyError
-from ftaudit.report import DEFAULT_POLICY, LEVELS, TRIGGERS, AppliedPolicy, Report, Summary, Verdict
+from ftaudit.report import DEFAULT_POLICY, LEVELS, TRIGGERS, AppliedPolicy, PolicyRules, Report, Summary, Verdict
 from ftaudit.secrets import mask_shapes
 
 NOT_METRICS = {"intruder_curve", "risk", "update", "by_kind", "by_layer", "heads"}
@@ -22,14 +22,7 @@ METRICS = tuple(f.name for f in fields(Summary) if f.name not in NOT_METRICS)
 
 
 @dataclass(frozen=True)
-class Policy:
-    k: int
-    epsilon: float
-    risk: dict[str, dict[str, float]]
-    warn_at: str
-    fail_at: str
-    fail_on_nonfinite: bool
-    fail_on_missing: bool
+class Policy(PolicyRules):
     source: str
     """`default`, or the path given."""
 

@@ -105,14 +105,10 @@ class Summary:
     risk: str = "unknown"
 
 
-@dataclass
-class AppliedPolicy:
-    """The policy that judged a report: where it came from, a digest of its content, and that content."""
+@dataclass(frozen=True)
+class PolicyRules:
+    """What a policy sets: what is measured (k, epsilon), the risk thresholds, and what the verdict makes of them."""
 
-    source: str
-    """`default` (DEFAULT_POLICY), or the path given to --policy, anything shaped like a secret masked."""
-    digest: str
-    """The first 12 hex digits of SHA-256 over the content below (keys sorted, compact JSON)."""
     k: int
     epsilon: float
     risk: dict[str, dict[str, float]]
@@ -120,6 +116,16 @@ class AppliedPolicy:
     fail_at: str
     fail_on_nonfinite: bool
     fail_on_missing: bool
+
+
+@dataclass(frozen=True)
+class AppliedPolicy(PolicyRules):
+    """The policy that judged a report: its rules, where it came from, and a digest of the rules."""
+
+    source: str
+    """`default` (DEFAULT_POLICY), or the path given to --policy, anything shaped like a secret masked."""
+    digest: str
+    """The first 12 hex digits of SHA-256 over the rules (keys sorted, compact JSON)."""
 
     @property
     def custom(self) -> bool:
