@@ -190,13 +190,28 @@ def audit_opened(
 
 def check_audited(report: Report) -> None:
     """Refuse the report of an audit that compared no matrix, saying why; warn when every one it compared is
-    unchanged and no head or embedding measured for its row norms holds a NaN or inf."""
+    unchanged: that only heads or embeddings measured for their row norms changed, or, when none did nor holds a
+    NaN or inf, that the model may be its base."""
     if report.summary.matrices_analysed == 0 and not report.nonfinite_matrices:
         if not report.tensors.unchanged:
             raise UnsupportedError(_nothing_to_audit(report))
-        if not report.tensors.nonfinite:
+        changed = [name for name, head in report.summary.heads.items() if _moved(head)]
+        if changed:
+            log.warning("every matrix compared is identical in %s and %s; of the heads and embeddings measured for "
+                        "their row norms, %s changed: a fine-tune of those alone (--include head or --include "
+                        "embedding analyses them as matrices)", report.model.id, report.base.id, _listed(changed))
+        elif not report.tensors.nonfinite:
             log.warning("every matrix compared is identical in %s and %s: is the model its base itself?",
                         report.model.id, report.base.id)
+
+
+def _moved(head: dict[str, float | None]) -> bool:
+    """Whether a head's row norms moved: their mean, or any row's."""
+    return head["mean_norm_ratio"] not in (None, 1.0) or head["max_relative_change"] not in (None, 0.0)
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
 
 
 def _nothing_to_audit(report: Report) -> str:

@@ -213,6 +213,23 @@ def test_a_model_whose_only_change_is_a_nonfinite_head_is_not_taken_for_its_base
         assert "non-finite weights (NaN or Inf) in 1 matrix, first lm_head.weight" in stdout
 
 
+def test_a_fine_tune_of_the_head_alone_is_not_taken_for_its_base(tmp_path):
+    """A linear probe changes the head, measured for its row norms, and no matrix: the warning says so, where it had
+    asked whether the model is its base itself; a model equal to its base is still asked."""
+    base = llama_like()
+    tuned = dict(base)
+    tuned["lm_head.weight"] = base["lm_head.weight"] * 1.5
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "tuned", tuned)
+    code, _, stderr = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--no-cache")
+    assert code == 0 and stderr == (
+        f"ftaudit: WARNING: every matrix compared is identical in {tmp_path / 'tuned'} and {tmp_path / 'base'}; of the "
+        "heads and embeddings measured for their row norms, lm_head.weight changed: a fine-tune of those alone "
+        "(--include head or --include embedding analyses them as matrices)\n")
+    code, _, stderr = run("check", tmp_path / "base", "--base", tmp_path / "base", "--no-cache")
+    assert code == 0 and stderr.endswith(": is the model its base itself?\n")
+
+
 def test_missing_tensors_are_reported_and_can_fail(tmp_path):
     base = llama_like()
     tuned = small_update(base)
