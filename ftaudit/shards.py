@@ -122,9 +122,10 @@ def warn_other_policy(reports: Sequence[tuple[str, Report]], policy: AppliedPoli
         other = report.verdict.policy
         if other is not None and other.digest != policy.digest:
             shard = _shard_of(report)
+            advice = "give merge no --policy" if not other.custom else "give merge the shards' --policy"
             log.warning("shard %d/%d (%s) was judged under policy %s, the merge under policy %s: the verdict is the "
-                        "merge's; give merge the shards' --policy to judge the whole as they were",
-                        shard.index, shard.count, file, other.describe(), policy.describe())
+                        "merge's; %s to judge the whole as they were",
+                        shard.index, shard.count, file, other.describe(), policy.describe(), advice)
             return
 
 

@@ -193,6 +193,13 @@ def test_merge_records_its_own_policy_and_warns_when_the_shards_were_judged_unde
     assert json.loads(stdout)["verdict"]["policy"] == shard
 
 
+def test_merge_under_a_policy_the_default_judged_shards_were_not_given_says_to_leave_it_out(pair):
+    judged = shards(pair, "default")
+    code, _, stderr = run("merge", *judged, "--policy", pair["lenient"], "--format", "json")
+    assert code == 0 and stderr.startswith(f"ftaudit: WARNING: shard 1/2 ({judged[0]}) was judged under policy default")
+    assert stderr.endswith("the verdict is the merge's; give merge no --policy to judge the whole as they were\n")
+
+
 def test_merge_reads_shards_written_without_the_policy(pair):
     old = [without_policy(path) for path in shards(pair, "old")]
     code, stdout, stderr = run("merge", *old, "--policy", pair["lenient"], "--format", "json")
