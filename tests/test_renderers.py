@@ -319,6 +319,23 @@ def test_control_characters_in_names_leave_the_svgs_readable(reports):
     assert "\x00" not in card.render_card_section(report)
 
 
+@pytest.mark.parametrize("odd", ["\uffff\ufffe", "\ud800", "\u202e\u2066", "\u200b\ufeff", "\U000e0041"],
+                         ids=["noncharacters", "surrogate", "bidi", "zero-width", "tag"])
+def test_invisible_or_unencodable_characters_in_names_are_replaced(reports, odd):
+    report = copy.deepcopy(reports["fail"])
+    report.model = dataclasses.replace(report.model, id=f"org/model{odd}")
+    worst = markdown.worst_matrices(report, 1)[0]
+    worst.name = worst.name.replace(".weight", f"{odd}x.weight")
+    svg = heatmap.render_heatmap_svg(report)
+    ET.fromstring(svg.encode("utf-8"))  # XML 1.0 forbids U+FFFE, U+FFFF; UTF-8 cannot hold a lone surrogate
+    shown = worst.name.replace(odd, "\ufffd" * len(odd))
+    assert shown in {r.find(f"{SVG}title").text.split(":")[0] for r in cells(ET.fromstring(svg))}
+    for rendered in (card.render_card_section(report), markdown.render_job_summary(report)):
+        rendered.encode("utf-8")
+        assert not set(odd) & set(rendered)  # a bidi override would reorder, a zero-width character hide, what follows
+        assert f"`{shown}`" in rendered
+
+
 def test_heatmap_of_an_indicator(reports):
     report = reports["pass"]
     root = ET.fromstring(heatmap.render_heatmap_svg(report, metric="relative_update_norm"))

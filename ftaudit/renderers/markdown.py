@@ -70,9 +70,9 @@ def environment() -> jinja2.Environment:
     """The jinja2 environment of `templates/` (the package ftaudit.templates).
 
     SVG templates are XML-escaped; Markdown templates are not, and escape with the `md` and `code`
-    filters where text from the report lands. Control characters in any value (a tensor name can hold
-    them) become U+FFFD: XML forbids them, so one would make the whole SVG unreadable. jinja2 is
-    imported here, on first use: an audit that renders nothing does not pay for it.
+    filters where text from the report lands. Every value passes through `printable` (a tensor name can
+    hold any character). jinja2 is imported here, on first use: an audit that renders nothing does not
+    pay for it.
     """
     import jinja2
 
@@ -96,12 +96,17 @@ def render_template(name: str, **context: object) -> str:
 
 # --- formatting -------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_UNPRINTABLE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"      # control characters but tab and line breaks
+    "\ud800-\udfff\ufffe\uffff"                # lone surrogates (no UTF-8) and the noncharacters XML forbids
+    "\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]"
+)   # invisible format characters: zero-width, bidi controls (which reorder what follows), tags
 
 
 def printable(value: object) -> object:
-    """`value` with the control characters XML forbids (all but tab and line breaks) replaced by U+FFFD."""
-    return _CONTROL.sub("\ufffd", value) if isinstance(value, str) else value
+    """`value` with the characters that would make an SVG unreadable (XML forbids them, or UTF-8 cannot hold them) or
+    that show nothing yet hide or reorder the text around them (zero-width, bidi controls) replaced by U+FFFD."""
+    return _UNPRINTABLE.sub("\ufffd", value) if isinstance(value, str) else value
 
 
 def format_number(value: object, digits: int = 4) -> str:
