@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -18,6 +19,7 @@ import torch
 
 from ftaudit import policy as policy_mod
 from ftaudit.audit import AuditOptions
+from ftaudit.cardfile import BEGIN, END, NOTE
 from ftaudit.check import Target, check
 from ftaudit.pairing import Selection
 from ftaudit.renderers import badge, card, heatmap, markdown
@@ -209,6 +211,28 @@ def test_card_section_escapes_what_comes_from_the_report(reports):
     text = card.render_card_section(report, badge_path="my badge (1).svg")
     assert "- a \\| pipe, &lt;b&gt;html&lt;/b&gt; and \\*stars\\*" in text
     assert "](my%20badge%20%281%29.svg)" in text
+
+
+def test_every_text_of_a_hand_made_report_is_escaped(reports, tmp_path):
+    from tests.invoke import run
+
+    hostile = "<img src=x onerror=alert(1)> | `x` [a](javascript:alert(1))\n<!--\n"
+    data = reports["fail"].to_dict()
+    data["tool"]["version"] = hostile
+    data["created_at"] = hostile
+    data["summary"]["intruder_curve"] = {hostile: 3, "0.5": 2}
+    data["model"]["adapter"] = {"type": "lora", "r": hostile, "lora_alpha": hostile}
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text("# Model\n\nText.\n")
+    code, _, stderr = run("card", "update", tmp_path / "README.md", "--report", tmp_path / "report.json")
+    assert code == 0, stderr
+    card_text = (tmp_path / "README.md").read_text()
+    section = card_text[card_text.index(BEGIN) + len(BEGIN):card_text.index(END)].replace(NOTE, "")
+    for rendered in (section, markdown.render_job_summary(Report.from_dict(data))):
+        assert "<img" not in rendered and "<!--" not in rendered and "](javascript" not in rendered.replace("\\](", "")
+        assert_tables_well_formed(rendered)
+        curve = next(t for t in tables(rendered) if t[0][0] == "ε")
+        assert len(curve[0]) == 3 and "&lt;img" in curve[0][1]
 
 
 def test_a_fence_line_in_an_option_stays_inside_the_command_block(reports):
