@@ -590,3 +590,15 @@ def test_hidden_files_of_a_local_input_are_copied_as_a_hub_inputs_are_but_not_gi
         written[name] = sorted(folder_files(out))
     assert written["local"] == written["hub"] == [".gitattributes", "README.md", "model.safetensors"]
     assert (tmp_path / "fixed-local" / ".gitattributes").read_bytes() == (model / ".gitattributes").read_bytes()
+
+
+def test_a_tensor_name_cannot_write_lines_of_its_own_to_the_terminal(tmp_path):
+    hostile = "model.layers.0.self_attn.q_proj\x1b[2K\r\n::notice title=ftaudit PASS::fine\n.weight"
+    base = {(hostile if name == "model.layers.0.self_attn.q_proj.weight" else name): w
+            for name, w in llama_like(layers=1).items()}
+    write_model(tmp_path / "base", base)
+    model = write_model(tmp_path / "model", low_rank_update(base))
+    code, stdout, stderr = run("fix", model, "--base", tmp_path / "base", "--out", tmp_path / "out")
+    assert code in (0, 1), stderr
+    assert "q_proj\\x1b[2K\\r\\n::notice title=ftaudit PASS::fine\\n.weight" in stdout
+    assert not any(line.lstrip().startswith("::") or "\r" in line for line in stdout.splitlines())

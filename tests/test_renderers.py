@@ -14,6 +14,7 @@ import math
 import re
 import xml.etree.ElementTree as ET
 
+import click
 import pytest
 import torch
 
@@ -448,6 +449,25 @@ def test_heatmap_value_format():
     assert heatmap.format_value(0.000998, 0.00103) == "1.0e-3" and heatmap.format_value(None) == "n/a"
     assert heatmap.nice_ticks(0, 1.0) == [0, 0.25, 0.5, 0.75, 1.0]
     assert heatmap.nice_ticks(0, 10) == [0, 2.5, 5, 7.5, 10] and heatmap.nice_ticks(0, 90) == [0, 25, 50, 75]
+
+
+# --- the terminal ---------------------------------------------------------------------------------
+
+def test_names_cannot_write_escape_sequences_or_lines_of_their_own_to_the_terminal(reports):
+    hostile = "x\x1b[2J\x1b[H\x9b31m\r\n::notice title=ftaudit PASS::fine\nVerdict: PASS\u202egnp.exe\u200b"
+    plain = text_renderer.render(reports["fail"])
+    report = copy.deepcopy(reports["fail"])
+    report.model = dataclasses.replace(report.model, id=f"org/model{hostile}")
+    report.base = dataclasses.replace(report.base, declared_by=hostile)
+    report.verdict.reasons[0] += hostile
+    report.tensors.missing_in_base.append(f"model.layers.0.{hostile}.weight")
+    markdown.worst_matrices(report, 1)[0].name += hostile
+    rendered = click.unstyle(text_renderer.render(report))
+    assert "Tensors not analysed" not in plain  # the missing matrix adds a blank line, a heading and its line
+    assert len(rendered.splitlines()) == len(click.unstyle(plain).splitlines()) + 3
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e\u200b]", rendered)
+    assert not any(line.lstrip().startswith(("::", "Verdict")) for line in rendered.splitlines())
+    assert "x\\x1b[2J\\x1b[H\\x9b31m\\r\\n::notice title=ftaudit PASS::fine\\nVerdict: PASS\\u202egnp.exe\\u200b" in rendered
 
 
 # --- GitHub Actions -------------------------------------------------------------------------------

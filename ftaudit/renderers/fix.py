@@ -21,7 +21,7 @@ from ftaudit.renderers.markdown import (
     plural,
     render_template,
 )
-from ftaudit.renderers.text import RISK_COLOURS, STATUS_COLOURS
+from ftaudit.renderers.text import RISK_COLOURS, STATUS_COLOURS, safe
 from ftaudit.report import Report
 
 COMPARED = (
@@ -54,8 +54,8 @@ def render_text(result: FixResult, top: int = 10) -> str:
     st = result.settings
     only = f", at most {st.only_top} per matrix" if st.only_top else ""
     lines = [
-        click.style("ftaudit fix", bold=True) + f"  {result.before.model.id}  ->  {result.output}",
-        f"  base  {result.before.base.id}",
+        click.style("ftaudit fix", bold=True) + f"  {safe(result.before.model.id)}  ->  {safe(result.output)}",
+        f"  base  {safe(result.before.base.id)}",
         f"  wrote a {WHAT[result.format]}: σ -> {format_number(st.lam)}·σ for each intruder at "
         f"ε={format_number(st.epsilon)} among the top k={st.k}{only}",
         f"  {plural(len(result.changes), 'matrix', 'matrices')} changed, "
@@ -70,11 +70,11 @@ def render_text(result: FixResult, top: int = 10) -> str:
     for label, before, after in rows:
         cells = [_cell(v, colours.get(label)) for v in (before, after)]
         lines.append(f"  {label:<{width}}  {cells[0]}  {cells[1]}")
-    lines += [f"    - {reason}" for reason in result.after.verdict.reasons]
+    lines += [f"    - {safe(reason)}" for reason in result.after.verdict.reasons]
     if result.changes:
         lines += ["", "Changed matrices", f"  {'scaled':>6}  {'σ before':>9}  {'σ after':>9}  matrix"]
         for c in sorted(result.changes, key=lambda c: -max(c.sigma_before))[:top]:
-            lines.append(f"  {len(c.directions):>6}  {max(c.sigma_before):9.4g}  {max(c.sigma_after):9.4g}  {c.name}")
+            lines.append(f"  {len(c.directions):>6}  {max(c.sigma_before):9.4g}  {max(c.sigma_after):9.4g}  {safe(c.name)}")
         if len(result.changes) > top:
             lines.append(f"  ... and {len(result.changes) - top} more (--json has them all)")
     return "\n".join(lines)

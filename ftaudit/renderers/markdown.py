@@ -96,11 +96,13 @@ def render_template(name: str, **context: object) -> str:
 
 # --- formatting -------------------------------------------------------------------------------
 
+INVISIBLE = "\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0000-\U000e007f"
+"""Format characters, as ranges of a regular expression's class, that show nothing yet hide or reorder the text around
+them: zero-width characters, bidi controls (which reorder what follows them), tags."""
 _UNPRINTABLE = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"      # control characters but tab and line breaks
-    "\ud800-\udfff\ufffe\uffff"                # lone surrogates (no UTF-8) and the noncharacters XML forbids
-    "\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]"
-)   # invisible format characters: zero-width, bidi controls (which reorder what follows), tags
+    f"\ud800-\udfff\ufffe\uffff{INVISIBLE}]"    # lone surrogates (no UTF-8), the noncharacters XML forbids
+)
 
 
 def printable(value: object) -> object:
