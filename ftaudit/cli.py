@@ -54,7 +54,7 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
         click.echo(redactor("".join(traceback.format_exception(error))), err=True)
     # a library's message can span lines: the contract is one
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    click.echo(_error_line(redactor(one_line)), err=True)
+    click.echo(_error_line(text.safe(redactor(one_line))), err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -80,11 +80,20 @@ def _setup_logging(debug: bool, quiet: bool, annotate: bool, redactor: Redactor)
     line = "ftaudit: %(levelname)s: %(message)s"
     handler.setFormatter(_AnnotatedWarnings(line) if annotate else logging.Formatter(line))
     handler.addFilter(redactor.log_filter)
+    handler.addFilter(_inert)
     handler.addFilter(_once())
     log = logging.getLogger("ftaudit")
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+def _inert(record: logging.LogRecord) -> bool:
+    """A logging filter that makes the record's message inert on a terminal (`text.safe`): some hold what a model's
+    files say, such as its config.json's model type."""
+    record.msg = text.safe(record.getMessage())
+    record.args = None
+    return True
 
 
 def _once() -> Callable[[logging.LogRecord], bool]:

@@ -510,3 +510,17 @@ def test_module_labels():
     assert markdown.module_label("model.layers.3.block_sparse_moe.input_linear.weight[2]") == "block_sparse_moe.input_linear[2]"
     assert markdown.module_label("model.layers.0.feed_forward.experts.down_proj[11]") == "feed_forward.experts.down_proj[11]"
     assert markdown.module_label("lm_head.weight") == "lm_head"
+
+
+def test_what_a_models_files_say_cannot_write_lines_of_its_own_to_stderr(tmp_path):
+    from tests.invoke import run
+
+    base = llama_like(layers=1)
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "model", small_update(base))
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "bert\x1b[2K\r\n::notice::fine"}))
+    code, _, stderr = run("check", tmp_path / "model", "--base", tmp_path / "base")
+    assert code in (0, 1), stderr
+    assert "a bert\\x1b[2K\\r\\n::notice::fine model" in stderr
+    assert not any(line.lstrip().startswith("::") or "\r" in line for line in stderr.splitlines())
