@@ -13,7 +13,8 @@ on a new `refs/pr/N` from `parentCommit` (or the branch head), and answers a `pu
 added with `write=True` for the repo: no token gets 401, any other token 403.
 
 Discussions and pull requests share one numbering per repo: `GET /api/models/{repo}/discussions` lists them newest
-first, a page at a time (`type`, `status` and `author` filter them, `p` is the page), `POST .../discussions/{num}/status`
+first, a page at a time (`type`, `status` and `author` filter them, `p` is the page), `GET .../discussions/{num}`
+answers one (a pull request's target branch too), `POST .../discussions/{num}/status`
 closes or reopens one (the repo's writers and its author may) and `POST .../discussions/{num}/merge` merges a pull
 request into its branch (writers only). `GET /api/whoami-v2` names the token's user. Every request is logged,
 and faults (ignored ranges, error statuses, connections dropped mid-body, delays) can be injected at runtime.
@@ -51,6 +52,7 @@ _REFS_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/refs")
 _WRITE_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<action>preupload|commit)/(?P<rev>[^/]+)")
 _PR_REF = re.compile(r"refs/pr/(\d+)")
 _DISCUSSIONS_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/discussions")
+_DETAILS_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/discussions/(?P<num>\d+)")
 _DISCUSSION_PATH = re.compile(r"/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/discussions/(?P<num>\d+)/(?P<action>status|merge)")
 _CDN_PATH = re.compile(r"/lfs/(?P<sha256>[0-9a-f]{64})")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -322,6 +324,15 @@ class HubServer:
                 return self._content(data, headers.get("Range"), {"ETag": f'"{match["sha256"]}"'})
             if url.path == "/api/whoami-v2":
                 return self._whoami(auth)
+            if match := _DETAILS_PATH.fullmatch(url.path):
+                repo_id = unquote(match["repo"])
+                repo = self._access(repo_id, auth, files=False)
+                if isinstance(repo, _Response):
+                    return repo
+                discussion = repo.discussions.get(int(match["num"]))
+                if discussion is None:
+                    return _error(404, f"Discussion {match['num']} not found")
+                return _json(_details(repo_id, discussion))
             if match := _DISCUSSIONS_PATH.fullmatch(url.path):
                 repo_id = unquote(match["repo"])
                 repo = self._access(repo_id, auth, files=False)
@@ -681,6 +692,14 @@ def _discussion(repo_id: str, d: _Discussion) -> dict[str, Any]:
         "pinned": False,
         "numComments": 1,
     }
+
+
+def _details(repo_id: str, d: _Discussion) -> dict[str, Any]:
+    """A discussion or pull request as `GET /api/models/{repo_id}/discussions/{num}` answers it (no events, no diff)."""
+    details: dict[str, Any] = {**_discussion(repo_id, d), "events": []}
+    if d.is_pull_request:
+        details.update(changes={"base": f"refs/heads/{d.target}"}, filesWithConflicts=[])
+    return details
 
 
 def _error(status: int, message: str, code: str | None = None) -> _Response:
