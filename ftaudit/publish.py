@@ -35,6 +35,7 @@ class Pushed:
 
     url: str
     action: str
+    left_open: pull_request.OpenPullRequest | None = None  # ftaudit's pull request for the commit, when committed
 
     def __str__(self) -> str:
         said = {
@@ -43,7 +44,11 @@ class Pushed:
             "unchanged": "pull request left as it is (the one open for this commit already holds this audit)",
             "committed": "committed",
         }
-        return f"{said[self.action]}: {self.url}"
+        line = f"{said[self.action]}: {self.url}"
+        if self.left_open is not None:
+            line += (f"; pull request #{self.left_open.num} for this commit is still open: close it unless it holds "
+                     f"edits to keep: {self.left_open.url}")
+        return line
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,8 @@ def push_card(
     The change is README.md (the card section and front-matter key, through `update_card`; a new card if there is
     none) and the badge and heatmap files under `ftaudit/`, based on the audited commit, which must still be the head
     of a branch: the pull request targets that branch, or the commit goes onto it. A pull request that ftaudit opened
-    for the same commit and that is still open (`pull_request.find`) is updated instead, or left as it is when it
-    already holds the change.
+    for the same commit into that branch and that is still open (`pull_request.find`) is updated instead, or left as
+    it is when it already holds the change; a commit leaves it open, and `Pushed.left_open` names it.
     """
     if mode not in MODES:
         raise UsageError(f"--push-mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -88,11 +93,13 @@ def push_card(
     )
     data = card_data_from_report(report)
     heads = {pr.ref: pr.target_commit for pr in refs.pull_requests or []}
-    own = pull_request.find(api, repo, sha, heads, read) if mode == "pr" else None
-    if own is None:
+    own = pull_request.find(api, repo, sha, branch, heads, read)
+    if mode == "commit" or own is None:
         files["README.md"] = update_card(read(lambda: _readme(api, repo, sha), "README.md"), section, data)
         info = _commit(api, report, files, branch, sha, _OPENING if mode == "pr" else _COMMITTING)
-        return Pushed(info.pr_url or info.commit_url, "opened" if mode == "pr" else "committed")
+        if mode == "pr":
+            return Pushed(info.pr_url or info.commit_url, "opened")
+        return Pushed(info.commit_url, "committed", own)
     files["README.md"] = update_card(own.readme, section, data)  # edits made in the pull request stay
     if pull_request.holds(api, repo, own, files, report.created_at, read):
         return Pushed(own.url, "unchanged")

@@ -3,18 +3,20 @@ job re-run, a webhook delivered twice) updates it, or leaves it as it is, instea
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import RemoteEntryNotFoundError
+from huggingface_hub import Discussion, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 
 from ftaudit import frontmatter
 from ftaudit.cardfile import KEY
 
+log = logging.getLogger("ftaudit")
 T = TypeVar("T")
 TITLE = "ftaudit: "
 """How the title of a pull request ftaudit opens begins (the title is the message of its commit)."""
@@ -37,14 +39,15 @@ class OpenPullRequest:
     readme: str  # README.md at `head`
 
 
-def find(api: HfApi, repo: str, sha: str, heads: Mapping[str, str], read: Read) -> OpenPullRequest | None:
-    """The newest open pull request on `repo` that ftaudit opened for an audit of commit `sha`, with a token of the
-    user of this one: its title is ftaudit's, its author this token's user, and its card's `ftaudit` key records `sha`
-    as the audited revision. `heads` maps the repo's pull-request refs to their commits. None without a token: no
-    push can be made then."""
-    listed = read(  # every status: the Hub's filter `open` might leave out a draft, which a pull request can be
-        lambda: list(api.get_repo_discussions(repo, discussion_type="pull_request")), "pull requests"
-    )
+def find(
+    api: HfApi, repo: str, sha: str, branch: str, heads: Mapping[str, str], read: Read
+) -> OpenPullRequest | None:
+    """The newest open pull request on `repo` into `branch` that ftaudit opened for an audit of commit `sha`, with a
+    token of the user of this one: its title is ftaudit's, its author this token's user, its card's `ftaudit` key
+    records `sha` as the audited revision and its target is `branch`. `heads` maps the repo's pull-request refs to
+    their commits. None without a token (no push can be made then), or when the Hub refuses to list the pull requests
+    (a warning says so)."""
+    listed = read(lambda: _pull_requests(api, repo), "pull requests")
     candidates = sorted(
         (pr for pr in listed if pr.is_pull_request and pr.status in ("open", "draft")
          and pr.title.startswith(TITLE) and pr.git_reference in heads),
@@ -59,9 +62,27 @@ def find(api: HfApi, repo: str, sha: str, heads: Mapping[str, str], read: Read) 
             continue
         head = heads[ref]
         readme = _text(read(lambda: file_at(api, repo, "README.md", head), f"README.md of pull request #{pr.num}"))
-        if readme is not None and _audited_revision(readme) == sha:
+        if readme is None or _audited_revision(readme) != sha:
+            continue
+        target = read(lambda: api.get_discussion_details(repo, pr.num).target_branch, f"pull request #{pr.num}")
+        if (target or "").removeprefix("refs/heads/") == branch:
             return OpenPullRequest(pr.num, pr.url, ref, head, readme)
     return None
+
+
+def _pull_requests(api: HfApi, repo: str) -> list[Discussion]:
+    """The repo's pull requests, of every status (the Hub's filter `open` might leave out a draft, which a pull request
+    can be); none, with a warning, when the Hub refuses to list them (a token that may push but not read the
+    discussions, a repo whose discussions are turned off)."""
+    try:
+        return list(api.get_repo_discussions(repo, discussion_type="pull_request"))
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status not in (403, 404):
+            raise
+    log.warning("%s: the Hub refused to list its pull requests (HTTP %d): ftaudit's own pull request for this commit "
+                "is not looked for", repo, status)
+    return []
 
 
 def holds(api: HfApi, repo: str, pr: OpenPullRequest, files: Mapping[str, str], created_at: str, read: Read) -> bool:

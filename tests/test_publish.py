@@ -597,3 +597,48 @@ def test_without_a_token_the_pull_request_is_not_looked_up_and_the_push_is_refus
     with pytest.raises(AccessError, match="--push needs a token with WRITE access to org/tuned"):
         push_card(report, token=None)
     assert requests_to(hub_env, start, "GET", "/whoami-v2") == [] and pr_heads(hub_env) == heads
+
+
+def test_a_pull_request_into_another_branch_than_the_one_chosen_now_is_left_alone(hub_env, tmp_path):
+    """The audited commit was the head of main and release, so the pull request went into main; main moved on since,
+    so a push now targets release, and opens a pull request into it rather than updating the one into main."""
+    sha = publish(hub_env, tmp_path)
+    hub_env.add_repo("org/tuned", folder_files(tmp_path / "tuned"), revision_name="release")
+    report = audit()
+    first = push_card(report, token=TOKEN)
+    hub_env.add_repo("org/tuned", {**folder_files(tmp_path / "tuned"), "notes.txt": b"v2"})
+    heads = pr_heads(hub_env)
+
+    pushed = push_card(report, token=TOKEN)
+    assert (pushed.url, pushed.action) == (f"{hub_env.url}/org/tuned/discussions/2", "opened") != (first.url, "opened")
+    prs = hub_env._repos["org/tuned"].discussions
+    assert (prs[1].target, prs[2].target) == ("main", "release")
+    assert pr_heads(hub_env) == {**heads, "refs/pr/2": pr_heads(hub_env)["refs/pr/2"]}  # #1 as it was
+    assert frontmatter.read(read(hub_env, "README.md", "refs/pr/2"))["ftaudit"]["revision"] == sha
+    assert push_card(report, token=TOKEN).action == "unchanged"  # the one into release is found
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_a_refused_list_of_pull_requests_warns_and_opens_one(hub_env, tmp_path, caplog, status):
+    """A token that may push but not read the discussions, or a repo whose discussions are turned off: the look-up
+    of ftaudit's pull request is skipped, with a warning, and a pull request opens."""
+    publish(hub_env, tmp_path)
+    hub_env.fail_next(1, status=status, path_contains="/discussions", method="GET")
+    pushed = push_card(audit(), token=TOKEN)
+    assert (pushed.url, pushed.action) == (f"{hub_env.url}/org/tuned/discussions/1", "opened")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"org/tuned: the Hub refused to list its pull requests (HTTP {status}): ftaudit's own pull request for this "
+        "commit is not looked for"]
+    assert open_pull_requests(hub_env) == [(1, "ci-bot")]
+
+
+def test_a_commit_says_that_ftaudits_pull_request_for_the_commit_is_still_open(hub_env, tmp_path):
+    publish(hub_env, tmp_path)
+    report = audit()
+    opened = push_card(report, token=TOKEN)
+    pushed = push_card(report, token=TOKEN, mode="commit")
+    main = HfApi(endpoint=hub_env.url, token=TOKEN).model_info("org/tuned").sha
+    assert str(pushed) == (f"committed: {hub_env.url}/org/tuned/commit/{main}; pull request #1 for this commit is "
+                           f"still open: close it unless it holds edits to keep: {opened.url}")
+    assert open_pull_requests(hub_env) == [(1, "ci-bot")]
+    assert str(push_card(audit(), token=TOKEN, mode="commit")).startswith("committed: ")  # the new head has none
