@@ -199,9 +199,12 @@ class Report:
             tool = d["tool"]
             if not isinstance(tool, dict) or tool.get("name") != "ftaudit" or not isinstance(tool.get("version"), str):
                 raise TypeError(f"tool must be {{'name': 'ftaudit', 'version': ...}}, not {tool!r}")
+            created_at = d["created_at"]
+            if not isinstance(created_at, str):
+                raise TypeError(f"created_at must be str (an ISO 8601 timestamp), not {json.dumps(created_at)[:40]}")
             return cls(
                 tool=tool,
-                created_at=d["created_at"],
+                created_at=created_at,
                 model=ModelRef(**_known(ModelRef, d["model"])),
                 base=BaseRef(**_known(BaseRef, d["base"])),
                 settings=Settings(**_known(Settings, d["settings"])),

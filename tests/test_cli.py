@@ -519,6 +519,9 @@ def test_reports_read_back_into_the_same_report(pair, tmp_path):
          'not "maybe"'),
         (lambda doc: doc["summary"].update(risk="extreme"), 'Summary.risk must be one of low, medium, high, '
          'not "extreme"'),
+        (lambda doc: doc.update(created_at=1718000000), "created_at must be str (an ISO 8601 timestamp), "
+         "not 1718000000"),
+        (lambda doc: doc.update(created_at=None), "created_at must be str (an ISO 8601 timestamp), not null"),
     ],
 )
 def test_a_report_edited_into_wrong_types_is_not_an_ftaudit_report(pair, tmp_path, edit, message):
