@@ -131,3 +131,25 @@ def test_a_model_with_a_buffer_in_a_newer_dtype_is_audited(tmp_path):
     write_model(tmp_path / "tuned", {**low_rank_update(base), **buffer})
     code, _, stderr = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--quiet")
     assert code == 1 and stderr == "", stderr
+
+
+def test_a_name_holding_a_lone_surrogate_is_refused_as_the_library_refuses_it(tmp_path):
+    from safetensors import SafetensorError
+
+    from tests.invoke import run
+    from tests.models import llama_like, write_model
+
+    write_model(tmp_path / "base", llama_like(layers=1))
+    blob = (tmp_path / "base" / "model.safetensors").read_bytes()
+    n = st.header_length(blob[:8], len(blob), "f")
+    # `\ud800`, as long as the module name it replaces: the JSON escape of a lone surrogate, which is no Unicode text
+    blob = blob[:8] + blob[8 : 8 + n].replace(b"q_proj", b"\\ud800") + blob[8 + n :]
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "model.safetensors").write_bytes(blob)
+    with pytest.raises(SafetensorError):
+        load(blob)
+    with pytest.raises(InvalidWeightsError, match="^f: safetensors header holds a lone surrogate"):
+        parse(blob)
+    code, stdout, stderr = run("check", tmp_path / "tuned", "--base", tmp_path / "base", "--quiet")
+    assert (code, stdout) == (2, "")
+    assert stderr.count("\n") == 1 and "model.safetensors: safetensors header holds a lone surrogate" in stderr

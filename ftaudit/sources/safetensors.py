@@ -112,6 +112,9 @@ def parse_header(raw: bytes | bytearray, file_size: int, label: str) -> Header:
         raise InvalidWeightsError(f"{label}: safetensors header is not valid JSON") from None
     if not isinstance(doc, dict):
         raise InvalidWeightsError(f"{label}: safetensors header is not a JSON object")
+    if _has_lone_surrogate(doc):
+        raise InvalidWeightsError(f"{label}: safetensors header holds a lone surrogate (a \\uD800-\\uDFFF escape "
+                                  "that is no Unicode text) in a name or string")
     metadata = doc.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -120,6 +123,15 @@ def parse_header(raw: bytes | bytearray, file_size: int, label: str) -> Header:
     tensors = {name: _tensor_info(name, entry, data_start, label) for name, entry in doc.items()}
     _check_coverage(tensors, data_start, data_len, label)
     return Header(tensors=tensors, metadata=metadata, data_start=data_start)
+
+
+def _has_lone_surrogate(doc: dict[str, object]) -> bool:
+    """Whether a string of the parsed header holds a lone surrogate (JSON's escapes allow one; UTF-8 cannot hold it)."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _tensor_info(name: str, entry: object, data_start: int, label: str) -> TensorInfo:
