@@ -110,7 +110,7 @@ def test_card_section_of_a_failing_fine_tune(reports):
     assert "**Verdict: ❌ FAIL**" in text and "forgetting risk **HIGH**" in text
     assert f"**{s.intruder_dimensions} intruder dimensions** at ε = 0.5" in text
     for reason in report.verdict.reasons:
-        assert f"- {reason}" in text
+        assert f"- {markdown.md_escape(reason)}\n" in text
     assert "![ftaudit: fail · " in text and "](ftaudit/badge.svg)" in text
     assert "](ftaudit/heatmap.svg)" in text
     assert f"`{report.model.id}`" in text and f"`{report.base.id}`" in text
@@ -212,6 +212,35 @@ def test_card_section_escapes_what_comes_from_the_report(reports):
     text = card.render_card_section(report, badge_path="my badge (1).svg")
     assert "- a \\| pipe, &lt;b&gt;html&lt;/b&gt; and \\*stars\\*" in text
     assert "](my%20badge%20%281%29.svg)" in text
+
+
+def test_names_with_pipes_show_as_they_are_in_and_out_of_tables(reports):
+    fail = reports["fail"]
+    report = dataclasses.replace(
+        fail,
+        model=dataclasses.replace(fail.model, id="org/a|b"),
+        settings=dataclasses.replace(fail.settings, device="cpu|x"),
+        tensors=dataclasses.replace(fail.tensors, missing_in_model=["x|y.weight"]),
+        verdict=dataclasses.replace(fail.verdict, policy=dataclasses.replace(fail.verdict.policy, source="p|q.yaml")),
+    )
+    section, summary = card.render_card_section(report), markdown.render_job_summary(report)
+    assert "- 1 matrix missing in the model: `x|y.weight`" in section
+    assert "- 1 matrix missing in the model: `x|y.weight`" in summary
+    assert summary.splitlines()[2].startswith("**`org/a|b`** against base")
+    assert "· policy `p|q.yaml` (digest" in summary and "· device `cpu|x` ·" in summary
+    assert "· device `cpu|x`" in section
+    for rendered in (section, summary):
+        assert_tables_well_formed(rendered)
+    assert ["Audited", "`org/a\\|b`", "not pinned (local files or the default branch)"] in tables(section)[0]
+
+
+def test_reasons_cannot_turn_emphasis_strikethrough_or_links_on(reports):
+    reason = "snake_case _x_ *y* ~~gone~~ ~z~ at https://example.com/a_b, HTTP://x.org and www.example.com"
+    report = dataclasses.replace(reports["fail"], verdict=dataclasses.replace(reports["fail"].verdict, reasons=[reason]))
+    escaped = ("snake\\_case \\_x\\_ \\*y\\* \\~\\~gone\\~\\~ \\~z\\~ at https\\://example.com/a\\_b, "
+               "HTTP\\://x.org and www\\.example.com")
+    assert f"- {escaped}\n" in card.render_card_section(report)
+    assert f"- {escaped}\n" in markdown.render_job_summary(report)
 
 
 def test_every_text_of_a_hand_made_report_is_escaped(reports, tmp_path):
@@ -479,7 +508,7 @@ def test_job_summary(reports):
     assert f"| **Intruder dimensions** (ε = 0.5, top 10) | **{report.summary.intruder_dimensions}** |" in text
     assert f"| Matrices analysed | {report.summary.matrices_analysed} |" in text
     for reason in report.verdict.reasons:
-        assert f"- {reason}" in text
+        assert f"- {markdown.md_escape(reason)}\n" in text
     worst = markdown.worst_matrices(report, 5)
     assert all(f"`{m.name}`" in text for m in worst)
     assert "<details>" in text and "</details>" in text

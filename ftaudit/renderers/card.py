@@ -53,7 +53,7 @@ def revision_text(revision: str | None) -> str:
         return "not pinned (local files or the default branch)"
     if is_sha(revision):
         return f"{code_span(revision[:12])} (full: {code_span(revision)})"
-    return code_span(revision)
+    return code_span(revision, cell=True)
 
 
 def plain_reading(report: Report) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,8 +69,8 @@ class Metric:
 def environment() -> jinja2.Environment:
     """The jinja2 environment of `templates/` (the package ftaudit.templates).
 
-    SVG templates are XML-escaped; Markdown templates are not, and escape with the `md` and `code`
-    filters where text from the report lands. Every value passes through `printable` (a tensor name can
+    SVG templates are XML-escaped; Markdown templates are not, and escape with the `md`, `code` and
+    `cell_code` (a code span in a table cell) filters where text from the report lands. Every value passes through `printable` (a tensor name can
     hold any character). jinja2 is imported here, on first use: an audit that renders nothing does not
     pay for it.
     """
@@ -85,8 +85,8 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         finalize=printable,
     )
-    env.filters.update(md=md_escape, code=code_span, num=format_number, pct=format_percent, sha=short_sha,
-                       fence=code_fence)
+    env.filters.update(md=md_escape, code=code_span, cell_code=partial(code_span, cell=True), num=format_number,
+                       pct=format_percent, sha=short_sha, fence=code_fence)
     return env
 
 
@@ -142,16 +142,25 @@ def is_sha(revision: str | None) -> bool:
 
 
 def md_escape(text: object) -> str:
-    """Text from a report made inert in Markdown (and in the HTML a model card may contain)."""
+    """Text from a report made inert in Markdown (and in the HTML a model card may contain): no emphasis,
+    strikethrough, link, autolink (`https://...`, `www....`) or table cell boundary."""
     out = str(text).replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    for ch in "`*[]|":
+    for ch in "`*_~[]|":
         out = out.replace(ch, "\\" + ch)
+    out = _AUTOLINK.sub(lambda found: "\\" + found[0], out)
     return out.replace("\r", " ").replace("\n", " ")
 
 
-def code_span(text: object) -> str:
-    """A Markdown code span holding `text` verbatim, safe inside a table cell."""
-    s = str(text).replace("\r", " ").replace("\n", " ").replace("|", "\\|")
+_AUTOLINK = re.compile(r"(?<=www)\.|:(?=//)", re.IGNORECASE)
+"""What makes GitHub link bare text: the `:` of `scheme://`, the `.` of `www.` (escaped, they show as they are)."""
+
+
+def code_span(text: object, cell: bool = False) -> str:
+    """A Markdown code span holding `text` verbatim; with `cell`, inside a table cell (where a `|` is escaped, as a
+    table's cells are split before their code spans are read)."""
+    s = str(text).replace("\r", " ").replace("\n", " ")
+    if cell:
+        s = s.replace("|", "\\|")
     longest = max((len(m) for m in re.findall(r"`+", s)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if s.startswith("`") or s.endswith("`") else ""
