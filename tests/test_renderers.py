@@ -553,3 +553,23 @@ def test_what_a_models_files_say_cannot_write_lines_of_its_own_to_stderr(tmp_pat
     assert code in (0, 1), stderr
     assert "a bert\\x1b[2K\\r\\n::notice::fine model" in stderr
     assert not any(line.lstrip().startswith("::") or "\r" in line for line in stderr.splitlines())
+
+
+def test_heatmap_shortens_very_long_module_names_and_keeps_them_apart(reports):
+    long = "encoder." + "very_long_module_path." * 18  # a name without a layer index is a column of its own
+    report = copy.deepcopy(reports["heads"])
+    head = next(m for m in report.matrices if m.layer is None)
+    twin = copy.deepcopy(head)
+    head.name, twin.name = long + "left.q_proj.weight", long + "right.q_proj.weight"
+    report.matrices.append(twin)
+    svg = heatmap.render_heatmap_svg(report)
+    root = ET.fromstring(svg)
+    assert int(root.get("width")) <= 640 and int(root.get("height")) <= 640, (root.get("width"), root.get("height"))
+    labels = {t.text: t.find(f"{SVG}title").text for t in root.iter(f"{SVG}text") if t.find(f"{SVG}title") is not None}
+    left, right = long + "left.q_proj", long + "right.q_proj"
+    shown = {full: text for text, full in labels.items()}
+    assert shown[left].startswith("…") and shown[left].endswith("left.q_proj") and len(shown[left]) < 40
+    assert shown[right].startswith("…") and shown[right].endswith("right.q_proj") and shown[right] != shown[left]
+    tooltips = [c.find(f"{SVG}title").text for c in cells(root)]
+    assert any(t.startswith(head.name + ":") for t in tooltips) and any(t.startswith(twin.name + ":") for t in tooltips)
+    assert_inside(root)

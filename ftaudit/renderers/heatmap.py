@@ -37,6 +37,7 @@ _KIND_ORDER = {"attention": 0, "mlp": 1}
 # levels, a right angle for rotations), so that a small update looks small rather than saturated.
 SCALE_FLOOR = {"relative_update_norm": 1.0, "spectral_spike": 2.5, "subspace_drift_deg": 90.0}
 MAX_WIDTH = 640         # the figure grows up to this to fit the model ids, then shortens them
+MAX_LABEL_W = 180       # px; a wider column label is shortened from the left (…tail), its full text its tooltip
 _EXPERT_INDEX = re.compile(r"(experts\.)\d+(?=\.|$)|\[\d+\]$")
 """An expert's index in a module label: `experts.3` of a model that stores each expert's matrices, `[3]` of a stack."""
 
@@ -101,7 +102,8 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
         hi = max(max(finite) if finite else 1.0, SCALE_FLOOR.get(metric, 0.0))
     scale = _Scale(lo, hi if hi > lo else lo + 1.0, counts=integral)
 
-    label_w = {c: text_width(c, LABEL_SIZE) for c in columns}
+    shown = short_labels(columns)
+    label_w = {c: text_width(shown[c], LABEL_SIZE) for c in columns}
     rotate = max(label_w.values(), default=0) > cell_w - 6
     sin = math.sin(math.radians(ROTATION))
     header_h = (max(label_w.values(), default=0) * sin + LABEL_SIZE + 6) if rotate else LABEL_SIZE + 8
@@ -159,7 +161,7 @@ def render_heatmap_svg(report: Report, metric: str = "intruders") -> str:
         grid_x=grid_x, grid_y=grid_y, grid_w=grid_w, grid_h=grid_h, cell_w=cell_w, cell_h=cell_h,
         cells=cells,
         rows=[(row_labels[key], grid_y + (i + 0.5) * cell_h) for i, key in enumerate(row_keys)],
-        columns=[(col, grid_x + (i + 0.5) * cell_w) for i, col in enumerate(columns)],
+        columns=[(shown[col], col, grid_x + (i + 0.5) * cell_w) for i, col in enumerate(columns)],
         rotate=rotate, rotation=ROTATION, column_label_y=grid_y - 6,
         axis_y=axis_y, row_axis_x=PAD + 10, row_axis_y=grid_y + grid_h / 2,
         legend=legend,
@@ -303,6 +305,22 @@ def _fit_ids(model: str, base: str, width: float, size: float = LABEL_SIZE) -> s
         return text
     room = (width - text_width(" vs ", size)) / 2
     return f"{_tail(model, room, size)} vs {_tail(base, room, size)}"
+
+
+def short_labels(labels: list[str], width: float = MAX_LABEL_W, size: float = LABEL_SIZE) -> dict[str, str]:
+    """Each label as shown: whole if it fits `width` px, else its end (`…self_attn.q_proj`), longer where two ends
+    would read alike, so that distinct labels stay distinct."""
+    shown = {label: _tail(label, width, size) for label in labels}
+    while True:
+        seen: dict[str, list[str]] = {}
+        for label, text in shown.items():
+            seen.setdefault(text, []).append(label)
+        alike = [label for same in seen.values() if len(same) > 1 for label in same if shown[label] != label]
+        if not alike:
+            return shown
+        for label in alike:
+            keep = len(shown[label])  # one character more of its end
+            shown[label] = label if keep >= len(label) else "…" + label[-keep:]
 
 
 def _tail(text: str, width: float, size: float) -> str:
