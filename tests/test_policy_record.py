@@ -132,7 +132,7 @@ def test_the_card_and_outputs_say_which_policy_judged_and_reproduce_it(pair, tmp
     assert code == 0
     custom = check(pair, "--policy", lenient)["verdict"]["policy"]["digest"]
     text = (out / "lenient.md").read_text()
-    assert (f"- relative_update_norm_max = 1.357 reaches the high-risk threshold 1\n\nJudged under a custom policy, "
+    assert (f"- relative\\_update\\_norm\\_max = 1.357 reaches the high-risk threshold 1\n\nJudged under a custom policy, "
             f"`{lenient}` (digest `{custom}`); the JSON report's `verdict.policy` holds its thresholds.\n") in text
     command = f"ftaudit check {pair['lora']} --base {pair['base']} --k 10 --epsilon 0.5 --policy {lenient}"
     assert (f"\n{command}\n```\n\n`{lenient}` is the audit's own policy file, by the path the report records: the "
