@@ -139,7 +139,6 @@ def _listed(values: Sequence[str]) -> list[str]:
     return [item.strip() for value in values for item in _COMMA.split(value) if item.strip()]
 
 
-
 def _matches(name: str, glob: str) -> bool:
     """Whether `glob` matches `name`, a bracket of digits in it taken as written: `*[2]` is every stack's expert 2
     (`stack[2]`), not every name that ends in 2 (DBRX's `…mlp.w2`); other brackets are character classes (`[0-3]`)."""

@@ -159,7 +159,6 @@ def test_could_not_audit_fails_the_audit_step(hub, models, tmp_path):
     assert bad.returncode == 2 and "fail-on must be fail, warn or never" in bad.stdout
 
 
-
 def test_shard_jobs_then_a_merge_job_give_the_whole_audit(models, tmp_path):
     """A job matrix audits the shards (each uploads its report); a last job downloads them and merges them."""
     base, tuned = models

@@ -32,6 +32,8 @@ BODY = "\n# My model\n\nText that must stay.\n"
 def read_card_data(card_text: str) -> object:
     """The `ftaudit:` entry of a card's front matter, as the Hub reads it."""
     return frontmatter.read(card_text).get("ftaudit")
+
+
 KEY_BLOCK = yaml.safe_dump({"ftaudit": DATA}, sort_keys=False)
 
 

@@ -205,7 +205,6 @@ def test_local_folders_and_stale_audits_cannot_be_pushed(hub_env, tmp_path):
         push_card(report, token=TOKEN, mode="force")
 
 
-
 def test_push_of_a_local_folder_is_refused_before_the_audit(hub_env, tmp_path):
     publish(hub_env, tmp_path)
     report = tmp_path / "r.json"
@@ -226,7 +225,6 @@ def test_network_failures_are_reported(hub_env, tmp_path):
     hub_env.stop()
     with pytest.raises(FtauditError, match=r"branch list: still failing after 5 attempts \(ConnectError\)"):
         push_card(report, token=TOKEN)
-
 
 
 def pull_requests(hub: HubServer) -> list[str]:

@@ -186,7 +186,6 @@ def test_an_adapter_whose_experts_do_not_fit_the_base_is_refused(models, tmp_pat
     assert "fit none of the base's" in result.stderr and result.stderr.endswith("is this the adapter's base?\n")
 
 
-
 def test_a_base_with_more_experts_than_the_adapter_is_refused_naming_their_number(models, tmp_path):
     """The parts of each expert fit the factors' shapes, but the base has twice the adapter's experts: the one line
     says how many the base has, which its parts' shapes alone do not show."""

@@ -148,7 +148,6 @@ def _link_target(path: str | None) -> str | None:
     return path.replace("\\", "/").replace(" ", "%20").replace("(", "%28").replace(")", "%29")
 
 
-
 def repo_files(report: Report, names: Iterable[str]) -> dict[str, str]:
     """The files of `names` (of REPO_FILES) that show `report` in a model repo."""
     make = {
