@@ -19,11 +19,12 @@ from typing import TypeVar
 
 from ftaudit.errors import UsageError
 from ftaudit.layout import matrix_tensor
-from ftaudit.report import AppliedPolicy, Assignment, Report, TensorIssues
+from ftaudit.report import AppliedPolicy, Assignment, BaseRef, ModelRef, Report, TensorIssues
 from ftaudit.summary import summarise
 
 log = logging.getLogger("ftaudit")
 T = TypeVar("T")
+Ref = TypeVar("Ref", ModelRef, BaseRef)
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 _GLOBAL_ISSUES = ("missing_in_base", "missing_in_model", "shape_mismatch", "vocab_resized", "not_selected")
@@ -182,8 +183,8 @@ def _check_same(first: ShardReport, other: ShardReport) -> None:
     a, b = first.report, other.report
     same = {
         "ftaudit version": (a.tool, b.tool),
-        "model": (replace(a.model, fingerprint=None), replace(b.model, fingerprint=None)),
-        "base": (replace(a.base, fingerprint=None), replace(b.base, fingerprint=None)),
+        "model": (_named(a.model), _named(b.model)),
+        "base": (_named(a.base), _named(b.base)),
         "settings": (replace(a.settings, device="", shard=None), replace(b.settings, device="", shard=None)),
         "tensors": (_global(a.tensors), _global(b.tensors)),
         "number of matrices split (assignment.all_matrices)": (first.assignment.all_matrices,
@@ -195,9 +196,18 @@ def _check_same(first: ShardReport, other: ShardReport) -> None:
                              "of one audit")
     for side, x, y in (("model", a.model, b.model), ("base", a.base, b.base)):
         if x.fingerprint != y.fingerprint:
-            raise UsageError(f"shards {_name(first)} and {_name(other)} read different weights from {x.id} (their "
-                             f"{side}.fingerprint differs): the folder changed between their audits; audit every "
-                             "shard from the same files")
+            where, why = ((f" from {x.id}", "the folder changed") if x.id == y.id else
+                          (f", from {x.id} and from {y.id}", "other files, or the folder changed"))
+            raise UsageError(f"shards {_name(first)} and {_name(other)} read different weights{where} (their "
+                             f"{side}.fingerprint differs): {why} between their audits; audit every shard from the "
+                             "same files")
+
+
+def _named(ref: Ref) -> Ref:
+    """`ref` without what may differ between the shards of one audit: its fingerprint (compared apart) and, for a local
+    folder, which the fingerprint identifies, its id: the path each shard's job reached it by."""
+    local = ref.revision is None and ref.fingerprint is not None
+    return replace(ref, id="" if local else ref.id, fingerprint=None)
 
 
 def _check_disjoint(shards: Sequence[ShardReport]) -> None:

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from examples import minilm_finetunes as ft
 from ftaudit.shards import Shard
+from tests.hubserver import HubServer
 from tests.invoke import run
-from tests.models import llama_like, low_rank_update, small_update, write_model
+from tests.models import folder_files, llama_like, low_rank_update, small_update, write_model
 
 EXPERTS = "model.layers.0.mlp.experts.down_proj"
 ADAPTER = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
@@ -153,7 +154,7 @@ def test_merge_refuses_what_is_not_every_shard_of_one_audit(pair, tmp_path):
     audit(pair, "--json", whole)
     other_model = tmp_path / "other.json"
     report = json.loads(two[1].read_text())
-    report["model"]["id"] = "org/other"
+    report["model"].update(id="org/other", revision="0" * 40, fingerprint=None)
     other_model.write_text(json.dumps(report))
     overlapping = tmp_path / "overlapping.json"
     report = json.loads(two[1].read_text())
@@ -325,6 +326,72 @@ def test_merge_refuses_shards_of_a_local_folder_whose_weights_changed_between_th
     assert stderr == (f"ftaudit: error: shards 1/2 ({first}) and 2/2 ({second}) read different weights from "
                       f"{folders[side]} (their {role}.fingerprint differs): the folder changed between their audits; "
                       "audit every shard from the same files\n")
+
+
+def test_merge_takes_shards_that_reached_the_same_folders_by_other_paths(pair, tmp_path, monkeypatch):
+    """Jobs that name the folders otherwise (`tuned`, `/abs/tuned`) or check them out elsewhere read the same weights,
+    as their fingerprints say: the merge is the whole audit's report, naming the folders as shard 1/N does."""
+    checkout = tmp_path / "checkout"  # another job's checkout of the same commit: the same bytes, new mtimes
+    for side in ("base", "tuned"):
+        shutil.copytree(pair[side], checkout / side)
+    monkeypatch.chdir(pair["root"])
+    reached = [("tuned", "./base"), (pair["tuned"], pair["base"]), (checkout / "tuned", checkout / "base")]
+    shards = []
+    for index, (tuned, base) in enumerate(reached, 1):
+        shards.append(tmp_path / f"shard-{index}.json")
+        code, _, stderr = run("check", tuned, "--base", base, "--no-cache", "--shard", f"{index}/3", "--json",
+                              shards[-1])
+        assert code == 1, stderr
+    assert len({json.loads(s.read_text())["model"]["id"] for s in shards}) == 3
+    whole = tmp_path / "whole.json"
+    assert run("check", "tuned", "--base", "./base", "--no-cache", "--json", whole)[0] == 1
+    merged = tmp_path / "merged.json"
+    code, _, stderr = run("merge", *reversed(shards), "--json", merged)
+    assert code == 1, stderr
+    assert without_time(merged) == without_time(whole)
+    assert (without_time(merged)["model"]["id"], without_time(merged)["base"]["id"]) == ("tuned", "./base")
+
+
+@pytest.mark.parametrize("side", ["tuned", "base"])
+def test_merge_refuses_shards_that_read_other_weights_from_other_paths(pair, tmp_path, side):
+    changed = load_file(pair[side] / "model.safetensors")
+    changed["model.layers.0.mlp.up_proj.weight"] = low_rank_update(changed, only="layers.0.mlp.up")[
+        "model.layers.0.mlp.up_proj.weight"]
+    folders = dict(pair, **{side: write_model(tmp_path / side, changed)})
+    first, second = shard_reports(pair, 2)[0], tmp_path / "shard-2.json"
+    code, _, stderr = run("check", folders["tuned"], "--base", folders["base"], "--no-cache", "--shard", "2/2",
+                          "--json", second)
+    assert code == 1, stderr
+    code, stdout, stderr = run("merge", first, second)
+    assert (code, stdout) == (2, "")
+    role = "model" if side == "tuned" else "base"
+    assert stderr == (f"ftaudit: error: shards 1/2 ({first}) and 2/2 ({second}) read different weights, from "
+                      f"{pair[side]} and from {folders[side]} (their {role}.fingerprint differs): other files, or the "
+                      "folder changed between their audits; audit every shard from the same files\n")
+
+
+def test_merge_compares_hub_models_by_id_and_revision(pair, tmp_path, hub_env: HubServer):
+    """The same files in another repository, or in another commit, are another model; a local copy of them too."""
+    files = folder_files(pair["tuned"])
+    sha = hub_env.add_repo("org/tuned", files)
+    hub_env.add_repo("org/copy", files)
+
+    def shard(name: str, index: int, model: object, *revision: str) -> Path:
+        path = tmp_path / f"{name}.json"
+        code, _, stderr = run("check", model, *revision, "--base", pair["base"], "--no-cache", "--shard",
+                              f"{index}/2", "--json", path)
+        assert code == 1, stderr
+        return path
+
+    first = shard("first", 1, "org/tuned", "--revision", sha)
+    assert run("merge", first, shard("second", 2, "org/tuned"))[0] == 1
+    hub_env.add_repo("org/tuned", files)  # main moves on to a commit of the same files
+    others = (shard("copy", 2, "org/copy"), shard("later", 2, "org/tuned"), shard("local", 2, pair["tuned"]))
+    for other in others:
+        code, stdout, stderr = run("merge", first, other)
+        assert (code, stdout) == (2, "")
+        assert stderr == (f"ftaudit: error: shards 1/2 ({first}) and 2/2 ({other}) differ in their model: they are "
+                          "not shards of one audit\n")
 
 
 def test_the_shards_of_an_adapter_merged_give_the_whole_audits_report(tmp_path):
