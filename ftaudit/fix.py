@@ -55,6 +55,8 @@ both the patched and the unpatched values."""
 OTHER_COPY_STEMS = ("consolidated",)
 """Safetensors files of these names, beside the weights the fix writes, are other copies of them (Mistral's)."""
 ADAPTER_CONFIG = "adapter_config.json"
+TRAINER_STATE = "trainer_state.json"
+"""What transformers' Trainer saves in every checkpoint folder, its other state (optimizer.pt, ...) or not."""
 CARD = "README.md"
 
 Phases = Callable[[str], Progress | None]
@@ -111,7 +113,7 @@ def fix(
                             "merged": patcher.merged_tensor}[fmt]
         _write_weights(folder, storage, weights, replace, phase("writing"))
         changed = bool(patcher.changes) or fmt == "merged"
-        left_out, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed)
+        left_out, unpatched, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed)
         written = Snapshot(str(out), None, LocalStorage(folder.path, label=str(out)))  # named as it will be
         after = audit_opened(
             open_target(Target(str(out), base=before.base.id, base_revision=before.base.revision, token=target.token,
@@ -125,6 +127,7 @@ def fix(
             output=str(out), format=fmt,
             settings=FixSettings(fix_options.lam, options.epsilon, options.k, fix_options.only_top),
             before=before, after=after, changes=patcher.changes, files_left_out=left_out,
+            files_copied_unpatched=unpatched,
         )
         if changed:
             section = fix_render.render_card_section(result, badge_path=BADGE if BADGE in audit_files else None,
@@ -185,10 +188,11 @@ def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, r
 
 def _copy_files(
     folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool
-) -> tuple[list[str], list[str]]:
-    """Copy the input's other files; return the weights in other formats or other copies, which are left out, and,
-    unless `keep_card`, the audit's files (badge, heatmap) the input had, which are not copied: they are the card's,
-    to be rewritten with it."""
+) -> tuple[list[str], list[str], list[str]]:
+    """Copy the input's other files; return what is left out (weights in other formats or other copies, and training
+    checkpoint folders, as `checkpoint-500/`), the safetensors files in subfolders copied as they are, and, unless
+    `keep_card`, the audit's files (badge, heatmap) the input had, which are not copied: they are the card's, to be
+    rewritten with it."""
     written = {ref.file for ref in weights.tensors.values()}
     stem = "adapter_model" if fmt == "adapter" else "model"
     tuned = opened.tuned.storage
@@ -204,18 +208,35 @@ def _copy_files(
         audit_files = [name for name in REPO_FILES if name in sources]
         for name in (CARD, *audit_files):
             sources.pop(name, None)
-    left_out = []
+    checkpoints = _training_checkpoints(set(sources) - written)
+    left_out, unpatched = [], []
     for name, storage in sorted(sources.items()):
-        if name in written:
+        if name in written or name.startswith(tuple(checkpoints)):
             continue
         if _other_weights(name) or _other_copy(name, stem):
             left_out.append(name)
             continue
+        if "/" in name and name.endswith(".safetensors"):
+            unpatched.append(name)
         folder.copy_file(storage, name)
     if left_out:
         log.warning("left out %d file(s) of weights in other formats or other copies, which would keep the unpatched "
                     "values: %s", len(left_out), ", ".join(left_out))
-    return left_out, audit_files
+    if checkpoints:
+        log.warning("left out %d training checkpoint folder(s), earlier states of the run whose weights are not "
+                    "patched: %s", len(checkpoints), ", ".join(checkpoints))
+    if unpatched:
+        log.warning("copied %d safetensors file(s) in subfolders as they are, neither audited nor patched (the audit "
+                    "reads the top-level weights only): %s", len(unpatched), ", ".join(unpatched))
+    return sorted(left_out + checkpoints), unpatched, audit_files
+
+
+def _training_checkpoints(names: set[str]) -> list[str]:
+    """The outermost subfolders (as `checkpoint-500/`) that hold a training run's state: a Trainer's checkpoint
+    folders, earlier states of the run with weights of their own, which the audit does not read."""
+    folders = {str(PurePosixPath(name).parent) + "/" for name in names
+               if "/" in name and (PurePosixPath(name).name == TRAINER_STATE or is_training_state(name))}
+    return sorted(f for f in folders if not any(f != other and f.startswith(other) for other in folders))
 
 
 def _other_copy(name: str, stem: str) -> bool:

@@ -53,7 +53,9 @@ class FixResult:
     changes: list[MatrixChange] = field(default_factory=list)
     files_left_out: list[str] = field(default_factory=list)
     """Weights in other formats (pickle, ONNX, ...) or other copies (`model.safetensors` beside shards) that would
-    still hold the unpatched values."""
+    still hold the unpatched values, and training checkpoint folders (`checkpoint-500/`)."""
+    files_copied_unpatched: list[str] = field(default_factory=list)
+    """Safetensors files in subfolders (a module of its own, another adapter), copied as they are: not audited."""
 
     @property
     def directions_scaled(self) -> int:
@@ -72,7 +74,8 @@ class FixResult:
             "created_at": self.created_at,
             "model": asdict(self.before.model),
             "base": asdict(self.before.base),
-            "output": {"path": self.output, "format": self.format, "files_left_out": self.files_left_out},
+            "output": {"path": self.output, "format": self.format, "files_left_out": self.files_left_out,
+                       "files_copied_unpatched": self.files_copied_unpatched},
             "settings": self.settings.to_dict(),
             "summary": {
                 "matrices_changed": len(self.changes),

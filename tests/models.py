@@ -119,3 +119,26 @@ def write_trainer_state(folder: Path) -> Path:
     torch.save({"python": random.getstate(), "cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
     return folder
+
+
+def trainer_run(folder: Path, tensors: dict[str, torch.Tensor], steps: int = 2) -> Path:
+    """`folder`: the output folder of a real transformers Trainer run of a small Llama (llama_like's shapes) that
+    starts from `tensors`: `checkpoint-1/` ... `checkpoint-{steps}/` (weights, config, optimizer, scheduler, random
+    states, trainer_state.json), then the final model saved at the top. The learning rate is too small to move the
+    weights visibly: the model keeps what `tensors` hold (intruders included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    hidden = tensors["model.norm.weight"].numel()
+    vocab, ffn = tensors["model.embed_tokens.weight"].shape[0], tensors["model.layers.0.mlp.up_proj.weight"].shape[0]
+    layers = sum(name.endswith("input_layernorm.weight") for name in tensors)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(tensors, strict=False)  # the norms llama_like lacks keep their initial ones
+    ids = torch.randint(0, vocab, (2 * steps, 8), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(folder), max_steps=steps, save_steps=1, per_device_train_batch_size=2,
+                             learning_rate=1e-9, use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": row, "labels": row} for row in ids])
+    trainer.train()
+    trainer.save_model()
+    return folder

@@ -22,7 +22,7 @@ from ftaudit.report import Report
 from ftaudit.spectral import top_left
 from tests.invoke import run
 from tests.models import (
-    TRAINER_STATE, card, folder_files, llama_like, low_rank_update, write_model, write_trainer_state,
+    TRAINER_STATE, card, folder_files, llama_like, low_rank_update, trainer_run, write_model, write_trainer_state,
 )
 
 BASE = ft.base_model_dir()
@@ -602,3 +602,64 @@ def test_a_tensor_name_cannot_write_lines_of_its_own_to_the_terminal(tmp_path):
     assert code in (0, 1), stderr
     assert "q_proj\\x1b[2K\\r\\n::notice title=ftaudit PASS::fine\\n.weight" in stdout
     assert not any(line.lstrip().startswith("::") or "\r" in line for line in stdout.splitlines())
+
+
+def test_a_trainers_checkpoint_folders_are_left_out_whole_from_a_folder_and_from_the_hub(tmp_path, hub_env):
+    """A Trainer's output folder: the final model at the top, and checkpoint folders, earlier states of the same run,
+    whose weights the audit does not read and the fix would not patch."""
+    base = llama_like(layers=1)
+    write_model(tmp_path / "base", base)
+    run_dir = trainer_run(tmp_path / "run", low_rank_update(base))
+    checkpoint = run_dir / "checkpoint-2"
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    hub_env.add_repo("me/base", folder_files(tmp_path / "base"))
+    hub_env.add_repo("me/run", folder_files(run_dir))
+    top_level = sorted(p.name for p in run_dir.iterdir() if p.is_file())
+    for name, source, base_id in (("local", run_dir, tmp_path / "base"), ("hub", "me/run", "me/base")):
+        out, record_path = tmp_path / f"fixed-{name}", tmp_path / f"fix-{name}.json"
+        code, _, stderr = run("fix", source, "--base", base_id, "--out", out, "--lambda", 0, "--json", record_path,
+                              "--quiet")
+        assert code in (0, 1), stderr
+        record = json.loads(record_path.read_text())
+        assert record["changes"] and record["output"]["files_left_out"] == ["checkpoint-1/", "checkpoint-2/"]
+        assert sorted(folder_files(out)) == sorted({*top_level, "README.md"})
+        assert ("WARNING: left out 2 training checkpoint folder(s), earlier states of the run whose weights are "
+                "not patched: checkpoint-1/, checkpoint-2/") in stderr
+        assert "`checkpoint-1/`, `checkpoint-2/`" in (out / "README.md").read_text()
+        assert (out / "training_args.bin").read_bytes() == (run_dir / "training_args.bin").read_bytes()
+
+
+def test_safetensors_in_other_subfolders_are_copied_and_named_as_neither_audited_nor_patched(tmp_path):
+    """A module of its own beside the model (sentence-transformers' Dense layer in `2_Dense/`), or another adapter
+    (PEFT saves each adapter but the default in a subfolder of its name): not a copy of the weights, so copied, but
+    the audit reads only the top-level weights, so the output's card and warnings say it was not patched."""
+    model = small_fine_tune(tmp_path)
+    (model / "2_Dense").mkdir()
+    save_file({"linear.weight": torch.randn(8, 32)}, model / "2_Dense" / "model.safetensors")
+    (model / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 32, "out_features": 8}))
+    out, record_path = tmp_path / "fixed", tmp_path / "fix.json"
+    code, _, stderr = run("fix", model, "--out", out, "--lambda", 0, "--json", record_path, "--quiet")
+    assert code in (0, 1), stderr
+    record = json.loads(record_path.read_text())
+    assert record["changes"] and record["output"]["files_left_out"] == []
+    assert record["output"]["files_copied_unpatched"] == ["2_Dense/model.safetensors"]
+    for name in ("2_Dense/model.safetensors", "2_Dense/config.json"):
+        assert (out / name).read_bytes() == (model / name).read_bytes()
+    assert ("WARNING: copied 1 safetensors file(s) in subfolders as they are, neither audited nor patched (the audit "
+            "reads the top-level weights only): 2_Dense/model.safetensors") in stderr
+    assert "`2_Dense/model.safetensors`" in (out / "README.md").read_text()
+
+
+def test_an_adapters_training_checkpoint_goes_neither_into_its_fix_nor_into_the_merged_model(tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, adapter)
+    (adapter / "checkpoint-500").mkdir()
+    checkpoint = write_trainer_state(adapter / "checkpoint-500")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(ADAPTER / name, checkpoint / name)
+    for merge in ([], ["--merge"]):
+        out = tmp_path / f"fixed{len(merge)}"
+        code, _, stderr = run("fix", adapter, "--base", BASE, "--out", out, "--lambda", 0, "--quiet", *merge,
+                              *LAYER_0)
+        assert code in (0, 1), stderr
+        assert not (out / "checkpoint-500").exists() and "checkpoint-500/" in stderr
