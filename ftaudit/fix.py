@@ -52,8 +52,9 @@ OTHER_WEIGHT_SUFFIXES = (
 )
 """Weights in formats the fix does not rewrite: left out of the output, which would otherwise hold
 both the patched and the unpatched values."""
-OTHER_COPY_STEMS = ("consolidated",)
-"""Safetensors files of these names, beside the weights the fix writes, are other copies of them (Mistral's)."""
+OTHER_COPY_STEMS = ("model", "consolidated")
+"""Safetensors files of these names, beside the weights the fix writes, are other copies of them: a full model beside
+an adapter (the adapter merged, or its base), Mistral's `consolidated`."""
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
 """What transformers' Trainer saves in every checkpoint folder, its other state (optimizer.pt, ...) or not."""
@@ -241,7 +242,8 @@ def _training_checkpoints(names: set[str]) -> list[str]:
 
 def _other_copy(name: str, stem: str) -> bool:
     """A safetensors copy of the weights that is not the one written: `model.safetensors` beside the shards of
-    `model.safetensors.index.json` (which transformers loads first), a variant (`model.fp16.safetensors`), ..."""
+    `model.safetensors.index.json` (which transformers loads first), a variant (`model.fp16.safetensors`), a full
+    model beside an adapter, ..."""
     if "/" in name or name == f"{stem}.safetensors.index.json":
         return False
     if not name.endswith((".safetensors", ".safetensors.index.json")):

@@ -663,3 +663,20 @@ def test_an_adapters_training_checkpoint_goes_neither_into_its_fix_nor_into_the_
                               *LAYER_0)
         assert code in (0, 1), stderr
         assert not (out / "checkpoint-500").exists() and "checkpoint-500/" in stderr
+
+
+def test_a_full_models_weights_beside_an_adapter_are_left_out_of_its_fix(tmp_path):
+    """An adapter folder that also holds the model merged with it: the audit reads the adapter, so the fixed adapter
+    would sit beside the unpatched merged weights."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, adapter)
+    merged = {**load_file(BASE / "model.safetensors"), **{k: v.float() for k, v in merged_weights().items()}}
+    save_file(merged, adapter / "model.safetensors")
+    out, record_path = tmp_path / "fixed", tmp_path / "fix.json"
+    code, _, stderr = run("fix", adapter, "--base", BASE, "--out", out, "--json", record_path, "--lambda", 0, "--quiet",
+                          *LAYER_0)
+    assert code in (0, 1), stderr
+    record = json.loads(record_path.read_text())
+    assert record["changes"] and record["output"]["files_left_out"] == ["model.safetensors"]
+    assert not (out / "model.safetensors").exists() and "model.safetensors" in stderr
+    assert (out / ft.HEAD_FILE).read_bytes() == (ADAPTER / ft.HEAD_FILE).read_bytes()
