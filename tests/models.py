@@ -121,11 +121,11 @@ def write_trainer_state(folder: Path) -> Path:
     return folder
 
 
-def trainer_run(folder: Path, tensors: dict[str, torch.Tensor], steps: int = 2) -> Path:
+def trainer_run(folder: Path, tensors: dict[str, torch.Tensor], steps: int = 2, save_model: bool = True) -> Path:
     """`folder`: the output folder of a real transformers Trainer run of a small Llama (llama_like's shapes) that
     starts from `tensors`: `checkpoint-1/` ... `checkpoint-{steps}/` (weights, config, optimizer, scheduler, random
-    states, trainer_state.json), then the final model saved at the top. The learning rate is too small to move the
-    weights visibly: the model keeps what `tensors` hold (intruders included)."""
+    states, trainer_state.json), then, with `save_model`, the final model saved at the top. The learning rate is too
+    small to move the weights visibly: the model keeps what `tensors` hold (intruders included)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     hidden = tensors["model.norm.weight"].numel()
@@ -140,5 +140,6 @@ def trainer_run(folder: Path, tensors: dict[str, torch.Tensor], steps: int = 2) 
                              learning_rate=1e-9, use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": row, "labels": row} for row in ids])
     trainer.train()
-    trainer.save_model()
+    if save_model:
+        trainer.save_model()
     return folder

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.invoke import run, run_unprivileged
-from tests.models import card, llama_like, low_rank_update, write_model, write_trainer_state
+from tests.models import card, llama_like, low_rank_update, trainer_run, write_model, write_trainer_state
 
 
 def check_unprivileged(*args: object) -> subprocess.CompletedProcess[str]:
@@ -75,3 +75,12 @@ def test_a_training_runs_state_is_not_taken_for_pickled_weights(tmp_path):
     for extra in ([], ["--allow-pickle"]):
         code, _, stderr = run("check", folder, *extra)
         assert (code, stderr) == (2, f"ftaudit: error: {folder}: no weights found (no .safetensors or pickle files)\n")
+
+
+def test_weights_only_in_subfolders_are_named_when_none_are_at_the_top_level(tmp_path):
+    """A Trainer's output folder before its final save: the weights are in its checkpoint folders, which an audit of
+    the folder does not read."""
+    run_dir = trainer_run(tmp_path / "run", llama_like(layers=1), save_model=False)
+    code, _, stderr = run("check", run_dir, "--base", run_dir / "checkpoint-1")
+    assert (code, stderr) == (2, f"ftaudit: error: {run_dir}: no weights found (no .safetensors or pickle files at "
+                                 "its top level; subfolders are not read: checkpoint-1/model.safetensors and 1 more)\n")

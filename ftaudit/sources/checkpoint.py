@@ -144,7 +144,11 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
         found = sorted(f for f in top_level if f.endswith(suffixes) and not is_training_state(f))
         if found:
             return WeightFiles(fmt, found, None)
-    raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files)")
+    nested = [f for f in files if "/" in f and f.endswith((".safetensors", *PICKLE_SUFFIXES))
+              and not is_training_state(f)]
+    where = "" if not nested else (f" at its top level; subfolders are not read: {nested[0]}"
+                                   + (f" and {len(nested) - 1} more" if len(nested) > 1 else ""))
+    raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files{where})")
 
 
 def _weight_map(storage: Storage, index: str) -> dict[str, str]:
