@@ -196,21 +196,14 @@ def _copy_files(
     rewritten with it."""
     written = {ref.file for ref in weights.tensors.values()}
     stem = "adapter_model" if fmt == "adapter" else "model"
-    tuned = opened.tuned.storage
-    sources: dict[str, Storage] = {}
-    if fmt == "merged":  # the base's files, and the adapter's own extras (a head, a tokenizer) over them
-        sources.update(dict.fromkeys(opened.base.storage.files(), opened.base.storage))
-        extras = [f for f in tuned.files() if f != ADAPTER_CONFIG and not f.startswith("adapter_model.")]
-        sources.update(dict.fromkeys(extras, tuned))
-    else:
-        sources.update(dict.fromkeys(tuned.files(), tuned))
+    sources, left_out = _sources(opened, fmt)
     audit_files: list[str] = []
     if not keep_card:
         audit_files = [name for name in REPO_FILES if name in sources]
         for name in (CARD, *audit_files):
             sources.pop(name, None)
     checkpoints = _training_checkpoints(set(sources) - written)
-    left_out, unpatched = [], []
+    unpatched = []
     for name, storage in sorted(sources.items()):
         if name in written or name.startswith(tuple(checkpoints)):
             continue
@@ -222,7 +215,7 @@ def _copy_files(
         folder.copy_file(storage, name)
     if left_out:
         log.warning("left out %d file(s) of weights in other formats or other copies, which would keep the unpatched "
-                    "values: %s", len(left_out), ", ".join(left_out))
+                    "values: %s", len(left_out), ", ".join(sorted(left_out)))
     if checkpoints:
         log.warning("left out %d training checkpoint folder(s), earlier states of the run whose weights are not "
                     "patched: %s", len(checkpoints), ", ".join(checkpoints))
@@ -230,6 +223,27 @@ def _copy_files(
         log.warning("copied %d safetensors file(s) in subfolders as they are, neither audited nor patched (the audit "
                     "reads the top-level weights only): %s", len(unpatched), ", ".join(unpatched))
     return sorted(left_out + checkpoints), unpatched, audit_files
+
+
+def _sources(opened: Opened, fmt: str) -> tuple[dict[str, Storage], list[str]]:
+    """Where each file to copy comes from, and the files left out already. A merged model takes the base's files,
+    then the adapter's own extras (a head, a tokenizer) over them, but for a full model's weights and index in the
+    adapter's folder, which would stand beside or over the base's: those are left out."""
+    tuned = opened.tuned.storage
+    if fmt != "merged":
+        return dict.fromkeys(tuned.files(), tuned), []
+    base = opened.base.storage
+    sources: dict[str, Storage] = dict.fromkeys(base.files(), base)
+    left_out = []
+    for name in tuned.files():
+        if name == ADAPTER_CONFIG or name.startswith("adapter_model."):
+            continue
+        if name == "model.safetensors.index.json" or _other_copy(name, "model"):
+            if name not in sources:
+                left_out.append(name)
+        else:
+            sources[name] = tuned
+    return sources, left_out
 
 
 def _training_checkpoints(names: set[str]) -> list[str]:

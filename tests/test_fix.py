@@ -680,3 +680,25 @@ def test_a_full_models_weights_beside_an_adapter_are_left_out_of_its_fix(tmp_pat
     assert record["changes"] and record["output"]["files_left_out"] == ["model.safetensors"]
     assert not (out / "model.safetensors").exists() and "model.safetensors" in stderr
     assert (out / ft.HEAD_FILE).read_bytes() == (ADAPTER / ft.HEAD_FILE).read_bytes()
+
+
+def test_a_sharded_full_model_beside_an_adapter_stays_out_of_the_merged_model(tmp_path):
+    """The merged model's weights and index are the base's (one file here): the shards and index of a full model in
+    the adapter's folder would otherwise be copied over them, and transformers would load that index first."""
+    from transformers import AutoModel
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, adapter)
+    write_full_model(tmp_path / "full")
+    for file in (tmp_path / "full").glob("model*"):
+        shutil.copy(file, adapter / file.name)
+    out, record_path = tmp_path / "merged", tmp_path / "fix.json"
+    code, _, stderr = run("fix", adapter, "--base", BASE, "--out", out, "--json", record_path, "--lambda", 0, "--merge",
+                          "--quiet", *LAYER_0)
+    assert code in (0, 1), stderr
+    record = json.loads(record_path.read_text())
+    assert record["output"]["files_left_out"] == sorted(p.name for p in (tmp_path / "full").glob("model*"))
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    state = AutoModel.from_pretrained(out, local_files_only=True).state_dict()
+    written = load_file(out / "model.safetensors")
+    assert record["changes"] and all(torch.equal(state[c["name"]], written[c["name"]]) for c in record["changes"])
