@@ -627,6 +627,7 @@ def test_a_trainers_checkpoint_folders_are_left_out_whole_from_a_folder_and_from
                 "not patched: checkpoint-1/, checkpoint-2/") in stderr
         assert "`checkpoint-1/`, `checkpoint-2/`" in (out / "README.md").read_text()
         assert (out / "training_args.bin").read_bytes() == (run_dir / "training_args.bin").read_bytes()
+    assert not [r.path for r in hub_env.requests if "checkpoint-" in r.path]  # nothing of them was read
 
 
 def test_safetensors_in_other_subfolders_are_copied_and_named_as_neither_audited_nor_patched(tmp_path):
