@@ -12,7 +12,7 @@ from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, architecture_of, declared_base, unusable_name
 from ftaudit.errors import BaseResolutionError, InvalidWeightsError, UnsupportedError, UsageError
 from ftaudit.layout import Layout, matrix_tensor
-from ftaudit.pairing import quantized_matrix
+from ftaudit.pairing import align, quantized_matrix
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
 from ftaudit.sources import Snapshot, open_snapshot, open_weights, opens
@@ -21,6 +21,7 @@ from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.fingerprint import fingerprint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.stored_as import StoredAs
+from ftaudit.sources.tied import own_heads, stored_copies, tie_copies
 
 log = logging.getLogger("ftaudit")
 
@@ -92,10 +93,15 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     model_ref = ModelRef(tuned.id, tuned.revision)
     base_ref = BaseRef(base.id, base.revision, declared.declared_by, _fingerprint(base, base_side))
     base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
+    base_copies = stored_copies(base_side, architectures[1].tied_embeddings, base.storage.label)
     if config is None:
         weights = _restacked(open_weights(tuned.storage, allow_pickle=target.allow_pickle), layout, tuned.storage.label)
         _refuse_quantized(tuned.storage.label, weights, "audit the model before quantization")
         model_ref.fingerprint = _fingerprint(tuned, weights)
+        copies = stored_copies(weights, architectures[0].tied_embeddings, tuned.storage.label)
+        untied = own_heads(weights.infos, copies), own_heads(base_side.infos, base_copies)
+        tie_copies(base_side, base_copies, untied[0])
+        tie_copies(weights, copies, untied[1])
         # one side may hold experts' stacks and routers as transformers' layers name them, the other as published
         tuned_side: Tensors = StoredAs.of(weights, base_side.infos, layout)
         base_stored = StoredAs.of(base_side, weights.infos, layout)
@@ -103,7 +109,10 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         weights = _restacked(open_weights(tuned.storage, "adapter_model", target.allow_pickle), layout,
                              tuned.storage.label)
         model_ref.fingerprint = _fingerprint(tuned, weights, json.dumps(config, sort_keys=True))
-        adapted = AdaptedTensors(LoraAdapter(tuned.storage, config, weights), base_side, layout)
+        lora = LoraAdapter(tuned.storage, config, weights)
+        # PEFT's merge unties a head from its embedding where the adapter saves either whole (modules_to_save)
+        tie_copies(base_side, base_copies, _saves_whole(lora, base_side, {*base_copies, *base_copies.values()}))
+        adapted = AdaptedTensors(lora, base_side, layout)
         for embedding, head in adapted.tied.items():
             what = ("its trained token rows are audited as PEFT merges them, as rows" if adapted.token_rows(embedding)
                     else "its LoRA is audited as PEFT merges it, as an update")
@@ -112,6 +121,14 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
     return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout)
+
+
+def _saves_whole(adapter: LoraAdapter, base: Checkpoint | PickleCheckpoint, tensors: set[str]) -> bool:
+    """Whether `adapter` saves any of the base's `tensors` whole (modules_to_save)."""
+    if not tensors:
+        return False
+    base_map, replaced = align(base.infos, adapter.replaced)
+    return any(base_map.get(key) in tensors for key in replaced)
 
 
 def _fingerprint(snapshot: Snapshot, weights: Checkpoint | PickleCheckpoint, *texts: str) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -171,6 +172,10 @@ def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, r
                    progress: Progress | None) -> None:
     files = sorted({ref.file for ref in weights.tensors.values()})
     total, done = len(weights.tensors), 0
+    left = {name: n + 1 for name, n in Counter(weights.copies.values()).items()}
+    """The tensors whose values a copy holds too (a tied head's embedding): how many of them and their copies are yet
+    to be written."""
+    values: dict[str, torch.Tensor | None] = {}
 
     def step(name: str) -> None:
         nonlocal done
@@ -178,9 +183,19 @@ def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, r
         if progress:
             progress(done, total, name)
 
+    def new_value(info: TensorInfo) -> torch.Tensor | None:
+        """The new value of a tensor; a copy's, and that of the tensor it copies, computed once for both."""
+        name = weights.copies.get(info.name, info.name)
+        if name not in left:
+            return replace(info)
+        if name not in values:
+            values[name] = replace(weights.tensors[name].info)
+        left[name] -= 1
+        return values[name] if left[name] else values.pop(name)
+
     def as_stored(info: TensorInfo) -> torch.Tensor | None:
         """The new value in the file's shape: a stack read from a 2-D tensor (DBRX's experts) goes back to 2-D."""
-        new = replace(info)
+        new = new_value(info)
         return new if new is None or new.numel() != math.prod(info.shape) else new.reshape(info.shape)
 
     for file in files:

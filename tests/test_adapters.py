@@ -389,10 +389,16 @@ def test_the_base_layers_an_adapter_saves_are_those_peft_loads(tmp_path):
         assert torch.allclose(written[name], merged[name], atol=1e-6), name
 
 
-def tied_head(tmp_path: Path, family: str, **lora: object) -> tuple[Path, Path, Path]:
-    """A small model of `family` whose lm_head is tied to its input embedding (the checkpoint stores only the
-    embedding), an adapter PEFT makes of it with the LoRA options `lora`, and the model PEFT merges from that adapter
-    loaded back: their folders."""
+EMBEDDINGS = {"llama": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight"}
+
+
+def tied_head(tmp_path: Path, family: str, head: str | None = None, tie: bool = True,
+              **lora: object) -> tuple[Path, Path, Path]:
+    """A small model of `family` whose lm_head is tied to its input embedding (`tie`: config.json's
+    tie_word_embeddings), an adapter PEFT makes of it with the LoRA options `lora` (its token rows and whole tensors
+    changed, as trained), and the model PEFT merges from that adapter loaded back: their folders. The checkpoint stores
+    only the embedding, as transformers saves a tied model, or also an lm_head.weight: a `copy` of the embedding, or
+    `other` values."""
     import peft
     import transformers
 
@@ -400,13 +406,26 @@ def tied_head(tmp_path: Path, family: str, **lora: object) -> tuple[Path, Path, 
     if family == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-            vocab_size=50, tie_word_embeddings=True))
+            vocab_size=50, tie_word_embeddings=tie))
     else:
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_embd=64, n_layer=1, n_head=4, vocab_size=50, n_positions=32, tie_word_embeddings=True))
+            n_embd=64, n_layer=1, n_head=4, vocab_size=50, n_positions=32, tie_word_embeddings=tie))
     model.save_pretrained(tmp_path / "base")
+    if head is not None:
+        weights = load_file(tmp_path / "base" / "model.safetensors")
+        embedding = weights[EMBEDDINGS[family]]
+        weights["lm_head.weight"] = embedding.clone() if head == "copy" else torch.randn_like(embedding)
+        save_file(weights, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+        model = type(model).from_pretrained(tmp_path / "base")
     peft.get_peft_model(model, peft.LoraConfig(r=4, init_lora_weights=False, **lora)).save_pretrained(
         tmp_path / "adapter")
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for name in weights:
+        if "lora_" not in name and "base_layer" not in name:  # token rows, whole tensors: PEFT starts them as the base's
+            weights[name] = weights[name] + torch.randn_like(weights[name])
+        elif "lora_embedding_B" in name:  # N(0, 1): an update 200 times the embedding, whose merge in float32 would
+            weights[name] = weights[name] / 100  # move its cosines by 1e-5
+    save_file(weights, tmp_path / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
     base = type(model).from_pretrained(tmp_path / "base")
     merged = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
@@ -481,16 +500,18 @@ def test_a_lora_on_a_head_tied_to_the_embedding_is_audited_as_peft_merges_it(tmp
                                                       "not have\n", result.stderr
 
 
+@pytest.mark.parametrize("head", [None, "copy"])
 @pytest.mark.parametrize("lora", [
     {"target_modules": ["lm_head", "embed_tokens", "q_proj"]},
     {"target_modules": ["lm_head", "q_proj"], "ensure_weight_tying": True},
 ])
-def test_a_lora_on_both_a_tied_head_and_its_embedding_is_refused(tmp_path, lora):
+def test_a_lora_on_both_a_tied_head_and_its_embedding_is_refused(tmp_path, lora, head):
     """PEFT's merge adds the updates of both layers to the one tensor they share (with ensure_weight_tying, the same
-    update twice): a model neither layer computes. The embedding's update had been silently replaced by the head's."""
+    update twice): a model neither layer computes. The embedding's update had been silently replaced by the head's;
+    where the base stores a copy of the embedding as lm_head.weight too, each had been audited on its own tensor."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    folder, base, _ = tied_head(tmp_path, "llama", **lora)
+    folder, base, _ = tied_head(tmp_path, "llama", head, **lora)
     for command in (["check"], ["fix", "--merge", "--out", str(tmp_path / "out")]):
         result = CliRunner().invoke(main, [*command, str(folder), "--base", str(base)])
         assert result.exit_code == 2 and result.stderr == (
@@ -544,3 +565,122 @@ def test_trained_token_rows_of_a_tied_head_are_audited_as_peft_merges_them(tmp_p
     assert sorted(matrices[0]) == sorted(matrices[1]) and embedding in matrices[0]
     for name, max_cos in matrices[1].items():
         assert matrices[0][name] == pytest.approx(max_cos, abs=1e-5), name
+
+
+def audits_agree(folder: Path, base: Path, merged: Path, *options: str) -> tuple[dict, dict, str]:
+    """The audits of adapter `folder` and of the model PEFT merges from it, heads and embeddings analysed in full: the
+    same matrices with the same numbers, and the same tensors left out. Both reports, and what the adapter's said."""
+    reports, said = [], []
+    for side in (folder, merged):
+        result = CliRunner().invoke(main, ["check", str(side), "--base", str(base), "--format", "json", "--include",
+                                           "embedding", "--include", "head", "--no-cache", *options])
+        assert result.exit_code in (0, 1), result.stderr
+        reports.append(json.loads(result.stdout))
+        said.append(result.stderr)
+    found = [{m["name"]: m for m in report["matrices"]} for report in reports]
+    assert sorted(found[0]) == sorted(found[1])
+    for name, matrix in found[1].items():
+        assert found[0][name]["max_cos"] == pytest.approx(matrix["max_cos"], abs=1e-5), name
+        assert found[0][name]["intruders"] == matrix["intruders"], name
+        assert found[0][name]["indicators"]["relative_update_norm"] == pytest.approx(
+            matrix["indicators"]["relative_update_norm"], rel=1e-5), name
+    for key in ("missing_in_base", "missing_in_model", "shape_mismatch", "unchanged"):
+        assert reports[0]["tensors"][key] == reports[1]["tensors"][key], key
+    heads = [report["summary"]["heads"] for report in reports]
+    for name, head in heads[0].items():  # the merged model's unchanged ones too
+        assert head == pytest.approx(heads[1][name], rel=1e-5, abs=1e-9), name
+    return reports[0], reports[1], said[0]
+
+
+@pytest.mark.parametrize(("family", "lora", "tied"), [
+    ("llama", {"target_modules": ["lm_head", "q_proj"]}, True),
+    ("gpt2", {"target_modules": ["lm_head", "c_attn"]}, True),
+    ("llama", {"target_modules": ["embed_tokens"]}, False),
+    ("gpt2", {"target_modules": ["wte"]}, False),
+    ("llama", {"target_modules": ["q_proj"], "trainable_token_indices": {"lm_head": [1, 2]}}, True),
+    ("llama", {"target_modules": ["q_proj"], "trainable_token_indices": {"embed_tokens": [3]}}, False),
+])
+def test_a_base_that_stores_its_tied_head_too_is_audited_as_peft_merges_the_adapter(tmp_path, family, lora, tied):
+    """A base with tie_word_embeddings whose checkpoint holds lm_head.weight too, a copy of the embedding: transformers
+    loads one parameter, which PEFT's merge of a LoRA or token rows on either layer changes, and saves it once, under
+    the embedding's name. The head's adapter had been audited on lm_head alone; the embedding's had left the head
+    listed as unchanged, and the merged model's audit had listed it as missing in the model."""
+    pytest.importorskip("peft")
+    import transformers
+
+    folder, base, merged = tied_head(tmp_path, family, head="copy", **lora)
+    embedding = EMBEDDINGS[family]
+    assert "lm_head.weight" in load_file(base / "model.safetensors")
+    assert "lm_head.weight" not in load_file(merged / "model.safetensors")
+    report, _, _ = audits_agree(folder, base, merged)
+    assert embedding in {m["name"] for m in report["matrices"]}
+    assert "lm_head.weight" not in json.dumps(report["tensors"])
+    assert report["model"]["adapter"].get("tied") == ({"lm_head": embedding} if tied else None)
+
+    record, written = tmp_path / "fix.json", tmp_path / "fixed"
+    result = CliRunner().invoke(main, ["fix", str(folder), "--base", str(base), "--merge", "--out", str(written),
+                                       "--lambda", "1", "--include", "head", "--include", "embedding", "--json",
+                                       str(record), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    expected, weights = load_file(merged / "model.safetensors"), load_file(written / "model.safetensors")
+    assert sorted(weights) == sorted([*expected, "lm_head.weight"])  # the base's files, with the copy kept a copy
+    for name, tensor in [*expected.items(), ("lm_head.weight", expected[embedding])]:
+        assert torch.allclose(weights[name], tensor, atol=1e-6), name
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(written)
+    assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    fixed = json.loads(record.read_text())
+    assert [m["name"] for m in fixed["after"]["matrices"]] == [m["name"] for m in fixed["before"]["matrices"]]
+
+
+@pytest.mark.parametrize(("head", "tie", "lora"), [
+    ("copy", False, {"target_modules": ["lm_head", "q_proj"]}),
+    ("other", True, {"target_modules": ["lm_head", "q_proj"]}),
+    ("copy", True, {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
+])
+def test_a_head_stored_apart_from_its_embedding_is_audited_apart(tmp_path, head, tie, lora):
+    """A base whose config.json does not tie its lm_head (even to an embedding of the same values), or ties it but
+    stores the two with different values, which transformers then loads as two parameters, saying so (it had not been
+    said): PEFT's merge changes the head alone, and so does the audit. So does an adapter that saves the head whole
+    (modules_to_save), whose merge unties it."""
+    pytest.importorskip("peft")
+    folder, base, merged = tied_head(tmp_path, "llama", head=head, tie=tie, **lora)
+    report, _, said = audits_agree(folder, base, merged)
+    assert "lm_head.weight" in {m["name"] for m in report["matrices"]}
+    assert "model.embed_tokens.weight" in report["tensors"]["unchanged"]
+    assert "tied" not in report["model"]["adapter"]
+    warning = (f"ftaudit: WARNING: {base}: config.json ties lm_head.weight to model.embed_tokens.weight "
+               "(tie_word_embeddings), but the two are stored with different values: they are audited as two "
+               "matrices, as transformers loads them\n")
+    assert said == (warning if head == "other" else ""), said
+
+
+def test_a_pickled_tied_base_holding_both_names_is_audited_as_one_tensor(tmp_path):
+    """transformers' pickles (pytorch_model.bin) hold a tied model's parameter under both names."""
+    pytest.importorskip("peft")
+    folder, base, merged = tied_head(tmp_path, "llama", target_modules=["lm_head", "q_proj"])
+    weights = load_file(base / "model.safetensors")
+    torch.save({**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}, base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    report, _, _ = audits_agree(folder, base, merged, "--allow-pickle")
+    assert "model.embed_tokens.weight" in {m["name"] for m in report["matrices"]}
+    assert report["model"]["adapter"]["tied"] == {"lm_head": "model.embed_tokens.weight"}
+
+
+def test_a_model_that_stores_its_tied_head_too_is_audited_as_its_embedding(tmp_path):
+    """A tied model saved with its parameter under both names, against a base that stores it once: the head is the
+    embedding, not a matrix the base lacks (it had been listed as missing in the base)."""
+    pytest.importorskip("peft")
+    folder, base, merged = tied_head(tmp_path, "llama", target_modules=["lm_head", "q_proj"])
+    both = tmp_path / "both"
+    shutil.copytree(merged, both)
+    weights = load_file(both / "model.safetensors")
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()},
+              both / "model.safetensors", metadata={"format": "pt"})
+    audits_agree(folder, base, both)
+    record, written = tmp_path / "fix.json", tmp_path / "fixed"
+    result = CliRunner().invoke(main, ["fix", str(both), "--base", str(base), "--out", str(written), "--lambda", "0.5",
+                                       "--include", "embedding", "--json", str(record), "--no-cache"])
+    assert result.exit_code in (0, 1), result.stderr
+    assert "model.embed_tokens.weight" in {c["name"] for c in json.loads(record.read_text())["changes"]}
+    weights = load_file(written / "model.safetensors")
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])  # as transformers ties them

@@ -31,11 +31,10 @@ from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
+from ftaudit.sources.tied import TIED_HEADS
 from ftaudit.stored_stacks import Part, first_names, parts_fit, stored_names, where_stored
 
 PEFT_PREFIX = "base_model.model."
-TIED_HEADS = ("lm_head",)
-"""Output heads that a base with tie_word_embeddings shares with its input embedding, storing only the embedding."""
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
 _TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 _BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")

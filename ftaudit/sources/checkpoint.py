@@ -41,6 +41,8 @@ class Checkpoint:
     def __init__(self, storage: Storage, weight_files: list[str], weight_map: dict[str, str] | None = None) -> None:
         self.storage = storage
         self.tensors: dict[str, TensorRef] = {}
+        self.copies: dict[str, str] = {}
+        """Tensors read as the one whose values they hold (tie)."""
         self._last: tuple[tuple[str, int | None], weakref.ref[torch.Tensor]] | None = None
         self._lock = threading.Lock()
         for name in weight_files:
@@ -58,7 +60,12 @@ class Checkpoint:
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
-        return {name: ref.info for name, ref in self.tensors.items()}
+        return {name: ref.info for name, ref in self.tensors.items() if name not in self.copies}
+
+    def tie(self, copy: str, tensor: str) -> None:
+        """Read tensor `copy`, which holds `tensor`'s values, as `tensor` itself (ftaudit.sources.tied): `infos` leaves
+        it out, and a writer writes it as `tensor`."""
+        self.copies[copy] = tensor
 
     def restack(self, name: str, shape: tuple[int, int, int]) -> None:
         """Read 2-D tensor `name` as the stack of `shape` its rows make, its experts' matrices one above the other (the

@@ -32,6 +32,8 @@ class PickleCheckpoint:
 
     def __init__(self, storage: Storage, files: list[str]) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
+        self.copies: dict[str, str] = {}
+        """Tensors read as the one whose values they hold (tie)."""
         for name in files:
             for key, value in _load(storage, name).items():
                 if isinstance(value, torch.Tensor):
@@ -41,8 +43,13 @@ class PickleCheckpoint:
     def infos(self) -> dict[str, TensorInfo]:
         return {
             n: TensorInfo(n, DTYPE_CODES.get(t.dtype, str(t.dtype)), tuple(t.shape), 0, 0)
-            for n, t in self._tensors.items()
+            for n, t in self._tensors.items() if n not in self.copies
         }
+
+    def tie(self, copy: str, tensor: str) -> None:
+        """Read tensor `copy`, which holds `tensor`'s values, as `tensor` itself (ftaudit.sources.tied): `infos` leaves
+        it out."""
+        self.copies[copy] = tensor
 
     def restack(self, name: str, shape: tuple[int, int, int]) -> None:
         """Read 2-D tensor `name` as the stack of `shape` its rows make, its experts' matrices one above the other."""

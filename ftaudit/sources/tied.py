@@ -1,0 +1,61 @@
+"""An output head stored beside the input embedding it is tied to, read as transformers loads it.
+
+config.json's `tie_word_embeddings` makes a model's lm_head and its input embedding one parameter. transformers saves
+it once, under the embedding's name; its pickles, and some other tools, store it under both names. Loading such a
+checkpoint, transformers (5) ties the two where their values are equal, and keeps two parameters where they differ,
+saying so. ftaudit reads a checkpoint alike: an equal copy is the embedding itself, no matrix of its own (neither
+changed nor missing), unless the other side of the audit has an untied head to compare it with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+
+from ftaudit.pairing import input_embeddings
+from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.pickled import PickleCheckpoint
+
+log = logging.getLogger("ftaudit")
+
+TIED_HEADS = ("lm_head",)
+"""Output heads that a model with tie_word_embeddings shares with its input embedding."""
+
+
+def is_head(name: str) -> bool:
+    """Whether tensor `name` is the weight of an output head that tie_word_embeddings ties (TIED_HEADS)."""
+    return name.endswith(".weight") and name.removesuffix(".weight").rpartition(".")[2] in TIED_HEADS
+
+
+def stored_copies(weights: Checkpoint | PickleCheckpoint, tied: bool | None, label: str) -> dict[str, str]:
+    """The output heads that `weights` store beside the one input embedding of their shape that config.json ties them
+    to (`tied`), with its values and dtype: each head's embedding. A head of other values is said to be loaded as a
+    matrix of its own."""
+    infos = weights.infos
+    heads = [n for n in sorted(infos) if is_head(n) and len(infos[n].shape) == 2] if tied else []
+    copies: dict[str, str] = {}
+    for head in heads:
+        found = input_embeddings(infos, (infos[head].shape[0], infos[head].shape[1]))
+        if len(found) != 1:
+            continue
+        embedding = found[0]
+        if infos[head].dtype == infos[embedding].dtype and torch.equal(weights.load(head), weights.load(embedding)):
+            copies[head] = embedding
+        else:
+            log.warning("%s: config.json ties %s to %s (tie_word_embeddings), but the two are stored with different "
+                        "values: they are audited as two matrices, as transformers loads them", label, head, embedding)
+    return copies
+
+
+def tie_copies(weights: Checkpoint | PickleCheckpoint, copies: dict[str, str], untied: bool) -> None:
+    """Read each head of `copies` as its embedding (Checkpoint.tie), unless the other side of the audit has an
+    untied head (`untied`), which each is compared with as stored."""
+    for head, embedding in copies.items() if not untied else ():
+        weights.tie(head, embedding)
+
+
+def own_heads(names: Iterable[str], copies: dict[str, str]) -> bool:
+    """Whether tensors `names` hold an output head that is not a copy of its embedding."""
+    return any(is_head(name) and name not in copies for name in names)
