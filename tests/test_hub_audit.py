@@ -414,6 +414,21 @@ def test_a_download_the_hub_client_cannot_use_is_a_one_line_error(env, tmp_path,
     assert stderr == f"ftaudit: error: org/tuned@{sha[:12]}: {message.format(url=env.url)}\n"
 
 
+def test_a_pickle_the_hugging_face_cache_cannot_take_is_a_one_line_error(env, tmp_path, monkeypatch):
+    # A pickle is downloaded whole into the cache: one that cannot be written there (a read-only home, a full disk,
+    # HF_HUB_CACHE naming a file) says so.
+    sha = pickle_repo(env, tmp_path)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(blocked))
+    code, stdout, stderr = run("check", "org/tuned", "--allow-pickle")
+    assert (code, stdout) == (2, "")
+    assert stderr.splitlines()[-1] == (
+        f"ftaudit: error: org/tuned@{sha[:12]}/pytorch_model.bin: cannot download it into the Hugging Face cache "
+        f"({blocked}): Not a directory; set HF_HUB_CACHE (or HF_HOME) to a folder this user can write"
+    ), stderr
+
+
 def test_a_token_is_cleaned_like_huggingface_hub_cleans_hf_token_and_refused_if_no_header_can_carry_it(
     env, tmp_path, monkeypatch
 ):

@@ -288,14 +288,22 @@ class HubStorage:
         return self._sizes[name]
 
     def local_path(self, name: str) -> Path:
-        """The file in the Hugging Face cache, downloaded whole first if it is not there."""
+        """The file in the Hugging Face cache, downloaded whole first if it is not there (AccessError when the cache
+        cannot take it)."""
         cached = self._cached(name)
         if cached is not None:
             return cached
-        return Path(self._call(
-            lambda: hf_hub_download(self.repo_id, name, revision=self.sha, token=self.token, endpoint=self.endpoint),
-            name,
-        ))
+        try:
+            return Path(self._call(lambda: hf_hub_download(
+                self.repo_id, name, revision=self.sha, token=self.token, endpoint=self.endpoint
+            ), name))
+        except OSError as e:
+            if type(e).__module__ != "builtins":  # one of huggingface_hub's own errors, not the file system's
+                raise
+            raise AccessError(
+                f"{self.label}/{name}: cannot download it into the Hugging Face cache ({constants.HF_HUB_CACHE}): "
+                f"{e.strerror or type(e).__name__}; set HF_HUB_CACHE (or HF_HOME) to a folder this user can write"
+            ) from None
 
     def read(self, name: str, start: int, length: int) -> bytes | bytearray:
         if length == 0:
