@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +98,14 @@ def holds(api: HfApi, repo: str, pr: OpenPullRequest, files: Mapping[str, str], 
 
 
 def file_at(api: HfApi, repo: str, path: str, revision: str) -> bytes | None:
-    """The file `path` of `repo` at `revision`, byte for byte; None when there is none."""
-    try:
-        local = api.hf_hub_download(repo, path, revision=revision)
-    except RemoteEntryNotFoundError:
-        return None
-    return Path(local).read_bytes()
+    """The file `path` of `repo` at `revision`, byte for byte; None when there is none. Read through a temporary folder,
+    not the Hugging Face cache, which a push has no need to write (and a read-only home could not take)."""
+    with tempfile.TemporaryDirectory(prefix="ftaudit-") as folder:
+        try:
+            local = api.hf_hub_download(repo, path, revision=revision, local_dir=folder)
+        except RemoteEntryNotFoundError:
+            return None
+        return Path(local).read_bytes()
 
 
 def _text(data: bytes | None) -> str | None:

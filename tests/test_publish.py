@@ -450,6 +450,19 @@ def test_pushing_again_on_the_same_commit_leaves_its_pull_request_as_it_is(hub_e
     assert HfApi(endpoint=hub_env.url).model_info("org/tuned").sha == sha
 
 
+def test_the_push_needs_no_writable_hugging_face_cache(hub_env, tmp_path, monkeypatch):
+    # The push reads the card, and pushed again its pull request's files, from the Hub: a Hugging Face cache that
+    # cannot be written (a read-only home in a container, HF_HUB_CACHE naming a file) does not stop it.
+    publish(hub_env, tmp_path)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(blocked))
+    first = push_card(audit(), token=TOKEN)
+    again = push_card(replace(audit(), created_at="2031-02-03T04:05:06+00:00"), token=TOKEN)
+    assert (first.action, again.action, again.url) == ("opened", "unchanged", first.url)
+    assert open_pull_requests(hub_env) == [(1, "ci-bot")]
+
+
 def test_a_draft_pull_request_of_ftaudits_is_found_too(hub_env, tmp_path):
     """The Hub's `open` filter may leave drafts out (the fake's does): the pull requests are listed whatever their
     status, and ftaudit's is taken while it is open or a draft."""
