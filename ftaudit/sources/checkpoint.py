@@ -27,6 +27,10 @@ TRAINING_STATE = re.compile(
 arguments, optimizer, scheduler, sampler, scaler and random states, not weights."""
 
 
+class MissingShardError(InvalidWeightsError):
+    """A shard index names a file that the snapshot lacks."""
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """A tensor and the file that holds it."""
@@ -144,7 +148,7 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if s not in files]
             if missing:
-                raise InvalidWeightsError(f"{storage.label}/{index}: names shard {missing[0]}, which is not in the snapshot")
+                raise MissingShardError(f"{storage.label}/{index}: names shard {missing[0]}, which is not in the snapshot")
             return WeightFiles(fmt, shards, weight_map)
         if single in files:
             return WeightFiles(fmt, [single], None)

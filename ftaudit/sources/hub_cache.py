@@ -10,7 +10,7 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 from huggingface_hub.file_download import repo_folder_name
 
 from ftaudit.errors import NotFoundError
-from ftaudit.sources.checkpoint import PICKLE_SUFFIXES, is_training_state
+from ftaudit.sources.checkpoint import PICKLE_SUFFIXES, MissingShardError, find_weight_files, is_training_state
 from ftaudit.sources.hub import COMMIT_SHA
 from ftaudit.sources.local import LocalStorage
 
@@ -23,7 +23,7 @@ def cached_snapshot(repo_id: str, revision: str | None) -> tuple[str, LocalStora
     ref holds what a server's X-Repo-Commit said, and must not lead out of the repo's snapshots).
 
     A snapshot of files fetched one by one (a card, a config.json) has no file listing to tell what it lacks: one
-    that holds no weights file is taken as partial too."""
+    that holds no weights file, or whose shard index names a file it lacks, is taken as partial too."""
     wanted = f"{repo_id}@{revision or 'main'}"
     cache = Path(constants.HF_HUB_CACHE).expanduser().resolve()
     partial = NotFoundError(
@@ -47,4 +47,9 @@ def cached_snapshot(repo_id: str, revision: str | None) -> tuple[str, LocalStora
         )
     if not any(path.name.endswith(WEIGHT_SUFFIXES) and not is_training_state(path.name) for path in folder.rglob("*")):
         raise partial
-    return folder.name, LocalStorage(folder, label=f"{repo_id}@{folder.name[:12]} (Hugging Face cache)")
+    storage = LocalStorage(folder, label=f"{repo_id}@{folder.name[:12]} (Hugging Face cache)")
+    try:
+        find_weight_files(storage)
+    except MissingShardError:  # the shard index was fetched, not every shard it names: a download cut short
+        raise partial from None
+    return folder.name, storage
