@@ -10,6 +10,7 @@ from ftaudit.errors import BaseResolutionError, InvalidWeightsError, Unsupported
 from ftaudit.sources.storage import Storage
 
 PASS_BASE = "pass the base with --base"
+FIX_CARD = f"fix the card (base_model: org/name), or {PASS_BASE}"
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class DeclaredBase:
 
 def declared_base(storage: Storage) -> DeclaredBase:
     """Read the base from the card's `base_model`, else from adapter_config.json."""
-    card = frontmatter.read(storage.read_text("README.md") or "")
+    text = storage.read_text("README.md") or ""
+    card = frontmatter.read(text)
     if card.get("base_model_relation") == "quantized":
         raise UnsupportedError(
             f"{storage.label}: the card declares a quantized model; ftaudit audits full-precision weights"
@@ -43,7 +45,22 @@ def declared_base(storage: Storage) -> DeclaredBase:
         return DeclaredBase(name, revision, "card")
     if from_adapter is not None:
         return from_adapter
+    unreadable = frontmatter.problem(text)
+    if unreadable is not None:
+        raise BaseResolutionError(
+            f"{storage.label}: the card's front matter is not valid YAML ({unreadable}): {FIX_CARD}"
+        )
+    if declared is not None and not isinstance(declared, str):
+        raise BaseResolutionError(
+            f"{storage.label}: the card's base_model is {_yaml_kind(declared)}, not a Hub repository id: {FIX_CARD}"
+        )
     raise BaseResolutionError(f"{storage.label}: declares no base model (card base_model or adapter_config.json); {PASS_BASE}")
+
+
+def _yaml_kind(value: object) -> str:
+    """What a YAML value that is not text is, in words."""
+    kinds = {dict: "a mapping", list: "a list", bool: "true or false", int: "a number", float: "a number"}
+    return kinds.get(type(value), f"a YAML {type(value).__name__}")
 
 
 def unusable_name(label: str, declared: DeclaredBase, hub_only: bool = False) -> str:

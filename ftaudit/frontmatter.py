@@ -12,11 +12,22 @@ FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)^---[ \t]*(\r?\n|\Z)", re.S 
 
 def read(card: str) -> dict[str, object]:
     """The card's front matter as a mapping; empty when it has none or it is not a YAML mapping."""
-    match = FRONT_MATTER.match(card.removeprefix("\ufeff"))  # a BOM, as ftaudit.cardfile reads it
-    if not match:
-        return {}
     try:
-        data = yaml.safe_load(match[1])
+        data = _load(card)
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def problem(card: str) -> str | None:
+    """Why the card's front matter is not valid YAML (the parser's first line), or None when it is, or there is none."""
+    try:
+        _load(card)
+    except yaml.YAMLError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def _load(card: str) -> object:
+    match = FRONT_MATTER.match(card.removeprefix("\ufeff"))  # a BOM, as ftaudit.cardfile reads it
+    return yaml.safe_load(match[1]) if match else None

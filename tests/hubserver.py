@@ -255,7 +255,10 @@ class HubServer:
     ) -> str:
         """Record a commit of `blobs` on `ref` (caller holds the lock); return its sha."""
         if card_data is None and "README.md" in blobs:
-            card_data = _front_matter(blobs["README.md"].data.decode())
+            try:
+                card_data = _front_matter(blobs["README.md"].data.decode())
+            except yaml.YAMLError:  # the Hub takes such a card (pushed by git), and serves no metadata for it
+                card_data = None
         digest = hashlib.sha1(f"{repo_id}\0{parent}\0".encode())
         for path in sorted(blobs):
             digest.update(f"{path}\0{blobs[path].oid}\0".encode())

@@ -264,6 +264,27 @@ def test_a_declared_base_that_names_no_repo_nor_folder_says_where_it_is_declared
     assert run("check", "org/adapter", "--base", "org/base")[0] in (0, 1)
 
 
+@pytest.mark.parametrize(
+    ("front_matter", "problem"),
+    [
+        ("base_model: [org/base\n", "the card's front matter is not valid YAML (while parsing a flow sequence)"),
+        ("base_model:\n  id: org/base\n", "the card's base_model is a mapping, not a Hub repository id"),
+        ("base_model: [7]\n", "the card's base_model is a number, not a Hub repository id"),
+    ],
+)
+def test_a_card_whose_base_model_cannot_be_read_says_why(env, tmp_path, front_matter, problem):
+    base = llama_like()
+    env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
+    files = folder_files(write_model(tmp_path / "tuned", small_update(base)))
+    sha = env.add_repo("org/tuned", {**files, "README.md": f"---\n{front_matter}---\n\n# A model\n".encode()})
+    code, stdout, stderr = run("check", "org/tuned")
+    assert (code, stdout) == (2, "") and stderr == (
+        f"ftaudit: error: org/tuned@{sha[:12]}: {problem}: fix the card (base_model: org/name), or pass the base "
+        "with --base\n"
+    )
+    assert run("check", "org/tuned", "--base", "org/base")[0] == 0
+
+
 def test_a_hub_repo_that_declares_a_path_here_is_refused_and_a_repo_id_is_never_a_folder(
     env, tmp_path, monkeypatch
 ):
