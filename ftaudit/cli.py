@@ -21,7 +21,7 @@ import click
 
 from ftaudit import __version__, cardfile, memory, policy as policy_mod
 from ftaudit.audit import AuditOptions
-from ftaudit.cli_parsing import FiniteRange, OneLineErrorGroup, Token
+from ftaudit.cli_parsing import FiniteRange, OneLineErrorGroup, Revision, Token
 from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
 from ftaudit.check import Target, check, check_audited
 from ftaudit.errors import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, FtauditError, UsageError
@@ -173,8 +173,8 @@ def _options(*options: Decorator) -> Decorator:
 _model_options = _options(
     click.argument("model"),
     click.option("--base", help="Base model (Hub id or folder). Default: the base the model declares."),
-    click.option("--revision", help="Revision of MODEL on the Hub (branch, tag or commit)."),
-    click.option("--base-revision", help="Revision of the base on the Hub."),
+    click.option("--revision", type=Revision(), help="Revision of MODEL on the Hub (branch, tag or commit)."),
+    click.option("--base-revision", type=Revision(), help="Revision of the base on the Hub."),
     click.option("--token", type=Token(), help="Hugging Face token. Default: HF_TOKEN, then the saved login."),
     click.option("--k", "k", type=click.IntRange(min=1), help="Top singular vectors examined per matrix [policy: 10]."),
     click.option("--epsilon", type=FiniteRange(0, 1, min_open=True), help="Intruder threshold [policy: 0.5]."),

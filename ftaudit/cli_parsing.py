@@ -1,5 +1,5 @@
-"""Parsing the command line: a group whose parsing errors read like every other ftaudit error, a number type and a
-token type."""
+"""Parsing the command line: a group whose parsing errors read like every other ftaudit error, a number type, a
+revision type and a token type."""
 
 from __future__ import annotations
 
@@ -61,6 +61,18 @@ class FiniteRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value} is not a finite number.", param, ctx)
         return number
+
+
+class Revision(click.ParamType):
+    """A branch, tag or commit on the Hub, refused when empty (an unset variable in a script): the Hub resolves no such
+    revision, while offline mode, and `--base-revision` for a declared base, would audit the default instead."""
+
+    name = "revision"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not str(value).strip():
+            self.fail("empty: pass a branch, tag or commit, or leave the option out.", param, ctx)
+        return str(value)
 
 
 class Token(click.ParamType):

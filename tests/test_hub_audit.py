@@ -102,6 +102,19 @@ def test_revision_and_base_revision_are_resolved_to_shas(env, tmp_path):
     assert code == 2 and "revision v9 not found" in stderr
 
 
+@pytest.mark.parametrize("option", ["--revision", "--base-revision"])
+def test_an_empty_revision_is_refused_before_any_request(env, tmp_path, option):
+    # An unset variable in a script: the Hub resolves no such revision, while the Hugging Face cache takes it for main.
+    publish(env, tmp_path)
+    for args in (["check"], ["fix", "--out", tmp_path / "fixed"]):
+        code, stdout, stderr = run(*args, "org/tuned", option, "")
+        assert (code, stdout, len(stderr.splitlines())) == (2, "", 1) and stderr.startswith(
+            f"ftaudit: error: Invalid value for '{option}': empty: pass a branch, tag or commit, or leave the option "
+            "out. (see "
+        ), stderr
+    assert not env.requests
+
+
 def test_server_that_ignores_range_never_yields_wrong_bytes(env, tmp_path):
     publish(env, tmp_path)
     good = tmp_path / "good.json"
