@@ -448,6 +448,20 @@ def test_a_download_the_hub_client_cannot_use_is_a_one_line_error(env, tmp_path,
     assert stderr == f"ftaudit: error: org/tuned@{sha[:12]}: {message.format(url=env.url)}\n"
 
 
+def test_a_git_lfs_pointer_in_place_of_a_pickle_says_so(env, tmp_path):
+    # A repo pushed without Git LFS holds the pointer as the file; not "refused by torch.load", which means code.
+    pickle_repo(env, tmp_path)
+    pickled = io.BytesIO()
+    torch.save(low_rank_update(llama_like()), pickled)
+    pointer = hubserver._blob("pytorch_model.bin", pickled.getvalue()).pointer
+    sha = env.add_repo("org/tuned", {"pytorch_model.bin": pointer, "README.md": card("org/base").encode()})
+    code, stdout, stderr = run("check", "org/tuned", "--allow-pickle")
+    assert (code, stdout) == (2, "") and stderr == (
+        f"ftaudit: error: org/tuned@{sha[:12]}/pytorch_model.bin: a Git LFS pointer, not the file: fetch the LFS files "
+        "(git lfs pull; in GitHub Actions, actions/checkout with lfs: true)\n"
+    )
+
+
 def test_a_pickle_the_hugging_face_cache_cannot_take_is_a_one_line_error(env, tmp_path, monkeypatch):
     # A pickle is downloaded whole into the cache: one that cannot be written there (a read-only home, a full disk,
     # HF_HUB_CACHE naming a file) says so.

@@ -112,12 +112,17 @@ def read_header(storage: Storage, name: str) -> safetensors.Header:
     size = storage.size(name)
     prefix = storage.read(name, 0, min(size, 8))
     if prefix == LFS_POINTER[:8] and storage.read(name, 0, min(size, len(LFS_POINTER))) == LFS_POINTER:
-        raise InvalidWeightsError(
-            f"{label}: a Git LFS pointer, not the file: fetch the LFS files "
-            "(git lfs pull; in GitHub Actions, actions/checkout with lfs: true)"
-        )
+        raise lfs_pointer(label)
     n = safetensors.header_length(prefix, size, label)
     return safetensors.parse_header(storage.read(name, 8, n), size, label)
+
+
+def lfs_pointer(label: str) -> InvalidWeightsError:
+    """The error for the Git LFS pointer found in place of weights file `label`."""
+    return InvalidWeightsError(
+        f"{label}: a Git LFS pointer, not the file: fetch the LFS files "
+        "(git lfs pull; in GitHub Actions, actions/checkout with lfs: true)"
+    )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from ftaudit.errors import InvalidWeightsError
+from ftaudit.sources.checkpoint import LFS_POINTER, lfs_pointer
 from ftaudit.sources.local import cannot_read
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
@@ -75,6 +76,9 @@ def _load(storage: Storage, name: str) -> dict[str, object]:
     path = storage.local_path(name)
     label = f"{storage.label}/{name}"
     try:
+        with open(path, "rb") as f:
+            if f.read(len(LFS_POINTER)) == LFS_POINTER:
+                raise lfs_pointer(label)
         with warnings.catch_warnings():  # torch warns of pickle protocols it did not write: not the user's concern
             warnings.simplefilter("ignore")
             try:
