@@ -24,7 +24,8 @@ class DeclaredBase:
 
 def declared_base(storage: Storage) -> DeclaredBase:
     """Read the base from the card's `base_model`, else from adapter_config.json."""
-    text = storage.read_text("README.md") or ""
+    readme = storage.read_text("README.md")
+    text = readme or ""
     card = frontmatter.read(text)
     if card.get("base_model_relation") == "quantized":
         raise UnsupportedError(
@@ -53,6 +54,11 @@ def declared_base(storage: Storage) -> DeclaredBase:
     if declared is not None and not isinstance(declared, str):
         raise BaseResolutionError(
             f"{storage.label}: the card's base_model is {_yaml_kind(declared)}, not a Hub repository id: {FIX_CARD}"
+        )
+    if readme is None:  # a snapshot in the Hugging Face cache, say: transformers does not fetch the card
+        raise BaseResolutionError(
+            f"{storage.label}: has no card (README.md) and no adapter_config.json to declare its base model; "
+            f"{PASS_BASE}"
         )
     raise BaseResolutionError(f"{storage.label}: declares no base model (card base_model or adapter_config.json); {PASS_BASE}")
 

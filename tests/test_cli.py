@@ -261,7 +261,8 @@ def write_pickle_only(folder: Path) -> Path:
     ("make", "message"),
     [
         (lambda p, t: ["check", t / "nope"], "no such folder"),
-        (lambda p, t: ["check", write_model(t / "m", llama_like())], "declares no base model"),
+        (lambda p, t: ["check", write_model(t / "m", llama_like())],
+         "m: has no card (README.md) and no adapter_config.json to declare its base model"),
         (lambda p, t: ["check", write_model(t / "m", llama_like(), readme=card(["a/b", "c/d"]))], "2 base models"),
         (lambda p, t: ["check", write_model(t / "m", llama_like(), readme=card([]))],
          "m: declares no base model (card base_model or adapter_config.json); pass the base with --base"),

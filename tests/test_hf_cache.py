@@ -114,6 +114,21 @@ def test_offline_a_partly_cached_model_is_a_clear_error(hub_env, tmp_path, offli
     assert len(stderr.splitlines()) == 1
 
 
+def test_offline_a_model_cached_without_its_card_says_the_card_is_missing(hub_env, tmp_path, offline):
+    # transformers fetches the weights and configs, never README.md, which declares the base
+    shas = publish(hub_env, tmp_path)
+    constants.HF_HUB_OFFLINE = False
+    download(hub_env, "org/tuned", skip="README.md")
+    download(hub_env, "org/base")
+    constants.HF_HUB_OFFLINE = True
+    code, stdout, stderr = run("check", "org/tuned")
+    assert (code, stdout) == (2, "") and stderr == (
+        f"ftaudit: error: org/tuned@{shas['main'][:12]} (Hugging Face cache): has no card (README.md) and no "
+        "adapter_config.json to declare its base model; pass the base with --base\n"
+    )
+    assert run("check", "org/tuned", "--base", "org/base")[0] == 1
+
+
 def test_fix_offline_writes_the_patched_model_from_the_cache(hub_env, tmp_path, offline):
     publish(hub_env, tmp_path)
     constants.HF_HUB_OFFLINE = False
