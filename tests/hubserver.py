@@ -217,8 +217,8 @@ class HubServer:
         """Commit `files` (the whole snapshot) to branch `revision_name` of model repo `repo_id`; return the sha.
 
         The sha is derived from the repo, the parent commit and the files. Earlier commits stay resolvable by sha.
-        `card_data` defaults to the YAML front matter of `files["README.md"]`. `private` and `gated` apply to the
-        whole repo, replacing earlier values.
+        `card_data` defaults to the YAML front matter of `files["README.md"]` (none when it does not parse, as the Hub
+        serves such a card). `private` and `gated` apply to the whole repo, replacing earlier values.
         """
         blobs = {path: _blob(path, data) for path, data in files.items()}
         with self._lock:
