@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
 
 import ftaudit.audit as audit_module
 from ftaudit.sources import checkpoint
@@ -374,19 +375,59 @@ def pickle_repo(hub: HubServer, tmp_path: Path) -> str:
     return hub.add_repo("org/tuned", {"pytorch_model.bin": pickled.getvalue(), "README.md": card("org/base").encode()})
 
 
-def test_the_hub_clients_own_retry_lines_are_ftaudit_warnings_with_the_endpoint_password_masked(
+def test_the_hub_clients_own_warnings_are_ftaudit_warnings_with_the_endpoint_password_masked(
     env, tmp_path, monkeypatch, capfd
 ):
-    # huggingface_hub downloads a pickle whole, retrying a 429 itself, and logs the URL it retries.
-    pickle_repo(env, tmp_path)
+    # huggingface_hub logs the warnings a server sends (X-HF-Warning), which a mirror's may fill with the URL asked for.
+    publish(env, tmp_path)
     env.proxy_auth = "Basic " + base64.b64encode(b"mirror:s3cr3t-Passw0rd").decode()
-    monkeypatch.setenv("HF_ENDPOINT", env.url.replace("://", "://mirror:s3cr3t-Passw0rd@"))
-    env.fail_next(1, status=429, path_contains=".bin", method="GET")
-    code, stdout, stderr = run("check", "org/tuned", "--allow-pickle", "--quiet")
-    assert code == 1, stderr
-    assert "ftaudit: WARNING: HTTP Error 429 thrown while requesting GET http://mirror:***@127.0.0.1" in stderr
+    endpoint = env.url.replace("://", "://mirror:s3cr3t-Passw0rd@")
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    warning = {"X-HF-Warning": f"stale-mirror; {endpoint}/api/models/org/tuned is not served here"}
+    env.fail_next(1, status=404, path_contains="/api/models/org/tuned", headers=warning)
+    code, stdout, stderr = run("check", "org/tuned", "--quiet")
+    assert (code, stdout) == (2, "")
+    assert stderr == (
+        f"ftaudit: WARNING: {env.url.replace('://', '://mirror:***@')}/api/models/org/tuned is not served here\n"
+        "ftaudit: error: org/tuned: revision main: the server answered HTTP 404\n"
+    )
     outside = capfd.readouterr()
     assert "s3cr3t-Passw0rd" not in stdout + stderr + outside.out + outside.err
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+@pytest.mark.parametrize(
+    ("method", "status", "reason"),
+    [
+        ("HEAD", 503, "HTTP 503"),  # huggingface_hub's download asks the file's metadata again, with retries
+        ("GET", 429, "HTTP 429"),  # and retries its GET on 429
+        ("GET", None, "RemoteProtocolError"),  # and resumes a body cut short
+    ],
+)
+def test_a_whole_download_is_attempted_as_often_as_the_setting_says_in_all(
+    env, tmp_path, monkeypatch, attempts, method, status, reason
+):
+    sha = pickle_repo(env, tmp_path)
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", str(attempts))
+    if status is None:
+        env.drop_next(1000, ".bin", method=method)
+    else:
+        env.fail_next(1000, status, ".bin", method=method)
+    code, stdout, stderr = run("check", "org/tuned", "--allow-pickle")
+    assert (code, stdout) == (2, "")
+    assert stderr == (f"ftaudit: error: org/tuned@{sha[:12]}: pytorch_model.bin: still failing after {attempts} "
+                      f"attempts ({reason})\n")
+    assert len([r for r in env.requests if r.method == method and r.path.endswith(".bin")]) == attempts
+
+
+def test_huggingface_hub_called_beside_ftaudit_keeps_its_own_retries(env, tmp_path):
+    publish(env, tmp_path)
+    assert run("check", "org/tuned")[0] == 1  # huggingface_hub's shared client is ftaudit's now
+    start = len(env.requests)
+    env.fail_next(1, 503, "README.md", method="HEAD")
+    path = hf_hub_download("org/tuned", "README.md", endpoint=env.url, cache_dir=tmp_path / "elsewhere")
+    assert Path(path).read_text() == card("org/base")
+    assert [r.status for r in env.requests[start:] if r.method == "HEAD"] == [503, 200]
 
 
 def finished_within(seconds: float, fn: Callable[[], Any]) -> Any:
@@ -402,9 +443,9 @@ def finished_within(seconds: float, fn: Callable[[], Any]) -> Any:
 @pytest.mark.parametrize(
     ("path", "headers"),
     [
-        (".bin", {"Retry-After": "3600"}),  # huggingface_hub's own retry of a whole download
+        (".bin", {"Retry-After": "3600"}),  # a whole download, which huggingface_hub makes
         (".bin", {"RateLimit": '"api";r=0;t=3600', "RateLimit-Policy": '"fixed window";"api";q=500;w=3600'}),
-        ("/api/models/", {"Retry-After": "3600"}),  # ftaudit's retry
+        ("/api/models/", {"Retry-After": "3600"}),
     ],
 )
 def test_a_server_asking_for_an_hour_between_attempts_waits_at_most_the_max_wait(
@@ -412,11 +453,12 @@ def test_a_server_asking_for_an_hour_between_attempts_waits_at_most_the_max_wait
 ):
     pickle_repo(env, tmp_path)
     monkeypatch.setenv("FTAUDIT_HTTP_MAX_WAIT", "1")
-    env.fail_next(1, status=429, path_contains=path, method="GET", headers=headers)
+    env.fail_next(1, status=429, path_contains=path, method="GET", headers=headers)  # with Retry-After: 0 too
     started = time.monotonic()
-    code, _, stderr = finished_within(60, lambda: run("check", "org/tuned", "--allow-pickle", "--quiet"))
+    code, _, stderr = finished_within(60, lambda: run("check", "org/tuned", "--allow-pickle", "--debug"))
     assert code == 1, stderr
     assert time.monotonic() - started < 30
+    assert stderr.count(": HTTP 429; retrying in 1.0s\n") == 1  # what the server asks, at most the max wait
     assert [r.status for r in env.requests if r.method == "GET" and path in r.path][:2] == [429, 200]
 
 

@@ -1,6 +1,7 @@
 """Model files in a Hugging Face Hub repository, read by HTTP Range requests.
 
-Everything goes through huggingface_hub: its session, URLs, auth headers and error classes.
+Everything goes through huggingface_hub: its session, URLs, auth headers and error classes. Each read is retried by
+ftaudit's loop alone (`with_retries`): huggingface_hub's own retry loops are made to stop at their first failure.
 The revision is resolved to a commit sha once, and every read is pinned to that sha. A file that the
 Hugging Face cache already holds at that commit (fetched earlier by transformers, `hf download`, ...)
 is read from there instead, without a request.
@@ -14,8 +15,9 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import httpx2
@@ -37,8 +39,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
-from huggingface_hub.utils._http import default_client_factory  # not exported: the client it builds, to extend
+from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status, parse_ratelimit_headers
+from huggingface_hub.utils._http import hf_request_event_hook  # not exported: what its default client is built with
 
 from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError, UsageError
 from ftaudit.secrets import clean_token, header_safe
@@ -117,44 +119,74 @@ def _timeout() -> httpx2.Timeout:
     return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
 
 
-_bounds: tuple[httpx2.Timeout, float] | None = None
-"""The bounds huggingface_hub's client factory was last given."""
+_bound: httpx2.Timeout | None = None
+"""The timeout huggingface_hub's client factory was last given."""
 
 
 def bound_session() -> None:
-    """Bound huggingface_hub's shared HTTP client, and every client it builds again (it closes the shared one after a
-    connection error): FTAUDIT_HTTP_TIMEOUT as its default timeout, since its own have none and a server that stalls
-    would hold a request that takes no timeout of its own forever; and FTAUDIT_HTTP_MAX_WAIT as the longest wait a
-    server's Retry-After or rate-limit reset can ask of its own retries (a whole download, a push's uploads), which
-    otherwise wait as long as the server says."""
-    bounds = (_timeout(), _max_wait())
-    global _bounds
-    if bounds != _bounds:  # setting a factory closes the shared client, which another storage may be reading with
-        _bounds = bounds
-        set_client_factory(lambda: _bounded_client(*bounds))
+    """Make huggingface_hub's shared HTTP client, and every client it builds again (it closes the shared one after a
+    connection error), a `_Client`, with FTAUDIT_HTTP_TIMEOUT as its default timeout: its own have none, and a server
+    that stalls would hold a request that takes no timeout of its own forever."""
+    timeout = _timeout()
+    global _bound
+    if timeout != _bound:  # setting a factory closes the shared client, which another storage may be reading with
+        _bound = timeout
+        set_client_factory(lambda: _client(timeout))
 
 
-def _bounded_client(timeout: httpx2.Timeout, longest: float) -> httpx2.Client:
-    """huggingface_hub's default client, with `timeout` as its default and its answers' waits capped at `longest`."""
-    client = default_client_factory()
-    client.timeout = timeout
-    client.event_hooks["response"] = [*client.event_hooks["response"], lambda r: _cap_waits(r, longest)]
-    return client
+def _client(timeout: httpx2.Timeout) -> _Client:
+    """huggingface_hub's default client (`default_client_factory`'s settings) as a `_Client`, `timeout` its default."""
+    return _Client(event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True, timeout=timeout)
 
 
-RATELIMIT_RESET = re.compile(r"(;\s*t=)(\d+)")
-"""The reset time, in seconds, of an IETF RateLimit header (`"api";r=0;t=55`), which huggingface_hub waits for."""
+_ONCE: ContextVar[bool] = ContextVar("ftaudit_once", default=False)
+"""Whether the requests made now are each to be made once, ftaudit's loop retrying them (see `_once`)."""
 
 
-def _cap_waits(response: httpx2.Response, longest: float) -> None:
-    """Lower the seconds a server asks a client to wait (Retry-After, RateLimit's reset) to at most `longest`."""
-    cap = int(longest)
-    value = response.headers.get("Retry-After", "").strip()
-    if value.isdigit() and int(value) > cap:
-        response.headers["Retry-After"] = str(cap)
-    limit = response.headers.get("RateLimit")
-    if limit:
-        response.headers["RateLimit"] = RATELIMIT_RESET.sub(lambda m: f"{m[1]}{min(int(m[2]), cap)}", limit)
+def _once(fn: Callable[[], T]) -> T:
+    """fn(), each request it makes through huggingface_hub's client attempted once: a failure that huggingface_hub's
+    own loops would retry (an answer with a status of RETRY_STATUS, a dropped connection, a timeout, a body cut short)
+    raises `_Transient`, which none of them catches, so that ftaudit's loop alone counts the attempts."""
+    entered = _ONCE.set(True)
+    try:
+        return fn()
+    finally:
+        _ONCE.reset(entered)
+
+
+class _Client(httpx2.Client):
+    """huggingface_hub's client, whose requests made within `_once` raise `_Transient` on a transient failure."""
+
+    def send(self, request: httpx2.Request, *, stream: bool = False, **kwargs: Any) -> httpx2.Response:
+        if not _ONCE.get():
+            return super().send(request, stream=stream, **kwargs)
+        try:
+            response = super().send(request, stream=stream, **kwargs)
+        except httpx2.TransportError as e:
+            raise _Transient(type(e).__name__) from e
+        if response.status_code in RETRY_STATUS:
+            response.close()
+            raise _Transient(f"HTTP {response.status_code}", _retry_after(response))
+        if stream:
+            response.stream = _Body(cast(httpx2.SyncByteStream, response.stream))  # a sync client's
+        return response
+
+
+class _Body(httpx2.SyncByteStream):
+    """A response body read within `_once`: its transport errors raise `_Transient` (huggingface_hub's download would
+    resume after them)."""
+
+    def __init__(self, stream: httpx2.SyncByteStream) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._stream
+        except httpx2.TransportError as e:
+            raise _Transient(type(e).__name__) from e
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 class _Transient(Exception):
@@ -192,7 +224,8 @@ def with_retries(
     backoff: float | None = None,
 ) -> T:
     """Run one read with bounded retries (FTAUDIT_HTTP_RETRIES attempts, exponential backoff from
-    FTAUDIT_HTTP_BACKOFF, or the server's Retry-After) on transient failures; `error` maps any other HTTP error.
+    FTAUDIT_HTTP_BACKOFF, or the server's Retry-After or rate-limit reset) on transient failures, each request of which
+    huggingface_hub makes once (`_once`); `error` maps any other HTTP error.
 
     Only for requests that are safe to repeat: never for a write, which a retry could apply twice.
     """
@@ -202,7 +235,7 @@ def with_retries(
     attempt = 0
     while True:
         try:
-            return fn()
+            return _once(fn)
         except FtauditError:
             raise
         except (_Transient, httpx2.RequestError, HfHubHTTPError, LocalEntryNotFoundError) as e:
@@ -403,16 +436,21 @@ class HubStorage:
 
 
 def _raise_for_status(r: httpx2.Response) -> None:
-    if r.status_code in RETRY_STATUS:
-        raise _Transient(f"HTTP {r.status_code}", _retry_after(r))
-    if r.status_code >= 400:
+    if r.status_code >= 400:  # not a transient one: `_Client` raised those
         r.read()
         hf_raise_for_status(r)
 
 
 def _retry_after(r: httpx2.Response | None) -> float | None:
-    value = r.headers.get("Retry-After") if r is not None else None
-    return float(value) if value and value.isdigit() else None
+    """The seconds a server asks to wait before the next attempt: the reset of a rate limit that a 429 says is used up
+    (as huggingface_hub's own retries wait for), else Retry-After."""
+    if r is None:
+        return None
+    limit = parse_ratelimit_headers(r.headers) if r.status_code == 429 else None
+    if limit is not None and limit.remaining == 0:
+        return float(limit.reset_in_seconds)
+    value = r.headers.get("Retry-After", "").strip()
+    return float(value) if value.isdigit() else None
 
 
 def _check_content_range(value: str | None, start: int, end: int, where: str) -> None:
