@@ -119,11 +119,20 @@ _COMMITTING = _Change(
 
 def _commit(api: HfApi, report: Report, files: dict[str, str], revision: str, parent: str, change: _Change) -> CommitInfo:
     """Commit `files` onto `revision` (a branch, or a pull request's ref) whose head is `parent`, or open a pull request
-    against it (`change.create_pr`)."""
-    return _write(
-        lambda: api.create_commit(
-            report.model.id,
-            [CommitOperationAdd(path, text.encode()) for path, text in files.items()],
+    against it (`change.create_pr`). The upload before it (the Hub says how each file goes, and any for Git LFS goes
+    up) writes nothing to the repo: it is retried as the reads are."""
+    repo = report.model.id
+    operations = [CommitOperationAdd(path, text.encode()) for path, text in files.items()]
+
+    def commit() -> CommitInfo:
+        with_retries(
+            lambda: api.preupload_lfs_files(repo, additions=operations, revision=revision, create_pr=change.create_pr),
+            f"{repo}@{(report.model.revision or '')[:12]}", "upload of the card's files",
+            lambda e: _error(e, repo, writing=True),
+        )
+        return api.create_commit(  # uploads nothing more: each file's way up is known
+            repo,
+            operations,
             commit_message=f"{pull_request.TITLE}{status_headline(report)}",
             commit_description=(
                 f"Fine-tuning audit of {report.model.revision} against {mask_shapes(report.base.id)}, "
@@ -133,10 +142,9 @@ def _commit(api: HfApi, report: Report, files: dict[str, str], revision: str, pa
             revision=revision,
             create_pr=change.create_pr,
             parent_commit=parent,
-        ),
-        report.model.id,
-        change,
-    )
+        )
+
+    return _write(commit, repo, change)
 
 
 def write_github_outputs(report: Report, report_path: Path | None, env: Mapping[str, str] = os.environ) -> None:

@@ -238,12 +238,14 @@ def requests_to(hub: HubServer, start: int, method: str, path: str) -> list[int]
 
 
 @pytest.mark.parametrize("status", [503, 429])
-@pytest.mark.parametrize(("method", "path"), [("GET", "/refs"), ("GET", "/README.md"), ("HEAD", "/README.md")])
-def test_the_push_retries_its_reads(hub_env, tmp_path, status, method, path):
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/refs"), ("GET", "/README.md"), ("HEAD", "/README.md"), ("POST", "/preupload/")]
+)
+def test_the_push_retries_its_reads_and_its_upload(hub_env, tmp_path, status, method, path):
     sha = publish(hub_env, tmp_path)
     report = audit()
     start = len(hub_env.requests)
-    hub_env.fail_next(3, status=status, path_contains=path, method=method)  # more than huggingface_hub retries
+    hub_env.fail_next(3, status=status, path_contains=path, method=method)  # within the 5 attempts
     assert push_card(report, token=TOKEN).url == f"{hub_env.url}/org/tuned/discussions/1"
     assert requests_to(hub_env, start, method, path) == [status] * 3 + [200]
     assert pull_requests(hub_env) == ["refs/pr/1"]
@@ -264,6 +266,32 @@ def test_the_push_reads_give_up_after_the_retries(hub_env, tmp_path, monkeypatch
         f"org/tuned@{report.model.revision[:12]}: branch list: still failing after 2 attempts (HTTP 503)"
     )
     assert requests_to(hub_env, start, "GET", "/refs") == [503, 503]
+    assert requests_to(hub_env, start, "POST", "/commit/") == []
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+@pytest.mark.parametrize(
+    ("method", "path", "status", "what"),
+    [
+        ("HEAD", "/resolve/", 503, "README.md"),  # huggingface_hub's download asks the file's metadata again, with retries
+        ("GET", "/resolve/", 429, "README.md"),  # and retries its GET on 429
+        ("POST", "/preupload/", 503, "upload of the card's files"),  # its commit retries the question how to upload
+    ],
+)
+def test_every_request_of_the_push_is_attempted_as_often_as_the_setting_says_in_all(
+    hub_env, tmp_path, monkeypatch, attempts, method, path, status, what
+):
+    publish(hub_env, tmp_path)
+    report = audit()
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", str(attempts))
+    start = len(hub_env.requests)
+    hub_env.fail_next(1000, status=status, path_contains=path, method=method)
+    with pytest.raises(FtauditError) as failed:
+        push_card(report, token=TOKEN)
+    assert str(failed.value) == (
+        f"org/tuned@{report.model.revision[:12]}: {what}: still failing after {attempts} attempts (HTTP {status})"
+    )
+    assert requests_to(hub_env, start, method, path) == [status] * attempts
     assert requests_to(hub_env, start, "POST", "/commit/") == []
 
 
