@@ -420,14 +420,21 @@ def test_a_whole_download_is_attempted_as_often_as_the_setting_says_in_all(
     assert len([r for r in env.requests if r.method == method and r.path.endswith(".bin")]) == attempts
 
 
-def test_huggingface_hub_called_beside_ftaudit_keeps_its_own_retries(env, tmp_path):
+@pytest.mark.parametrize(("status", "method", "headers"), [(503, "HEAD", {}), (429, "GET", {"Retry-After": "3600"})])
+def test_huggingface_hub_called_beside_ftaudit_keeps_its_own_retries(env, tmp_path, monkeypatch, status, method, headers):
+    """Requests outside ftaudit's reads (the push's LFS uploads run in huggingface_hub's worker threads) keep its
+    retries, their waits within FTAUDIT_HTTP_MAX_WAIT."""
     publish(env, tmp_path)
+    monkeypatch.setenv("FTAUDIT_HTTP_MAX_WAIT", "1")
     assert run("check", "org/tuned")[0] == 1  # huggingface_hub's shared client is ftaudit's now
     start = len(env.requests)
-    env.fail_next(1, 503, "README.md", method="HEAD")
-    path = hf_hub_download("org/tuned", "README.md", endpoint=env.url, cache_dir=tmp_path / "elsewhere")
+    env.fail_next(1, status, "README.md", method=method, headers=headers)
+    started = time.monotonic()
+    path = finished_within(60, lambda: hf_hub_download("org/tuned", "README.md", endpoint=env.url,
+                                                       cache_dir=tmp_path / "elsewhere"))
+    assert time.monotonic() - started < 30
     assert Path(path).read_text() == card("org/base")
-    assert [r.status for r in env.requests[start:] if r.method == "HEAD"] == [503, 200]
+    assert [r.status for r in env.requests[start:] if r.method == method] == [status, 200]
 
 
 def finished_within(seconds: float, fn: Callable[[], Any]) -> Any:

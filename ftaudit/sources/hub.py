@@ -40,7 +40,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status, parse_ratelimit_headers
-from huggingface_hub.utils._http import hf_request_event_hook  # not exported: what its default client is built with
+from huggingface_hub.utils._http import default_client_factory  # not exported: the client it builds, to extend
 
 from ftaudit.errors import AccessError, FtauditError, InvalidWeightsError, NetworkError, NotFoundError, UsageError
 from ftaudit.secrets import clean_token, header_safe
@@ -119,24 +119,45 @@ def _timeout() -> httpx2.Timeout:
     return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
 
 
-_bound: httpx2.Timeout | None = None
-"""The timeout huggingface_hub's client factory was last given."""
+_bounds: tuple[httpx2.Timeout, float] | None = None
+"""The bounds huggingface_hub's client factory was last given."""
 
 
 def bound_session() -> None:
     """Make huggingface_hub's shared HTTP client, and every client it builds again (it closes the shared one after a
-    connection error), a `_Client`, with FTAUDIT_HTTP_TIMEOUT as its default timeout: its own have none, and a server
-    that stalls would hold a request that takes no timeout of its own forever."""
-    timeout = _timeout()
-    global _bound
-    if timeout != _bound:  # setting a factory closes the shared client, which another storage may be reading with
-        _bound = timeout
-        set_client_factory(lambda: _client(timeout))
+    connection error), a `_Client`, with FTAUDIT_HTTP_TIMEOUT as its default timeout (its own have none, and a server
+    that stalls would hold a request that takes no timeout of its own forever) and FTAUDIT_HTTP_MAX_WAIT as the longest
+    wait a server's Retry-After or rate-limit reset can ask of the retries huggingface_hub still makes itself (requests
+    outside ftaudit's reads: the push's LFS uploads in its worker threads, ...)."""
+    bounds = (_timeout(), _max_wait())
+    global _bounds
+    if bounds != _bounds:  # setting a factory closes the shared client, which another storage may be reading with
+        _bounds = bounds
+        set_client_factory(lambda: _client(*bounds))
 
 
-def _client(timeout: httpx2.Timeout) -> _Client:
-    """huggingface_hub's default client (`default_client_factory`'s settings) as a `_Client`, `timeout` its default."""
-    return _Client(event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True, timeout=timeout)
+def _client(timeout: httpx2.Timeout, longest: float) -> _Client:
+    """huggingface_hub's default client as a `_Client`, `timeout` its default and its answers' waits capped at
+    `longest`."""
+    default = default_client_factory()
+    default.close()
+    hooks = {**default.event_hooks, "response": [*default.event_hooks["response"], lambda r: _cap_waits(r, longest)]}
+    return _Client(event_hooks=hooks, follow_redirects=default.follow_redirects, timeout=timeout)
+
+
+RATELIMIT_RESET = re.compile(r"(;\s*t=)(\d+)")
+"""The reset time, in seconds, of an IETF RateLimit header (`"api";r=0;t=55`), which huggingface_hub waits for."""
+
+
+def _cap_waits(response: httpx2.Response, longest: float) -> None:
+    """Lower the seconds a server asks a client to wait (Retry-After, RateLimit's reset) to at most `longest`."""
+    cap = int(longest)
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit() and int(value) > cap:
+        response.headers["Retry-After"] = str(cap)
+    limit = response.headers.get("RateLimit")
+    if limit:
+        response.headers["RateLimit"] = RATELIMIT_RESET.sub(lambda m: f"{m[1]}{min(int(m[2]), cap)}", limit)
 
 
 _ONCE: ContextVar[bool] = ContextVar("ftaudit_once", default=False)
