@@ -684,3 +684,43 @@ def test_a_model_that_stores_its_tied_head_too_is_audited_as_its_embedding(tmp_p
     assert "model.embed_tokens.weight" in {c["name"] for c in json.loads(record.read_text())["changes"]}
     weights = load_file(written / "model.safetensors")
     assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])  # as transformers ties them
+
+
+def test_a_lora_on_both_towers_of_a_multimodal_model_is_audited_as_its_merged_model(tmp_path):
+    """transformers 5 names Llava's towers `model.language_model` and `model.vision_tower`, as PEFT names their LoRAs,
+    and saves them as published: `language_model.model`, `vision_tower`, and the head as `language_model.lm_head`. No
+    one prefix pair fits the three: a LoRA on both towers (PEFT's default q_proj and v_proj for Llava) had been refused
+    as adapting a tensor the base lacks."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=80),
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                    num_attention_heads=2, image_size=8, patch_size=4),
+        image_token_id=70))
+    model.save_pretrained(tmp_path / "base")
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in load_file(tmp_path / "base" / "model.safetensors")
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_" in name:
+                param.normal_(std=0.05)
+    adapted.save_pretrained(tmp_path / "adapter")
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
+    peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().save_pretrained(tmp_path / "merged")
+    found = {}
+    for side in ("adapter", "merged"):
+        result = CliRunner().invoke(main, ["check", str(tmp_path / side), "--base", str(tmp_path / "base"), "--format",
+                                           "json", "--include", "head", "--no-cache"])
+        assert result.exit_code in (0, 1), result.stderr
+        found[side] = {m["name"]: m for m in json.loads(result.stdout)["matrices"]}
+    assert sorted(found["adapter"]) == sorted(found["merged"])
+    assert len(found["adapter"]) == 9  # q_proj and v_proj of 2 layers of each tower, and the head
+    assert {"language_model.lm_head.weight", "vision_tower.encoder.layers.1.self_attn.v_proj.weight"} <= set(
+        found["adapter"])
+    for name, matrix in found["merged"].items():
+        assert found["adapter"][name]["max_cos"] == pytest.approx(matrix["max_cos"], abs=1e-4), name
+        assert found["adapter"][name]["indicators"]["relative_update_norm"] == pytest.approx(
+            matrix["indicators"]["relative_update_norm"], rel=1e-5), name

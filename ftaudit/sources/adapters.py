@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -277,6 +277,25 @@ def _pattern_value(patterns: object, module: str, default: object) -> object:
     return default
 
 
+def locate(base: Iterable[str], names: Iterable[str]) -> dict[str, str | None]:
+    """Each of `names` (as an adapter's modules name them) as the base tensor it is, or None: by `align`'s prefix pair
+    that matches the most names, then those left by the pair that matches the most of them among the base tensors left,
+    and so on. The parts of a multimodal model are wrapped otherwise each: transformers 5 names Llava's
+    `model.language_model.` and `model.vision_tower.`, which its checkpoints store as `language_model.model.` and
+    `vision_tower.`."""
+    located: dict[str, str | None] = dict.fromkeys(names)
+    base, left = list(base), list(located)
+    while left:
+        base_map, names_map = align(base, left)
+        found = {original: base_map[key] for key, original in names_map.items() if key in base_map}
+        if not found:
+            break
+        located.update(found)
+        taken = set(found.values())
+        base, left = [n for n in base if n not in taken], [n for n in left if n not in found]
+    return located
+
+
 class AdaptedTensors:
     """The tuned side of an adapter audit: base tensors with the adapter applied, in float64."""
 
@@ -294,8 +313,7 @@ class AdaptedTensors:
         candidates = first_names(stored.values())
         weights = [f"{m}.weight" for m in [*adapter.modules, *adapter.rows]]
         biases = [f"{m}.bias" for m in adapter.biases]
-        base_map, adapter_map = align(base_infos, [*weights, *biases, *adapter.replaced, *parameters, *candidates])
-        located = {original: base_map.get(key) for key, original in adapter_map.items()}
+        located = locate(base_infos, [*weights, *biases, *adapter.replaced, *parameters, *candidates])
         parts: dict[str, list[list[str]]] = {}
         """The layers' stacks that the base stores expert by expert: each expert's parts."""
         for key, names in stored.items():
@@ -330,7 +348,7 @@ class AdaptedTensors:
         self._infos: dict[str, TensorInfo] = {}
         self._base_layers: dict[str, str] = {}
         """The base tensors whose W0 is the adapter's saved base layer (LoraAdapter.base_layers)."""
-        for original in adapter_map.values():
+        for original in located:
             base_name = located.get(original)
             if original in parameters or (original not in wanted and original not in adapter.replaced):
                 continue
