@@ -724,3 +724,25 @@ def test_a_lora_on_both_towers_of_a_multimodal_model_is_audited_as_its_merged_mo
         assert found["adapter"][name]["max_cos"] == pytest.approx(matrix["max_cos"], abs=1e-4), name
         assert found["adapter"][name]["indicators"]["relative_update_norm"] == pytest.approx(
             matrix["indicators"]["relative_update_norm"], rel=1e-5), name
+
+
+def test_a_folder_of_adapters_in_subfolders_says_where_they_are(tmp_path):
+    """PEFT saves an adapter not named `default` (`get_peft_model(..., adapter_name="sft")`), and every adapter but the
+    default one, in a subfolder of its name. Such a folder had been refused as holding no weights, with no word of them."""
+    peft = pytest.importorskip("peft")
+    _, base = peft_variant(tmp_path)
+    import transformers
+    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights=False), adapter_name="sft")
+    model.add_adapter("dpo", peft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapters")
+    assert not (tmp_path / "adapters" / "adapter_config.json").exists()
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapters"), "--base", str(base)])
+    assert result.exit_code == 2 and result.stderr == (
+        f"ftaudit: error: {tmp_path / 'adapters'}: no weights at its top level, but PEFT adapters in subfolders (dpo/, "
+        "sft/): pass one of those folders (of a Hub repository, download it first: hf download REPO --include "
+        "'FOLDER/*')\n"), result.stderr
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapters" / "sft"), "--base", str(base), "--format",
+                                       "json"])
+    assert result.exit_code in (0, 1), result.stderr
+    assert json.loads(result.stdout)["model"]["adapter"]["modules"] == 2

@@ -160,6 +160,11 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
         found = sorted(f for f in top_level if f.endswith(suffixes) and not is_training_state(f))
         if found:
             return WeightFiles(fmt, found, None)
+    adapters = sorted(f.removesuffix("adapter_config.json") for f in files if f.endswith("/adapter_config.json"))
+    if adapters:  # PEFT saves an adapter not named `default` in a subfolder of its name
+        raise NotFoundError(
+            f"{storage.label}: no weights at its top level, but PEFT adapters in subfolders ({', '.join(adapters)}): "
+            "pass one of those folders (of a Hub repository, download it first: hf download REPO --include 'FOLDER/*')")
     nested = [f for f in files if "/" in f and f.endswith((".safetensors", *PICKLE_SUFFIXES))
               and not is_training_state(f)]
     where = "" if not nested else (f" at its top level; subfolders are not read: {nested[0]}"
