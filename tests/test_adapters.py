@@ -746,3 +746,24 @@ def test_a_folder_of_adapters_in_subfolders_says_where_they_are(tmp_path):
                                        "json"])
     assert result.exit_code in (0, 1), result.stderr
     assert json.loads(result.stdout)["model"]["adapter"]["modules"] == 2
+
+
+def test_a_lora_on_a_tied_head_of_a_resized_vocabulary_is_refused_as_such(tmp_path):
+    """A tied lm_head's LoRA on a vocabulary grown before training (new tokens) fits no embedding of the base by its
+    rows; PEFT saves the grown head's base layer. It had been refused as adapting an lm_head the base does not have."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=50, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(58)
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                         init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")])
+    assert result.exit_code == 2 and result.stderr == (
+        f"ftaudit: error: {tmp_path / 'adapter'}: base_model.model.lm_head.base_layer.weight [58, 64], the layer PEFT "
+        "loads in place of the base's model.embed_tokens.weight [50, 64], is of another shape (a resized vocabulary): "
+        "merge the adapter into its base (PEFT's merge_and_unload) and audit the merged model\n"), result.stderr

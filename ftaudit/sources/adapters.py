@@ -395,11 +395,15 @@ class AdaptedTensors:
 
     def _tied_embedding(self, m: str) -> str | None:
         """The base's input embedding that output head `m` (a LoRA's, or trained token rows') is tied to: the one
-        token embedding of its shape; None where there is none."""
+        token embedding of its shape (of its width, for a LoRA whose rows fit none); None where there is none."""
         infos, module = self.adapter.weights.infos, self.modules.get(m)
         shape = ((infos[module.b].shape[0], infos[module.a].shape[1]) if module is not None
                  else (None, infos[self.adapter.rows[m][0]].shape[1]))
         found = input_embeddings(self.base.infos, shape)
+        if not found and module is not None:  # a vocabulary grown before training: the one embedding of the head's
+            # width, which the head's saved base layer, or its update, then shows to be of another shape
+            wide = input_embeddings(self.base.infos, (None, shape[1]))
+            found = wide if len(wide) == 1 else []
         if len(found) > 1:
             raise UnsupportedError(
                 f"{self.adapter.label}: {m}, tied to the input embedding, fits more than one of the base's "
