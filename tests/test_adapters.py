@@ -496,8 +496,9 @@ def test_a_lora_on_a_head_tied_to_the_embedding_is_audited_as_peft_merges_it(tmp
     (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()),
                                                   "tie_word_embeddings": False}))
     result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base)])
-    assert result.exit_code == 2 and result.stderr == f"ftaudit: error: {folder}: adapts lm_head, which the base does " \
-                                                      "not have\n", result.stderr
+    assert result.exit_code == 2 and result.stderr.startswith(
+        f"ftaudit: error: {folder}: adapts lm_head, which the base does not have: is this the adapter's base?"), \
+        result.stderr
 
 
 @pytest.mark.parametrize("head", [None, "copy"])
@@ -687,8 +688,8 @@ def test_a_model_that_stores_its_tied_head_too_is_audited_as_its_embedding(tmp_p
 
 
 def test_a_lora_on_both_towers_of_a_multimodal_model_is_audited_as_its_merged_model(tmp_path):
-    """transformers 5 names Llava's towers `model.language_model` and `model.vision_tower`, as PEFT names their LoRAs,
-    and saves them as published: `language_model.model`, `vision_tower`, and the head as `language_model.lm_head`. No
+    """Recent transformers name Llava's towers `model.language_model` and `model.vision_tower`, as PEFT names their LoRAs,
+    and save them as published: `language_model.model`, `vision_tower`, and the head as `language_model.lm_head`. No
     one prefix pair fits the three: a LoRA on both towers (PEFT's default q_proj and v_proj for Llava) had been refused
     as adapting a tensor the base lacks."""
     peft = pytest.importorskip("peft")
@@ -767,3 +768,29 @@ def test_a_lora_on_a_tied_head_of_a_resized_vocabulary_is_refused_as_such(tmp_pa
         f"ftaudit: error: {tmp_path / 'adapter'}: base_model.model.lm_head.base_layer.weight [58, 64], the layer PEFT "
         "loads in place of the base's model.embed_tokens.weight [50, 64], is of another shape (a resized vocabulary): "
         "merge the adapter into its base (PEFT's merge_and_unload) and audit the merged model\n"), result.stderr
+
+
+def test_a_lora_on_layers_transformers_names_otherwise_than_the_checkpoint_says_what_to_do(tmp_path):
+    """transformers 5.25 names ViT's attention.attention.query `attention.q_proj` (and so PEFT's LoRA on it), and writes
+    the checkpoint as published. Such an adapter had been refused as adapting a layer its base lacks, which read as
+    the wrong base, with nothing to do about it."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96, image_size=8, patch_size=4))
+    model.save_pretrained(tmp_path / "base")
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in load_file(tmp_path / "base" / "model.safetensors")
+    renamed = "vit.layers.0.attention.q_proj" in dict(model.named_modules())
+    peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"] if renamed else ["query", "value"],
+                                               modules_to_save=["classifier"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "adapter")
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")])
+    if not renamed:  # a transformers before 5 names the layers as the checkpoint stores them: the adapter is audited
+        assert result.exit_code in (0, 1), result.stderr
+        return
+    assert result.exit_code == 2 and result.stderr == (
+        f"ftaudit: error: {tmp_path / 'adapter'}: adapts vit.layers.0.attention.q_proj, which the base does not have: "
+        "is this the adapter's base? (transformers names some layers otherwise than their checkpoints store them, as "
+        "ViT's attention.attention.query, its attention.q_proj: if so, merge the adapter into its base (PEFT's "
+        "merge_and_unload) and audit the merged model)\n"), result.stderr

@@ -280,7 +280,7 @@ def _pattern_value(patterns: object, module: str, default: object) -> object:
 def locate(base: Iterable[str], names: Iterable[str]) -> dict[str, str | None]:
     """Each of `names` (as an adapter's modules name them) as the base tensor it is, or None: by `align`'s prefix pair
     that matches the most names, then those left by the pair that matches the most of them among the base tensors left,
-    and so on. The parts of a multimodal model are wrapped otherwise each: transformers 5 names Llava's
+    and so on. The parts of a multimodal model are wrapped otherwise each: recent transformers name Llava's
     `model.language_model.` and `model.vision_tower.`, which its checkpoints store as `language_model.model.` and
     `vision_tower.`."""
     located: dict[str, str | None] = dict.fromkeys(names)
@@ -361,7 +361,11 @@ class AdaptedTensors:
                 self._set_source(base_name or original, "replaced", adapter.replaced[original])
                 continue
             if base_name is None:
-                raise InvalidWeightsError(f"{adapter.label}: adapts {wanted[original]}, which the base does not have")
+                raise InvalidWeightsError(
+                    f"{adapter.label}: adapts {wanted[original]}, which the base does not have: is this the adapter's "
+                    "base? (transformers names some layers otherwise than their checkpoints store them, as ViT's "
+                    "attention.attention.query, its attention.q_proj: if so, merge the adapter into its base (PEFT's "
+                    "merge_and_unload) and audit the merged model)")
             if wanted[original] in adapter.rows:
                 self._check_rows(wanted[original], base_infos[base_name])
                 self._infos[base_name] = base_infos[base_name]
