@@ -229,7 +229,8 @@ def _setup(
         selection=Selection.from_options(include, exclude),
     )
     target = Target(model, base, revision, base_revision, token, allow_pickle)
-    cache = None if no_cache else SpectrumCache(default_dir(), max_bytes=int(cache_size * GIB))
+    # a cap of more bytes than a float holds (1e300 GiB) is no cap
+    cache = None if no_cache else SpectrumCache(default_dir(), max_bytes=int(min(cache_size * GIB, sys.maxsize)))
     return _Setup(redactor, policy, options, target, cache)
 
 

@@ -203,6 +203,18 @@ def test_the_cap_is_set_on_the_command_line_or_in_the_environment(models, monkey
         assert result.exit_code == 2 and "--cache-size" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_cap_of_more_bytes_than_a_number_holds_keeps_everything(models, monkeypatch, how):
+    cache_dir = Path(os.environ["FTAUDIT_CACHE"])
+    huge = "1e300"  # finite in GiB, but no float as a number of bytes
+    if how == "environment":
+        monkeypatch.setenv("FTAUDIT_CACHE_SIZE", huge)
+    code, stderr, report = audit(models["b"], models["base"], *(["--cache-size", huge] if how == "option" else []),
+                                 debug=False)
+    assert (code, stderr) == (0, "")
+    assert report["summary"]["matrices_analysed"] == 14 and len(entries(cache_dir)) == 14
+
+
 def test_keys_follow_the_stored_bytes_not_the_name():
     w = torch.randn(8, 8)
     assert tensor_key(w) == tensor_key(w.clone())
