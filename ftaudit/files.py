@@ -22,8 +22,17 @@ def write_bytes(path: Path, data: bytes, what: str = "") -> None:
 
     A link is written through (its target is replaced, the link stays), a file's permissions are
     kept, and a failed write leaves neither the temporary file nor a changed `path`. `what` names the
-    file in the error (`cannot write the card`).
+    file in the error (`cannot write the card`). What is neither a file nor a folder (`/dev/null`, a
+    pipe such as `/dev/stdout` or bash's `>(...)`, a FIFO) is written into, never replaced.
     """
+    cannot = f"{path}: cannot write{' ' + what if what else ''}"
+    if _stream(path):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise UsageError(f"{cannot} ({e.strerror})") from None
+        return
     target = path.resolve() if path.is_symlink() else path
     tmp = target.with_name(f".{target.name}.tmp")
     try:
@@ -34,7 +43,7 @@ def write_bytes(path: Path, data: bytes, what: str = "") -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UsageError(f"{path}: cannot write{' ' + what if what else ''} ({e.strerror})") from None
+        raise UsageError(f"{cannot} ({e.strerror})") from None
 
 
 def check_writable(path: Path, what: str = "") -> None:
@@ -45,3 +54,12 @@ def check_writable(path: Path, what: str = "") -> None:
         raise UsageError(f"{cannot} (a folder is there)")
     if not path.parent.is_dir():
         raise UsageError(f"{cannot} (no folder {path.parent})")
+
+
+def _stream(path: Path) -> bool:
+    """Whether `path`, its links followed, is there but neither a file nor a folder: a device or a pipe."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))

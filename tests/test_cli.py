@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -607,6 +610,35 @@ def test_card_badge_heatmap_and_formats(pair, tmp_path):
     assert "# Model\n" in text
     bad = CliRunner().invoke(main, ["card", "update", str(card), "--report", str(tmp_path / "missing.json")])
     assert bad.exit_code == 2 and "cannot read the report" in bad.stderr
+
+
+def test_an_output_that_is_a_pipe_is_written_into(pair):
+    """`--json /dev/stdout` or bash's `--json >(jq .)` name a pipe by a link in /dev/fd: the report goes into it."""
+    read, write = os.pipe()
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.extend(iter(lambda: os.read(read, 1 << 16), b"")))
+    reader.start()
+    try:
+        code, stdout, stderr = run("check", pair["full"], "--json", f"/dev/fd/{write}", "--format", "json")
+    finally:
+        os.close(write)
+        reader.join()
+        os.close(read)
+    assert (code, stderr) == (0, "")
+    assert json.loads(b"".join(received)) == json.loads(stdout)
+
+
+def test_an_output_that_is_a_fifo_stays_one(pair, tmp_path):
+    fifo = tmp_path / "badge.svg"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader waiting, so that writing it does not block
+    try:
+        code, _, stderr = run("check", pair["full"], "--badge", fifo)
+        assert (code, stderr) == (0, "")
+        assert stat.S_ISFIFO(fifo.stat().st_mode)  # not replaced by a file that nobody reads
+        assert os.read(reader, 1 << 16).startswith(b"<svg")
+    finally:
+        os.close(reader)
 
 
 def test_half_pushed_sharded_checkpoint_is_refused(tmp_path):
