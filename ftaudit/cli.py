@@ -25,7 +25,7 @@ from ftaudit.cli_parsing import FiniteRange, OneLineErrorGroup, Revision, Token
 from ftaudit.cache import DEFAULT_MAX_BYTES, SpectrumCache, default_dir
 from ftaudit.check import Target, check, check_audited
 from ftaudit.errors import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, FtauditError, UsageError
-from ftaudit.files import check_writable, write_text
+from ftaudit.files import check_writable, is_stream, write_text
 from ftaudit.fix import FixOptions, fix
 from ftaudit.pairing import KINDS, Selection
 from ftaudit.progress import phase_displays, progress_display
@@ -214,7 +214,7 @@ def _setup(
     model: str, base: str | None, revision: str | None, base_revision: str | None, token: str | None,
     k: int | None, epsilon: float | None, device: str, include: tuple[str, ...], exclude: tuple[str, ...],
     allow_pickle: bool, policy_path: Path | None, no_cache: bool, cache_size: float, quiet: bool, debug: bool,
-    outputs: tuple[Path | None, ...], annotate: bool = False,
+    outputs: dict[str, Path | None], annotate: bool = False,
 ) -> _Setup:
     """Also checks that every output file can be written, so that no error comes after the work. `annotate`: warnings
     as GitHub workflow commands."""
@@ -269,8 +269,10 @@ class _Outputs:
     push_mode: str
 
     @property
-    def files(self) -> tuple[Path | None, ...]:
-        return self.json_path, self.card_path, self.badge_path, self.badge_json_path, self.heatmap_path
+    def files(self) -> dict[str, Path | None]:
+        """The output files, by the option that names each."""
+        return {"--json": self.json_path, "--card": self.card_path, "--badge": self.badge_path,
+                "--badge-json": self.badge_json_path, "--heatmap": self.heatmap_path}
 
     @property
     def of_the_model(self) -> list[str]:
@@ -280,11 +282,19 @@ class _Outputs:
         return [option for option, value in given.items() if value]
 
 
-def _check_writable(paths: tuple[Path | None, ...]) -> None:
-    """Fail now where an output file given could not be written afterwards (`check_writable`)."""
-    for path in paths:
-        if path is not None:
-            check_writable(path)
+def _check_writable(files: dict[str, Path | None]) -> None:
+    """Fail now where an output file given could not be written afterwards (`check_writable`), or where two options
+    name one file, which would end up holding only the output written last (a pipe or device, such as /dev/null, can
+    take several)."""
+    named: dict[str, str] = {}
+    for option, path in files.items():
+        if path is None:
+            continue
+        check_writable(path)
+        same = named.setdefault(os.path.realpath(path), option)
+        if same != option and not is_stream(path):
+            raise UsageError(f"{path}: both {same} and {option} name this file, which would keep only one of them; "
+                             f"choose another file for {option}")
 
 
 def _check_github_files(fmt: str) -> None:
@@ -441,7 +451,7 @@ def fix_command(
     Exit code: that of `ftaudit check` on the output (0 pass or warn, 1 fail), 2 when nothing was written.
     """
     setup = _setup(model, base, revision, base_revision, token, k, epsilon, device, include, exclude, allow_pickle,
-                   policy_path, no_cache, cache_size, quiet, debug, (json_path, card_path))
+                   policy_path, no_cache, cache_size, quiet, debug, {"--json": json_path, "--card": card_path})
     redactor = setup.redactor
     _run(debug, redactor, lambda: _check_not_out(out, {"--json": json_path, "--card": card_path}))
     phases, close = phase_displays() if not quiet else (None, lambda: None)

@@ -26,7 +26,7 @@ def write_bytes(path: Path, data: bytes, what: str = "") -> None:
     pipe such as `/dev/stdout` or bash's `>(...)`, a FIFO) is written into, never replaced.
     """
     cannot = f"{path}: cannot write{' ' + what if what else ''}"
-    if _stream(path):
+    if is_stream(path):
         try:
             with open(path, "wb") as f:
                 f.write(data)
@@ -56,7 +56,7 @@ def check_writable(path: Path, what: str = "") -> None:
         raise UsageError(f"{cannot} (no folder {path.parent})")
 
 
-def _stream(path: Path) -> bool:
+def is_stream(path: Path) -> bool:
     """Whether `path`, its links followed, is there but neither a file nor a folder: a device or a pipe."""
     try:
         mode = os.stat(path).st_mode
