@@ -108,7 +108,7 @@ def adapter_config(storage: Storage) -> dict[str, object] | None:
         return None
     try:
         config = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise InvalidWeightsError(f"{storage.label}/adapter_config.json: not valid JSON") from None
     if not isinstance(config, dict):
         raise InvalidWeightsError(f"{storage.label}/adapter_config.json: not a JSON object")
@@ -134,7 +134,7 @@ def architecture_of(storage: Storage) -> Architecture:
     text = storage.read_text("config.json")
     try:
         config = json.loads(text) if text is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         config = None
     if not isinstance(config, dict):
         return Architecture()

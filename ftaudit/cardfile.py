@@ -168,8 +168,8 @@ def _set_key(body: str, data: dict[str, object], nl: str) -> str:
     try:
         before = yaml.safe_load(body) if body.strip() else None
         before = {} if before is None else before  # empty, or only comments
-    except yaml.YAMLError as e:
-        problem = str(e).splitlines()[0]
+    except (yaml.YAMLError, RecursionError) as e:
+        problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
         raise UsageError(f"the card's front matter is not valid YAML ({problem}): fix it first") from None
     if not isinstance(before, dict):
         raise UsageError("the card's front matter is not a YAML mapping: fix it first")

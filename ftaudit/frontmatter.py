@@ -14,7 +14,7 @@ def read(card: str) -> dict[str, object]:
     """The card's front matter as a mapping; empty when it has none or it is not a YAML mapping."""
     try:
         data = _load(card)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # RecursionError: nested too deeply
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -25,6 +25,8 @@ def problem(card: str) -> str | None:
         _load(card)
     except yaml.YAMLError as e:
         return str(e).splitlines()[0]
+    except RecursionError:
+        return "nested too deeply"
     return None
 
 

@@ -44,8 +44,9 @@ def load(path: Path | None) -> Policy:
         raise PolicyError(f"{path}: the policy is not UTF-8 text") from None
     try:
         user = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise PolicyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise PolicyError(f"{path}: not valid YAML ({problem})") from None
     if not isinstance(user, dict):
         raise PolicyError(f"{path}: a policy is a YAML mapping")
     unknown = set(user) - set(default)

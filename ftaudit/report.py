@@ -224,7 +224,7 @@ class Report:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json))
         except OSError as e:
             raise UsageError(f"{path}: cannot read the report ({e.strerror})") from None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise UsageError(f"{path}: not valid JSON") from None
         except UsageError as e:
             raise UsageError(f"{path}: {e}") from None

@@ -618,6 +618,55 @@ def test_card_badge_heatmap_and_formats(pair, tmp_path):
     assert bad.exit_code == 2 and "cannot read the report" in bad.stderr
 
 
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+DEEP_YAML = "x: " + "[" * 100_000 + "]" * 100_000 + "\n"
+"""Nested deeper than Python's parsers recurse: malformed input (from a Hub repo, say), not an internal error."""
+
+
+def copy_with(folder: Path, to: Path, name: str, text: str) -> Path:
+    shutil.copytree(folder, to)
+    (to / name).write_text(text)
+    return to
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p, t: ["check", copy_with(p["full"], t / "m", "adapter_config.json", DEEP_JSON), "--base", p["base"]],
+         "m/adapter_config.json: not valid JSON"),
+        (lambda p, t: ["check", copy_with(p["full"], t / "m", "model.safetensors.index.json", DEEP_JSON)],
+         "m/model.safetensors.index.json: not valid JSON"),
+        (lambda p, t: ["check", copy_with(p["full"], t / "m", "README.md", f"---\n{DEEP_YAML}---\n")],
+         "m: declares no base model"),
+        (lambda p, t: ["check", p["full"], "--policy", copy_with(p["base"], t / "p", "p.yaml", DEEP_YAML) / "p.yaml"],
+         "p.yaml: not valid YAML (nested too deeply)"),
+        (lambda p, t: ["card", "update", t / "README.md", "--report", copy_with(p["base"], t / "r", "r.json", DEEP_JSON)
+                       / "r.json"], "r.json: not valid JSON"),
+        (lambda p, t: ["merge", copy_with(p["base"], t / "r", "r.json", DEEP_JSON) / "r.json"], "r.json: not valid JSON"),
+    ],
+)
+def test_files_nested_too_deeply_are_one_line_errors(pair, tmp_path, make, message):
+    code, stdout, stderr = run(*make(pair, tmp_path))
+    assert (code, stdout) == (2, "")
+    assert message in stderr and len(stderr.splitlines()) == 1 and "internal error" not in stderr
+
+
+def test_a_card_with_front_matter_nested_too_deeply_is_left_as_it_is(pair, tmp_path):
+    report, card = tmp_path / "r.json", tmp_path / "README.md"
+    assert run("check", pair["full"], "--json", report, "--quiet")[0] == 0
+    card.write_text(f"---\n{DEEP_YAML}---\n# Model\n")
+    code, _, stderr = run("card", "update", card, "--report", report)
+    assert code == 2 and stderr == ("ftaudit: error: the card's front matter is not valid YAML (nested too deeply): "
+                                    "fix it first\n")
+    assert card.read_text() == f"---\n{DEEP_YAML}---\n# Model\n"
+
+
+def test_a_config_json_nested_too_deeply_is_ignored_as_an_invalid_one(pair, tmp_path):
+    model = copy_with(pair["full"], tmp_path / "m", "config.json", DEEP_JSON)
+    code, _, stderr = run("check", model, "--base", pair["base"], "--quiet")
+    assert (code, stderr) == (0, "")
+
+
 def test_an_output_that_is_a_pipe_is_written_into(pair):
     """`--json /dev/stdout` or bash's `--json >(jq .)` name a pipe by a link in /dev/fd: the report goes into it."""
     read, write = os.pipe()

@@ -176,7 +176,7 @@ def _weight_map(storage: Storage, index: str) -> dict[str, str]:
     label = f"{storage.label}/{index}"
     try:
         doc = json.loads(storage.read_text(index) or "")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise InvalidWeightsError(f"{label}: not valid JSON") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
