@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class Opened:
 def _same_model(declared: str, model: str) -> bool:
     """Whether a declared base names the model itself: the same folder, or the same Hub id."""
     paths = [Path(name).expanduser() for name in (declared, model)]
-    if all(path.exists() for path in paths):
+    if all(os.path.exists(path) for path in paths):  # False where a path cannot be looked at
         return paths[0].resolve() == paths[1].resolve()
     return declared.lower() == model.lower()
 

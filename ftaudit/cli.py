@@ -34,6 +34,7 @@ from ftaudit.renderers import fix as fix_render
 from ftaudit.report import Report
 from ftaudit.secrets import Redactor
 from ftaudit.shards import Shard, join, warn_other_policy
+from ftaudit.sources import is_here
 
 GIB = 1024**3
 T = TypeVar("T")
@@ -410,7 +411,7 @@ def _refuse_push(model: str, local: bool = False) -> None:
     the audit, not after it."""
     from huggingface_hub import constants
 
-    if local or Path(model).expanduser().exists():
+    if local or is_here(Path(model).expanduser()):
         raise UsageError(f"--push needs a Hub repository: {model} is a local folder")
     if constants.is_offline_mode():
         raise UsageError("--push writes to the Hub, which HF_HUB_OFFLINE turns off")

@@ -50,9 +50,13 @@ def check_writable(path: Path, what: str = "") -> None:
     """Fail now, before any work, where `path` could not be written afterwards: no folder for it, or a folder there.
     `what` names the file in the error, as in `write_bytes`."""
     cannot = f"{path}: cannot write{' ' + what if what else ''}"
-    if path.is_dir():
+    try:
+        folder_there, folder_for_it = path.is_dir(), path.parent.is_dir()
+    except OSError as e:  # a folder on the way that may not be searched, a name too long
+        raise UsageError(f"{cannot} ({e.strerror})") from None
+    if folder_there:
         raise UsageError(f"{cannot} (a folder is there)")
-    if not path.parent.is_dir():
+    if not folder_for_it:
         raise UsageError(f"{cannot} (no folder {path.parent})")
 
 

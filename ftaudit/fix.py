@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ def _refuse_out_inside(out: Path, inputs: dict[str, str | None]) -> None:
     then hold the output, whose files a later audit or fix of it would take for its own."""
     for side, spec in inputs.items():
         folder = Path(spec).expanduser() if spec else None
-        if folder is not None and folder.is_dir() and folder.resolve() in out.resolve().parents:
+        # isdir: False for a path that cannot be looked at, whose opening says why
+        if folder is not None and os.path.isdir(folder) and folder.resolve() in out.resolve().parents:
             raise UsageError(f"{out}: is inside the {side}'s folder {spec}; choose a --out outside it")
 
 

@@ -35,7 +35,14 @@ Replace = Callable[[TensorInfo], torch.Tensor | None]
 
 def check_destination(out: Path) -> None:
     """Refuse a destination that exists and is not an empty folder, or is the current folder or a mount point (the
-    finished model is moved into place whole, replacing an empty folder)."""
+    finished model is moved into place whole, replacing an empty folder), or cannot be looked at."""
+    try:
+        _check_destination(out)
+    except OSError as e:  # a folder on the way that may not be searched, a name too long
+        raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
+
+
+def _check_destination(out: Path) -> None:
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UsageError(f"{out}: exists and is not a folder; choose a new --out")
     if out.is_dir() and any(out.iterdir()):

@@ -49,6 +49,25 @@ def test_an_unreadable_folder_is_a_one_line_error(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "cannot read (Permission denied)" in result.stderr
 
 
+def test_a_path_through_a_folder_that_may_not_be_searched_is_a_one_line_error(tmp_path):
+    """Not taken for a Hub repo id, nor an internal error: the folder on the way says why."""
+    base = write_model(tmp_path / "base", llama_like())
+    locked = tmp_path / "locked"
+    tuned = write_model(locked / "tuned", low_rank_update(llama_like()), readme=card(str(base)))
+    locked.chmod(0o600)
+    try:
+        as_model = check_unprivileged(tuned)
+        as_base = check_unprivileged(base, "--base", tuned)
+        as_output = check_unprivileged(write_model(tmp_path / "open", low_rank_update(llama_like()),
+                                                   readme=card(str(base))), "--json", locked / "r.json")
+    finally:
+        locked.chmod(0o755)
+    for result in (as_model, as_base):
+        assert (result.returncode, result.stderr) == (2, f"ftaudit: error: {tuned}: cannot read (Permission denied)\n")
+    assert (as_output.returncode, as_output.stderr) == (
+        2, f"ftaudit: error: {locked / 'r.json'}: cannot write (Permission denied)\n")
+
+
 def test_a_file_that_shrinks_while_it_is_read_is_a_one_line_error_naming_it_once(tmp_path):
     from ftaudit.errors import InvalidWeightsError
     from ftaudit.sources.checkpoint import Checkpoint

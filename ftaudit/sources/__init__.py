@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ftaudit.errors import NotFoundError, UnsupportedError, UsageError
 from ftaudit.sources.checkpoint import Checkpoint, find_weight_files
-from ftaudit.sources.local import LocalStorage
+from ftaudit.sources.local import LocalStorage, cannot_read
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.storage import Storage
 
@@ -31,7 +31,7 @@ def open_snapshot(spec: str, revision: str | None, token: str | None, hub_only: 
     if not spec:
         raise UsageError("a model named by an empty string: pass a folder or a Hub repository id (org/name)")
     path = Path(spec).expanduser()
-    if not hub_only and path.exists():
+    if not hub_only and is_here(path):
         if revision:
             raise UsageError(f"{spec} is a local folder: a revision applies only to Hub repositories")
         return Snapshot(spec, None, LocalStorage(path))
@@ -52,7 +52,19 @@ def open_snapshot(spec: str, revision: str | None, token: str | None, hub_only: 
 
 def opens(spec: str, hub_only: bool = False) -> bool:
     """Whether `open_snapshot` can take `spec`: an existing local path (unless `hub_only`) or a valid Hub repo id."""
-    return (not hub_only and Path(spec).expanduser().exists()) or is_repo_id(spec)
+    return (not hub_only and is_here(Path(spec).expanduser())) or is_repo_id(spec)
+
+
+def is_here(path: Path) -> bool:
+    """Whether `path` is on this machine. A path that a folder on the way does not let be looked at is an error
+    (AccessError), not a Hub repo id; one that no file could have (a name too long) is not here."""
+    try:
+        path.stat()
+    except PermissionError as e:
+        raise cannot_read(str(path), e) from None
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def is_repo_id(spec: str) -> bool:
