@@ -49,6 +49,9 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
         error, message = e, str(e)
     except KeyboardInterrupt as e:
         error, message = e, "interrupted"
+    except MemoryError as e:  # not a bug: a matrix too large for this machine
+        error, message = e, ("out of memory: ftaudit holds a few tensors at a time, each matrix in float64, and these "
+                             "do not fit here: run it on a machine with more memory")
     except Exception as e:  # noqa: BLE001 - the contract: never a traceback without --debug
         error, message = e, f"internal error ({type(e).__name__}: {str(e).strip()}); rerun with --debug and report it"
     if debug:

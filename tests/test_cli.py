@@ -342,6 +342,31 @@ def test_console_script_runs_as_a_process(pair):
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == ""
 
 
+def sparse_matrix_model(folder: Path, n: int) -> Path:
+    """A model of one n × n float32 matrix of zeros, its data a hole in a sparse file: no disk used."""
+    header = json.dumps({"model.layers.0.self_attn.q_proj.weight":
+                         {"dtype": "F32", "shape": [n, n], "data_offsets": [0, 4 * n * n]}}).encode()
+    folder.mkdir()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 4 * n * n)
+    return folder
+
+
+def test_running_out_of_memory_is_one_line_not_an_internal_error(tmp_path):
+    import resource
+
+    def cap_memory() -> None:  # 16 GiB of address space: torch loads, a 40 GB matrix does not
+        resource.setrlimit(resource.RLIMIT_AS, (16 * 1024**3, 16 * 1024**3))
+
+    tuned, base = (sparse_matrix_model(tmp_path / side, 100_000) for side in ("tuned", "base"))
+    proc = subprocess.run([sys.executable, "-m", "ftaudit", "check", str(tuned), "--base", str(base), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, preexec_fn=cap_memory)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("ftaudit: error: out of memory: ftaudit holds a few tensors at a time, each matrix in "
+                           "float64, and these do not fit here: run it on a machine with more memory\n")
+
+
 def test_the_process_flushes_its_output_and_keeps_the_exit_codes(pair, tmp_path):
     in_process = run("check", pair["lora"])
     proc = subprocess.run([sys.executable, "-m", "ftaudit", "check", str(pair["lora"])],
