@@ -314,6 +314,19 @@ def test_bad_inputs_are_one_line_errors_with_exit_code_2(pair, tmp_path, make, m
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize(("args", "name"), [(["check", "gone", "--base", "BASE"], "gone"),
+                                            (["check", "MODEL", "--base", "org/loop"], "org/loop")])
+def test_a_link_to_nothing_is_refused_not_looked_up_on_the_hub(pair, tmp_path, monkeypatch, hub_env, args, name):
+    """A model or base named by a link whose target is missing (or a loop of links) is meant to be here."""
+    monkeypatch.chdir(tmp_path)
+    Path("gone").symlink_to("absent")
+    Path("org").mkdir()
+    Path("org/loop").symlink_to("loop")
+    code, stdout, stderr = run(*[{"MODEL": pair["full"], "BASE": pair["base"]}.get(a, a) for a in args])
+    assert (code, stdout) == (2, "")
+    assert stderr == f"ftaudit: error: {name}: a link to nothing (its target is missing, or links lead in a loop)\n"
+
+
 @pytest.mark.parametrize("args", [["check", "", "--base", "."], ["check", ".", "--base", ""]])
 def test_an_empty_model_or_base_is_refused_not_read_as_the_current_folder(pair, monkeypatch, args):
     monkeypatch.chdir(pair["base"])  # as a path, "" is this folder: a real model the audit would take

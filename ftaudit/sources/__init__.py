@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,13 +57,16 @@ def opens(spec: str, hub_only: bool = False) -> bool:
 
 
 def is_here(path: Path) -> bool:
-    """Whether `path` is on this machine. A path that a folder on the way does not let be looked at is an error
-    (AccessError), not a Hub repo id; one that no file could have (a name too long) is not here."""
+    """Whether `path` is on this machine. A path that a folder on the way does not let be looked at, or a link to
+    nothing, is an error (AccessError, NotFoundError), not a Hub repo id; one that no file could have (a name too
+    long) is not here."""
     try:
         path.stat()
     except PermissionError as e:
         raise cannot_read(str(path), e) from None
     except (OSError, ValueError):
+        if os.path.islink(path):
+            raise NotFoundError(f"{path}: a link to nothing (its target is missing, or links lead in a loop)") from None
         return False
     return True
 
