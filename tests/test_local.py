@@ -49,6 +49,18 @@ def test_an_unreadable_folder_is_a_one_line_error(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "cannot read (Permission denied)" in result.stderr
 
 
+def test_a_folder_whose_list_of_files_may_not_be_read_says_so(tmp_path):
+    """Its files can be opened by name (config.json, README.md) but not listed: not a folder without weights."""
+    base = write_model(tmp_path / "base", llama_like())
+    tuned = write_model(tmp_path / "tuned", low_rank_update(llama_like()), readme=card(str(base)))
+    tuned.chmod(0o311)
+    try:
+        result = check_unprivileged(tuned)
+    finally:
+        tuned.chmod(0o755)
+    assert (result.returncode, result.stderr) == (2, f"ftaudit: error: {tuned}: cannot read (Permission denied)\n")
+
+
 def test_a_path_through_a_folder_that_may_not_be_searched_is_a_one_line_error(tmp_path):
     """Not taken for a Hub repo id, nor an internal error: the folder on the way says why."""
     base = write_model(tmp_path / "base", llama_like())

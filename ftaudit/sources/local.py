@@ -23,6 +23,10 @@ class LocalStorage:
         self.label = label or str(root)
 
     def files(self) -> list[str]:
+        try:
+            os.scandir(self.root).close()  # rglob takes a folder it may not list for an empty one
+        except OSError as e:
+            raise cannot_read(self.label, e) from None
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
