@@ -143,7 +143,8 @@ def run() -> None:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: closed when the command started (`>&-`)
+                stream.flush()
         except OSError:  # a reader that has gone, such as `| head`
             pass
     os._exit(code)
@@ -329,7 +330,7 @@ def _emit(report: Report, outputs: _Outputs, token: str | None, quiet: bool, deb
     if outputs.fmt == "github":
         _run(debug, redactor, lambda: publish.write_github_outputs(report, outputs.json_path))
     if not quiet:
-        click.echo(redactor(_stdout(report, outputs.fmt)))
+        _run(debug, redactor, lambda: _print(redactor(_stdout(report, outputs.fmt))))
     if outputs.push:
         pushed = _run(debug, redactor, lambda: publish.push_card(report, token=token, mode=outputs.push_mode))
         logging.getLogger("ftaudit").info("%s", pushed)
@@ -420,6 +421,17 @@ def _refuse_push(model: str, local: bool = False) -> None:
         raise UsageError("--push writes to the Hub, which HF_HUB_OFFLINE turns off")
 
 
+def _print(text: str, nl: bool = True) -> None:
+    """Write to stdout. A reader that has gone (`| head`) is not an error: the exit code stays the verdict's; a stdout
+    that cannot be written (a full disk) is one (UsageError)."""
+    try:
+        click.echo(text, nl=nl)
+    except BrokenPipeError:
+        pass
+    except OSError as e:
+        raise UsageError(f"cannot write to stdout ({e.strerror})") from None
+
+
 def _stdout(report: Report, fmt: str) -> str:
     if fmt == "json":
         return report.to_json().rstrip("\n")
@@ -471,7 +483,7 @@ def fix_command(
     if card_path is not None:
         _run(debug, redactor, lambda: write_text(card_path, fix_render.render_card_section(result)))
     if not quiet:
-        click.echo(redactor(fix_render.render_text(result)))
+        _run(debug, redactor, lambda: _print(redactor(fix_render.render_text(result))))
     sys.exit(EXIT_FAIL if result.after.verdict.status == "fail" else EXIT_PASS)
 
 
@@ -514,4 +526,4 @@ def card_update(card_file: Path, report_path: Path, badge_link: str | None, heat
 @main.command("policy")
 def policy_command() -> None:
     """Print the default policy, to copy and edit."""
-    click.echo(policy_mod.default_text(), nl=False)
+    _run(False, Redactor.for_token(None), lambda: _print(policy_mod.default_text(), nl=False))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -353,6 +354,38 @@ def test_console_script_runs_as_a_process(pair):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == ""
+
+
+def process(*args: object, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """`python -m ftaudit *args` in a process of its own, its stderr captured; `kwargs` for subprocess.run."""
+    return subprocess.run([sys.executable, "-m", "ftaudit", *map(str, args)], stderr=subprocess.PIPE, text=True,
+                          timeout=120, **kwargs)
+
+
+@pytest.mark.parametrize("args", [["check", "FULL"], ["check", "FULL", "--format", "json"], ["policy"]])
+def test_a_reader_that_has_gone_leaves_the_exit_code_as_it_is(pair, args):
+    """`ftaudit check ... | head -1`, the reader gone before the report is written: the pipe's exit code is still the
+    verdict's (click's own handling of a broken pipe exits 1, which says the audit failed)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = process(*[pair["full"] if a == "FULL" else a for a in args], stdout=write)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("args", [["check", "FULL"], ["policy"]])
+def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_code_2(pair, args):
+    with open("/dev/full", "w") as full:  # every write fails: No space left on device
+        proc = process(*[pair["full"] if a == "FULL" else a for a in args], stdout=full)
+    assert (proc.returncode, proc.stderr) == (2, "ftaudit: error: cannot write to stdout (No space left on device)\n")
+
+
+def test_a_closed_stdout_leaves_the_exit_code_as_it_is(pair, tmp_path):
+    report = tmp_path / "r.json"
+    proc = process("check", pair["lora"], "--json", report, preexec_fn=lambda: os.close(1))
+    assert (proc.returncode, proc.stderr) == (1, "") and json.loads(report.read_text())["verdict"]["status"] == "fail"
 
 
 def sparse_matrix_model(folder: Path, n: int) -> Path:
