@@ -52,7 +52,7 @@ def load(path: Path | None) -> Policy:
     unknown = set(user) - set(default)
     if unknown:
         raise PolicyError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(default)})")
-    if not isinstance(user.get("verdict") or {}, dict):
+    if not isinstance(user.get("verdict", {}), (dict, type(None))):  # None: the key left empty
         raise PolicyError(f"{path}: verdict must be a mapping")
     verdict = {**default["verdict"], **(user.get("verdict") or {})}
     merged = {**default, **user, "verdict": verdict}
@@ -64,14 +64,15 @@ def _build(doc: dict[str, object], source: str) -> Policy:
     def fail(msg: str) -> PolicyError:
         return PolicyError(f"{source}: {msg}")
 
-    if doc.get("version") != 1:
+    version = doc.get("version")
+    if type(version) is not int or version != 1:  # not True, nor 1.0
         raise fail("version must be 1")
     k, epsilon = doc.get("k"), doc.get("epsilon")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise fail("k must be a positive integer")
     if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0 < epsilon <= 1:
         raise fail("epsilon must be a number in (0, 1]")
-    risk = doc.get("risk") or {}
+    risk = {} if doc.get("risk") is None else doc["risk"]  # None: the key left empty
     if not isinstance(risk, dict):
         raise fail("risk must map metrics to {medium: x, high: y}")
     for metric, levels in risk.items():

@@ -150,6 +150,9 @@ def test_with_format_github_an_error_is_a_workflow_command_that_stays_redacted(p
      ("k: 0", "k must be"), ("[1, 2", "not valid YAML"), ("bogus: 1", "unknown key"),
      ("epsilon: .nan", "epsilon must be"), ("risk: {intruder_rate: {medium: .nan, high: 1}}", "risk.intruder_rate"),
      ("verdict: [fail]", "verdict must be a mapping"), ("verdict: fail", "verdict must be a mapping"),
+     ("verdict: []", "verdict must be a mapping"), ("verdict: false", "verdict must be a mapping"),
+     ("risk: []", "risk must map metrics"), ("risk: 0", "risk must map metrics"), ("version: true", "version must be 1"),
+     ("version: 1.0", "version must be 1"),
      ("epsilon: true", "epsilon must be"), ("k: 4\nnote: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
      ("risk: {intruder_rate: {medium: 0.5, high: 0.1}}", "risk.intruder_rate: medium (0.5) must not exceed high (0.1)")],
 )
