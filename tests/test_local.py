@@ -61,6 +61,27 @@ def test_a_folder_whose_list_of_files_may_not_be_read_says_so(tmp_path):
     assert (result.returncode, result.stderr) == (2, f"ftaudit: error: {tuned}: cannot read (Permission denied)\n")
 
 
+def test_a_link_into_a_folder_that_may_not_be_searched_is_read_only_when_needed(tmp_path):
+    """A file of the model folder that cannot be looked at (a tokenizer linked from a locked folder): no matter to an
+    audit, which does not read it; `fix`, which copies it, says it cannot read it, rather than leave it out."""
+    base = write_model(tmp_path / "base", llama_like())
+    tuned = write_model(tmp_path / "tuned", low_rank_update(llama_like()), readme=card(str(base)))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "tokenizer.json").write_text("{}")
+    (tuned / "tokenizer.json").symlink_to(locked / "tokenizer.json")
+    locked.chmod(0)
+    try:
+        audited = check_unprivileged(tuned)
+        fixed = run_unprivileged("fix", tuned, "--out", tmp_path / "fixed")
+    finally:
+        locked.chmod(0o755)
+    assert (audited.returncode, audited.stderr) == (1, "")
+    assert (fixed.returncode, fixed.stderr) == (2, f"ftaudit: error: {tuned}/tokenizer.json: cannot read (Permission "
+                                                   "denied)\n")
+    assert not (tmp_path / "fixed").exists()
+
+
 def test_a_path_through_a_folder_that_may_not_be_searched_is_a_one_line_error(tmp_path):
     """Not taken for a Hub repo id, nor an internal error: the folder on the way says why."""
     base = write_model(tmp_path / "base", llama_like())

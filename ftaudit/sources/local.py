@@ -30,7 +30,7 @@ class LocalStorage:
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
-            if p.is_file() and not any(part in NOT_MODEL_FILES for part in p.relative_to(self.root).parts)
+            if _listed(p) and not any(part in NOT_MODEL_FILES for part in p.relative_to(self.root).parts)
         )
 
     def _path(self, name: str) -> Path:
@@ -57,6 +57,15 @@ class LocalStorage:
         except OSError as e:
             raise cannot_read(label, e) from None
         return read_small_text(path, label) if exists else None
+
+
+def _listed(path: Path) -> bool:
+    """Whether `path` is one of the folder's files: a file, or a link into a folder that may not be searched, which
+    reading says it cannot read (so a copy of the folder does not leave it out)."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        return True
 
 
 def inside(name: str, label: str) -> PurePosixPath:
