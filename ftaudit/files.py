@@ -33,7 +33,10 @@ def write_bytes(path: Path, data: bytes, what: str = "") -> None:
         except OSError as e:
             raise UsageError(f"{cannot} ({e.strerror})") from None
         return
-    target = path.resolve() if path.is_symlink() else path
+    try:
+        target = _followed(path)
+    except OSError as e:  # a loop of links
+        raise UsageError(f"{cannot} ({e.strerror})") from None
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         tmp.write_bytes(data)
@@ -47,17 +50,29 @@ def write_bytes(path: Path, data: bytes, what: str = "") -> None:
 
 
 def check_writable(path: Path, what: str = "") -> None:
-    """Fail now, before any work, where `path` could not be written afterwards: no folder for it, or a folder there.
-    `what` names the file in the error, as in `write_bytes`."""
+    """Fail now, before any work, where `path` could not be written afterwards: no folder for it, or a folder there
+    (where its links lead). `what` names the file in the error, as in `write_bytes`."""
     cannot = f"{path}: cannot write{' ' + what if what else ''}"
     try:
-        folder_there, folder_for_it = path.is_dir(), path.parent.is_dir()
-    except OSError as e:  # a folder on the way that may not be searched, a name too long
+        target = _followed(path)
+        folder_there, folder_for_it = target.is_dir(), target.parent.is_dir()
+    except OSError as e:  # a loop of links, a folder on the way that may not be searched, a name too long
         raise UsageError(f"{cannot} ({e.strerror})") from None
     if folder_there:
         raise UsageError(f"{cannot} (a folder is there)")
     if not folder_for_it:
-        raise UsageError(f"{cannot} (no folder {path.parent})")
+        raise UsageError(f"{cannot} (no folder {target.parent})")
+
+
+def _followed(path: Path) -> Path:
+    """The file that writing `path` writes: `path`, or the one its links lead to (for a link to nothing, the file
+    it names, which writing makes); OSError for a loop of links."""
+    if not os.path.islink(path):
+        return path
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        return Path(os.path.realpath(path))
 
 
 def is_stream(path: Path) -> bool:

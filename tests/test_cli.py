@@ -264,6 +264,16 @@ def write_pickle_only(folder: Path) -> Path:
     return folder
 
 
+def link(path: Path, to: Path) -> Path:
+    path.symlink_to(to)
+    return path
+
+
+def report_of(model: Path, folder: Path) -> Path:
+    assert run("check", model, "--json", folder / "report.json", "--quiet")[0] in (0, 1)
+    return folder / "report.json"
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -291,6 +301,12 @@ def write_pickle_only(folder: Path) -> Path:
         (lambda p, t: ["check", "x" * 300], "x" * 300 + ": no such folder, and not a Hub repository id (org/name)"),
         (lambda p, t: ["check", write_model(t / "m", llama_like(), readme=card("x" * 300))],
          "the card declares base_model '" + "x" * 300 + "', which is neither a Hub repository id nor a folder here"),
+        (lambda p, t: ["check", p["full"], "--json", link(t / "loop", t / "loop")],
+         "loop: cannot write (Too many levels of symbolic links)"),
+        (lambda p, t: ["check", p["full"], "--badge", link(t / "gone", t / "no" / "b.svg")],
+         "gone: cannot write (no folder /"),
+        (lambda p, t: ["card", "update", link(t / "loop", t / "loop"), "--report", report_of(p["full"], t)],
+         "loop: cannot write the card (Too many levels of symbolic links)"),
         (lambda p, t: ["check", "x" * 300, "--push"], "no such folder, and not a Hub repository id (org/name)"),
         (lambda p, t: ["fix", p["lora"], "--out", t / "out", "--base", "x" * 300],
          "no such folder, and not a Hub repository id (org/name)"),
