@@ -49,17 +49,28 @@ def _run(debug: bool, redactor: Redactor, fn: Callable[[], T]) -> T:
         error, message = e, str(e)
     except KeyboardInterrupt as e:
         error, message = e, "interrupted"
-    except MemoryError as e:  # not a bug: a matrix too large for this machine
-        error, message = e, ("out of memory: ftaudit holds a few tensors at a time, each matrix in float64, and these "
-                             "do not fit here: run it on a machine with more memory")
     except Exception as e:  # noqa: BLE001 - the contract: never a traceback without --debug
-        error, message = e, f"internal error ({type(e).__name__}: {str(e).strip()}); rerun with --debug and report it"
+        error, message = e, _out_of_memory(e) or (f"internal error ({type(e).__name__}: {str(e).strip()}); rerun with "
+                                                  "--debug and report it")
     if debug:
         click.echo(redactor("".join(traceback.format_exception(error))), err=True)
     # a library's message can span lines: the contract is one
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     click.echo(_error_line(text.safe(redactor(one_line))), err=True)
     sys.exit(EXIT_ERROR)
+
+
+def _out_of_memory(e: Exception) -> str | None:
+    """What to say when `e` is running out of memory, not a bug: a matrix too large for this machine or its GPU. torch
+    raises a RuntimeError of its own for the CPU's allocator, and torch.OutOfMemoryError for a GPU's."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
+        return ("out of GPU memory: ftaudit holds a few tensors at a time on the GPU, each matrix in float64, and these "
+                "do not fit there: run it with --device cpu, or on a GPU with more memory")
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return ("out of memory: ftaudit holds a few tensors at a time, each matrix in float64, and these do not fit "
+                "here: run it on a machine with more memory")
+    return None
 
 
 def _error_line(message: str) -> str:
