@@ -35,7 +35,7 @@ from ftaudit.spectral import Basis
 
 log = logging.getLogger("ftaudit")
 
-ALGORITHM = "gram-eigh/f32-basis/5"
+ALGORITHM = "gram-eigh/f32-basis/6"
 """Changes whenever what is stored, or how it is computed, changes."""
 DEFAULT_MAX_BYTES = 20 * 1024**3
 PENDING = 1

@@ -1,8 +1,8 @@
 """Spectra of a base matrix plus a known low-rank update, W = W0 + L·R (a LoRA adapter's ΔW).
 
 The tuned Gram matrix is G = W·Wᵀ = G0 + C·M·Cᵀ with C = [L, W0·Rᵀ] (m × 2r) and
-M = [[R·Rᵀ, I], [I, 0]]. In the base's left basis U0 (completed, for a tall matrix, by the part of
-C outside it), G0 is the diagonal D of the base's squared singular values, so G is "diagonal plus
+M = [[R·Rᵀ, I], [I, 0]]. In the base's left basis U0 (completed, for a tall or rank-deficient base, by the part
+of C outside its column space), G0 is the diagonal D of the base's squared singular values, so G is "diagonal plus
 rank 2r". Its top eigenvalues come from Sylvester's law of inertia, each by multisection on a
 2r × 2r count, and its eigenvectors from the secular formula x = (θ − D)⁻¹·Ĉ·w, w spanning the null space
 of M⁻¹ − Ĉᵀ(θ − D)⁻¹Ĉ. The result is refined and certified by `refine_top_left` against W itself,
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ftaudit import blockwise
-from ftaudit.spectral import Basis, Spectrum, left_spectrum, refine_top_left, top_left
+from ftaudit.spectral import Basis, Spectrum, left_spectrum, nonzero, refine_top_left, top_left
 
 FACTOR_ROUTE_MIN = 512
 """Below this many rows or columns a float32 start on the tuned matrix (`top_left`) is cheaper than
@@ -62,9 +62,10 @@ class LowRankUpdate:
 
 
 def top_left_updated(base: Basis, w0: torch.Tensor, wt: torch.Tensor, update: LowRankUpdate, k: int) -> Spectrum:
-    """The top-k left singular pairs of wt = w0 + update, from the base's spectrum and the factors.
+    """The top-k left singular pairs of wt = w0 + update of nonzero singular value (as `top_left` gives them),
+    from the base's spectrum and the factors.
 
-    `base` is the base's full left basis (as from `base_basis`); `wt` serves only to refine and
+    `base` is the base's basis of its column space (as from `base_basis`); `wt` serves only to refine and
     certify the vectors (a few products with it), never to decompose it. Small matrices (under
     FACTOR_ROUTE_MIN) go through `top_left`, which is cheaper there.
     """
@@ -76,20 +77,19 @@ def top_left_updated(base: Basis, w0: torch.Tensor, wt: torch.Tensor, update: Lo
     except torch.linalg.LinAlgError:  # a shift landed on a base value exactly
         start = None
     refined = refine_top_left(wt, start, k) if start is not None else None
-    if refined is not None:
-        return refined
-    return left_spectrum(wt, count=k)
+    return nonzero(wt, refined if refined is not None else left_spectrum(wt, count=k))
 
 
 def _secular_vectors(base: Basis, w0: torch.Tensor, update: LowRankUpdate, count: int) -> torch.Tensor | None:
-    """The top `count` eigenvectors of G = (w0 + L·R)(w0 + L·R)ᵀ, as columns; None if not finite."""
+    """The top `count` eigenvectors of G = (w0 + L·R)(w0 + L·R)ᵀ, as columns; None if not finite, or if G has fewer
+    than `count` nonzero eigenvalues (the others' vectors are any basis of its null space)."""
     left, right = update.left, update.right
     r = right.shape[0]
     c = torch.cat([left, blockwise.times(w0, right.mT)], 1)
     c_hat = base.transposed_times(w0, c)
     d = base.S.to(torch.float64).square()
     outside = None
-    if w0.shape[0] > base.rank:  # tall: the update may leave the base's column space
+    if w0.shape[0] > base.rank:  # tall or rank-deficient: the update may leave the base's column space
         outside = c - base.times(w0, c_hat)
         outside = outside - base.times(w0, base.transposed_times(w0, outside))
         # What the projections leave of C's part inside the column space is rounding of the basis,
@@ -98,6 +98,8 @@ def _secular_vectors(base: Basis, w0: torch.Tensor, update: LowRankUpdate, count
         outside = directions[:, sizes > OUTSIDE_FLOOR * torch.linalg.matrix_norm(c, 2)]
         c_hat = torch.cat([c_hat, outside.mT @ c])
         d = torch.cat([d, d.new_zeros(outside.shape[1])])
+    if d.numel() < count:  # G's range lies in span(U0, outside), of dimension d.numel()
+        return None
     eye, zero = torch.eye(r, dtype=c.dtype, device=c.device), torch.zeros(r, r, dtype=c.dtype, device=c.device)
     m_inv = torch.cat([torch.cat([zero, eye], 1), torch.cat([eye, -right @ right.mT], 1)])
 
@@ -111,7 +113,7 @@ def _secular_vectors(base: Basis, w0: torch.Tensor, update: LowRankUpdate, count
         positive = (torch.linalg.eigvalsh(secular(shifts)) > 0).sum(1)
         return (d[None, :] > shifts[:, None]).sum(1) + positive - r
 
-    top = (base.S[0].item() + (torch.linalg.matrix_norm(left) * torch.linalg.matrix_norm(right)).item()) ** 2
+    top = (base.sigma1 + (torch.linalg.matrix_norm(left) * torch.linalg.matrix_norm(right)).item()) ** 2
     wanted = torch.arange(1, count + 1, device=c.device)
     low, high = torch.zeros(count, dtype=c.dtype, device=c.device), torch.full_like(d[:count], top * (1 + 1e-9))
     fractions = torch.arange(1, SECTIONS, dtype=c.dtype, device=c.device) / SECTIONS

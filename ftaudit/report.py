@@ -62,7 +62,7 @@ class MatrixResult:
     max_cos: list[float]
     intruders: int
     sigma: list[float]
-    match: list[int]
+    match: list[int | None]
     outside_span: list[float]
     indicators: dict[str, float | None]
     intruder_strength: list[dict[str, float | int | None]] = field(default_factory=list)

@@ -46,6 +46,22 @@ class Spectrum:
     S: torch.Tensor
 
 
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def rank_tolerance(shape: tuple[int, ...] | torch.Size) -> float:
+    """max(m, n)·ε64: singular values at most this times σ1 are zero to float64 (its numerical rank, as LAPACK and
+    numpy take it), and their singular vectors are any basis of the null space, so no measurement."""
+    return max(shape) * EPS64
+
+
+def gram_resolution(shape: tuple[int, ...] | torch.Size) -> float:
+    """√(max(m, n)·ε64): relative to σ1, how far from its true value a singular value computed from a float64 Gram
+    matrix may be (the Gram's entries and eigenvalues are exact to about max(m, n)·ε64·σ1²); a zero comes out at
+    about 1e-8·σ1. A computed value above this is certainly no zero; one at or below it may be."""
+    return math.sqrt(max(shape) * EPS64)
+
+
 GRAM_MAX_CONDITION = 1e4
 """A tall matrix's vectors come from its column Gram WᵀW while σ1/σn is at most this; above it, from a QR."""
 
@@ -94,7 +110,8 @@ BASIS_BLOCK = 1024
 
 @dataclass(frozen=True)
 class Basis:
-    """A base matrix's full left singular basis U (m × r, r = min(m, n)) and its singular values.
+    """A base matrix's left singular vectors of nonzero singular value, a basis U (m × r) of its column space, r its
+    numerical rank (`rank_tolerance`; min(m, n) but for a rank-deficient matrix), and those singular values.
 
     Held as U itself, or, for a tall matrix (m > n) with σ1/σn ≤ RIGHT_MAX_CONDITION, as its right
     vectors V (n × n, smaller than U), U = W·V·Σ⁻¹ being applied through W whenever it is used, so
@@ -110,6 +127,11 @@ class Basis:
     @property
     def rank(self) -> int:
         return self.S.numel()
+
+    @property
+    def sigma1(self) -> float:
+        """The largest singular value; 0 for an all-zero matrix (which has no vector)."""
+        return self.S[0].item() if self.rank else 0.0
 
     def to(self, device: torch.device) -> Basis:
         return Basis(self.vectors.to(device), self.S.to(device), self.right)
@@ -138,12 +160,51 @@ class Basis:
 
 
 def base_basis(w: torch.Tensor) -> Basis:
-    """The base side of the comparison: its full left basis (`Basis`), computed exactly in float64."""
+    """The base side of the comparison: a basis of its column space (`Basis`), computed exactly in float64.
+
+    From the Gram matrix's eigendecomposition when all its values are certainly nonzero (`gram_resolution`), as
+    for every full-rank weight matrix; otherwise (a rank-deficient matrix, zero-initialised or pruned, or one with
+    σ1/σn beyond about 1e6) from a full float64 SVD (`nonzero_left`), which tells zeros from small values.
+    """
     eigenvalues, vectors = torch.linalg.eigh(blockwise.gram(w))
     if w.shape[0] > w.shape[1] and _within_condition(eigenvalues, RIGHT_MAX_CONDITION):
         return Basis(vectors.to(torch.float32).flip(-1).contiguous(), eigenvalues.flip(-1).sqrt(), right=True)
-    full = _left_from_gram(w, eigenvalues, vectors, torch.float32, min(w.shape))
-    return Basis(full.U.contiguous(), full.S.contiguous())
+    if _within_condition(eigenvalues, 1 / gram_resolution(w.shape)):
+        full = _left_from_gram(w, eigenvalues, vectors, torch.float32, min(w.shape))
+    else:  # values at zero's level, which the SVD tells apart; an all-zero matrix (its Gram exactly 0) has no vector
+        full = nonzero_left(w) if bool(eigenvalues[-1] > 0) else _none(w)
+    return Basis(full.U.to(torch.float32).contiguous(), full.S.contiguous())
+
+
+def nonzero_left(w: torch.Tensor, count: int | None = None) -> Spectrum:
+    """The first `count` (default all) left singular pairs of w whose singular value is nonzero (above
+    σ1·`rank_tolerance`), from a full SVD in float64: exact to about ε64·σ1, where a Gram matrix's eigenvalues
+    cannot tell a value under `gram_resolution`·σ1 from zero. It holds W, U and Vᵀ whole in float64: for
+    rank-deficient matrices only."""
+    U, S, _ = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
+    kept = int((S > S[0] * rank_tolerance(w.shape)).sum().item())
+    kept = kept if count is None else min(kept, count)
+    return Spectrum(U[:, :kept], S[:kept])
+
+
+def _none(w: torch.Tensor) -> Spectrum:
+    """No singular pair (an all-zero matrix), in float64 on w's device."""
+    return Spectrum(w.new_zeros(w.shape[0], 0, dtype=torch.float64), w.new_zeros(0, dtype=torch.float64))
+
+
+def nonzero(w: torch.Tensor, top: Spectrum) -> Spectrum:
+    """`top`, w's leading singular pairs as computed from its Gram matrix, less those of a zero singular value.
+
+    All of them, as they are, when the smallest is certainly nonzero (above `gram_resolution`·σ1: a matrix of rank
+    at least k, every real weight matrix); none for an all-zero matrix; else, where zeros and small values cannot
+    be told apart from the Gram, those of `nonzero_left`.
+    """
+    if not top.S.numel():
+        return top
+    first, last = top.S[[0, -1]].tolist()
+    if last > gram_resolution(w.shape) * first:
+        return top
+    return nonzero_left(w, top.S.numel()) if first > 0 else _none(w)
 
 
 CERTIFIED_SIN = 5e-4
@@ -179,9 +240,11 @@ MIN_PRODUCTS = 32
 
 
 def top_left(w: torch.Tensor, k: int) -> Spectrum:
-    """The top-k left singular vectors and values of a matrix, certified exact, computed in float64.
+    """The top-k left singular vectors and values of a matrix, certified exact, computed in float64; only those of
+    nonzero singular value (`nonzero`), so fewer than k for a matrix of lower rank, none for an all-zero one.
 
-    `w` may be stored in any float dtype; it is read a block at a time and never upcast whole. A
+    `w` may be stored in any float dtype; it is read a block at a time and not upcast whole (but by `nonzero`'s
+    SVD, for a matrix of numerical rank about k or under). A
     start from the float32 Gram matrix, which `refine_top_left` polishes in float64 and certifies:
     the iterated start (matrix products only) first, else, where the top values are too close for
     it to converge within its budget, the Gram's float32 eigendecomposition. Where neither can be
@@ -197,8 +260,8 @@ def top_left(w: torch.Tensor, k: int) -> Spectrum:
             found = start()
             refined = None if found is None else refine_top_left(w, _lifted(w, found), k)
             if refined is not None:
-                return refined
-    return left_spectrum(w, count=k)
+                return nonzero(w, refined)
+    return nonzero(w, left_spectrum(w, count=k))
 
 
 def iterated_start(gram: torch.Tensor, count: int, k: int) -> torch.Tensor | None:

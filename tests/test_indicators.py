@@ -241,6 +241,14 @@ def test_subspace_drift_caps_k():
     assert subspace_drift(U, U, 0) == []
 
 
+def test_spans_of_different_dimensions_are_90_degrees_apart():
+    """A side of rank under k has fewer vectors (`top_left`, `base_basis`): its span cannot be the other's."""
+    U = orthonormal(10, 4, 1)
+    assert subspace_drift(U, U[:, :1], 3) == pytest.approx([0.0, 90.0], abs=1e-6)
+    assert subspace_drift(U[:, :0], U, 3) == [90.0]
+    assert subspace_drift(U, U[:, :1], 1) == pytest.approx([0.0], abs=1e-6)  # both have the one vector k asks for
+
+
 # intruder strength
 
 

@@ -18,8 +18,7 @@ import torch
 
 from ftaudit.blockwise import PairSums, row_norms, scale_exponent, scaled
 from ftaudit.sources.safetensors import FLOAT_DTYPES
-
-_EPS64 = torch.finfo(torch.float64).eps
+from ftaudit.spectral import gram_resolution
 
 NOISE_FACTOR = 0.5
 """Rounding-noise tolerance, in units of eps·(max row norm + max column norm); see `rounding_noise_floor`."""
@@ -126,7 +125,7 @@ def numerical_rank(delta_sigma: torch.Tensor, shape: tuple[int, int], noise_floo
     """
     if delta_sigma.numel() == 0:
         return 0
-    arithmetic = math.sqrt(max(shape) * _EPS64) * delta_sigma.max()
+    arithmetic = gram_resolution(shape) * delta_sigma.max()
     tol = torch.clamp(arithmetic, min=noise_floor)
     return int((delta_sigma > tol).sum().item())
 
@@ -134,21 +133,24 @@ def numerical_rank(delta_sigma: torch.Tensor, shape: tuple[int, int], noise_floo
 def subspace_drift(base_U: torch.Tensor, tuned_U: torch.Tensor, k: int) -> list[float]:
     """Principal angles, in degrees and ascending, between span(base_U[:, :k]) and span(tuned_U[:, :k]).
 
-    Columns must be orthonormal (as from `left_spectrum`); k is capped at the number of columns.
-    Cosines come from the singular values of Aᵀ·B and sines from those of B − A·(Aᵀ·B); each angle
-    is taken from the sine when below 45° and from the cosine above, so small angles stay accurate
-    (Knyazev & Argentati 2002). The last entry is the largest angle. If the base has tied singular
-    values at position k, its top-k subspace is not unique and neither are the angles.
+    Columns must be orthonormal (as from `left_spectrum`); k is capped at each side's number of columns. Where
+    that leaves the two sides with different numbers (one of rank under k, as from `top_left` or `base_basis`),
+    neither span can be the other, and the last angle is 90°. Cosines come from the singular values of Aᵀ·B and
+    sines from those of B − A·(Aᵀ·B); each angle is taken from the sine when below 45° and from the cosine
+    above, so small angles stay accurate (Knyazev & Argentati 2002). The last entry is the largest angle. If the
+    base has tied singular values at position k, its top-k subspace is not unique and neither are the angles.
     """
-    k = min(k, base_U.shape[1], tuned_U.shape[1])
+    sides = min(k, base_U.shape[1]), min(k, tuned_U.shape[1])
+    apart = [90.0] if sides[0] != sides[1] else []
+    k = min(sides)
     if k <= 0:
-        return []
+        return apart
     A, B = base_U[:, :k], tuned_U[:, :k]
     cross = A.mT @ B
     cos = torch.linalg.svdvals(cross).clamp(0.0, 1.0)  # descending: smallest angle first
     sin = torch.linalg.svdvals(B - A @ cross).clamp(0.0, 1.0).flip(-1)  # ascending: smallest angle first
     angles = torch.where(sin < math.sqrt(0.5), torch.asin(sin), torch.acos(cos))
-    return torch.rad2deg(angles).sort().values.tolist()
+    return torch.rad2deg(angles).sort().values.tolist() + apart
 
 
 def intruder_strength(

@@ -116,7 +116,7 @@ def analyse_pair(
         tuned = top_left_updated(base, w0, wt, update, k)
     delta_sigma = measured.delta_sigma
     found = intruders(base, w0, tuned)
-    base_sigma1 = base.S[0].item()
+    base_sigma1 = base.sigma1
     drift = subspace_drift(base.top(w0, k), tuned.U, k)
     sigma = unscaled(found.sigma, exponent, pair.name)
     return MatrixResult(
