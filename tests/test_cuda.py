@@ -4,7 +4,9 @@ These run where torch sees a GPU (`pytest tests/test_cuda.py` on a GPU machine, 
 CI has none, and the CPU path they compare against is what the rest of the suite covers. The inputs
 take every path of the analysis: the tuned top k certified from the iterated start (matrices 512
 wide), a tall base kept as its right vectors and one so ill-conditioned that its vectors come from
-a QR, an adapter's factors, non-finite weights, a cold and a warm base-spectrum cache.
+a QR, an adapter's factors, non-finite weights, a cold and a warm base-spectrum cache, and rank-deficient
+matrices on either side (a constant and a zeroed tuned matrix, a zero and a rank-deficient base), whose nonzero
+singular vectors come from a full SVD.
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ def ill_conditioned(rows: int, cols: int, seed: int) -> torch.Tensor:
     return (u * torch.logspace(0, -6, cols, dtype=torch.float64)) @ v.T
 
 
+def degenerate(base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A base and a tuned model whose attention matrices are rank-deficient on one side or the other."""
+    base, tuned = dict(base), dict(base)
+    q, k, v, o = (f"model.layers.0.self_attn.{m}_proj.weight" for m in "qkvo")
+    tuned[q] = torch.full_like(base[q], 0.05)  # rank 1
+    tuned[k] = torch.zeros_like(base[k])  # pruned
+    base[v] = torch.zeros_like(base[v])  # zero-initialised, tuned into a full matrix
+    base[o] = base[o].clone()
+    base[o][[3, 70]] = 0  # dead outputs, one revived
+    tuned[o] = base[o].clone()
+    tuned[o][3] = 3 * torch.randn(base[o].shape[1], generator=torch.Generator().manual_seed(5))
+    return base, tuned
+
+
 def lora_adapter(folder: Path, base: dict[str, torch.Tensor], base_dir: Path, rank: int = 4) -> Path:
     """A PEFT LoRA adapter on TARGETS, with updates strong enough to make intruders."""
     g = torch.Generator().manual_seed(3)
@@ -63,7 +79,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
     steep_dir = write_model(root / "steep-base", steep)
     broken = small_update(base)
     broken["model.layers.0.self_attn.k_proj.weight"][3, 5] = float("nan")
+    low_base, low_tuned = degenerate(base)
+    low_base_dir = write_model(root / "low-base", low_base)
     return {
+        "low-rank": write_model(root / "low-rank", low_tuned, readme=card(str(low_base_dir))),
         "base": base_dir,
         "full": write_model(root / "full", small_update(base), readme=card(str(base_dir))),
         "intruded": write_model(root / "intruded", low_rank_update(base), readme=card(str(base_dir))),
@@ -95,13 +114,13 @@ def assert_same(cpu: object, gpu: object, where: str = "report") -> None:
         assert cpu == gpu, f"{where}: cpu {cpu!r}, {DEVICE} {gpu!r}"
 
 
-@pytest.mark.parametrize("name", ["full", "intruded", "steep", "broken", "adapter"])
+@pytest.mark.parametrize("name", ["full", "intruded", "steep", "broken", "adapter", "low-rank"])
 def test_the_gpu_report_is_the_cpu_report(models, tmp_path, name):
     args = ("--base", models["base"]) if name == "adapter" else ()
     cpu = audit(models[name], "cpu", tmp_path / "cpu.json", "--no-cache", *args)
     gpu = audit(models[name], DEVICE, tmp_path / "gpu.json", "--no-cache", *args)
     assert gpu["settings"]["device"].startswith("cuda")
-    assert cpu["summary"]["matrices_analysed"] + len(cpu["tensors"]["nonfinite"]) == (4 if name == "adapter" else 7)
+    assert cpu["summary"]["matrices_analysed"] + len(cpu["tensors"]["nonfinite"]) == (4 if name in ("adapter", "low-rank") else 7)
     assert_same(cpu, gpu)
 
 
