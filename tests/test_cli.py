@@ -738,7 +738,7 @@ def copy_with(folder: Path, to: Path, name: str, text: str) -> Path:
         (lambda p, t: ["check", copy_with(p["full"], t / "m", "model.safetensors.index.json", DEEP_JSON)],
          "m/model.safetensors.index.json: not valid JSON"),
         (lambda p, t: ["check", copy_with(p["full"], t / "m", "README.md", f"---\n{DEEP_YAML}---\n")],
-         "m: declares no base model"),
+         "m: the card's front matter is not valid YAML (nested too deeply)"),
         (lambda p, t: ["check", p["full"], "--policy", copy_with(p["base"], t / "p", "p.yaml", DEEP_YAML) / "p.yaml"],
          "p.yaml: not valid YAML (nested too deeply)"),
         (lambda p, t: ["card", "update", t / "README.md", "--report", copy_with(p["base"], t / "r", "r.json", DEEP_JSON)
