@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from ftaudit import yamltext
 from ftaudit.errors import UsageError
 from ftaudit.files import write_bytes
 from ftaudit.report import Report
@@ -166,11 +167,10 @@ def _key_block(data: dict[str, object], nl: str) -> str:
 def _set_key(body: str, data: dict[str, object], nl: str) -> str:
     """The front matter text with only its top-level `ftaudit:` entry inserted or replaced."""
     try:
-        before = yaml.safe_load(body) if body.strip() else None
+        before = yamltext.load(body) if body.strip() else None
         before = {} if before is None else before  # empty, or only comments
-    except (yaml.YAMLError, RecursionError) as e:
-        problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
-        raise UsageError(f"the card's front matter is not valid YAML ({problem}): fix it first") from None
+    except yamltext.InvalidYAML as e:
+        raise UsageError(f"the card's front matter is not valid YAML ({e}): fix it first") from None
     if not isinstance(before, dict):
         raise UsageError("the card's front matter is not a YAML mapping: fix it first")
     block = _key_block(data, nl)
@@ -188,8 +188,8 @@ def _set_key(body: str, data: dict[str, object], nl: str) -> str:
             body += nl
         new = body + block
     try:
-        after = yaml.safe_load(new)
-    except yaml.YAMLError:
+        after = yamltext.load(new)
+    except yamltext.InvalidYAML:
         after = None
     if not isinstance(after, dict) or after.get(KEY) != yaml.safe_load(block)[KEY] or {
         k: v for k, v in after.items() if k != KEY

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ftaudit import yamltext
 from ftaudit.errors import PolicyError
 from ftaudit.report import DEFAULT_POLICY, LEVELS, TRIGGERS, AppliedPolicy, PolicyRules, Report, Summary, Verdict
 from ftaudit.secrets import mask_shapes
@@ -43,10 +44,9 @@ def load(path: Path | None) -> Policy:
     except UnicodeDecodeError:
         raise PolicyError(f"{path}: the policy is not UTF-8 text") from None
     try:
-        user = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, RecursionError) as e:
-        problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
-        raise PolicyError(f"{path}: not valid YAML ({problem})") from None
+        user = yamltext.load(text) or {}
+    except yamltext.InvalidYAML as e:
+        raise PolicyError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(user, dict):
         raise PolicyError(f"{path}: a policy is a YAML mapping")
     unknown = set(user) - set(default)

@@ -257,7 +257,7 @@ class HubServer:
         if card_data is None and "README.md" in blobs:
             try:
                 card_data = _front_matter(blobs["README.md"].data.decode())
-            except yaml.YAMLError:  # the Hub takes such a card (pushed by git), and serves no metadata for it
+            except (yaml.YAMLError, ValueError):  # the Hub takes such a card (by git), and serves no metadata for it
                 card_data = None
         digest = hashlib.sha1(f"{repo_id}\0{parent}\0".encode())
         for path in sorted(blobs):

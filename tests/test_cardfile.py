@@ -180,6 +180,8 @@ def test_cards_that_cannot_be_updated_without_guessing():
         update_card("---\n- a list\n---\n", "s", DATA)
     with pytest.raises(UsageError, match="not valid YAML"):
         update_card("---\nkey: [unclosed\n---\n", "s", DATA)
+    with pytest.raises(UsageError, match=r"not valid YAML \(not a date: month must be in 1\.\.12\)"):
+        update_card("---\nreleased: 2024-13-01\n---\n", "s", DATA)
     with pytest.raises(UsageError, match="flow-style"):
         update_card("---\n{license: mit}\n---\n", "s", DATA)
 

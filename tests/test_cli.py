@@ -148,6 +148,7 @@ def test_with_format_github_an_error_is_a_workflow_command_that_stays_redacted(p
     ("text", "message"),
     [("risk: {intruder_count: {high: 1}}", "unknown risk metric"), ("verdict: {fail_at: sometimes}", "fail_at"),
      ("k: 0", "k must be"), ("[1, 2", "not valid YAML"), ("bogus: 1", "unknown key"),
+     ("note: 2024-13-45", "not valid YAML (not a date: month must be in 1..12)"),
      ("epsilon: .nan", "epsilon must be"), ("risk: {intruder_rate: {medium: .nan, high: 1}}", "risk.intruder_rate"),
      ("verdict: [fail]", "verdict must be a mapping"), ("verdict: fail", "verdict must be a mapping"),
      ("verdict: []", "verdict must be a mapping"), ("verdict: false", "verdict must be a mapping"),

@@ -282,6 +282,8 @@ def test_a_declared_base_that_names_no_repo_nor_folder_says_where_it_is_declared
     ("front_matter", "problem"),
     [
         ("base_model: [org/base\n", "the card's front matter is not valid YAML (while parsing a flow sequence)"),
+        ("base_model: org/base\ndate: 2024-02-30\n",
+         "the card's front matter is not valid YAML (not a date: day is out of range for month)"),
         ("base_model:\n  id: org/base\n", "the card's base_model is a mapping, not a Hub repository id"),
         ("base_model: [7]\n", "the card's base_model is a number, not a Hub repository id"),
     ],
