@@ -133,6 +133,7 @@ class _Fault:
     method: str | None = None  # None: any method
     headers: dict[str, str] = field(default_factory=dict)  # added to the injected answer
     stall: float = 0.0  # seconds to wait before answering as usual, instead of failing
+    cut: bool = False  # answer with half the body, its Content-Length saying so: complete, but short
 
 
 @dataclass
@@ -151,7 +152,7 @@ class HubServer:
 
     Runtime knobs (thread-safe): `ignore_range` (answer Range GETs with 200 and the whole body), `delay`
     (seconds slept before answering each request), `redirect_lfs` (see the module docstring), `page_size`
-    (discussions listed a page), `fail_next`, `drop_next` and `stall_next`.
+    (discussions listed a page), `fail_next`, `drop_next`, `cut_next` and `stall_next`.
     """
 
     def __init__(self) -> None:
@@ -296,6 +297,12 @@ class HubServer:
         """
         with self._lock:
             self._faults.append(_Fault(n, path_contains, None, method))
+
+    def cut_next(self, n: int = 1, path_contains: str | None = None, method: str | None = None) -> None:
+        """Answer the next `n` matching GETs with the first half of their body, as a complete answer of that length
+        (a proxy that cut the file short)."""
+        with self._lock:
+            self._faults.append(_Fault(n, path_contains, None, method, cut=True))
 
     def _take_fault(self, method: str, target: str) -> _Fault | None:
         with self._lock:
@@ -612,6 +619,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.stall:
             time.sleep(fault.stall)
             fault = None
+        cut = fault is not None and fault.cut
+        if cut:
+            fault = None
         if fault is not None and fault.status is not None:
             response = _error(fault.status, "Injected failure")
             if fault.status == 429:
@@ -620,6 +630,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             response = hub._route(self.command, self.path, self.headers, body, cdn=self.server.cdn)
         dropped = fault is not None and fault.status is None
+        if cut:
+            response.body = response.body[: len(response.body) // 2]
         body = b"" if self.command == "HEAD" else response.body
         if dropped:
             body = body[: len(body) // 2]

@@ -422,6 +422,24 @@ def test_a_whole_download_is_attempted_as_often_as_the_setting_says_in_all(
     assert len([r for r in env.requests if r.method == method and r.path.endswith(".bin")]) == attempts
 
 
+@pytest.mark.parametrize("cuts", [1, 1000])
+def test_a_whole_download_cut_short_is_attempted_again(env, tmp_path, monkeypatch, cuts):
+    """A body shorter than the file's size, in an answer that says it is complete (a proxy that cut it), fails
+    huggingface_hub's consistency check: a failure of the network, retried, then one line."""
+    sha = pickle_repo(env, tmp_path)
+    monkeypatch.setenv("FTAUDIT_HTTP_RETRIES", "3")
+    env.cut_next(cuts, ".bin", method="GET")
+    code, stdout, stderr = run("check", "org/tuned", "--allow-pickle")
+    if cuts == 1:
+        assert (code, stderr) == (1, "")  # the tuned model fails the policy: it was audited
+        assert run("check", "org/tuned", "--allow-pickle")[1] == stdout  # from the file in the cache, whole
+    else:
+        assert (code, stdout) == (2, "")
+        assert stderr == (f"ftaudit: error: org/tuned@{sha[:12]}: pytorch_model.bin: still failing after 3 attempts "
+                          "(the download ended short of the file's size)\n")
+    assert len([r for r in env.requests if r.method == "GET" and r.path.endswith(".bin")]) == min(cuts, 3) + (cuts == 1)
+
+
 @pytest.mark.parametrize(("status", "method", "headers"), [(503, "HEAD", {}), (429, "GET", {"Retry-After": "3600"})])
 def test_huggingface_hub_called_beside_ftaudit_keeps_its_own_retries(env, tmp_path, monkeypatch, status, method, headers):
     """Requests outside ftaudit's reads (the push's LFS uploads run in huggingface_hub's worker threads) keep its

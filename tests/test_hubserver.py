@@ -252,6 +252,15 @@ def test_drop_next(hub: HubServer) -> None:
     assert get_session().get(url(hub, "org/ft", "data.bin")).content == DATA
 
 
+def test_cut_next(hub: HubServer) -> None:
+    hub.add_repo("org/ft", {"data.bin": DATA})
+    hub.cut_next(1, path_contains="data.bin")
+    first = get_session().get(url(hub, "org/ft", "data.bin"))
+    assert (first.status_code, first.content, first.headers["Content-Length"]) == (200, DATA[: len(DATA) // 2],
+                                                                                  str(len(DATA) // 2))
+    assert get_session().get(url(hub, "org/ft", "data.bin")).content == DATA
+
+
 def test_drop_mid_body_retried_by_hf_hub_download(hub: HubServer, tmp_path: Path) -> None:
     hub.add_repo("org/ft", {"model.safetensors": WEIGHTS})
     hub.redirect_lfs = True

@@ -54,6 +54,8 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 """A full commit sha: the only name of a commit that may go into the Hugging Face cache's paths."""
+CONSISTENCY_FAILED = "Consistency check failed"
+"""How huggingface_hub's download begins the OSError it raises for a body that is not the size the Hub gave."""
 
 
 class _ToFtaudit(logging.Handler):
@@ -348,9 +350,7 @@ class HubStorage:
         if cached is not None:
             return cached
         try:
-            return Path(self._call(lambda: hf_hub_download(
-                self.repo_id, name, revision=self.sha, token=self.token, endpoint=self.endpoint
-            ), name))
+            return Path(self._call(lambda: self._download(name), name))
         except OSError as e:
             if type(e).__module__ != "builtins":  # one of huggingface_hub's own errors, not the file system's
                 raise
@@ -358,6 +358,15 @@ class HubStorage:
                 f"{self.label}/{name}: cannot download it into the Hugging Face cache ({constants.HF_HUB_CACHE}): "
                 f"{e.strerror or type(e).__name__}; set HF_HUB_CACHE (or HF_HOME) to a folder this user can write"
             ) from None
+
+    def _download(self, name: str) -> str:
+        """hf_hub_download of file `name`; `_Transient` when the body ended short of the size the Hub gave for it."""
+        try:
+            return hf_hub_download(self.repo_id, name, revision=self.sha, token=self.token, endpoint=self.endpoint)
+        except OSError as e:
+            if type(e) is OSError and str(e).startswith(CONSISTENCY_FAILED):
+                raise _Transient("the download ended short of the file's size") from None
+            raise
 
     def read(self, name: str, start: int, length: int) -> bytes | bytearray:
         if length == 0:
