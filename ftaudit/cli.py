@@ -35,8 +35,11 @@ from ftaudit.report import Report
 from ftaudit.secrets import Redactor
 from ftaudit.shards import Shard, join, warn_other_policy
 from ftaudit.sources import is_here
+from ftaudit.sources.checkpoint import PICKLE_SUFFIXES
 
 GIB = 1024**3
+MODEL_FILES = ("config.json", "adapter_config.json", "README.md")
+"""A model folder's files that the audit reads, besides its weights and their index."""
 T = TypeVar("T")
 
 
@@ -237,6 +240,7 @@ def _setup(
     redactor = Redactor.for_token(token)
     _setup_logging(debug, quiet, annotate, redactor)
     _run(debug, redactor, lambda: _check_writable(outputs))
+    _run(debug, redactor, lambda: _check_not_read(outputs, {"MODEL": model, "--base": base}))
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
     options = AuditOptions(
         k=k or policy.k,
@@ -311,6 +315,27 @@ def _check_writable(files: dict[str, Path | None]) -> None:
         if same != option and not is_stream(path):
             raise UsageError(f"{path}: both {same} and {option} name this file, which would keep only one of them; "
                              f"choose another file for {option}")
+
+
+def _check_not_read(files: dict[str, Path | None], folders: dict[str, str | None]) -> None:
+    """Fail now where an output file given is, or would be, one that the audit reads from a model folder here (its
+    weights, their index, config.json, adapter_config.json or card): writing the output would destroy it, or change
+    the model."""
+    here = {option: Path(os.path.realpath(folder)) for option, folder in folders.items()
+            if folder is not None and os.path.isdir(folder)}
+    for option, path in files.items():
+        if path is None or is_stream(path):
+            continue
+        real = Path(os.path.realpath(path))
+        for given, folder in here.items():
+            if real.parent == folder and _read_by_audit(real.name):
+                raise UsageError(f"{path}: {option} names {real.name} of the folder given as {given}, which the audit "
+                                 f"reads and the output would replace; choose another file for {option}")
+
+
+def _read_by_audit(name: str) -> bool:
+    """Whether a model folder's file `name` is one the audit reads."""
+    return name.endswith((".safetensors", ".safetensors.index.json", *PICKLE_SUFFIXES)) or name in MODEL_FILES
 
 
 def _check_github_files(fmt: str) -> None:

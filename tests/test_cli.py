@@ -769,6 +769,42 @@ def test_a_config_json_nested_too_deeply_is_ignored_as_an_invalid_one(pair, tmp_
     assert (code, stderr) == (0, "")
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (lambda m, b, t: ["check", m, "--card", m / "README.md"], ("README.md", "--card", "MODEL")),
+        (lambda m, b, t: ["check", m, "--base", b, "--json", b / "config.json"], ("config.json", "--json", "--base")),
+        (lambda m, b, t: ["check", m, "--heatmap", m / "model-00001-of-00002.safetensors"],  # not there yet
+         ("model-00001-of-00002.safetensors", "--heatmap", "MODEL")),
+        (lambda m, b, t: ["check", m, "--badge", link(t / "b.svg", m / "model.safetensors")],
+         ("model.safetensors", "--badge", "MODEL")),
+        (lambda m, b, t: ["fix", m, "--base", b, "--out", t / "out", "--json", b / "model.safetensors"],
+         ("model.safetensors", "--json", "--base")),
+    ],
+)
+def test_an_output_naming_a_file_the_audit_reads_is_refused(pair, tmp_path, args, named):
+    """`ftaudit check . --card README.md` in the model's folder would replace its card after the audit."""
+    model, base = shutil.copytree(pair["full"], tmp_path / "m"), shutil.copytree(pair["base"], tmp_path / "b")
+    (model / "README.md").write_text(card(str(base)))
+    before = {p: p.read_bytes() for p in [*model.iterdir(), *base.iterdir()]}
+    code, stdout, stderr = run(*args(model, base, tmp_path))
+    name, option, folder = named
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith("ftaudit: error: ") and stderr.endswith(
+        f": {option} names {name} of the folder given as {folder}, which the audit reads and the output would "
+        f"replace; choose another file for {option}\n")
+    assert {p: p.read_bytes() for p in [*model.iterdir(), *base.iterdir()]} == before  # nothing written
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_beside_the_models_files_is_written(pair, tmp_path):
+    model = shutil.copytree(pair["full"], tmp_path / "m")
+    (model / "ftaudit-badge.svg").write_text("an earlier badge")
+    code, _, stderr = run("check", model, "--badge", model / "ftaudit-badge.svg", "--json", model / "report.json")
+    assert (code, stderr) == (0, "")
+    assert (model / "ftaudit-badge.svg").read_text().startswith("<svg") and (model / "report.json").is_file()
+
+
 def test_an_output_that_is_a_pipe_is_written_into(pair):
     """`--json /dev/stdout` or bash's `--json >(jq .)` name a pipe by a link in /dev/fd: the report goes into it."""
     read, write = os.pipe()
