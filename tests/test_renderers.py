@@ -214,6 +214,24 @@ def test_card_section_escapes_what_comes_from_the_report(reports):
     assert "](my%20badge%20%281%29.svg)" in text
 
 
+@pytest.mark.parametrize(
+    ("given", "target"),
+    [
+        ("img/my badge (1).svg", "img/my%20badge%20%281%29.svg"),
+        ("a\nb.svg", "a%0Ab.svg"),  # a newline would end the image's Markdown, and the line
+        ("<b>.svg", "%3Cb%3E.svg"),
+        ("[x].svg", "%5Bx%5D.svg"),
+        ("C:\\cards\\badge.svg", "C:/cards/badge.svg"),
+        ("https://img.shields.io/endpoint?url=https%3A%2F%2Fx.org%2Fb.json&style=flat",
+         "https://img.shields.io/endpoint?url=https%3A%2F%2Fx.org%2Fb.json&style=flat"),
+    ],
+)
+def test_a_link_given_for_the_badge_or_heatmap_is_one_markdown_link_target(reports, given, target):
+    text = card.render_card_section(reports["fail"], badge_path=given, heatmap_path=given)
+    assert text.count(f"]({target})") == 2
+    assert "\n" not in given or "a\nb" not in text
+
+
 def test_names_with_pipes_show_as_they_are_in_and_out_of_tables(reports):
     fail = reports["fail"]
     report = dataclasses.replace(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Iterable
+from urllib.parse import quote
 
 from ftaudit.renderers import badge, heatmap
 from ftaudit.renderers.markdown import (
@@ -26,6 +27,8 @@ from ftaudit.secrets import mask_shapes
 BADGE, BADGE_JSON, HEATMAP = "ftaudit/badge.svg", "ftaudit/badge.json", "ftaudit/heatmap.svg"
 REPO_FILES = (BADGE, BADGE_JSON, HEATMAP)
 """Where a model repo keeps the audit's badge, shields.io endpoint and heatmap, beside its card."""
+LINK_SAFE = "/:?#&=%+@~!$,;*'"
+"""What a link target keeps as it is: a path's and a URL's delimiters, and escapes already made."""
 DECLARED_BY = {"card": "the model card", "adapter_config": "adapter_config.json", "cli": "the audit command"}
 PAPER = "Shuttleworth et al. (“LoRA vs Full Fine-tuning: An Illusion of Equivalence”, 2024, arXiv:2410.21228)"
 
@@ -142,10 +145,11 @@ def reproduce_command(report: Report) -> str:
 
 
 def _link_target(path: str | None) -> str | None:
-    """A relative file name as a Markdown link target (spaces and parentheses would end it)."""
+    """A relative file name (or a URL) as one Markdown link target: what would end it or the line (spaces,
+    parentheses, a newline) or read as HTML, percent-encoded."""
     if not path:
         return None
-    return path.replace("\\", "/").replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+    return quote(path.replace("\\", "/"), safe=LINK_SAFE)
 
 
 def repo_files(report: Report, names: Iterable[str]) -> dict[str, str]:
