@@ -419,6 +419,9 @@ def test_example_workflow_triggers():
     manual = on["audit-manual.yml"]["workflow_dispatch"]["inputs"]
     assert set(manual) == {"model", "base", "revision"} and manual["model"]["required"] is True
 
+    # GitHub applies no path filter to a tag's push: without a branch filter, every tag pushed would start an audit.
+    assert on["audit-on-push.yml"]["push"]["branches"] == ["**"] and "tags" not in on["audit-on-push.yml"]["push"]
+
     dispatch = load(WORKFLOWS / "audit-on-dispatch.yml")["jobs"]["audit"]["steps"]
     audit = next(s for s in dispatch if s.get("uses") == "./.github/actions/ftaudit")["with"]
     assert audit["model"] == "${{ github.event.client_payload.repo }}"
