@@ -239,6 +239,7 @@ def test_weights_checked_out_without_lfs_say_so(models, tmp_path):
 def test_the_cache_is_kept_between_runs_under_a_key_named_by_its_entries(models, tmp_path):
     base, tuned = models
     audit, name = step(ACTION["runs"]["steps"], "audit"), step(ACTION["runs"]["steps"], "spectra")
+    prefix = step(ACTION["runs"]["steps"], "spectra-prefix")
 
     def run_on_runner(runner: str, inputs: dict[str, str], restored: Path | None = None) -> tuple[Path, str | None]:
         """The audit and the key step on a fresh runner, after restoring `restored` as actions/cache would."""
@@ -250,6 +251,8 @@ def test_the_cache_is_kept_between_runs_under_a_key_named_by_its_entries(models,
             for entry in spectra.rglob("*.safetensors"):
                 os.utime(entry, (1, 1))
         context = action_context({"model": str(tuned), "base": str(base), **inputs}, temp)
+        assert run_step(prefix, context, work).returncode == 0
+        context["steps.spectra-prefix.outputs.prefix"] = parse_outputs(work / "github_output")["prefix"]
         assert run_step(audit, context, work).returncode == 0
         assert run_step(name, context, work).returncode == 0
         return spectra, parse_outputs(work / "github_output").get("key")
@@ -268,6 +271,64 @@ def test_the_cache_is_kept_between_runs_under_a_key_named_by_its_entries(models,
 
     unused, no_key = run_on_runner("fourth", {"cache": "false"})
     assert not unused.exists() and no_key is None
+
+
+class Caches:
+    """GitHub's caches of a repository, as actions/cache/restore and save use them: a key is saved once; a restore
+    takes the key, else the newest cache whose key starts with the first of the restore-keys that one does."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.saved = root, []  # keys, oldest first
+
+    def restore(self, spec: dict[str, Any], context: dict[str, str]) -> str:
+        key, prefixes = (evaluate(spec["with"][name], context) for name in ("key", "restore-keys"))
+        for prefix in [key, *prefixes.splitlines()]:
+            found = [k for k in self.saved if k == key or (prefix != key and k.startswith(prefix))]
+            if found:
+                shutil.copytree(self.root / found[-1], evaluate(spec["with"]["path"], context))
+                return found[-1]
+        return ""
+
+    def save(self, spec: dict[str, Any], context: dict[str, str]) -> None:
+        key = evaluate(spec["with"]["key"], context)
+        if key not in self.saved:
+            shutil.copytree(evaluate(spec["with"]["path"], context), self.root / key)
+            self.saved.append(key)
+
+
+def test_each_shard_job_restores_the_cache_of_its_own_part(models, tmp_path):
+    """Shard jobs save the spectra of their parts of the base; the next run's job of a shard finds its own part, not
+    that of the shard saved last."""
+    base, tuned = models
+    steps = ACTION["runs"]["steps"]
+    restore_at = next(i for i, s in enumerate(steps) if s.get("id") == "restore-spectra")
+    caches = Caches(tmp_path / "caches")
+
+    def shard_job(run: int, shard: str) -> tuple[str, str]:
+        """The job's steps up to the cache's save; the key it restored and the key its entries name."""
+        temp = tmp_path / f"run-{run}-shard-{shard.replace('/', 'of')}"
+        work = temp / "work"
+        work.mkdir(parents=True)
+        context = action_context({"model": str(tuned), "base": str(base), "shard": shard}, temp)
+        context |= {"github.run_id": str(run), "github.run_attempt": "1"}
+        for spec in steps[:restore_at]:  # what names the cache before its restore
+            if "run" in spec and spec.get("id"):
+                assert run_step(spec, context, work).returncode == 0
+                outputs = parse_outputs(work / "github_output")
+                context |= {f"steps.{spec['id']}.outputs.{name}": value for name, value in outputs.items()}
+        restored = caches.restore(steps[restore_at], context)
+        assert run_step(step(steps, "audit"), context, work).returncode == 0
+        assert run_step(step(steps, "spectra"), context, work).returncode == 0
+        key = parse_outputs(work / "github_output")["key"]
+        context["steps.spectra.outputs.key"] = key
+        if key != restored:
+            caches.save(step(steps, "Save the base-spectrum cache"), context)
+        return restored, key
+
+    first = {shard: shard_job(1, shard) for shard in ("1/2", "2/2")}
+    assert first["1/2"][1].startswith("ftaudit-spectra-Linux-shard-1of2-") and first["1/2"][1] != first["2/2"][1]
+    for shard in ("1/2", "2/2"):
+        assert shard_job(2, shard) == (first[shard][1], first[shard][1])  # its own part, and nothing new to save
 
 
 @pytest.mark.parametrize("name", ["cache", "push-card"])
@@ -372,8 +433,11 @@ def test_action_definition():
     path = "${{ runner.temp }}/ftaudit-spectra"
     assert restore["with"]["path"] == save["with"]["path"] == path
     assert step(steps, "audit")["env"]["FTAUDIT_CACHE"] == step(steps, "spectra")["env"]["FTAUDIT_CACHE"] == path
-    assert restore["with"]["restore-keys"] == step(steps, "spectra")["env"]["PREFIX"] == "ftaudit-spectra-${{ runner.os }}-"
-    assert restore["if"] == step(steps, "spectra")["if"] == "inputs.cache == 'true' && inputs.merge == ''"
+    prefix = "${{ steps.spectra-prefix.outputs.prefix }}"
+    assert restore["with"]["restore-keys"] == step(steps, "spectra")["env"]["PREFIX"] == prefix
+    assert names.index("spectra-prefix") < names.index("restore-spectra")
+    assert restore["if"] == step(steps, "spectra")["if"] == step(steps, "spectra-prefix")["if"] == (
+        "inputs.cache == 'true' && inputs.merge == ''")
     assert save["with"]["key"] == "${{ steps.spectra.outputs.key }}"
     assert "steps.spectra.outputs.key != steps.restore-spectra.outputs.cache-matched-key" in save["if"]
 
@@ -542,6 +606,7 @@ def test_the_sharded_workflow_merges_what_its_shard_jobs_upload():
     shards = jobs["shard"]["strategy"]["matrix"]["shard"]
     action = next(s for s in jobs["shard"]["steps"] if s.get("uses") == "./.github/actions/ftaudit")["with"]
     assert shards == list(range(1, len(shards) + 1)) and action["shard"] == f"${{{{ matrix.shard }}}}/{len(shards)}"
+    assert float(action["cache-size"]) * len(shards) <= 10e9 / 2**30  # the shards' caches fit in GitHub's 10 GB
     uploaded = [evaluate(action["artifact-name"], {"matrix.shard": str(i)}) for i in shards]
     download = next(s for s in jobs["merge"]["steps"] if s.get("uses", "").startswith("actions/download-artifact@"))
     assert jobs["merge"]["needs"] == "shard"
