@@ -494,30 +494,43 @@ def test_example_workflow_triggers():
 
 
 def test_dispatch_guard_skips_commits_that_changed_only_the_card(hub: HubServer, tmp_path):
+    """The guard compares the commit to the one the card's audit is of: only a commit whose files, the card's aside,
+    were audited is skipped."""
     base = llama_like()
     weights = folder_files(write_model(tmp_path / "m", base, readme=card("org/base")))
     first = hub.add_repo("org/tuned", weights)
-    carded = hub.add_repo("org/tuned", weights | {"README.md": b"---\nbase_model: org/base\nftaudit: {}\n---\n",
-                                                   "ftaudit/badge.svg": b"<svg/>"})
-    tuned = write_model(tmp_path / "m2", low_rank_update(base), readme=card("org/base"))
-    retuned = hub.add_repo("org/tuned", folder_files(tuned))
-    rebased = hub.add_repo("org/tuned", weights | {"README.md": card("org/other").encode()})
+    edits = iter(range(1000))
+
+    def commit(files: dict[str, bytes], audited: object = None, base_model: str = "org/base") -> str:
+        """A commit of `files` whose card says its audit is of `audited` (no such key: None)."""
+        key = {} if audited is None else {"ftaudit": {"status": "fail", "revision": audited}}
+        readme = card(base_model, **key) + f"Edit {next(edits)}.\n"
+        return hub.add_repo("org/tuned", files | {"README.md": readme.encode(), "ftaudit/badge.svg": b"<svg/>"})
+
+    tuned = folder_files(write_model(tmp_path / "m2", low_rank_update(base), readme=card("org/base")))
     guard = step(load(WORKFLOWS / "audit-on-dispatch.yml")["jobs"]["audit"]["steps"], "guard")
 
-    def skipped(before: str, after: str) -> bool:
+    def skipped(after: str, before: str) -> bool:
         (tmp_path / "github_output").unlink(missing_ok=True)
-        context = {"github.event.client_payload.repo": "org/tuned", "github.event.client_payload.before": before,
-                   "github.event.client_payload.revision": after, "secrets.HF_TOKEN": "", "runner.temp": str(tmp_path)}
+        context = {"github.event.client_payload.repo": "org/tuned", "github.event.client_payload.revision": after,
+                   "secrets.HF_TOKEN": "", "runner.temp": str(tmp_path),
+                   "github.event.client_payload.before": before}  # the previous head, which relays sent before
         result = run_step(guard, context, tmp_path, {"HF_ENDPOINT": hub.url})
         assert result.returncode == 0, result.stderr
         output = tmp_path / "github_output"
         return output.exists() and parse_outputs(output) == {"skip": "true"}
 
-    assert skipped(first, carded)
-    assert not skipped(carded, retuned)  # new weights
-    assert not skipped(first, rebased)  # a new declared base
-    assert not skipped("", first)  # no `before`: audit
-    assert not skipped("0" * 40, first)  # `before` unknown: audit
+    carded = commit(weights, first)  # ftaudit's card pull request for `first`, merged
+    assert skipped(carded, first)
+    assert skipped(commit(weights, first), carded)  # the card edited again
+    retuned = commit(tuned, first)  # new weights
+    assert not skipped(retuned, carded)
+    # The card edited while the audit of `retuned` ran, which the new run cancelled: `retuned` was never audited.
+    assert not skipped(commit(tuned, first), retuned)
+    assert not skipped(commit(weights, first, base_model="org/other"), carded)  # a new declared base
+    assert not skipped(commit(weights), carded)  # no audit on the card
+    for unknown in ("0" * 40, "main", f"../../../models/org/tuned/revision/{first}"):  # only a commit names an audit
+        assert not skipped(commit(weights, unknown), first)
 
 
 # --- the webhook relay of docs/github-action.md ---------------------------------------------------
@@ -595,8 +608,7 @@ def test_relay_forwards_new_commits_on_main_to_repository_dispatch(relay):
     assert post(url, hub_event(), "s3cret") == 202
     [(path, headers, body)] = received
     assert path == "/repos/me/models/dispatches" and headers["Authorization"] == "Bearer ghp_token"
-    assert body == {"event_type": "hf-model-updated",
-                    "client_payload": {"repo": "org/tuned", "revision": "b" * 40, "before": "a" * 40}}
+    assert body == {"event_type": "hf-model-updated", "client_payload": {"repo": "org/tuned", "revision": "b" * 40}}
 
 
 def test_the_sharded_workflow_merges_what_its_shard_jobs_upload():
