@@ -340,6 +340,14 @@ def test_true_false_inputs_are_checked(models, tmp_path, name):
     assert not (tmp_path / "ftaudit-report.json").exists()
 
 
+@pytest.mark.parametrize("size", ["8GiB", "0", "-1", "0.0"])
+def test_a_cache_size_that_is_no_size_is_an_error_on_the_run_page(models, tmp_path, size):
+    context = action_context({"model": str(models[1]), "base": str(models[0]), "cache-size": size}, tmp_path)
+    bad = run_step(step(ACTION["runs"]["steps"], "audit"), context, tmp_path)
+    assert (bad.returncode, bad.stderr) == (2, "")
+    assert bad.stdout == f"::error::cache-size must be a number of GiB above 0, such as 8 or 0.5, not '{size}'\n"
+
+
 def test_an_input_in_an_error_cannot_end_the_workflow_command_or_start_another(models, tmp_path):
     forged = "yes\n::add-mask::everything\r\n100%"
     context = action_context({"model": str(models[1]), "base": str(models[0]), "cache": forged}, tmp_path)
