@@ -444,9 +444,11 @@ def test_action_definition():
     prefix = "${{ steps.spectra-prefix.outputs.prefix }}"
     assert restore["with"]["restore-keys"] == step(steps, "spectra")["env"]["PREFIX"] == prefix
     assert names.index("spectra-prefix") < names.index("restore-spectra")
-    assert restore["if"] == step(steps, "spectra")["if"] == step(steps, "spectra-prefix")["if"] == (
-        "inputs.cache == 'true' && inputs.merge == ''")
+    assert restore["if"] == step(steps, "spectra-prefix")["if"] == "inputs.cache == 'true' && inputs.merge == ''"
+    # saved after a failed audit step too (a push that failed after the audit), not after a cancelled job
+    assert step(steps, "spectra")["if"] == "${{ !cancelled() && inputs.cache == 'true' && inputs.merge == '' }}"
     assert save["with"]["key"] == "${{ steps.spectra.outputs.key }}"
+    assert save["if"].startswith("${{ !cancelled() && ") and save["if"].endswith(" }}")
     assert "steps.spectra.outputs.key != steps.restore-spectra.outputs.cache-matched-key" in save["if"]
 
 
