@@ -36,6 +36,7 @@ from ftaudit.secrets import Redactor
 from ftaudit.shards import Shard, join, warn_other_policy
 from ftaudit.sources import is_here
 from ftaudit.sources.checkpoint import PICKLE_SUFFIXES
+from ftaudit.spectral import resolve_device
 
 GIB = 1024**3
 MODEL_FILES = ("config.json", "adapter_config.json", "README.md")
@@ -241,6 +242,7 @@ def _setup(
     _setup_logging(debug, quiet, annotate, redactor)
     _run(debug, redactor, lambda: _check_writable(outputs))
     _run(debug, redactor, lambda: _check_not_read(outputs, {"MODEL": model, "--base": base}))
+    _run(debug, redactor, lambda: resolve_device(device))  # before the models are looked up, on the Hub maybe
     policy = _run(debug, redactor, lambda: policy_mod.load(policy_path))
     options = AuditOptions(
         k=k or policy.k,

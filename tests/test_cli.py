@@ -319,6 +319,8 @@ def report_of(model: Path, folder: Path) -> Path:
          "b.svg: both --badge and --heatmap name this file"),
         (lambda p, t: ["fix", p["lora"], "--out", t / "out", "--json", t / "f.md", "--card", t / "f.md"],
          "f.md: both --json and --card name this file"),
+        (lambda p, t: ["check", t / "gone", "--device", "cuda:x"], "unknown device 'cuda:x' (use auto, cpu, cuda"),
+        (lambda p, t: ["fix", "org/gone", "--out", t / "o", "--device", "mps"], "device 'mps' is not supported"),
         (lambda p, t: ["check", p["full"], "--epsilon", "nan"], "'--epsilon': nan is not a finite number"),
         (lambda p, t: ["check", p["full"], "--cache-size", "inf"], "'--cache-size': inf is not a finite number"),
         (lambda p, t: ["check", p["full"], "--k", "0"], "'--k': 0 is not in the range"),
