@@ -487,7 +487,8 @@ def test_workflows_parse_and_use_the_action_as_it_is_defined(name):
 
 def test_example_workflow_triggers():
     on = {name: load(WORKFLOWS / name)[True] for name in EXAMPLES}
-    paths = {"**/*.safetensors", "**/adapter_config.json", "**/README.md"}
+    paths = {"**/*.safetensors", "**/*.safetensors.index.json", "**/config.json", "**/adapter_config.json",
+             "**/README.md"}
     assert set(on["audit-on-push.yml"]["push"]["paths"]) == paths
     assert on["audit-on-dispatch.yml"]["repository_dispatch"]["types"] == ["hf-model-updated"]
     manual = on["audit-manual.yml"]["workflow_dispatch"]["inputs"]
