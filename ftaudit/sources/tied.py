@@ -32,9 +32,11 @@ def is_head(name: str) -> bool:
 def stored_copies(weights: Checkpoint | PickleCheckpoint, tied: bool | None, label: str) -> dict[str, str]:
     """The output heads that `weights` store beside the one input embedding of their shape that config.json ties them
     to (`tied`), with its values and dtype: each head's embedding. A head of other values is said to be loaded as a
-    matrix of its own."""
+    matrix of its own. Where config.json does not say (`tied` None: transformers 4 leaves tie_word_embeddings out
+    where it is its PretrainedConfig's default, true), an equal copy is the embedding too, and a head of other values,
+    a matrix of its own, is not said to be."""
     infos = weights.infos
-    heads = [n for n in sorted(infos) if is_head(n) and len(infos[n].shape) == 2] if tied else []
+    heads = [n for n in sorted(infos) if is_head(n) and len(infos[n].shape) == 2] if tied is not False else []
     copies: dict[str, str] = {}
     for head in heads:
         found = input_embeddings(infos, (infos[head].shape[0], infos[head].shape[1]))
@@ -43,7 +45,7 @@ def stored_copies(weights: Checkpoint | PickleCheckpoint, tied: bool | None, lab
         embedding = found[0]
         if infos[head].dtype == infos[embedding].dtype and torch.equal(weights.load(head), weights.load(embedding)):
             copies[head] = embedding
-        else:
+        elif tied:
             log.warning("%s: config.json ties %s to %s (tie_word_embeddings), but the two are stored with different "
                         "values: they are audited as two matrices, as transformers loads them", label, head, embedding)
     return copies
