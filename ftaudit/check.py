@@ -22,7 +22,7 @@ from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.fingerprint import fingerprint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.stored_as import StoredAs
-from ftaudit.sources.tied import own_heads, stored_copies, tie_copies
+from ftaudit.sources.tied import embedding_heads, own_heads, stored_copies, tie_copies
 
 log = logging.getLogger("ftaudit")
 
@@ -51,6 +51,9 @@ class Opened:
     base_ref: BaseRef
     layout: Layout = Layout()
     """Which of the models' tensors hold their matrices in × out (ftaudit.layout)."""
+    tied_heads: tuple[dict[str, str], ...] = ()
+    """The output heads that one side stores and the other, tied to its embedding, does not: read as that embedding
+    (the report's `tensors.tied_heads`)."""
 
 
 def _same_model(declared: str, model: str) -> bool:
@@ -91,6 +94,7 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     base_side = _restacked(open_weights(base.storage, allow_pickle=target.allow_pickle), layout, base.storage.label)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
+    tied_heads: tuple[dict[str, str], ...] = ()
     model_ref = ModelRef(tuned.id, tuned.revision)
     base_ref = BaseRef(base.id, base.revision, declared.declared_by, _fingerprint(base, base_side))
     base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
@@ -103,6 +107,10 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         untied = own_heads(weights.infos, copies), own_heads(base_side.infos, base_copies)
         tie_copies(base_side, base_copies, untied[0])
         tie_copies(weights, copies, untied[1])
+        sides = {"model": embedding_heads(weights, base_side.infos, architectures[0].tied_embeddings),
+                 "base": embedding_heads(base_side, weights.infos, architectures[1].tied_embeddings)}
+        tied_heads = tuple({"name": head, "side": side, "embedding": embedding}
+                           for side, heads in sides.items() for head, embedding in heads.items())
         # one side may hold experts' stacks and routers as transformers' layers name them, the other as published
         tuned_side: Tensors = StoredAs.of(weights, base_side.infos, layout)
         base_stored = StoredAs.of(base_side, weights.infos, layout)
@@ -121,7 +129,7 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
                         head.removesuffix(".weight"), what, embedding)
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
-    return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout)
+    return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout, tied_heads)
 
 
 def _saves_whole(adapter: LoraAdapter, base: Checkpoint | PickleCheckpoint, tensors: set[str]) -> bool:
@@ -195,6 +203,7 @@ def audit_opened(
         adapter.low_rank if adapter else None, adapter.unchanged if adapter else frozenset(), opened.layout,
         adapter.tied if adapter else {},
     )
+    report.tensors.tied_heads = list(opened.tied_heads)
     if options.shard is None:  # a shard may hold none of the matrices: its merge is checked instead
         check_audited(report)
     if isinstance(tuned_side, AdaptedTensors):

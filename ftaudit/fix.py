@@ -330,8 +330,13 @@ class _Patcher:
                                aliases=aliases)
         self.pairs: dict[str, list[TensorPair]] = {}
         """The flagged matrices of each tuned tensor: itself, or experts of a stack."""
+        tied = {head["name"]: head["embedding"] for head in opened.tied_heads if head["side"] == "model"}
         for pair in pairing.pairs:
-            if pair.name in flagged:
+            if pair.name in flagged and pair.tuned_name in tied:
+                log.warning("%s, which the model stores as its input embedding %s (tie_word_embeddings), is left as it "
+                            "is: scaling its intruders would change the embedding too", pair.name,
+                            tied[pair.tuned_name])
+            elif pair.name in flagged:
                 self.pairs.setdefault(pair.tuned_name, []).append(pair)
         self.changes: list[MatrixChange] = []
         self._pending: dict[str, torch.Tensor] = {}

@@ -80,6 +80,9 @@ class TensorIssues:
     """Matrices left out by the selection (kinds, --include, --exclude), each expert's of a stack counted."""
     unchanged: list[str] = field(default_factory=list)
     """Selected matrices identical in both models (ΔW = 0 exactly): nothing to measure, so not analysed."""
+    tied_heads: list[dict[str, str]] = field(default_factory=list)
+    """Output heads that one model (`side`) does not store, tied to its input embedding (`embedding`), and the other
+    stores as its own (`name`): compared with that embedding, the head transformers loads."""
 
 
 @dataclass

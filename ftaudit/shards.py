@@ -27,7 +27,8 @@ T = TypeVar("T")
 Ref = TypeVar("Ref", ModelRef, BaseRef)
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-_GLOBAL_ISSUES = ("missing_in_base", "missing_in_model", "shape_mismatch", "vocab_resized", "not_selected")
+_GLOBAL_ISSUES = ("missing_in_base", "missing_in_model", "shape_mismatch", "vocab_resized", "not_selected",
+                  "tied_heads")
 """What the pairing finds, the same in every shard of one audit."""
 
 

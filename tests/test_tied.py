@@ -95,3 +95,89 @@ def test_a_copy_of_the_embedding_said_untied_is_a_matrix_of_its_own(tmp_path):
     model = saved(tmp_path / "model", tuned(load_file(base / "model.safetensors")), config, tie=False)
     report = audit(model, base, "--include", "head")
     assert "lm_head.weight" in {m["name"] for m in report["matrices"]}
+
+
+def untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` fine-tuned with the head untied from the embedding: a head of its own, the embedding's values with
+    intruders (as `tuned`, the attention's matrices too)."""
+    head = low_rank_update({"lm_head.weight": weights[WTE].clone()}, seed=3, only="lm_head")
+    return {**tuned(weights), **head}
+
+
+@pytest.mark.parametrize("stores_none", ["base", "model"])
+def test_a_head_that_one_side_ties_and_stores_not_is_its_embedding(tmp_path, stores_none):
+    """A model untied from its tied base (tie_word_embeddings true, no lm_head stored, as transformers saves it), or
+    the reverse: what transformers loads as the head of the side that stores none is its embedding, which the other's
+    head is compared with. The head had been missing on that side, and not measured at all unless selected."""
+    weights, config = gpt2(tmp_path)
+    own = saved(tmp_path / "own", untied(weights), config, tie=False)
+    tied = saved(tmp_path / "tied", weights if stores_none == "base" else tuned(weights), config)
+    model, base = (own, tied) if stores_none == "base" else (tied, own)
+    report = audit(model, base, "--include", "head")
+    assert report["tensors"]["tied_heads"] == [{"name": "lm_head.weight", "side": stores_none, "embedding": WTE}]
+    assert report["tensors"]["missing_in_base"] == report["tensors"]["missing_in_model"] == []
+    head = next(m for m in report["matrices"] if m["name"] == "lm_head.weight")
+    assert head["indicators"]["relative_update_norm"] > 0.5  # the head's own update, not the embedding's
+    # the same numbers as where that side stores its embedding's values as a head of its own
+    copy = saved(tmp_path / "copy", load_file(tied / "model.safetensors"), config, "copy", False)
+    other = audit(*((model, copy) if stores_none == "base" else (copy, base)), "--include", "head")
+    assert other["tensors"]["tied_heads"] == []
+    assert other["matrices"] == report["matrices"] and other["summary"] == report["summary"]
+    assert "lm_head.weight" in audit(model, base)["summary"]["heads"]  # measured for its row norms by default
+    code, out, _ = run("check", model, "--base", base, "--no-cache")
+    assert code in (0, 1)
+    assert f"  tied heads: the {stores_none} stores no lm_head.weight: its input embedding {WTE}, tied to it " \
+           "(tie_word_embeddings), is compared in its place\n" in out
+
+
+def test_fix_scales_the_intruders_of_a_head_untied_from_its_base(tmp_path):
+    """The head of a model untied from its tied base is patched against the base's embedding, and written as its
+    own; a model that ties its head (stores none) against an untied base keeps it tied, the embedding's, saying so."""
+    weights, config = gpt2(tmp_path)
+    own = saved(tmp_path / "own", untied(weights), config, tie=False)
+    tied = saved(tmp_path / "tied", weights, config)
+    code, _, err = run("fix", own, "--base", tied, "--include", "head", "--out", tmp_path / "fixed", "--json",
+                       tmp_path / "fix.json", "--no-cache")
+    assert code in (0, 1), err
+    record = json.loads((tmp_path / "fix.json").read_text())
+    assert {"name": "lm_head.weight", "side": "base", "embedding": WTE} in record["after"]["tensors"]["tied_heads"]
+    assert "lm_head.weight" in {c["name"] for c in record["changes"]}
+    before, after = load_file(own / "model.safetensors"), load_file(tmp_path / "fixed" / "model.safetensors")
+    assert sorted(after) == sorted(before) and not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    assert torch.equal(after[WTE], before[WTE])
+    norms = [{m["name"]: m["indicators"]["relative_update_norm"] for m in record[side]["matrices"]}["lm_head.weight"]
+             for side in ("before", "after")]
+    assert norms[1] < norms[0]
+
+    code, _, err = run("fix", tied, "--base", own, "--include", "head", "--epsilon", "0.9", "--out", tmp_path / "kept",
+                       "--json", tmp_path / "kept.json", "--no-cache")
+    assert code in (0, 1), err
+    record = json.loads((tmp_path / "kept.json").read_text())
+    assert {m["name"]: m["intruders"] for m in record["before"]["matrices"]}["lm_head.weight"] > 0
+    assert "lm_head.weight" not in {c["name"] for c in record["changes"]}
+    assert "lm_head.weight" not in load_file(tmp_path / "kept" / "model.safetensors")
+    assert err == f"ftaudit: WARNING: lm_head.weight, which the model stores as its input embedding {WTE} " \
+        "(tie_word_embeddings), is left as it is: scaling its intruders would change the embedding too\n"
+
+
+def test_merge_joins_the_shards_tied_heads_and_refuses_shards_that_disagree(tmp_path):
+    """Every shard of an audit records the heads compared with a tied embedding; merge keeps them, and refuses a shard
+    that records others."""
+    weights, config = gpt2(tmp_path)
+    own = saved(tmp_path / "own", untied(weights), config, tie=False)
+    tied = saved(tmp_path / "tied", weights, config)
+    shards = [tmp_path / f"r{i}.json" for i in (1, 2)]
+    for i, shard in enumerate(shards, 1):
+        code, _, err = run("check", own, "--base", tied, "--include", "head", "--no-cache", "--shard", f"{i}/2",
+                           "--json", shard)
+        assert code in (0, 1), err
+    code, out, err = run("merge", *shards, "--format", "json")
+    assert code in (0, 1), err
+    expected = [{"name": "lm_head.weight", "side": "base", "embedding": WTE}]
+    assert json.loads(out)["tensors"]["tied_heads"] == expected
+    edited = json.loads(shards[1].read_text())
+    edited["tensors"]["tied_heads"] = []
+    shards[1].write_text(json.dumps(edited))
+    code, _, err = run("merge", *shards)
+    assert code == 2 and err == f"ftaudit: error: shards 1/2 ({shards[0]}) and 2/2 ({shards[1]}) differ in their " \
+        "tensors: they are not shards of one audit\n", err

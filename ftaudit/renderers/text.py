@@ -31,6 +31,7 @@ def render(report: Report, top: int = 10) -> str:
         f"  {s.matrices_analysed} matrices analysed, top k={report.settings.k} singular vectors each, "
         f"on {safe(report.settings.device)}",
         *_shard_note(report),
+        *_tied_note(report),
         "",
         f"Intruder dimensions at ε={report.settings.epsilon:g}: "
         + click.style(str(s.intruder_dimensions), bold=True)
@@ -70,6 +71,15 @@ def _shard_note(report: Report) -> list[str]:
         return []
     return [f"  shard {shard['index']} of {shard['count']}: the numbers and the verdict cover its matrices only; "
             "`ftaudit merge` joins the shards' reports"]
+
+
+def _tied_note(report: Report) -> list[str]:
+    heads = report.tensors.tied_heads
+    if not heads:
+        return []
+    return ["  tied heads: " + "; ".join(
+        f"the {safe(h['side'])} stores no {safe(h['name'])}: its input embedding {safe(h['embedding'])}, tied to it "
+        "(tie_word_embeddings), is compared in its place" for h in heads)]
 
 
 def _tensor_notes(report: Report) -> list[str]:

@@ -47,6 +47,8 @@ class Checkpoint:
         self.tensors: dict[str, TensorRef] = {}
         self.copies: dict[str, str] = {}
         """Tensors read as the one whose values they hold (tie)."""
+        self.aliases: dict[str, str] = {}
+        """Names that a tensor not stored under them is read under too (alias)."""
         self._last: tuple[tuple[str, int | None], weakref.ref[torch.Tensor]] | None = None
         self._lock = threading.Lock()
         for name in weight_files:
@@ -64,12 +66,18 @@ class Checkpoint:
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
-        return {name: ref.info for name, ref in self.tensors.items() if name not in self.copies}
+        infos = {name: ref.info for name, ref in self.tensors.items() if name not in self.copies}
+        return {**infos, **{name: replace(infos[tensor], name=name) for name, tensor in self.aliases.items()}}
 
     def tie(self, copy: str, tensor: str) -> None:
         """Read tensor `copy`, which holds `tensor`'s values, as `tensor` itself (ftaudit.sources.tied): `infos` leaves
         it out, and a writer writes it as `tensor`."""
         self.copies[copy] = tensor
+
+    def alias(self, name: str, tensor: str) -> None:
+        """Read tensor `tensor` under name `name` too, which no stored tensor has (ftaudit.sources.tied): `infos` lists
+        it, and a writer writes nothing of it."""
+        self.aliases[name] = tensor
 
     def restack(self, name: str, shape: tuple[int, int, int]) -> None:
         """Read 2-D tensor `name` as the stack of `shape` its rows make, its experts' matrices one above the other (the
@@ -90,6 +98,7 @@ class Checkpoint:
         """One tensor, or one expert's matrix of a stack (only its bytes are read), as a CPU tensor of its
         stored dtype; a repeated load of the last one, while it is still in use, returns it again (an
         adapter's tuned side loads the base tensor just loaded)."""
+        name = self.aliases.get(name, name)
         with self._lock:
             key = (name, expert)
             last = self._last[1]() if self._last is not None and self._last[0] == key else None

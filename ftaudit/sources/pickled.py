@@ -35,6 +35,8 @@ class PickleCheckpoint:
         self._tensors: dict[str, torch.Tensor] = {}
         self.copies: dict[str, str] = {}
         """Tensors read as the one whose values they hold (tie)."""
+        self.aliases: dict[str, str] = {}
+        """Names that a tensor not stored under them is read under too (alias)."""
         for name in files:
             for key, value in _load(storage, name).items():
                 if isinstance(value, torch.Tensor):
@@ -44,7 +46,8 @@ class PickleCheckpoint:
     def infos(self) -> dict[str, TensorInfo]:
         return {
             n: TensorInfo(n, DTYPE_CODES.get(t.dtype, str(t.dtype)), tuple(t.shape), 0, 0)
-            for n, t in self._tensors.items() if n not in self.copies
+            for n, t in [*self._tensors.items(), *((a, self._tensors[n]) for a, n in self.aliases.items())]
+            if n not in self.copies
         }
 
     def tie(self, copy: str, tensor: str) -> None:
@@ -52,13 +55,17 @@ class PickleCheckpoint:
         it out."""
         self.copies[copy] = tensor
 
+    def alias(self, name: str, tensor: str) -> None:
+        """Read tensor `tensor` under name `name` too, which no stored tensor has (ftaudit.sources.tied)."""
+        self.aliases[name] = tensor
+
     def restack(self, name: str, shape: tuple[int, int, int]) -> None:
         """Read 2-D tensor `name` as the stack of `shape` its rows make, its experts' matrices one above the other."""
         self._tensors[name] = self._tensors[name].view(shape)
 
     def load(self, name: str, expert: int | None = None) -> torch.Tensor:
         """One tensor, or one expert's matrix of a stack (a view of the mapped file)."""
-        tensor = self._tensors[name]
+        tensor = self._tensors[self.aliases.get(name, name)]
         return tensor if expert is None else tensor[expert]
 
     def stored_size(self, name: str) -> int:

@@ -4,7 +4,9 @@ config.json's `tie_word_embeddings` makes a model's lm_head and its input embedd
 it once, under the embedding's name; its pickles, and some other tools, store it under both names. Loading such a
 checkpoint, transformers (5) ties the two where their values are equal, and keeps two parameters where they differ,
 saying so. ftaudit reads a checkpoint alike: an equal copy is the embedding itself, no matrix of its own (neither
-changed nor missing), unless the other side of the audit has an untied head to compare it with.
+changed nor missing), unless the other side of the audit has an untied head to compare it with. A side that stores
+no head, its embedding tied, is read with the embedding as its head, where the other side has an untied head to
+compare with it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from ftaudit.pairing import input_embeddings
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
+from ftaudit.sources.safetensors import TensorInfo
 
 log = logging.getLogger("ftaudit")
 
@@ -56,6 +59,23 @@ def tie_copies(weights: Checkpoint | PickleCheckpoint, copies: dict[str, str], u
     untied head (`untied`), which each is compared with as stored."""
     for head, embedding in copies.items() if not untied else ():
         weights.tie(head, embedding)
+
+
+def embedding_heads(weights: Checkpoint | PickleCheckpoint, other: dict[str, TensorInfo], tied: bool | None
+                    ) -> dict[str, str]:
+    """Read each output head that the other side of the audit stores as its own (`other`) and `weights`, tied to
+    their input embedding (`tied`, true or unsaid), do not store, as the one input embedding of its width, which
+    transformers loads as that head (Checkpoint.alias): by head, its embedding."""
+    infos = weights.infos
+    if tied is False or any(is_head(name) for name in infos):
+        return {}
+    heads: dict[str, str] = {}
+    for head in sorted(n for n in other if is_head(n) and len(other[n].shape) == 2):
+        found = input_embeddings(infos, (None, other[head].shape[1]))
+        if len(found) == 1:
+            weights.alias(head, found[0])
+            heads[head] = found[0]
+    return heads
 
 
 def own_heads(names: Iterable[str], copies: dict[str, str]) -> bool:
