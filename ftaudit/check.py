@@ -22,7 +22,7 @@ from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.fingerprint import fingerprint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.stored_as import StoredAs
-from ftaudit.sources.tied import embedding_heads, own_heads, stored_copies, tie_copies
+from ftaudit.sources.tied import embedding_heads, is_head, own_heads, stored_copies, tie_copies
 
 log = logging.getLogger("ftaudit")
 
@@ -121,6 +121,10 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         lora = LoraAdapter(tuned.storage, config, weights)
         # PEFT's merge unties a head from its embedding where the adapter saves either whole (modules_to_save)
         tie_copies(base_side, base_copies, _saves_whole(lora, base_side, {*base_copies, *base_copies.values()}))
+        # and a head it saves whole is compared with the base's embedding, where the base stores no head
+        saved = {key: weights.infos[name] for key, name in lora.replaced.items() if is_head(key)}
+        tied_heads = tuple({"name": head, "side": "base", "embedding": embedding} for head, embedding in
+                           embedding_heads(base_side, saved, architectures[1].tied_embeddings).items())
         adapted = AdaptedTensors(lora, base_side, layout)
         for embedding, head in adapted.tied.items():
             what = ("its trained token rows are audited as PEFT merges them, as rows" if adapted.token_rows(embedding)

@@ -794,3 +794,17 @@ def test_a_lora_on_layers_transformers_names_otherwise_than_the_checkpoint_says_
         "is this the adapter's base? (transformers names some layers otherwise than their checkpoints store them, as "
         "ViT's attention.attention.query, its attention.q_proj: if so, merge the adapter into its base (PEFT's "
         "merge_and_unload) and audit the merged model)\n"), result.stderr
+
+
+def test_a_tied_head_an_adapter_saves_whole_is_compared_with_the_base_embedding(tmp_path):
+    """PEFT's merge of a head saved whole (modules_to_save) on a base that ties it to its embedding and stores none
+    unties the two: the saved head is compared with the embedding, the base's head, as the merged model's is. It had
+    been missing in the base."""
+    pytest.importorskip("peft")
+    folder, base, merged = tied_head(tmp_path, "llama", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    assert "lm_head.weight" not in load_file(base / "model.safetensors")
+    report, merged_report, said = audits_agree(folder, base, merged)
+    assert "lm_head.weight" in {m["name"] for m in report["matrices"]}
+    assert report["tensors"]["tied_heads"] == merged_report["tensors"]["tied_heads"] == [
+        {"name": "lm_head.weight", "side": "base", "embedding": "model.embed_tokens.weight"}]
+    assert "model.embed_tokens.weight" in report["tensors"]["unchanged"]
