@@ -147,7 +147,16 @@ def architecture_of(storage: Storage) -> Architecture:
     ties = [config.get("tie_word_embeddings"), text_config.get("tie_word_embeddings") if isinstance(text_config, dict)
             else None]
     return Architecture(model_type if isinstance(model_type, str) else None, _positive(sizes), _positive([experts]),
-                        next((t for t in ties if isinstance(t, bool)), None))
+                        _tied(ties))
+
+
+def _tied(ties: list[object]) -> bool | None:
+    """`tie_word_embeddings` of config.json and of its `text_config`, as transformers (5) takes them: tied where either
+    says true (a multimodal model saved by transformers 4 says so in its text_config only), untied where one says
+    false and none true, None where neither says."""
+    if any(t is True for t in ties):
+        return True
+    return False if any(t is False for t in ties) else None
 
 
 def _positive(values: list[object]) -> int | None:

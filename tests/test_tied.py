@@ -181,3 +181,21 @@ def test_merge_joins_the_shards_tied_heads_and_refuses_shards_that_disagree(tmp_
     code, _, err = run("merge", *shards)
     assert code == 2 and err == f"ftaudit: error: shards 1/2 ({shards[0]}) and 2/2 ({shards[1]}) differ in their " \
         "tensors: they are not shards of one audit\n", err
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize(("top", "text"), [(False, True), (True, False), (None, True), (False, None), (True, None),
+                                           (None, False), (False, False)])
+def test_tie_word_embeddings_of_a_multimodal_config_is_read_as_transformers_reads_it(tmp_path, model_type, top, text):
+    """Top level and text_config: transformers 4 saved a multimodal model's in its text_config only, transformers 5
+    at the top level, and reads the model as tied where either says so."""
+    transformers = pytest.importorskip("transformers")
+    from ftaudit.base import architecture_of
+    from ftaudit.sources.local import LocalStorage
+
+    text_config = {"model_type": "llama" if model_type == "llava" else "qwen2_vl_text",
+                   **({} if text is None else {"tie_word_embeddings": text})}
+    config = {"model_type": model_type, "text_config": text_config, **({} if top is None else {"tie_word_embeddings": top})}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    expected = transformers.AutoConfig.from_pretrained(tmp_path).tie_word_embeddings
+    assert architecture_of(LocalStorage(tmp_path)).tied_embeddings is expected
