@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import torch
-
 from ftaudit.pairing import input_embeddings
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.pickled import PickleCheckpoint
@@ -23,6 +21,8 @@ from ftaudit.sources.safetensors import TensorInfo
 
 log = logging.getLogger("ftaudit")
 
+COMPARED_BYTES = 64 * 1024 * 1024
+"""Bytes of a head and of its embedding compared at a time."""
 TIED_HEADS = ("lm_head",)
 """Output heads that a model with tie_word_embeddings shares with its input embedding."""
 
@@ -46,12 +46,23 @@ def stored_copies(weights: Checkpoint | PickleCheckpoint, tied: bool | None, lab
         if len(found) != 1:
             continue
         embedding = found[0]
-        if infos[head].dtype == infos[embedding].dtype and torch.equal(weights.load(head), weights.load(embedding)):
+        if infos[head].dtype == infos[embedding].dtype and _same_bytes(weights, head, embedding):
             copies[head] = embedding
         elif tied:
             log.warning("%s: config.json ties %s to %s (tie_word_embeddings), but the two are stored with different "
                         "values: they are audited as two matrices, as transformers loads them", label, head, embedding)
     return copies
+
+
+def _same_bytes(weights: Checkpoint | PickleCheckpoint, a: str, b: str) -> bool:
+    """Whether tensors `a` and `b` (of one shape and dtype) are stored with the same bytes, compared COMPARED_BYTES at a
+    time: no whole copy of either is held, and a head of its own differs in its first piece."""
+    size = weights.stored_size(a)
+    return size == weights.stored_size(b) and all(
+        weights.read_stored(a, start, min(COMPARED_BYTES, size - start))
+        == weights.read_stored(b, start, min(COMPARED_BYTES, size - start))
+        for start in range(0, size, COMPARED_BYTES)
+    )
 
 
 def tie_copies(weights: Checkpoint | PickleCheckpoint, copies: dict[str, str], untied: bool) -> None:
