@@ -461,7 +461,15 @@ class _Patcher:
     def check_mergeable(self) -> None:
         """Every tensor the adapter stores whole must have a base tensor of its shape to replace."""
         base = self.base.infos
+        aliases = {} if isinstance(self.base, StoredAs) else self.base.aliases  # an adapter's base: no StoredAs
         for name, info in self.tuned.infos.items():
+            if name in aliases:
+                raise UnsupportedError(
+                    f"the adapter's {info.name} replaces {name}, which the base does not store: tied to its input "
+                    f"embedding {aliases[name]} (tie_word_embeddings), it is that embedding. PEFT's merge "
+                    "unties the two, a model that ftaudit fix does not write: write the adapter instead (without "
+                    "--merge)"
+                )
             if name not in base or base[name].shape != info.shape or base[name].dtype not in FLOAT_DTYPES:
                 raise UnsupportedError(
                     f"the adapter's {info.name} has no floating-point tensor of shape {list(info.shape)} to replace "

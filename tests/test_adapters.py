@@ -808,3 +808,25 @@ def test_a_tied_head_an_adapter_saves_whole_is_compared_with_the_base_embedding(
     assert report["tensors"]["tied_heads"] == merged_report["tensors"]["tied_heads"] == [
         {"name": "lm_head.weight", "side": "base", "embedding": "model.embed_tokens.weight"}]
     assert "model.embed_tokens.weight" in report["tensors"]["unchanged"]
+
+
+def test_the_fix_of_a_tied_head_an_adapter_saves_whole_is_written_as_an_adapter_not_merged(tmp_path):
+    """Merged, the head saved whole would need a tensor the base does not store and config.json untied (as PEFT's
+    merge writes it): `fix --merge` refuses before writing anything, and the fix written as an adapter patches it."""
+    pytest.importorskip("peft")
+    folder, base, _ = tied_head(tmp_path, "llama", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    common = ["fix", str(folder), "--base", str(base), "--include", "head", "--no-cache", "--quiet"]
+    merged = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "merged-fix"), "--merge"])
+    assert merged.exit_code == 2 and merged.stderr == (
+        "ftaudit: error: the adapter's base_model.model.lm_head.weight replaces lm_head.weight, which the base does "
+        "not store: tied to its input embedding model.embed_tokens.weight (tie_word_embeddings), it is that "
+        "embedding. PEFT's merge unties the two, a model that ftaudit fix does not write: write the adapter instead "
+        "(without --merge)\n")
+    assert not (tmp_path / "merged-fix").exists()
+    record = tmp_path / "fix.json"
+    fixed = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "fix"), "--json", str(record)])
+    assert fixed.exit_code in (0, 1), fixed.stderr
+    assert "lm_head.weight" in {change["name"] for change in json.loads(record.read_text())["changes"]}
+    before = load_file(folder / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
+    after = load_file(tmp_path / "fix" / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
+    assert not torch.equal(before, after)
