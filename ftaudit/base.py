@@ -126,6 +126,8 @@ class Architecture:
     """`ffn_config.moe_num_experts`: DBRX concatenates its experts' matrices (ftaudit.layout)."""
     tied_embeddings: bool | None = None
     """`tie_word_embeddings` (or its `text_config`'s): the output head shares the input embedding's weight."""
+    configured: bool = False
+    """Whether there is a config.json (a JSON object) to say all this."""
 
 
 def architecture_of(storage: Storage) -> Architecture:
@@ -147,7 +149,7 @@ def architecture_of(storage: Storage) -> Architecture:
     ties = [config.get("tie_word_embeddings"), text_config.get("tie_word_embeddings") if isinstance(text_config, dict)
             else None]
     return Architecture(model_type if isinstance(model_type, str) else None, _positive(sizes), _positive([experts]),
-                        _tied(ties))
+                        _tied(ties), configured=True)
 
 
 def _tied(ties: list[object]) -> bool | None:

@@ -107,8 +107,10 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         untied = own_heads(weights.infos, copies), own_heads(base_side.infos, base_copies)
         tie_copies(base_side, base_copies, untied[0])
         tie_copies(weights, copies, untied[1])
-        sides = {"model": embedding_heads(weights, base_side.infos, architectures[0].tied_embeddings),
-                 "base": embedding_heads(base_side, weights.infos, architectures[1].tied_embeddings)}
+        # a side with no config.json to say it ties (a bare checkpoint) may hold a model that has no head at all
+        ties = [a.tied_embeddings if a.configured else False for a in architectures]
+        sides = {"model": embedding_heads(weights, base_side.infos, ties[0]),
+                 "base": embedding_heads(base_side, weights.infos, ties[1])}
         tied_heads = tuple({"name": head, "side": side, "embedding": embedding}
                            for side, heads in sides.items() for head, embedding in heads.items())
         # one side may hold experts' stacks and routers as transformers' layers name them, the other as published

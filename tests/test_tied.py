@@ -222,3 +222,17 @@ def test_a_stored_head_is_compared_with_its_embedding_a_piece_at_a_time(tmp_path
     copies = tied.stored_copies(checkpoint, None, "m")
     assert copies == ({"lm_head.weight": WTE} if changed is None else {})
     assert len(calls) == reads and set(calls) == {800}
+
+
+def test_a_side_with_no_config_json_stores_no_head_its_embedding_is_not_compared_in_its_place(tmp_path):
+    """Bare weights without a head say nothing of a tie: their model may have no head at all (a body saved alone),
+    so the other side's head is missing there, not compared with an embedding it may not be tied to."""
+    weights, config = gpt2(tmp_path)
+    own = saved(tmp_path / "own", untied(weights), config, tie=False)
+    bare = saved(tmp_path / "bare", weights, config)
+    (bare / "config.json").unlink()
+    report = audit(own, bare, "--include", "head")
+    assert report["tensors"]["tied_heads"] == [] and report["tensors"]["missing_in_base"] == ["lm_head.weight"]
+    (bare / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tie_word_embeddings"}))
+    assert audit(own, bare, "--include", "head")["tensors"]["tied_heads"] == [  # unsaid in a config.json: tied
+        {"name": "lm_head.weight", "side": "base", "embedding": WTE}]
