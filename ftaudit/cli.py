@@ -526,10 +526,14 @@ def fix_command(
 
 
 def _check_not_out(out: Path, files: dict[str, Path | None]) -> None:
-    """Refuse now a file option naming the --out folder, which would fail only once the model is written."""
+    """Refuse now a file option naming the --out folder, which would fail only once the model is written, or a file
+    in it, written into the finished model (over its card or weights, maybe) after its audit."""
     for option, path in files.items():
         if path is not None and path.resolve() == out.resolve():
             raise UsageError(f"{path}: {option} names the --out folder; choose another file")
+        if path is not None and out.resolve() in path.resolve().parents:
+            raise UsageError(f"{path}: {option} is inside the --out folder, which is to hold the fixed model only; "
+                             "choose a file outside it")
 
 
 @main.group("card")

@@ -532,6 +532,21 @@ def test_a_record_or_card_path_naming_out_is_refused_before_the_work(tmp_path, o
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("option", "name"), [("--card", "README.md"), ("--json", "model.safetensors"),
+                                              ("--json", "fix.json")])
+def test_a_record_or_card_path_inside_an_empty_out_is_refused_before_the_work(tmp_path, option, name):
+    """Written after the finished model has replaced the empty folder, it would replace the model's card (its front
+    matter and text) or weights, or add a file the audit of the output never saw."""
+    model = small_fine_tune(tmp_path)
+    out = tmp_path / "fixed"
+    out.mkdir()
+    code, stdout, stderr = run("fix", model, "--out", out, option, out / name, "--lambda", 0)
+    assert (code, stdout, stderr) == (2, "", f"ftaudit: error: {out / name}: {option} is inside the --out folder, "
+                                             "which is to hold the fixed model only; choose a file outside it\n")
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["base", "fixed", "model"]
+    assert not list(Path(os.environ["FTAUDIT_CACHE"]).rglob("*.safetensors"))  # no base spectrum: nothing audited
+
+
 @pytest.mark.parametrize(("inside", "declared"), [("model", False), ("base", False), ("base", True)])
 def test_an_out_inside_an_input_folder_is_refused_before_the_audit(tmp_path, inside, declared):
     """The input would hold the output, whose weights a later fix would copy and a later audit would list."""
