@@ -73,6 +73,7 @@ class ModelFolder:
             os.umask(umask)
             self.path.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the model folder is not
         except OSError as e:
+            self._remove_made()
             raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
 
     def __enter__(self) -> ModelFolder:
@@ -82,9 +83,13 @@ class ModelFolder:
         if self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
         if not self._committed:
-            for parent in self._made:
-                with contextlib.suppress(OSError):  # another process may have put something there meanwhile
-                    parent.rmdir()
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        """Remove the folders made to hold `out`, those still empty."""
+        for parent in self._made:
+            with contextlib.suppress(OSError):  # another process may have put something there meanwhile
+                parent.rmdir()
 
     def commit(self) -> None:
         """Move the finished folder to its destination (an empty folder there is replaced)."""

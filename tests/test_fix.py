@@ -471,6 +471,15 @@ def test_a_failed_fix_leaves_no_folder_it_made_for_out(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_out_whose_partial_folder_cannot_be_made_leaves_no_folder_it_made(tmp_path):
+    """A name of 240 characters is a folder's name, but the partial folder's, longer, is not: the folders made to
+    hold --out before that failure are removed, as after any other."""
+    out = tmp_path / "new" / "models" / ("x" * 240)
+    code, _, stderr = run("fix", ADAPTER, "--base", BASE, "--out", out, *LAYERS_4_5)
+    assert (code, stderr) == (2, f"ftaudit: error: {out}: cannot write there (File name too long)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_out_that_cannot_be_written_fails_before_the_audit(tmp_path):
     from tests.invoke import run_unprivileged
 
