@@ -727,3 +727,29 @@ def test_a_sharded_full_model_beside_an_adapter_stays_out_of_the_merged_model(tm
     state = AutoModel.from_pretrained(out, local_files_only=True).state_dict()
     written = load_file(out / "model.safetensors")
     assert record["changes"] and all(torch.equal(state[c["name"]], written[c["name"]]) for c in record["changes"])
+
+
+def test_an_adapter_whose_only_change_is_a_tensor_stored_whole_claims_no_rank_cut(tmp_path):
+    """A head saved whole (modules_to_save) is patched exactly: no LoRA update was cut back to the adapter's rank,
+    and the card says nothing of such a cut (it had said its largest error 'is n/a')."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    head = peft_model.base_model.model.lm_head.modules_to_save["default"].weight
+    with torch.no_grad():
+        head.add_(20 * torch.randn(64, 1) @ torch.randn(1, 32))  # the LoRA stays zero: q_proj is unchanged
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out, record_path = tmp_path / "fixed", tmp_path / "fix.json"
+    code, _, stderr = run("fix", tmp_path / "adapter", "--base", tmp_path / "base", "--out", out, "--include", "head",
+                          "--lambda", 0, "--json", record_path, "--quiet")
+    assert code in (0, 1), stderr
+    record = json.loads(record_path.read_text())
+    assert [c["name"] for c in record["changes"]] == ["lm_head.weight"] and record["output"]["format"] == "adapter"
+    assert record["changes"][0]["truncation_error"] is None and record["summary"]["truncation_error_max"] is None
+    card_text = (out / "README.md").read_text()
+    assert "### Intruder dimensions reduced (ftaudit fix)" in card_text and "cut back" not in card_text
