@@ -91,6 +91,8 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     architectures = architecture_of(tuned.storage), architecture_of(base.storage)  # config.json's, each read once
     _warn_other_architecture(tuned, base, *(a.model_type for a in architectures))
     layout = Layout.of(*architectures)
+    # a side with no config.json to say it ties (a bare checkpoint) may hold a model with no head, or an untied one
+    ties = [a.tied_embeddings if a.configured else False for a in architectures]
     base_side = _restacked(open_weights(base.storage, allow_pickle=target.allow_pickle), layout, base.storage.label)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
@@ -98,17 +100,15 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     model_ref = ModelRef(tuned.id, tuned.revision)
     base_ref = BaseRef(base.id, base.revision, declared.declared_by, _fingerprint(base, base_side))
     base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
-    base_copies = stored_copies(base_side, architectures[1].tied_embeddings, base.storage.label)
+    base_copies = stored_copies(base_side, ties[1], base.storage.label)
     if config is None:
         weights = _restacked(open_weights(tuned.storage, allow_pickle=target.allow_pickle), layout, tuned.storage.label)
         _refuse_quantized(tuned.storage.label, weights, "audit the model before quantization")
         model_ref.fingerprint = _fingerprint(tuned, weights)
-        copies = stored_copies(weights, architectures[0].tied_embeddings, tuned.storage.label)
+        copies = stored_copies(weights, ties[0], tuned.storage.label)
         untied = own_heads(weights.infos, copies), own_heads(base_side.infos, base_copies)
         tie_copies(base_side, base_copies, untied[0])
         tie_copies(weights, copies, untied[1])
-        # a side with no config.json to say it ties (a bare checkpoint) may hold a model that has no head at all
-        ties = [a.tied_embeddings if a.configured else False for a in architectures]
         sides = {"model": embedding_heads(weights, base_side.infos, ties[0]),
                  "base": embedding_heads(base_side, weights.infos, ties[1])}
         tied_heads = tuple({"name": head, "side": side, "embedding": embedding}

@@ -201,27 +201,30 @@ def test_tie_word_embeddings_of_a_multimodal_config_is_read_as_transformers_read
     assert architecture_of(LocalStorage(tmp_path)).tied_embeddings is expected
 
 
-@pytest.mark.parametrize(("changed", "reads"), [(None, 2 * 16), (-1, 2 * 16), (0, 2)])
-def test_a_stored_head_is_compared_with_its_embedding_a_piece_at_a_time(tmp_path, monkeypatch, changed, reads):
-    """A copy of the embedding, one that differs in its last value, or in its first (the pieces after it unread)."""
+@pytest.mark.parametrize(("changed", "pieces"), [(None, [800, 1600, 3200, 3200, 3200, 800]),
+                                                 (-1, [800, 1600, 3200, 3200, 3200, 800]), (0, [800])])
+def test_a_stored_head_is_compared_with_its_embedding_a_piece_at_a_time(tmp_path, monkeypatch, changed, pieces):
+    """A copy of the embedding, one that differs in its last value, or in its first (the pieces after it unread):
+    pieces twice the last, up to a cap."""
     from ftaudit.sources import open_weights
     from ftaudit.sources import tied
     from ftaudit.sources.local import LocalStorage
 
-    weights, config = gpt2(tmp_path)  # an embedding of 50 × 64 float32: 12,800 bytes, 16 pieces of 800
+    weights, config = gpt2(tmp_path)  # an embedding of 50 × 64 float32: 12,800 bytes
     head = weights[WTE].clone()
     if changed is not None:
         head.view(-1)[changed] += 1
     save_file({**weights, "lm_head.weight": head}, tmp_path / "model.safetensors", metadata={"format": "pt"})
     checkpoint = open_weights(LocalStorage(tmp_path))
-    monkeypatch.setattr(tied, "COMPARED_BYTES", 800)
+    monkeypatch.setattr(tied, "FIRST_COMPARED", 800)
+    monkeypatch.setattr(tied, "COMPARED_BYTES", 3200)
     read = checkpoint.read_stored
     calls: list[int] = []
     monkeypatch.setattr(checkpoint, "read_stored", lambda name, start, length: calls.append(length) or read(
         name, start, length))
     copies = tied.stored_copies(checkpoint, None, "m")
     assert copies == ({"lm_head.weight": WTE} if changed is None else {})
-    assert len(calls) == reads and set(calls) == {800}
+    assert calls == [length for piece in pieces for length in (piece, piece)]  # the head's, then the embedding's
 
 
 def test_a_side_with_no_config_json_stores_no_head_its_embedding_is_not_compared_in_its_place(tmp_path):

@@ -21,8 +21,10 @@ from ftaudit.sources.safetensors import TensorInfo
 
 log = logging.getLogger("ftaudit")
 
+FIRST_COMPARED = 64 * 1024
+"""Bytes of a head and of its embedding compared first: a head of its own differs there, read over the network maybe."""
 COMPARED_BYTES = 64 * 1024 * 1024
-"""Bytes of a head and of its embedding compared at a time."""
+"""Bytes of a head and of its embedding compared at a time, at most: pieces grow from FIRST_COMPARED to this."""
 TIED_HEADS = ("lm_head",)
 """Output heads that a model with tie_word_embeddings shares with its input embedding."""
 
@@ -55,14 +57,19 @@ def stored_copies(weights: Checkpoint | PickleCheckpoint, tied: bool | None, lab
 
 
 def _same_bytes(weights: Checkpoint | PickleCheckpoint, a: str, b: str) -> bool:
-    """Whether tensors `a` and `b` (of one shape and dtype) are stored with the same bytes, compared COMPARED_BYTES at a
-    time: no whole copy of either is held, and a head of its own differs in its first piece."""
+    """Whether tensors `a` and `b` (of one shape and dtype) are stored with the same bytes, compared a piece at a time,
+    each twice the last (FIRST_COMPARED up to COMPARED_BYTES): no whole copy of either is held, and a head of its own
+    differs in the first, small piece."""
     size = weights.stored_size(a)
-    return size == weights.stored_size(b) and all(
-        weights.read_stored(a, start, min(COMPARED_BYTES, size - start))
-        == weights.read_stored(b, start, min(COMPARED_BYTES, size - start))
-        for start in range(0, size, COMPARED_BYTES)
-    )
+    if size != weights.stored_size(b):
+        return False
+    start, piece = 0, FIRST_COMPARED
+    while start < size:
+        length = min(piece, size - start)
+        if weights.read_stored(a, start, length) != weights.read_stored(b, start, length):
+            return False
+        start, piece = start + length, min(2 * piece, COMPARED_BYTES)
+    return True
 
 
 def tie_copies(weights: Checkpoint | PickleCheckpoint, copies: dict[str, str], untied: bool) -> None:
