@@ -55,7 +55,7 @@ def audit(model: Path, base: Path, *options: str) -> dict:
     for side in ("model", "base"):
         report[side].pop("id")
         report[side].pop("fingerprint")
-    report.pop("audited_at", None)
+    report.pop("created_at")  # the time of the audit
     return report
 
 
