@@ -27,9 +27,12 @@ _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("norm", re.compile(r"(^|\.)([^.]*norm[^.]*|ln_?\w*)(\.(weight|bias))?$")),
     ("embedding", re.compile(r"embed|(^|\.)(wte|wpe|shared)(\.|$)")),
     ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler|cls|output_projection)(\.|$)")),
+    # and the sequence mixers that stand in for attention: state-space (Mamba's mixer, Jamba's and Zamba's `mamba`),
+    # LFM2's short convolution, RecurrentGemma's recurrent block; only their linear maps (not Mamba's 2-D `A_log`)
     ("attention", re.compile(
         r"attn|attention|(^|\.)(q|k|v|o|query|key|value|qkv|wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj"
-        r"|out_proj|query_key_value)(\.|$)")),
+        r"|out_proj|query_key_value|(mamba|mixer|conv)\.(in_proj|x_proj|dt_proj)|temporal_block\.linear_(x|y|out))"
+        r"(\.|$)")),
     ("mlp", re.compile(
         r"mlp|ffn|feed_?forward|intermediate|experts|moe|(^|\.)(fc1|fc2|w1|w2|w3|gate_proj|up_proj|down_proj"
         r"|c_fc|dense_h_to_4h|dense_4h_to_h|wi|output\.dense)(\.|$)")),
