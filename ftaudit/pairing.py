@@ -26,7 +26,9 @@ _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     # a norm is the tensor's own module: DBRX's attention lies in `norm_attn_norm`
     ("norm", re.compile(r"(^|\.)([^.]*norm[^.]*|ln_?\w*)(\.(weight|bias))?$")),
     ("embedding", re.compile(r"embed|(^|\.)(wte|wpe|shared)(\.|$)")),
-    ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler|cls|output_projection)(\.|$)")),
+    # RWKV's output head is `head`, Decision Transformer's are `predict_state`, `predict_action`, `predict_return`
+    ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler|cls|output_projection)(\.|$)"
+                        r"|^(head|predict_(state|action|return))\.")),
     # and the sequence mixers that stand in for attention: state-space (Mamba's mixer, Jamba's and Zamba's `mamba`),
     # LFM2's short convolution, RecurrentGemma's recurrent block; only their linear maps (not Mamba's 2-D `A_log`)
     ("attention", re.compile(

@@ -53,6 +53,9 @@ def _as_named(name: str, w: torch.Tensor) -> Matrices:
 
 
 ARCHITECTURES: dict[str, tuple[dict[str, object], Callable[[str, torch.Tensor], Matrices]]] = {
+    # GPT-2's Conv1D layers in another family, and heads named otherwise: predict_state, predict_action, predict_return
+    "decision_transformer": ({"state_dim": 5, "act_dim": 3, "n_layer": 2, "n_head": 4, "n_inner": 96, "max_ep_len": 32,
+                              "n_positions": 64}, _as_named),
     # state-space mixers: in_proj, x_proj, dt_proj and out_proj are all the mixer's linear maps
     "mamba": ({"state_size": 8, "expand": 2}, _as_named),
     "falcon_h1": ({"num_key_value_heads": 2, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16,
@@ -66,6 +69,8 @@ def _model(architecture: str, seed: int) -> torch.nn.Module:
     extra, _ = ARCHITECTURES[architecture]
     config = transformers.AutoConfig.for_model(architecture, **SMALL, **extra)
     torch.manual_seed(seed)
+    if architecture == "decision_transformer":  # no language model
+        return transformers.AutoModel.from_config(config)
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
