@@ -109,8 +109,9 @@ def _projection(name: str) -> str | None:
 
 
 def is_expert_stack(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether a tensor holds one matrix per expert: 3-D, and not a convolution's kernel (out × in × width)."""
-    return len(shape) == 3 and min(shape) > 0 and "conv" not in name.lower()
+    """Whether a tensor holds one matrix per expert: 3-D, not a convolution's kernel (out × in × width), and not a
+    vector shaped to broadcast (RWKV's `time_mix_*`, 1 × 1 × hidden, applied elementwise)."""
+    return len(shape) == 3 and min(shape) > 0 and shape[:2] != (1, 1) and "conv" not in name.lower()
 
 
 def expert_name(name: str, expert: int) -> str:

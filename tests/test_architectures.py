@@ -56,6 +56,8 @@ ARCHITECTURES: dict[str, tuple[dict[str, object], Callable[[str, torch.Tensor], 
     # GPT-2's Conv1D layers in another family, and heads named otherwise: predict_state, predict_action, predict_return
     "decision_transformer": ({"state_dim": 5, "act_dim": 3, "n_layer": 2, "n_head": 4, "n_inner": 96, "max_ep_len": 32,
                               "n_positions": 64}, _as_named),
+    # RWKV: its time_mix_* (1 × 1 × hidden) mix tokens elementwise, no matrices
+    "rwkv": ({"attention_hidden_size": 64, "context_length": 64}, _as_named),
     # state-space mixers: in_proj, x_proj, dt_proj and out_proj are all the mixer's linear maps
     "mamba": ({"state_size": 8, "expand": 2}, _as_named),
     "falcon_h1": ({"num_key_value_heads": 2, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16,
