@@ -48,6 +48,12 @@ def _stored_whole(name: str, w: torch.Tensor) -> Matrices:
     return {name.replace("router.weight", "router.layer.weight"): w}
 
 
+def _nemotron_h(name: str, w: torch.Tensor) -> Matrices:
+    """Nemotron-H's layers, stored under `backbone.`, its experts (not gated: up_proj, down_proj) one by one."""
+    name = re.sub(r"^model\.", "backbone.", name)
+    return {re.sub(r"experts\.(up_proj|down_proj)\[(\d+)\]$", r"experts.\2.\1.weight", name): w}
+
+
 def _as_named(name: str, w: torch.Tensor) -> Matrices:
     return {name: w}
 
@@ -62,6 +68,11 @@ ARCHITECTURES: dict[str, tuple[dict[str, object], Callable[[str, torch.Tensor], 
     "mamba": ({"state_size": 8, "expand": 2}, _as_named),
     "falcon_h1": ({"num_key_value_heads": 2, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16,
                    "mamba_d_state": 8, "mamba_n_groups": 1}, _as_named),
+    # a hybrid whose layers are all `mixer`s: Mamba's, attention's, a mixture of experts' (with its router, `gate`)
+    "nemotron_h": ({"num_hidden_layers": 3, "layers_block_type": ["mamba", "moe", "attention"], "head_dim": 16,
+                    "num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 48, "moe_shared_expert_intermediate_size": 32, "mamba_num_heads": 4,
+                    "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1}, _nemotron_h),
     "lfm2": ({"layer_types": ["conv", "full_attention"], "num_key_value_heads": 2, "block_ff_dim": 96,
               "block_auto_adjust_ff_dim": False}, _as_named),
 }
@@ -69,7 +80,7 @@ ARCHITECTURES: dict[str, tuple[dict[str, object], Callable[[str, torch.Tensor], 
 
 def _model(architecture: str, seed: int) -> torch.nn.Module:
     extra, _ = ARCHITECTURES[architecture]
-    config = transformers.AutoConfig.for_model(architecture, **SMALL, **extra)
+    config = transformers.AutoConfig.for_model(architecture, **{**SMALL, **extra})
     torch.manual_seed(seed)
     if architecture == "decision_transformer":  # no language model
         return transformers.AutoModel.from_config(config)
