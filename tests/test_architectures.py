@@ -58,7 +58,30 @@ def _as_named(name: str, w: torch.Tensor) -> Matrices:
     return {name: w}
 
 
+def _gpt_neox(name: str, w: torch.Tensor) -> Matrices:
+    """GPT-NeoX's output head, which transformers names lm_head, stored as embed_out."""
+    return {"embed_out.weight" if name == "lm_head.weight" else name: w}
+
+
 ARCHITECTURES: dict[str, tuple[dict[str, object], Callable[[str, torch.Tensor], Matrices]]] = {
+    # fused projections, each one linear map analysed whole: Phi-3's qkv_proj and gate_up_proj, GPT-NeoX's
+    # query_key_value
+    "phi3": ({"num_key_value_heads": 2}, _as_named),
+    "gpt_neox": ({}, _gpt_neox),
+    # Conv1D (in × out) in GPT-2's first family
+    "openai-gpt": ({"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}, _as_named),
+    # the head tied to the input embedding, stored once
+    "gemma": ({"num_key_value_heads": 2, "head_dim": 16}, _as_named),
+    # transformers' fused experts saved as the checkpoints store them: one tensor per expert and projection
+    # (Mixtral's w1, w3, w2 and its router renamed), whole stacks under their published names (GraniteMoE's
+    # input_linear, output_linear), E × in × out stacks (gpt-oss, whose experts transformers marks is_transposed,
+    # and Llama 4, whose it does not; their experts 64 wide, as the hidden states, so that the family tells the
+    # layout of the square down_proj, which the shape cannot)
+    "mixtral": (EXPERTS, _stored_as_published),
+    "granitemoe": (EXPERTS, _stored_whole),
+    "gpt_oss": ({**EXPERTS, "intermediate_size": 64, "head_dim": 16,
+                 "layer_types": ["full_attention", "sliding_attention"]}, _as_named),
+    "llama4_text": ({**EXPERTS, "intermediate_size": 64, "head_dim": 16, "intermediate_size_mlp": 96}, _as_named),
     # GPT-2's Conv1D layers in another family, and heads named otherwise: predict_state, predict_action, predict_return
     "decision_transformer": ({"state_dim": 5, "act_dim": 3, "n_layer": 2, "n_head": 4, "n_inner": 96, "max_ep_len": 32,
                               "n_positions": 64}, _as_named),
@@ -105,7 +128,7 @@ def linear_maps(model: torch.nn.Module) -> Matrices:
             elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or (name == "weight" and "Router" in kind):
                 found[full] = w
             elif p.ndim == 3 and kind.endswith("Experts"):
-                in_out = getattr(module, "is_transposed", False)
+                in_out = getattr(module, "is_transposed", kind == "Llama4TextExperts")  # Llama 4's x·W_e, unmarked
                 found.update({f"{full}[{e}]": w[e].T if in_out else w[e] for e in range(len(w))})
     return found
 
