@@ -224,7 +224,7 @@ def _copy_files(
     for name, storage in sorted(sources.items()):
         if name in written or name.startswith(tuple(checkpoints)):
             continue
-        if _other_weights(name) or _other_copy(name, stem):
+        if _other_weights(name) or _other_copy(name, stem) or _stale_index(name, stem, written):
             left_out.append(name)
             continue
         if "/" in name and name.endswith(".safetensors"):
@@ -271,9 +271,14 @@ def _training_checkpoints(names: set[str]) -> list[str]:
     return sorted(f for f in folders if not any(f != other and f.startswith(other) for other in folders))
 
 
+def _stale_index(name: str, stem: str, written: set[str]) -> bool:
+    """The shard index beside the single file written (`model.safetensors`), which transformers loads instead of it."""
+    return name == f"{stem}.safetensors.index.json" and f"{stem}.safetensors" in written
+
+
 def _other_copy(name: str, stem: str) -> bool:
-    """A safetensors copy of the weights that is not the one written: `model.safetensors` beside the shards of
-    `model.safetensors.index.json` (which transformers loads first), a variant (`model.fp16.safetensors`), a full
+    """A safetensors copy of the weights that is not the one written: the shards of `model.safetensors.index.json`
+    beside `model.safetensors` (which transformers loads instead), a variant (`model.fp16.safetensors`), a full
     model beside an adapter, ..."""
     if "/" in name or name == f"{stem}.safetensors.index.json":
         return False

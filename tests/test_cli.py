@@ -727,6 +727,12 @@ DEEP_YAML = "x: " + "[" * 100_000 + "]" * 100_000 + "\n"
 """Nested deeper than Python's parsers recurse: malformed input (from a Hub repo, say), not an internal error."""
 
 
+def sharded_only(folder: Path) -> Path:
+    """`folder` without its model.safetensors, which transformers (and ftaudit) would load before a shard index."""
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
 def copy_with(folder: Path, to: Path, name: str, text: str) -> Path:
     shutil.copytree(folder, to)
     (to / name).write_text(text)
@@ -738,7 +744,7 @@ def copy_with(folder: Path, to: Path, name: str, text: str) -> Path:
     [
         (lambda p, t: ["check", copy_with(p["full"], t / "m", "adapter_config.json", DEEP_JSON), "--base", p["base"]],
          "m/adapter_config.json: not valid JSON"),
-        (lambda p, t: ["check", copy_with(p["full"], t / "m", "model.safetensors.index.json", DEEP_JSON)],
+        (lambda p, t: ["check", sharded_only(copy_with(p["full"], t / "m", "model.safetensors.index.json", DEEP_JSON))],
          "m/model.safetensors.index.json: not valid JSON"),
         (lambda p, t: ["check", copy_with(p["full"], t / "m", "README.md", f"---\n{DEEP_YAML}---\n")],
          "m: the card's front matter is not valid YAML (nested too deeply)"),
@@ -843,6 +849,24 @@ def test_half_pushed_sharded_checkpoint_is_refused(tmp_path):
     (tuned / "model-00002-of-00003.safetensors").unlink()
     code, _, stderr = run("check", tuned, "--base", tmp_path / "base")
     assert code == 2 and "names shard model-00002-of-00003.safetensors, which is not in the snapshot" in stderr
+
+
+def test_a_single_file_is_audited_before_a_shard_index_beside_it_as_transformers_loads_it(tmp_path):
+    """A model saved whole over its earlier shards keeps the shards' index (save_pretrained leaves it), maybe the
+    shards too: transformers loads model.safetensors."""
+    base = llama_like()
+    write_model(tmp_path / "base", base)
+    earlier = write_model(tmp_path / "earlier", small_update(base, scale=0.5), shards=3)
+    tuned = write_model(tmp_path / "tuned", small_update(base))
+    expected = json_report("check", tuned, "--base", tmp_path / "base", "--format", "json")
+    shutil.copy(earlier / "model.safetensors.index.json", tuned)
+    stale = json_report("check", tuned, "--base", tmp_path / "base", "--format", "json")  # the shards gone
+    for shard in earlier.glob("model-*.safetensors"):
+        shutil.copy(shard, tuned)
+    beside = json_report("check", tuned, "--base", tmp_path / "base", "--format", "json")  # other values in them
+    for report in (expected, stale, beside):
+        report.pop("created_at")
+    assert stale == beside == expected
 
 
 def test_a_failure_with_a_message_of_several_lines_is_still_one_line(pair, monkeypatch):

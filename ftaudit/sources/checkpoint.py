@@ -149,7 +149,9 @@ def is_training_state(name: str) -> bool:
 
 
 def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
-    """The files that hold the weights: safetensors first (via the shard index if any), else pickles."""
+    """The files that hold the weights: safetensors first, else pickles; of each, the single file where there is one,
+    else the shards of its index, as transformers loads them (a single file beside a shard index, the index maybe
+    left from an earlier save, is what it loads)."""
     files = storage.files()
     top_level = [f for f in files if "/" not in f]
     pickle_stem = "pytorch_model" if stem == "model" else stem
@@ -157,6 +159,8 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
         ("safetensors", f"{stem}.safetensors.index.json", f"{stem}.safetensors", (".safetensors",)),
         ("pickle", f"{pickle_stem}.bin.index.json", f"{pickle_stem}.bin", PICKLE_SUFFIXES),
     ):
+        if single in files:
+            return WeightFiles(fmt, [single], None)
         if index in files:
             weight_map = _weight_map(storage, index)
             shards = sorted(set(weight_map.values()))
@@ -164,8 +168,6 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
             if missing:
                 raise MissingShardError(f"{storage.label}/{index}: names shard {missing[0]}, which is not in the snapshot")
             return WeightFiles(fmt, shards, weight_map)
-        if single in files:
-            return WeightFiles(fmt, [single], None)
         found = sorted(f for f in top_level if f.endswith(suffixes) and not is_training_state(f))
         if found:
             return WeightFiles(fmt, found, None)
