@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import weakref
@@ -11,10 +12,12 @@ from pathlib import PurePosixPath
 
 import torch
 
-from ftaudit.errors import InvalidWeightsError, NotFoundError
+from ftaudit.errors import InvalidWeightsError, NotFoundError, UnsupportedError
 from ftaudit.sources import safetensors
 from ftaudit.sources.safetensors import TensorInfo
 from ftaudit.sources.storage import Storage
+
+log = logging.getLogger("ftaudit")
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 """How the text file that Git LFS stores in place of a file begins (a checkout that did not fetch LFS files)."""
@@ -170,7 +173,7 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
             return WeightFiles(fmt, shards, weight_map)
         found = sorted(f for f in top_level if f.endswith(suffixes) and not is_training_state(f))
         if found:
-            return WeightFiles(fmt, found, None)
+            return _variant(storage, single, found) or WeightFiles(fmt, found, None)
     adapters = sorted(f.removesuffix("adapter_config.json") for f in files if f.endswith("/adapter_config.json"))
     if adapters:  # PEFT saves an adapter not named `default` in a subfolder of its name
         raise NotFoundError(
@@ -181,6 +184,32 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
     where = "" if not nested else (f" at its top level; subfolders are not read: {nested[0]}"
                                    + (f" and {len(nested) - 1} more" if len(nested) > 1 else ""))
     raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files{where})")
+
+
+def _variant(storage: Storage, single: str, found: list[str]) -> WeightFiles | None:
+    """The files of the one variant of `single` among `found` (`model.fp16.safetensors`, or its shards
+    `model.fp16-00001-of-00002.safetensors` and index `model.safetensors.index.fp16.json`), which transformers loads
+    with `variant=` only, read with a warning; None when `found` holds no variant, UnsupportedError when several."""
+    stem, _, suffix = single.partition(".")
+    pattern = re.compile(rf"{re.escape(stem)}\.([^.]+?)(-\d+-of-\d+)?\.{re.escape(suffix)}")
+    by_variant: dict[str, list[str]] = {}
+    for name in found:
+        match = pattern.fullmatch(name)
+        if match:
+            by_variant.setdefault(match[1], []).append(name)
+    if not by_variant:
+        return None
+    if len(by_variant) > 1:
+        names = sorted(by_variant)
+        raise UnsupportedError(
+            f"{storage.label}: no {single}, only its variants {', '.join(names)} ({by_variant[names[0]][0]} ...), "
+            "which transformers loads with variant=: keep one variant's files in a folder of their own and pass that")
+    (variant, files), = by_variant.items()
+    log.warning("%s: no %s, only its %s variant (%s), which transformers loads with variant=%r: reading that",
+                storage.label, single, variant, files[0] + (" ..." if len(files) > 1 else ""), variant)
+    index = f"{single}.index.{variant}.json"
+    fmt = "safetensors" if suffix == "safetensors" else "pickle"
+    return WeightFiles(fmt, files, _weight_map(storage, index) if index in storage.files() else None)
 
 
 def _weight_map(storage: Storage, index: str) -> dict[str, str]:

@@ -1,0 +1,64 @@
+"""Repository layouts found on the Hub: the audit reads the weights transformers loads, or says in one line what to
+do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tests.invoke import run
+from tests.models import llama_like, low_rank_update, write_model
+
+
+def variants(folder: Path, tensors: dict[str, torch.Tensor], *names: str) -> Path:
+    """`folder` holding `tensors` as each of `names` (variant files as transformers saves them with `variant=`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        save_file(tensors, folder / name)
+    return folder
+
+
+def test_the_variant_of_a_model_without_its_default_weights_is_read_with_a_warning(tmp_path):
+    base = llama_like()
+    tuned = {name: t.half() for name, t in low_rank_update(base).items()}
+    write_model(tmp_path / "base", base)
+    folder = variants(tmp_path / "tuned", tuned, "model.fp16.safetensors", "consolidated.safetensors")
+    code, stdout, stderr = run("check", folder, "--base", tmp_path / "base", "--quiet")
+    assert code == 1
+    assert stderr == (f"ftaudit: WARNING: {folder}: no model.safetensors, only its fp16 variant "
+                      "(model.fp16.safetensors), which transformers loads with variant='fp16': reading that\n")
+
+
+def test_sharded_variants_of_two_dtypes_without_the_default_weights_are_refused_in_one_line(tmp_path):
+    tensors = llama_like()
+    folder = tmp_path / "tuned"
+    for variant, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        names = sorted(tensors)
+        weight_map = {}
+        for i in range(2):
+            shard = f"model.{variant}-{i + 1:05d}-of-00002.safetensors"
+            variants(folder, {n: tensors[n].to(dtype) for n in names[i::2]}, shard)
+            weight_map.update(dict.fromkeys(names[i::2], shard))
+        (folder / f"model.safetensors.index.{variant}.json").write_text(json.dumps({"weight_map": weight_map}))
+    code, _, stderr = run("check", folder, "--base", folder)
+    assert (code, stderr) == (2, f"ftaudit: error: {folder}: no model.safetensors, only its variants bf16, fp16 "
+                                 "(model.bf16-00001-of-00002.safetensors ...), which transformers loads with variant=: "
+                                 "keep one variant's files in a folder of their own and pass that\n")
+
+
+def test_the_shards_of_a_single_variant_are_read_by_its_index_and_a_default_beside_them_wins(tmp_path):
+    tensors = llama_like()
+    folder = tmp_path / "tuned"
+    names = sorted(tensors)
+    variants(folder, {n: tensors[n].half() for n in names[::2]}, "model.fp16-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.fp16.json").write_text(json.dumps({"weight_map": dict.fromkeys(
+        names, "model.fp16-00001-of-00002.safetensors")}))
+    code, _, stderr = run("check", folder, "--base", folder)
+    assert code == 2 and stderr.endswith(f"ftaudit: error: {folder}: the shard index puts {names[1]!r} in "
+                                         "model.fp16-00001-of-00002.safetensors, which lacks it\n")
+    write_model(folder, tensors)
+    code, _, stderr = run("check", folder, "--base", folder, "--quiet")
+    assert code == 0 and "variant" not in stderr
