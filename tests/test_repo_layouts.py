@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
+from tests.hubserver import HubServer
 from tests.invoke import run
 from tests.models import llama_like, low_rank_update, write_model
 
@@ -62,3 +63,27 @@ def test_the_shards_of_a_single_variant_are_read_by_its_index_and_a_default_besi
     write_model(folder, tensors)
     code, _, stderr = run("check", folder, "--base", folder, "--quiet")
     assert code == 0 and "variant" not in stderr
+
+
+def test_a_diffusers_pipeline_on_the_hub_is_refused_saying_which_folder_to_download_and_pass(hub_env: HubServer):
+    weights = save(llama_like())
+    hub_env.add_repo("org/pipe", {"model_index.json": b"{}", "unet/diffusion_pytorch_model.safetensors": weights,
+                                  "text_encoder/model.safetensors": weights, "text_encoder/config.json": b"{}"})
+    code, _, stderr = run("check", "org/pipe", "--base", "org/pipe")
+    assert code == 2
+    assert stderr.startswith("ftaudit: error: org/pipe@") and stderr.endswith(
+        ": a diffusers pipeline (model_index.json), whose models are in subfolders (text_encoder/, unet/): pass one "
+        "model's folder (of a Hub repository, download it first: hf download REPO --include 'FOLDER/*')\n")
+
+
+def test_a_repo_of_gguf_or_onnx_weights_only_is_refused_naming_them(tmp_path):
+    for name, files in (("gguf", ["model-Q4_K_M.gguf", "model-Q8_0.gguf"]), ("onnx", ["onnx/model.onnx"])):
+        folder = tmp_path / name
+        for file in files:
+            (folder / file).parent.mkdir(parents=True, exist_ok=True)
+            (folder / file).write_bytes(b"\0" * 64)
+        (folder / "config.json").write_text("{}")
+        more = " and 1 more" if len(files) > 1 else ""
+        assert run("check", folder, "--base", folder)[::2] == (
+            2, f"ftaudit: error: {folder}: no weights found (no .safetensors or pickle files, but {files[0]}{more}, "
+               "a format ftaudit does not read): audit the safetensors weights it was made from\n")

@@ -22,6 +22,8 @@ log = logging.getLogger("ftaudit")
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 """How the text file that Git LFS stores in place of a file begins (a checkout that did not fetch LFS files)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+OTHER_FORMATS = (".gguf", ".onnx", ".h5", ".msgpack", ".tflite")
+"""Weights in formats ftaudit does not read: GGUF (llama.cpp), ONNX, TensorFlow, Flax, TensorFlow Lite."""
 TRAINING_STATE = re.compile(
     r"training_args\.bin|(optimizer|scheduler|sampler)(_\d+)?\.(pt|bin)|scaler\.pt|rng_state(_\d+)?\.pth"
     r"|random_states_\d+\.pkl"
@@ -181,9 +183,22 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
             "pass one of those folders (of a Hub repository, download it first: hf download REPO --include 'FOLDER/*')")
     nested = [f for f in files if "/" in f and f.endswith((".safetensors", *PICKLE_SUFFIXES))
               and not is_training_state(f)]
-    where = "" if not nested else (f" at its top level; subfolders are not read: {nested[0]}"
-                                   + (f" and {len(nested) - 1} more" if len(nested) > 1 else ""))
+    if nested and "model_index.json" in files:
+        folders = ", ".join(sorted({f.split("/")[0] + "/" for f in nested}))
+        raise NotFoundError(
+            f"{storage.label}: a diffusers pipeline (model_index.json), whose models are in subfolders ({folders}): "
+            "pass one model's folder (of a Hub repository, download it first: hf download REPO --include 'FOLDER/*')")
+    other = [f for f in files if f.endswith(OTHER_FORMATS)]
+    if other and not nested:
+        raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files, but {_some(other)}, "
+                            "a format ftaudit does not read): audit the safetensors weights it was made from")
+    where = "" if not nested else f" at its top level; subfolders are not read: {_some(nested)}"
     raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files{where})")
+
+
+def _some(names: list[str]) -> str:
+    """The first of `names`, and how many more."""
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def _variant(storage: Storage, single: str, found: list[str]) -> WeightFiles | None:
