@@ -517,14 +517,16 @@ def test_a_download_the_hub_client_cannot_use_is_a_one_line_error(env, tmp_path,
     assert stderr == f"ftaudit: error: org/tuned@{sha[:12]}: {message.format(url=env.url)}\n"
 
 
-def test_a_git_lfs_pointer_in_place_of_a_pickle_says_so(env, tmp_path):
-    # A repo pushed without Git LFS holds the pointer as the file; not "refused by torch.load", which means code.
+@pytest.mark.parametrize("allow", [["--allow-pickle"], []])
+def test_a_git_lfs_pointer_in_place_of_a_pickle_says_so(env, tmp_path, allow):
+    # A repo pushed without Git LFS holds the pointer as the file; not "refused by torch.load", which means code,
+    # nor "pass --allow-pickle", which would only lead to this
     pickle_repo(env, tmp_path)
     pickled = io.BytesIO()
     torch.save(low_rank_update(llama_like()), pickled)
     pointer = hubserver._blob("pytorch_model.bin", pickled.getvalue()).pointer
     sha = env.add_repo("org/tuned", {"pytorch_model.bin": pointer, "README.md": card("org/base").encode()})
-    code, stdout, stderr = run("check", "org/tuned", "--allow-pickle")
+    code, stdout, stderr = run("check", "org/tuned", *allow)
     assert (code, stdout) == (2, "") and stderr == (
         f"ftaudit: error: org/tuned@{sha[:12]}/pytorch_model.bin: a Git LFS pointer, not the file: fetch the LFS files "
         "(git lfs pull; in GitHub Actions, actions/checkout with lfs: true)\n"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftaudit.errors import NotFoundError, UnsupportedError, UsageError
-from ftaudit.sources.checkpoint import Checkpoint, find_weight_files
+from ftaudit.sources.checkpoint import Checkpoint, find_weight_files, refuse_lfs_pointer
 from ftaudit.sources.local import LocalStorage, cannot_read
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.storage import Storage
@@ -89,6 +89,7 @@ def open_weights(storage: Storage, stem: str = "model", allow_pickle: bool = Fal
     if found.format == "safetensors":
         return Checkpoint(storage, found.files, found.weight_map)
     if not allow_pickle:
+        refuse_lfs_pointer(storage, found.files[0])  # no pickle to refuse: a file not fetched
         raise UnsupportedError(
             f"{storage.label}: weights are only in pickle files ({found.files[0]}), which can run code when "
             "loaded; pass --allow-pickle to load them with torch.load(weights_only=True)"

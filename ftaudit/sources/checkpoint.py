@@ -21,6 +21,8 @@ log = logging.getLogger("ftaudit")
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 """How the text file that Git LFS stores in place of a file begins (a checkout that did not fetch LFS files)."""
+POINTER_MAX_BYTES = 1024
+"""Larger than any Git LFS pointer (about 130 bytes)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_FORMATS = (".gguf", ".onnx", ".h5", ".msgpack", ".tflite")
 """Weights in formats ftaudit does not read: GGUF (llama.cpp), ONNX, TensorFlow, Flax, TensorFlow Lite."""
@@ -129,6 +131,13 @@ def read_header(storage: Storage, name: str) -> safetensors.Header:
         raise lfs_pointer(label)
     n = safetensors.header_length(prefix, size, label)
     return safetensors.parse_header(storage.read(name, 8, n), size, label)
+
+
+def refuse_lfs_pointer(storage: Storage, name: str) -> None:
+    """Raise `lfs_pointer`'s error where weights file `name` is a Git LFS pointer (a small text file), read or not."""
+    size = storage.size(name)
+    if size < POINTER_MAX_BYTES and storage.read(name, 0, min(size, len(LFS_POINTER))) == LFS_POINTER:
+        raise lfs_pointer(f"{storage.label}/{name}")
 
 
 def lfs_pointer(label: str) -> InvalidWeightsError:
