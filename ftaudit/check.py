@@ -18,7 +18,7 @@ from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
 from ftaudit.sources import Snapshot, open_snapshot, open_weights, opens
 from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
-from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.checkpoint import Checkpoint, unread_weights
 from ftaudit.sources.fingerprint import fingerprint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.stored_as import StoredAs
@@ -191,7 +191,13 @@ def check(
     cache: SpectrumCache | None = None,
 ) -> Report:
     """Audit `target` and return the report with its risk level and verdict set."""
-    return audit_opened(open_target(target), options, policy, progress, cache)
+    opened = open_target(target)
+    unread = unread_weights(opened.tuned.storage)
+    if unread:
+        log.warning("%s: weights in subfolders are not audited (the audit reads the top-level weights only): %s",
+                    opened.tuned.storage.label, ", ".join(unread[:3]) + (f" and {len(unread) - 3} more"
+                                                                        if len(unread) > 3 else ""))
+    return audit_opened(opened, options, policy, progress, cache)
 
 
 def audit_opened(

@@ -39,7 +39,7 @@ from ftaudit.renderers.card import BADGE, HEATMAP, REPO_FILES, repo_files
 from ftaudit.report import Report
 from ftaudit.sources import Snapshot
 from ftaudit.sources.adapters import AdaptedTensors, expert_factors
-from ftaudit.sources.checkpoint import Checkpoint, is_training_state
+from ftaudit.sources.checkpoint import Checkpoint, is_training_state, training_checkpoints
 from ftaudit.sources.local import LocalStorage
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 from ftaudit.sources.storage import Storage
@@ -58,8 +58,6 @@ OTHER_COPY_STEMS = ("model", "consolidated")
 """Safetensors files of these names, beside the weights the fix writes, are other copies of them: a full model beside
 an adapter (the adapter merged, or its base), Mistral's `consolidated`."""
 ADAPTER_CONFIG = "adapter_config.json"
-TRAINER_STATE = "trainer_state.json"
-"""What transformers' Trainer saves in every checkpoint folder, its other state (optimizer.pt, ...) or not."""
 CARD = "README.md"
 
 Phases = Callable[[str], Progress | None]
@@ -219,7 +217,7 @@ def _copy_files(
         audit_files = [name for name in REPO_FILES if name in sources]
         for name in (CARD, *audit_files):
             sources.pop(name, None)
-    checkpoints = _training_checkpoints(set(sources) - written)
+    checkpoints = training_checkpoints(set(sources) - written)
     unpatched = []
     for name, storage in sorted(sources.items()):
         if name in written or name.startswith(tuple(checkpoints)):
@@ -261,14 +259,6 @@ def _sources(opened: Opened, fmt: str) -> tuple[dict[str, Storage], list[str]]:
         else:
             sources[name] = tuned
     return sources, left_out
-
-
-def _training_checkpoints(names: set[str]) -> list[str]:
-    """The outermost subfolders (as `checkpoint-500/`) that hold a training run's state: a Trainer's checkpoint
-    folders, earlier states of the run with weights of their own, which the audit does not read."""
-    folders = {str(PurePosixPath(name).parent) + "/" for name in names
-               if "/" in name and (PurePosixPath(name).name == TRAINER_STATE or is_training_state(name))}
-    return sorted(f for f in folders if not any(f != other and f.startswith(other) for other in folders))
 
 
 def _stale_index(name: str, stem: str, written: set[str]) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from ftaudit.cli import main
 from tests import reference
@@ -867,6 +868,20 @@ def test_a_single_file_is_audited_before_a_shard_index_beside_it_as_transformers
     for report in (expected, stale, beside):
         report.pop("created_at")
     assert stale == beside == expected
+
+
+def test_weights_in_subfolders_are_said_to_be_left_unaudited(pair, tmp_path):
+    """A sentence-transformers model's Dense layer (`2_Dense/`) is part of the model that the audit does not read;
+    a Trainer's checkpoint folder is an earlier state of the run, not said."""
+    model = shutil.copytree(pair["full"], tmp_path / "m")
+    for folder in ("2_Dense", "checkpoint-500"):
+        (model / folder).mkdir()
+        save_file({"linear.weight": torch.ones(4, 4)}, model / folder / "model.safetensors")
+    (model / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    code, _, stderr = run("check", model, "--quiet")
+    assert code == 0 and stderr == (f"ftaudit: WARNING: {model}: weights in subfolders are not audited (the audit reads "
+                                    "the top-level weights only): 2_Dense/model.safetensors\n")
+    assert run("check", pair["full"], "--quiet")[2] == ""
 
 
 def test_a_failure_with_a_message_of_several_lines_is_still_one_line(pair, monkeypatch):

@@ -21,6 +21,8 @@ log = logging.getLogger("ftaudit")
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 """How the text file that Git LFS stores in place of a file begins (a checkout that did not fetch LFS files)."""
+TRAINER_STATE = "trainer_state.json"
+"""What transformers' Trainer saves in every checkpoint folder, its other state (optimizer.pt, ...) or not."""
 POINTER_MAX_BYTES = 1024
 """Larger than any Git LFS pointer (about 130 bytes)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -160,6 +162,23 @@ class WeightFiles:
 def is_training_state(name: str) -> bool:
     """Whether file `name` (a path in a snapshot) is a training run's state saved beside the weights."""
     return TRAINING_STATE.fullmatch(PurePosixPath(name).name) is not None
+
+
+def training_checkpoints(names: set[str]) -> list[str]:
+    """The outermost subfolders (as `checkpoint-500/`) that hold a training run's state: a Trainer's checkpoint
+    folders, earlier states of the run with weights of their own, which the audit does not read."""
+    folders = {str(PurePosixPath(name).parent) + "/" for name in names
+               if "/" in name and (PurePosixPath(name).name == TRAINER_STATE or is_training_state(name))}
+    return sorted(f for f in folders if not any(f != other and f.startswith(other) for other in folders))
+
+
+def unread_weights(storage: Storage) -> list[str]:
+    """The weight files in subfolders that the audit does not read (a sentence-transformers model's `2_Dense/`),
+    those of training checkpoint folders aside."""
+    files = storage.files()
+    checkpoints = tuple(training_checkpoints(set(files)))
+    return sorted(f for f in files if "/" in f and f.endswith((".safetensors", *PICKLE_SUFFIXES))
+                  and not is_training_state(f) and not f.startswith(checkpoints))
 
 
 def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
