@@ -18,11 +18,11 @@ from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
 from ftaudit.sources import Snapshot, open_snapshot, open_weights, opens
 from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
-from ftaudit.sources.checkpoint import Checkpoint, unread_weights
+from ftaudit.sources.checkpoint import Checkpoint, some_of, unread_weights
 from ftaudit.sources.fingerprint import fingerprint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.stored_as import StoredAs
-from ftaudit.sources.tied import embedding_heads, is_head, own_heads, stored_copies, tie_copies
+from ftaudit.sources.tied import embedding_heads, is_head, own_heads, stored_copies, tie_copies, tied_head_entries
 
 log = logging.getLogger("ftaudit")
 
@@ -111,8 +111,7 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         tie_copies(weights, copies, untied[1])
         sides = {"model": embedding_heads(weights, base_side.infos, ties[0]),
                  "base": embedding_heads(base_side, weights.infos, ties[1])}
-        tied_heads = tuple({"name": head, "side": side, "embedding": embedding}
-                           for side, heads in sides.items() for head, embedding in heads.items())
+        tied_heads = tuple(entry for side, heads in sides.items() for entry in tied_head_entries(side, heads))
         # one side may hold experts' stacks and routers as transformers' layers name them, the other as published
         tuned_side: Tensors = StoredAs.of(weights, base_side.infos, layout)
         base_stored = StoredAs.of(base_side, weights.infos, layout)
@@ -125,8 +124,7 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         tie_copies(base_side, base_copies, _saves_whole(lora, base_side, {*base_copies, *base_copies.values()}))
         # and a head it saves whole is compared with the base's embedding, where the base stores no head
         saved = {key: weights.infos[name] for key, name in lora.replaced.items() if is_head(key)}
-        tied_heads = tuple({"name": head, "side": "base", "embedding": embedding} for head, embedding in
-                           embedding_heads(base_side, saved, architectures[1].tied_embeddings).items())
+        tied_heads = tied_head_entries("base", embedding_heads(base_side, saved, architectures[1].tied_embeddings))
         adapted = AdaptedTensors(lora, base_side, layout)
         for embedding, head in adapted.tied.items():
             what = ("its trained token rows are audited as PEFT merges them, as rows" if adapted.token_rows(embedding)
@@ -195,8 +193,7 @@ def check(
     unread = unread_weights(opened.tuned.storage)
     if unread:
         log.warning("%s: weights in subfolders are not audited (the audit reads the top-level weights only): %s",
-                    opened.tuned.storage.label, ", ".join(unread[:3]) + (f" and {len(unread) - 3} more"
-                                                                        if len(unread) > 3 else ""))
+                    opened.tuned.storage.label, some_of(unread, 3))
     return audit_opened(opened, options, policy, progress, cache)
 
 

@@ -177,8 +177,12 @@ def unread_weights(storage: Storage) -> list[str]:
     those of training checkpoint folders aside."""
     files = storage.files()
     checkpoints = tuple(training_checkpoints(set(files)))
-    return sorted(f for f in files if "/" in f and f.endswith((".safetensors", *PICKLE_SUFFIXES))
-                  and not is_training_state(f) and not f.startswith(checkpoints))
+    return sorted(f for f in _nested_weights(files) if not f.startswith(checkpoints))
+
+
+def _nested_weights(files: list[str]) -> list[str]:
+    """The weight files in subfolders among `files`, training state aside."""
+    return [f for f in files if "/" in f and f.endswith((".safetensors", *PICKLE_SUFFIXES)) and not is_training_state(f)]
 
 
 def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
@@ -203,14 +207,13 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
             return WeightFiles(fmt, shards, weight_map)
         found = sorted(f for f in top_level if f.endswith(suffixes) and not is_training_state(f))
         if found:
-            return _variant(storage, single, found) or WeightFiles(fmt, found, None)
+            return _variant(storage, files, single, found) or WeightFiles(fmt, found, None)
     adapters = sorted(f.removesuffix("adapter_config.json") for f in files if f.endswith("/adapter_config.json"))
     if adapters:  # PEFT saves an adapter not named `default` in a subfolder of its name
         raise NotFoundError(
             f"{storage.label}: no weights at its top level, but PEFT adapters in subfolders ({', '.join(adapters)}): "
             "pass one of those folders (of a Hub repository, download it first: hf download REPO --include 'FOLDER/*')")
-    nested = [f for f in files if "/" in f and f.endswith((".safetensors", *PICKLE_SUFFIXES))
-              and not is_training_state(f)]
+    nested = _nested_weights(files)
     if nested and "model_index.json" in files:
         folders = ", ".join(sorted({f.split("/")[0] + "/" for f in nested}))
         raise NotFoundError(
@@ -218,18 +221,19 @@ def find_weight_files(storage: Storage, stem: str = "model") -> WeightFiles:
             "pass one model's folder (of a Hub repository, download it first: hf download REPO --include 'FOLDER/*')")
     other = [f for f in files if f.endswith(OTHER_FORMATS)]
     if other and not nested:
-        raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files, but {_some(other)}, "
+        raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files, but {some_of(other)}, "
                             "a format ftaudit does not read): audit the safetensors weights it was made from")
-    where = "" if not nested else f" at its top level; subfolders are not read: {_some(nested)}"
+    where = "" if not nested else f" at its top level; subfolders are not read: {some_of(nested)}"
     raise NotFoundError(f"{storage.label}: no weights found (no .safetensors or pickle files{where})")
 
 
-def _some(names: list[str]) -> str:
-    """The first of `names`, and how many more."""
-    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+def some_of(names: list[str], shown: int = 1) -> str:
+    """The first `shown` of `names`, and how many more."""
+    rest = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {rest} more" if rest > 0 else "")
 
 
-def _variant(storage: Storage, single: str, found: list[str]) -> WeightFiles | None:
+def _variant(storage: Storage, files: list[str], single: str, found: list[str]) -> WeightFiles | None:
     """The files of the one variant of `single` among `found` (`model.fp16.safetensors`, or its shards
     `model.fp16-00001-of-00002.safetensors` and index `model.safetensors.index.fp16.json`), which transformers loads
     with `variant=` only, read with a warning; None when `found` holds no variant, UnsupportedError when several."""
@@ -247,12 +251,12 @@ def _variant(storage: Storage, single: str, found: list[str]) -> WeightFiles | N
         raise UnsupportedError(
             f"{storage.label}: no {single}, only its variants {', '.join(names)} ({by_variant[names[0]][0]} ...), "
             "which transformers loads with variant=: keep one variant's files in a folder of their own and pass that")
-    (variant, files), = by_variant.items()
+    (variant, chosen), = by_variant.items()
     log.warning("%s: no %s, only its %s variant (%s), which transformers loads with variant=%r: reading that",
-                storage.label, single, variant, files[0] + (" ..." if len(files) > 1 else ""), variant)
+                storage.label, single, variant, chosen[0] + (" ..." if len(chosen) > 1 else ""), variant)
     index = f"{single}.index.{variant}.json"
     fmt = "safetensors" if suffix == "safetensors" else "pickle"
-    return WeightFiles(fmt, files, _weight_map(storage, index) if index in storage.files() else None)
+    return WeightFiles(fmt, chosen, _weight_map(storage, index) if index in files else None)
 
 
 def _weight_map(storage: Storage, index: str) -> dict[str, str]:

@@ -96,6 +96,11 @@ def embedding_heads(weights: Checkpoint | PickleCheckpoint, other: dict[str, Ten
     return heads
 
 
+def tied_head_entries(side: str, heads: dict[str, str]) -> tuple[dict[str, str], ...]:
+    """The report's `tensors.tied_heads` entries for the heads (`embedding_heads`) that `side` reads as embeddings."""
+    return tuple({"name": head, "side": side, "embedding": embedding} for head, embedding in heads.items())
+
+
 def own_heads(names: Iterable[str], copies: dict[str, str]) -> bool:
     """Whether tensors `names` hold an output head that is not a copy of its embedding."""
     return any(is_head(name) and name not in copies for name in names)
