@@ -4,7 +4,7 @@ revision type and a token type."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,6 +12,7 @@ import click
 from click.exceptions import NoArgsIsHelpError
 
 from ftaudit.errors import EXIT_ERROR
+from ftaudit.renderers.markdown import workflow_error
 from ftaudit.secrets import Redactor, clean_token, header_safe
 
 
@@ -21,34 +22,59 @@ class OneLineError(click.ClickException):
 
     exit_code = EXIT_ERROR
 
-    def __init__(self, error: click.ClickException) -> None:
+    def __init__(self, error: click.ClickException, github: bool) -> None:
         context = getattr(error, "ctx", None)
         hint = f" (see {context.command_path} --help)" if context is not None else ""
         super().__init__(error.format_message() + hint)
+        self.github = github
 
     def show(self, file: object = None) -> None:
-        click.echo(f"ftaudit: error: {Redactor.for_token(None)(self.format_message())}", err=True)
+        message = Redactor.for_token(None)(self.format_message())
+        click.echo(workflow_error(message) if self.github else f"ftaudit: error: {message}", err=True)
+
+
+def _asks_github(args: Sequence[str]) -> bool:
+    """Whether a command line, not yet parsed, ends up with `--format github` (the last --format counts, as click
+    takes it): its own errors are then workflow commands, as every other error is with that format."""
+    chosen = None
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--format" and i + 1 < len(args):
+            chosen = args[i + 1]
+        elif arg.startswith("--format="):
+            chosen = arg.partition("=")[2]
+    return chosen == "github"
+
+
+_GITHUB = "ftaudit.github"
+"""The context's meta key holding `_asks_github` of the whole command line."""
 
 
 @contextmanager
-def _one_line_errors() -> Iterator[None]:
+def _one_line_errors(github: bool) -> Iterator[None]:
     try:
         yield
     except (OneLineError, NoArgsIsHelpError):  # a group run bare shows its help, as click does
         raise
     except click.ClickException as e:
-        raise OneLineError(e) from None
+        raise OneLineError(e, github) from None
 
 
 class OneLineErrorGroup(click.Group):
     """The command group, parsing its own and its commands' options with `_one_line_errors`."""
 
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        with _one_line_errors():
-            return super().make_context(*args, **kwargs)
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        github = _asks_github(args)  # before parsing, which consumes the list
+        with _one_line_errors(github):
+            context = super().make_context(info_name, args, parent, **extra)
+        context.meta[_GITHUB] = github
+        return context
 
     def invoke(self, ctx: click.Context) -> Any:
-        with _one_line_errors():
+        with _one_line_errors(ctx.meta.get(_GITHUB, False)):
             return super().invoke(ctx)
 
 

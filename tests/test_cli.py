@@ -95,6 +95,20 @@ def test_a_command_line_error_is_redacted_too(monkeypatch):
     assert code == 2 and stderr == "ftaudit: error: Got unexpected extra argument (***) (see main policy --help)\n"
 
 
+def test_with_format_github_a_command_line_error_is_a_workflow_command_too(pair, monkeypatch):
+    """click's own errors (a value out of range, an unknown option, an extra argument) follow --format github as
+    every other error does, redacted alike; the last --format given counts, as click takes it."""
+    monkeypatch.setenv("HF_TOKEN", "hf_InTheEnvironmentAbcdefghijklmn")
+    code, stdout, stderr = run("check", pair["full"], "--format", "github", "--epsilon", 7)
+    assert (code, stdout) == (2, "")
+    assert stderr == "::error title=ftaudit::Invalid value for '--epsilon': 7.0 is not in the range 0<x<=1. " \
+        "(see main check --help)\n"
+    code, _, stderr = run("check", pair["full"], "hf_InTheEnvironmentAbcdefghijklmn", "--format=github")
+    assert code == 2 and stderr == "::error title=ftaudit::Got unexpected extra argument (***) (see main check --help)\n"
+    code, _, stderr = run("check", pair["full"], "--format", "github", "--format", "text", "--epsilon", 7)
+    assert code == 2 and stderr.startswith("ftaudit: error: Invalid value for '--epsilon'")
+
+
 def test_a_glob_that_matches_nothing_is_warned_about(pair, tmp_path):
     out = tmp_path / "r.json"
     code, _, stderr = run("check", pair["full"], "--exclude", "*.q_porj.*", "--exclude", "*.k_proj.*", "--json", out)
