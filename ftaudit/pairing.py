@@ -35,10 +35,11 @@ _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         r"attn|attention|(^|\.)(q|k|v|o|query|key|value|qkv|wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj"
         r"|out_proj|query_key_value|(mamba|mixer|conv)\.(in_proj|x_proj|dt_proj)|temporal_block\.linear_(x|y|out))"
         r"(\.|$)")),
-    # a router is its mixture of experts' (Nemotron-H's `mixer.gate`)
+    # a router is its mixture of experts' (Nemotron-H's `mixer.gate`); Zamba's hybrid layers map the shared
+    # transformer block's output through a `linear` of their own
     ("mlp", re.compile(
         r"mlp|ffn|feed_?forward|intermediate|experts|moe|(^|\.)(fc1|fc2|w1|w2|w3|gate_proj|up_proj|down_proj"
-        r"|c_fc|dense_h_to_4h|dense_4h_to_h|wi|output\.dense|mixer\.gate)(\.|$)")),
+        r"|c_fc|dense_h_to_4h|dense_4h_to_h|wi|output\.dense|mixer\.gate|\d+\.linear)(\.|$)")),
 ]
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _POSITIONS = re.compile(r"(^|\.)(wpe|[^.]*pos[^.]*)(\.weight)?$")

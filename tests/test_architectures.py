@@ -96,6 +96,10 @@ ARCHITECTURES: dict[str, tuple[dict[str, object], Callable[[str, torch.Tensor], 
                     "num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2,
                     "moe_intermediate_size": 48, "moe_shared_expert_intermediate_size": 32, "mamba_num_heads": 4,
                     "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1}, _nemotron_h),
+    # a hybrid layer's shared transformer block, mapped into its Mamba layer by a `linear` of its own
+    "zamba2": ({"layers_block_type": ["mamba", "hybrid"], "mamba_d_state": 8, "mamba_headdim": 16, "n_mamba_heads": 8,
+                "mamba_ngroups": 1, "num_key_value_heads": 4, "attention_head_dim": 16, "num_mem_blocks": 1,
+                "use_shared_attention_adapter": False, "use_mem_rope": False}, _as_named),
     "lfm2": ({"layer_types": ["conv", "full_attention"], "num_key_value_heads": 2, "block_ff_dim": 96,
               "block_auto_adjust_ff_dim": False}, _as_named),
 }

@@ -26,6 +26,8 @@ def test_module_kinds_across_architectures():
     assert module_kind("model.layers.0.input_layernorm.weight") == "norm"
     assert module_kind("transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight") == "attention"  # DBRX: in a norm's block
     assert module_kind("transformer.blocks.0.norm_attn_norm.norm_1.weight") == "norm"
+    assert module_kind("model.layers.5.linear.weight") == "mlp"  # Zamba's hybrid layer: the shared block's output
+    assert module_kind("multi_modal_projector.linear_1.weight") == "other"
     assert layer_index("model.layers.12.mlp.up_proj.weight") == 12
     assert layer_index("lm_head.weight") is None
 
