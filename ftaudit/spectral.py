@@ -179,9 +179,13 @@ def base_basis(w: torch.Tensor) -> Basis:
 def nonzero_left(w: torch.Tensor, count: int | None = None) -> Spectrum:
     """The first `count` (default all) left singular pairs of w whose singular value is nonzero (above
     σ1·`rank_tolerance`), from a full SVD in float64: exact to about ε64·σ1, where a Gram matrix's eigenvalues
-    cannot tell a value under `gram_resolution`·σ1 from zero. It holds W, U and Vᵀ whole in float64: for
-    rank-deficient matrices only."""
-    U, S, _ = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
+    cannot tell a value under `gram_resolution`·σ1 from zero. For rank-deficient matrices only: it holds W whole
+    in float64 twice over. A wide W (m < n) is first reduced to the m × m triangle R of Wᵀ = Q·R, whose transpose
+    has W's left singular pairs (W = Rᵀ·Qᵀ), so that no float64 Vᵀ as large as W is made."""
+    w64 = w.to(torch.float64)
+    if w.shape[0] < w.shape[1]:
+        w64 = torch.linalg.qr(w64.mT, mode="r").R.mT
+    U, S, _ = torch.linalg.svd(w64, full_matrices=False)
     kept = int((S > S[0] * rank_tolerance(w.shape)).sum().item())
     kept = kept if count is None else min(kept, count)
     return Spectrum(U[:, :kept], S[:kept])
