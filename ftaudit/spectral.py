@@ -180,15 +180,20 @@ def nonzero_left(w: torch.Tensor, count: int | None = None) -> Spectrum:
     """The first `count` (default all) left singular pairs of w whose singular value is nonzero (above
     σ1·`rank_tolerance`), from a full SVD in float64: exact to about ε64·σ1, where a Gram matrix's eigenvalues
     cannot tell a value under `gram_resolution`·σ1 from zero. For rank-deficient matrices only: it holds W whole
-    in float64 twice over. A wide W (m < n) is first reduced to the m × m triangle R of Wᵀ = Q·R, whose transpose
-    has W's left singular pairs (W = Rᵀ·Qᵀ), so that no float64 Vᵀ as large as W is made."""
+    in float64 twice over. A matrix that is not square is first reduced to the triangle R of its smaller side, whose
+    SVD is all that is taken: a wide W's left singular pairs are Rᵀ's (Wᵀ = Q·R, W = Rᵀ·Qᵀ); a tall W's values are
+    R's and its vectors Q·U_R (W = Q·R), so no float64 Vᵀ or U as large as W is made beside a copy of W."""
     w64 = w.to(torch.float64)
-    if w.shape[0] < w.shape[1]:
+    rows, cols = w.shape
+    Q = None
+    if rows < cols:
         w64 = torch.linalg.qr(w64.mT, mode="r").R.mT
+    elif rows > cols:
+        Q, w64 = torch.linalg.qr(w64)
     U, S, _ = torch.linalg.svd(w64, full_matrices=False)
     kept = int((S > S[0] * rank_tolerance(w.shape)).sum().item())
     kept = kept if count is None else min(kept, count)
-    return Spectrum(U[:, :kept], S[:kept])
+    return Spectrum(U[:, :kept] if Q is None else Q @ U[:, :kept], S[:kept])
 
 
 def _none(w: torch.Tensor) -> Spectrum:
