@@ -12,6 +12,7 @@ update cut back to rank r), or with `merge` the base model with the patched merg
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 
@@ -59,6 +61,8 @@ OTHER_COPY_STEMS = ("model", "consolidated")
 an adapter (the adapter merged, or its base), Mistral's `consolidated`."""
 ADAPTER_CONFIG = "adapter_config.json"
 CARD = "README.md"
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
 
 Phases = Callable[[str], Progress | None]
 """Given a phase's name (`auditing input`, `writing`, `auditing output`), its progress callback."""
@@ -112,9 +116,12 @@ def fix(
         card = _card_to_update(opened.tuned.storage) if patcher.pairs or fmt == "merged" else ""
         replace: Replace = {"model": patcher.model_tensor, "adapter": patcher.adapter_tensor,
                             "merged": patcher.merged_tensor}[fmt]
-        _write_weights(folder, storage, weights, replace, phase("writing"))
+        heads = patcher.untied_heads() if fmt == "merged" else {}
+        _write_weights(folder, storage, weights, replace, phase("writing"), heads)
+        rewritten = _untie(folder, _sources(opened, fmt)[0], weights, heads) if heads else set()
         changed = bool(patcher.changes) or fmt == "merged"
-        left_out, unpatched, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed)
+        left_out, unpatched, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed,
+                                                       rewritten=rewritten)
         written = Snapshot(str(out), None, LocalStorage(folder.path, label=str(out)))  # named as it will be
         after = audit_opened(
             open_target(Target(str(out), base=before.base.id, base_revision=before.base.revision, token=target.token,
@@ -169,9 +176,15 @@ def _weights_to_write(opened: Opened, fmt: str) -> tuple[Storage, Checkpoint]:
 
 
 def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, replace: Replace,
-                   progress: Progress | None) -> None:
+                   progress: Progress | None, heads: dict[str, str]) -> None:
+    """Write the weights' files, each with its tensors replaced, and each head of `heads` (head → embedding) added
+    after the file that holds its embedding, of that embedding's dtype and shape."""
     files = sorted({ref.file for ref in weights.tensors.values()})
-    total, done = len(weights.tensors), 0
+    added: dict[str, list[TensorInfo]] = {}
+    for head, embedding in heads.items():
+        ref = weights.tensors[embedding]
+        added.setdefault(ref.file, []).append(TensorInfo(head, ref.info.dtype, ref.info.shape, 0, ref.info.nbytes))
+    total, done = len(weights.tensors) + len(heads), 0
     left = {name: n + 1 for name, n in Counter(weights.copies.values()).items()}
     """The tensors whose values a copy holds too (a tied head's embedding): how many of them and their copies are yet
     to be written."""
@@ -199,17 +212,50 @@ def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, r
         return new if new is None or new.numel() != math.prod(info.shape) else new.reshape(info.shape)
 
     for file in files:
-        folder.write_safetensors(storage, file, as_stored, step)
+        folder.write_safetensors(storage, file, as_stored, step, added.get(file, []))
+
+
+def _untie(folder: ModelFolder, sources: dict[str, Storage], weights: Checkpoint, heads: dict[str, str]) -> set[str]:
+    """Write config.json untied (`untied_config`) and the shard index with the added heads, as PEFT's merge saves
+    them; return the names of the files written, not to be copied."""
+    config = untied_config(_json_file(sources, CONFIG))
+    folder.write_bytes(CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    written = {CONFIG}
+    if INDEX in sources and "model.safetensors" not in {ref.file for ref in weights.tensors.values()}:
+        index = _json_file(sources, INDEX)  # the weights are its shards
+        for head, embedding in heads.items():
+            index["weight_map"][head] = weights.tensors[embedding].file
+            if isinstance(index.get("metadata", {}).get("total_size"), int):
+                index["metadata"]["total_size"] += weights.tensors[embedding].info.nbytes
+        folder.write_bytes(INDEX, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+        written.add(INDEX)
+    return written
+
+
+def untied_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A model's config.json with its head untied from its input embedding: `tie_word_embeddings: false` at its top
+    level and in its text_config, where transformers may read it (a multimodal model's)."""
+    text = config.get("text_config")
+    return {**config, "tie_word_embeddings": False,
+            **({"text_config": {**text, "tie_word_embeddings": False}} if isinstance(text, dict) else {})}
+
+
+def _json_file(sources: dict[str, Storage], name: str) -> dict[str, Any]:
+    """A JSON object file of the output's sources, as read when the model was opened (checked there)."""
+    storage = sources[name]
+    data = json.loads(storage.read(name, 0, storage.size(name)))
+    assert isinstance(data, dict), f"{name} was read as a JSON object when the model was opened"
+    return data
 
 
 def _copy_files(
-    folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool
+    folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool, rewritten: set[str]
 ) -> tuple[list[str], list[str], list[str]]:
-    """Copy the input's other files; return what is left out (weights in other formats or other copies, and training
-    checkpoint folders, as `checkpoint-500/`), the safetensors files in subfolders copied as they are, and, unless
-    `keep_card`, the audit's files (badge, heatmap) the input had, which are not copied: they are the card's, to be
-    rewritten with it."""
-    written = {ref.file for ref in weights.tensors.values()}
+    """Copy the input's other files but those `rewritten`; return what is left out (weights in other formats or other
+    copies, and training checkpoint folders, as `checkpoint-500/`), the safetensors files in subfolders copied as
+    they are, and, unless `keep_card`, the audit's files (badge, heatmap) the input had, which are not copied: they
+    are the card's, to be rewritten with it."""
+    written = {ref.file for ref in weights.tensors.values()} | rewritten
     stem = "adapter_model" if fmt == "adapter" else "model"
     sources, left_out = _sources(opened, fmt)
     audit_files: list[str] = []
@@ -253,7 +299,7 @@ def _sources(opened: Opened, fmt: str) -> tuple[dict[str, Storage], list[str]]:
     for name in tuned.files():
         if name == ADAPTER_CONFIG or name.startswith("adapter_model."):
             continue
-        if name == "model.safetensors.index.json" or _other_copy(name, "model"):
+        if name == INDEX or _other_copy(name, "model"):
             if name not in sources:
                 left_out.append(name)
         else:
@@ -453,18 +499,17 @@ class _Patcher:
             merged = self.tuned.load(info.name)
         return merged.to(dtype=FLOAT_DTYPES[info.dtype], device="cpu")
 
-    def check_mergeable(self) -> None:
-        """Every tensor the adapter stores whole must have a base tensor of its shape to replace."""
-        base = self.base.infos
+    def untied_heads(self) -> dict[str, str]:
+        """The heads that the adapter saves whole and that the base ties to its input embedding and stores not (head →
+        embedding): PEFT's merge unties them, and the merged model stores them beside the embedding."""
         aliases = {} if isinstance(self.base, StoredAs) else self.base.aliases  # an adapter's base: no StoredAs
+        return {name: aliases[name] for name in self.tuned.infos if name in aliases}
+
+    def check_mergeable(self) -> None:
+        """Every tensor the adapter stores whole must have a base tensor of its shape to replace, or be a head that the
+        merged model stores untied (`untied_heads`), of its embedding's shape."""
+        base = self.base.infos
         for name, info in self.tuned.infos.items():
-            if name in aliases:
-                raise UnsupportedError(
-                    f"the adapter's {info.name} replaces {name}, which the base does not store: tied to its input "
-                    f"embedding {aliases[name]} (tie_word_embeddings), it is that embedding. PEFT's merge "
-                    "unties the two, a model that ftaudit fix does not write: write the adapter instead (without "
-                    "--merge)"
-                )
             if name not in base or base[name].shape != info.shape or base[name].dtype not in FLOAT_DTYPES:
                 raise UnsupportedError(
                     f"the adapter's {info.name} has no floating-point tensor of shape {list(info.shape)} to replace "

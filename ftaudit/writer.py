@@ -4,7 +4,7 @@ Everything goes into a temporary sibling of the destination (`.NAME.ftaudit-part
 renamed to the destination only once every file is complete; a failure removes it. A safetensors
 file is written tensor by tensor in data order: a tensor that is not replaced is copied as raw
 bytes, in bounded chunks; a replaced one must keep its dtype and shape, so the header's bytes are
-copied unchanged.
+copied unchanged, unless tensors are added after the file's own.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +23,7 @@ import torch
 
 from ftaudit.errors import InvalidWeightsError, UsageError
 from ftaudit.sources.checkpoint import read_header
-from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
+from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo, appended_header
 from ftaudit.sources.storage import Storage
 
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -126,17 +126,25 @@ class ModelFolder:
         with self._file(name) as f:
             _copy_range(storage, name, 0, storage.size(name), f)
 
-    def write_safetensors(self, storage: Storage, name: str, replace: Replace, done: Callable[[str], None]) -> None:
-        """Copy safetensors file `name`, with the tensors `replace` gives re-encoded; `done(tensor)` after each."""
+    def write_safetensors(self, storage: Storage, name: str, replace: Replace, done: Callable[[str], None],
+                          added: Sequence[TensorInfo] = ()) -> None:
+        """Copy safetensors file `name`, with the tensors `replace` gives re-encoded, then the tensors `added` after its
+        own (entries of a dtype, a shape and a size, whose values `replace` gives); `done(tensor)` after each."""
         header = read_header(storage, name)
         with self._file(name) as f:
-            f.write(storage.read(name, 0, header.data_start))
+            f.write(appended_header(header, list(added)) if added else storage.read(name, 0, header.data_start))
             for info in sorted(header.tensors.values(), key=lambda t: t.start):
                 new = replace(info)
                 if new is None:
                     _copy_range(storage, name, info.start, info.nbytes, f)
                 else:
                     f.write(encode(new, info))
+                done(info.name)
+            for info in added:
+                value = replace(info)
+                if value is None:
+                    raise ValueError(f"no value for the added tensor {info.name!r}")
+                f.write(encode(value, info))
                 done(info.name)
 
 

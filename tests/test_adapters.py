@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from examples import minilm_finetunes as ft
 from ftaudit.cli import main
+from ftaudit.fix import untied_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm-lora-r8"
 
@@ -810,23 +811,60 @@ def test_a_tied_head_an_adapter_saves_whole_is_compared_with_the_base_embedding(
     assert "model.embed_tokens.weight" in report["tensors"]["unchanged"]
 
 
-def test_the_fix_of_a_tied_head_an_adapter_saves_whole_is_written_as_an_adapter_not_merged(tmp_path):
-    """Merged, the head saved whole would need a tensor the base does not store and config.json untied (as PEFT's
-    merge writes it): `fix --merge` refuses before writing anything, and the fix written as an adapter patches it."""
+def test_a_config_is_untied_at_its_top_level_and_in_its_text_config():
+    """transformers reads a multimodal model's tie from its top level or its text_config: both say false."""
+    config = {"model_type": "llava", "text_config": {"model_type": "llama", "tie_word_embeddings": True}, "a": 1}
+    assert untied_config(config) == {"model_type": "llava", "a": 1, "tie_word_embeddings": False,
+                                     "text_config": {"model_type": "llama", "tie_word_embeddings": False}}
+    assert config["text_config"]["tie_word_embeddings"] is True  # the input is left as it was
+
+
+@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens", "lm_head"]])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_fix_merged_of_a_tied_head_an_adapter_saves_whole_is_untied_as_peft_merges_it(tmp_path, saved, sharded):
+    """Merged, a head saved whole (modules_to_save) on a base that ties it to its embedding and stores none is stored
+    beside the embedding, in the embedding's file (and shard index), with config.json untied, as PEFT's merge saves
+    it: with λ = 1 the model PEFT merges, which transformers loads with a head of its own; with λ = 0 the head patched
+    as the fix written as an adapter patches it."""
     pytest.importorskip("peft")
-    folder, base, _ = tied_head(tmp_path, "llama", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    import transformers
+
+    folder, base, peft_merged = tied_head(tmp_path, "llama", target_modules=["q_proj"], modules_to_save=saved)
+    if sharded:  # the embedding in a shard of its own, beside others
+        shutil.move(base, tmp_path / "single")
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "single").save_pretrained(base, max_shard_size="40KB")
+        assert (base / "model.safetensors.index.json").exists()
+    config = json.loads((base / "config.json").read_text())
     common = ["fix", str(folder), "--base", str(base), "--include", "head", "--no-cache", "--quiet"]
-    merged = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "merged-fix"), "--merge"])
-    assert merged.exit_code == 2 and merged.stderr == (
-        "ftaudit: error: the adapter's base_model.model.lm_head.weight replaces lm_head.weight, which the base does "
-        "not store: tied to its input embedding model.embed_tokens.weight (tie_word_embeddings), it is that "
-        "embedding. PEFT's merge unties the two, a model that ftaudit fix does not write: write the adapter instead "
-        "(without --merge)\n")
-    assert not (tmp_path / "merged-fix").exists()
+    same = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "same"), "--merge", "--lambda", "1"])
+    assert same.exit_code in (0, 1), same.stderr
+    expected = load_file(peft_merged / "model.safetensors")
+    written = {}
+    for file in (tmp_path / "same").glob("*.safetensors"):
+        written.update(load_file(file))
+    assert sorted(written) == sorted(expected)
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert torch.equal(written[name], expected[name]), name
+    assert all(torch.allclose(written[n], expected[n], rtol=0, atol=1e-6) for n in expected)
+    assert json.loads((tmp_path / "same" / "config.json").read_text()) == untied_config(config)
+    assert untied_config(config) == {**config, "tie_word_embeddings": False}
+    if sharded:
+        index = json.loads((tmp_path / "same" / "model.safetensors.index.json").read_text())
+        shard = index["weight_map"]["model.embed_tokens.weight"]
+        assert index["weight_map"]["lm_head.weight"] == shard
+        assert "lm_head.weight" in load_file(tmp_path / "same" / shard)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "same")
+    assert torch.equal(model.lm_head.weight, expected["lm_head.weight"])
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
     record = tmp_path / "fix.json"
-    fixed = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "fix"), "--json", str(record)])
-    assert fixed.exit_code in (0, 1), fixed.stderr
+    merged = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "merged-fix"), "--merge", "--lambda", "0",
+                                       "--json", str(record)])
+    assert merged.exit_code in (0, 1), merged.stderr
     assert "lm_head.weight" in {change["name"] for change in json.loads(record.read_text())["changes"]}
-    before = load_file(folder / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
-    after = load_file(tmp_path / "fix" / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
-    assert not torch.equal(before, after)
+    fixed = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "fix"), "--lambda", "0"])
+    assert fixed.exit_code in (0, 1), fixed.stderr
+    patched = load_file(tmp_path / "fix" / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
+    assert not torch.equal(patched, expected["lm_head.weight"])
+    merged_head = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged-fix").lm_head.weight
+    assert torch.equal(merged_head, patched)

@@ -66,11 +66,27 @@ class Header:
 def encode_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """The length prefix and header of a file holding the float `tensors`' bytes back to back, in order."""
     names = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
-    entries: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        entries[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+    entries = [(name, names[t.dtype], tuple(t.shape), t.numel() * t.element_size()) for name, t in tensors.items()]
+    return _encoded({"__metadata__": metadata}, 0, entries)
+
+
+def appended_header(header: Header, added: list[TensorInfo]) -> bytes:
+    """The length prefix and header of a file holding `header`'s tensors, in data order, then the tensors `added`
+    (their dtypes, shapes and sizes) back to back."""
+    entries: dict[str, object] = {"__metadata__": header.metadata} if header.metadata else {}
+    end = 0
+    for info in sorted(header.tensors.values(), key=lambda t: t.start):
+        end = info.end - header.data_start
+        entries[info.name] = {"dtype": info.dtype, "shape": list(info.shape),
+                              "data_offsets": [info.start - header.data_start, end]}
+    return _encoded(entries, end, [(info.name, info.dtype, info.shape, info.nbytes) for info in added])
+
+
+def _encoded(entries: dict[str, object], offset: int, added: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    """The length prefix and header of `entries`, then of the tensors `added` (name, dtype, shape, size) from data
+    offset `offset` on."""
+    for name, dtype, shape, size in added:
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
