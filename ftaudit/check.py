@@ -13,7 +13,7 @@ from ftaudit.cache import SpectrumCache
 from ftaudit.base import PASS_BASE, DeclaredBase, adapter_config, architecture_of, declared_base, unusable_name
 from ftaudit.errors import BaseResolutionError, InvalidWeightsError, UnsupportedError, UsageError
 from ftaudit.layout import Layout, matrix_tensor
-from ftaudit.pairing import align, quantized_matrix
+from ftaudit.pairing import align, input_embeddings, quantized_matrix
 from ftaudit.policy import Policy, apply
 from ftaudit.report import BaseRef, ModelRef, Report
 from ftaudit.sources import Snapshot, open_snapshot, open_weights, opens
@@ -54,6 +54,9 @@ class Opened:
     tied_heads: tuple[dict[str, str], ...] = ()
     """The output heads that one side stores and the other, tied to its embedding, does not: read as that embedding
     (the report's `tensors.tied_heads`)."""
+    base_tied: frozenset[str] = frozenset()
+    """The base's tensors that its config.json ties, head and embedding, as stored: a head stored as a copy of its
+    embedding and that embedding; where no head is stored, the token embeddings."""
 
 
 def _same_model(declared: str, model: str) -> bool:
@@ -97,6 +100,7 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     config = adapter_config(tuned.storage)
     tied_heads: tuple[dict[str, str], ...] = ()
+    base_tied: frozenset[str] = frozenset()
     model_ref = ModelRef(tuned.id, tuned.revision)
     base_ref = BaseRef(base.id, base.revision, declared.declared_by, _fingerprint(base, base_side))
     base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
@@ -121,7 +125,8 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         model_ref.fingerprint = _fingerprint(tuned, weights, json.dumps(config, sort_keys=True))
         lora = LoraAdapter(tuned.storage, config, weights)
         # PEFT's merge unties a head from its embedding where the adapter saves either whole (modules_to_save)
-        tie_copies(base_side, base_copies, _saves_whole(lora, base_side, {*base_copies, *base_copies.values()}))
+        tie_copies(base_side, base_copies, bool(saved_whole(lora, base_side) & {*base_copies, *base_copies.values()}))
+        base_tied = _tied(base_side, base_copies, ties[1])
         # and a head it saves whole is compared with the base's embedding, where the base stores no head
         saved = {key: weights.infos[name] for key, name in lora.replaced.items() if is_head(key)}
         tied_heads = tied_head_entries("base", embedding_heads(base_side, saved, architectures[1].tied_embeddings))
@@ -133,15 +138,24 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
                         head.removesuffix(".weight"), what, embedding)
         model_ref.adapter = adapted.describe()
         tuned_side = adapted
-    return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout, tied_heads)
+    return Opened(tuned, base, tuned_side, base_stored, model_ref, base_ref, layout, tied_heads, base_tied)
 
 
-def _saves_whole(adapter: LoraAdapter, base: Checkpoint | PickleCheckpoint, tensors: set[str]) -> bool:
-    """Whether `adapter` saves any of the base's `tensors` whole (modules_to_save)."""
-    if not tensors:
-        return False
+def saved_whole(adapter: LoraAdapter, base: Checkpoint | PickleCheckpoint) -> set[str]:
+    """The base's tensors that `adapter` saves whole (modules_to_save)."""
     base_map, replaced = align(base.infos, adapter.replaced)
-    return any(base_map.get(key) in tensors for key in replaced)
+    return {base_map[key] for key in replaced if key in base_map}
+
+
+def _tied(base: Checkpoint | PickleCheckpoint, copies: dict[str, str], tied: bool | None) -> frozenset[str]:
+    """`Opened.base_tied` of a base whose config.json ties (`tied`: true or unsaid) or not, its heads stored as copies
+    of their embeddings `copies` (head → embedding)."""
+    if tied is False:
+        return frozenset()
+    if copies or any(is_head(name) for name in base.infos):
+        return frozenset({*copies, *copies.values()})
+    infos = base.infos
+    return frozenset(n for n in infos if len(infos[n].shape) == 2 and n in input_embeddings(infos, (None, infos[n].shape[1])))
 
 
 def _fingerprint(snapshot: Snapshot, weights: Checkpoint | PickleCheckpoint, *texts: str) -> str | None:

@@ -29,7 +29,7 @@ from ftaudit import __version__, cardfile
 from ftaudit.audit import AuditOptions, Progress, Tensors
 from ftaudit.blockwise import scale_exponent, scaled, unscaled
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
-from ftaudit.check import Opened, Target, audit_opened, open_target
+from ftaudit.check import Opened, Target, audit_opened, open_target, saved_whole
 from ftaudit.errors import UnsupportedError, UsageError
 from ftaudit.fixreport import FixResult, FixSettings, MatrixChange
 from ftaudit.layout import as_analysed
@@ -46,6 +46,7 @@ from ftaudit.sources.local import LocalStorage
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 from ftaudit.sources.storage import Storage
 from ftaudit.sources.stored_as import StoredAs
+from ftaudit.sources.tied import is_head
 from ftaudit.spectral import Basis, base_basis, resolve_device, upcast
 from ftaudit.writer import ModelFolder, Replace
 
@@ -118,7 +119,8 @@ def fix(
                             "merged": patcher.merged_tensor}[fmt]
         heads = patcher.untied_heads() if fmt == "merged" else {}
         _write_weights(folder, storage, weights, replace, phase("writing"), heads)
-        rewritten = _untie(folder, _sources(opened, fmt)[0], weights, heads) if heads else set()
+        untie = fmt == "merged" and patcher.merge_unties()
+        rewritten = _untie(folder, _sources(opened, fmt)[0], weights, heads) if untie else set()
         changed = bool(patcher.changes) or fmt == "merged"
         left_out, unpatched, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed,
                                                        rewritten=rewritten)
@@ -216,12 +218,12 @@ def _write_weights(folder: ModelFolder, storage: Storage, weights: Checkpoint, r
 
 
 def _untie(folder: ModelFolder, sources: dict[str, Storage], weights: Checkpoint, heads: dict[str, str]) -> set[str]:
-    """Write config.json untied (`untied_config`) and the shard index with the added heads, as PEFT's merge saves
-    them; return the names of the files written, not to be copied."""
+    """Write config.json untied (`untied_config`) and the shard index with the added `heads` (head → embedding), as
+    PEFT's merge saves them; return the names of the files written, not to be copied."""
     config = untied_config(_json_file(sources, CONFIG))
     folder.write_bytes(CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
     written = {CONFIG}
-    if INDEX in sources and "model.safetensors" not in {ref.file for ref in weights.tensors.values()}:
+    if heads and INDEX in sources and "model.safetensors" not in {ref.file for ref in weights.tensors.values()}:
         index = _json_file(sources, INDEX)  # the weights are its shards
         for head, embedding in heads.items():
             index["weight_map"][head] = weights.tensors[embedding].file
@@ -360,6 +362,7 @@ class _Patcher:
                  cache: SpectrumCache | None) -> None:
         self.tuned = opened.tuned_side
         self.base = opened.base_side
+        self.base_tied = opened.base_tied
         self.options = options
         self.lam = fix_options.lam
         self.only_top = fix_options.only_top
@@ -505,9 +508,26 @@ class _Patcher:
         aliases = {} if isinstance(self.base, StoredAs) else self.base.aliases  # an adapter's base: no StoredAs
         return {name: aliases[name] for name in self.tuned.infos if name in aliases}
 
+    def _saved_tied(self) -> set[str]:
+        """The tensors the base's config.json ties (`Opened.base_tied`) that the adapter saves whole."""
+        if not isinstance(self.tuned, AdaptedTensors) or isinstance(self.base, StoredAs):
+            return set()
+        return saved_whole(self.tuned.adapter, self.base) & self.base_tied
+
+    def merge_unties(self) -> bool:
+        """Whether PEFT's merge unties the base's head from its embedding: the adapter saves either whole."""
+        return bool(self.untied_heads() or self._saved_tied())
+
     def check_mergeable(self) -> None:
         """Every tensor the adapter stores whole must have a base tensor of its shape to replace, or be a head that the
-        merged model stores untied (`untied_heads`), of its embedding's shape."""
+        merged model stores untied (`untied_heads`), of its embedding's shape; an embedding saved whole whose tied head
+        the base stores not, the head saved whole too."""
+        saved = self._saved_tied()
+        if saved and not self.untied_heads() and not any(is_head(name) for name in self.base_tied):
+            raise UnsupportedError(
+                f"the adapter saves {', '.join(sorted(saved))} whole, which the base ties to its output head "
+                "(tie_word_embeddings) and stores once: PEFT's merge unties the two, the head keeping the base's "
+                "values under a name the base does not store: write the adapter instead (without --merge)")
         base = self.base.infos
         for name, info in self.tuned.infos.items():
             if name not in base or base[name].shape != info.shape or base[name].dtype not in FLOAT_DTYPES:

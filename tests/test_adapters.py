@@ -811,6 +811,23 @@ def test_a_tied_head_an_adapter_saves_whole_is_compared_with_the_base_embedding(
     assert "model.embed_tokens.weight" in report["tensors"]["unchanged"]
 
 
+def test_the_fix_merged_of_an_embedding_saved_whole_is_refused_where_the_tied_head_has_no_name(tmp_path):
+    """PEFT's merge of an embedding saved whole on a base that ties its head and stores none keeps the base's
+    embedding as the head, stored under the head's name, which the base does not give: refused before anything is
+    written; the fix written as an adapter is not."""
+    pytest.importorskip("peft")
+    folder, base, _ = tied_head(tmp_path, "llama", target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    common = ["fix", str(folder), "--base", str(base), "--include", "embedding", "--no-cache", "--quiet"]
+    merged = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "merged-fix"), "--merge"])
+    assert merged.exit_code == 2 and merged.stderr == (
+        "ftaudit: error: the adapter saves model.embed_tokens.weight whole, which the base ties to its output head "
+        "(tie_word_embeddings) and stores once: PEFT's merge unties the two, the head keeping the base's values under a "
+        "name the base does not store: write the adapter instead (without --merge)\n")
+    assert not (tmp_path / "merged-fix").exists()
+    fixed = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "fix")])
+    assert fixed.exit_code in (0, 1), fixed.stderr
+
+
 def test_a_config_is_untied_at_its_top_level_and_in_its_text_config():
     """transformers reads a multimodal model's tie from its top level or its text_config: both say false."""
     config = {"model_type": "llava", "text_config": {"model_type": "llama", "tie_word_embeddings": True}, "a": 1}
@@ -819,17 +836,20 @@ def test_a_config_is_untied_at_its_top_level_and_in_its_text_config():
     assert config["text_config"]["tie_word_embeddings"] is True  # the input is left as it was
 
 
-@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens", "lm_head"]])
-@pytest.mark.parametrize("sharded", [False, True])
-def test_the_fix_merged_of_a_tied_head_an_adapter_saves_whole_is_untied_as_peft_merges_it(tmp_path, saved, sharded):
-    """Merged, a head saved whole (modules_to_save) on a base that ties it to its embedding and stores none is stored
-    beside the embedding, in the embedding's file (and shard index), with config.json untied, as PEFT's merge saves
-    it: with λ = 1 the model PEFT merges, which transformers loads with a head of its own; with λ = 0 the head patched
-    as the fix written as an adapter patches it."""
+@pytest.mark.parametrize(("head", "saved", "sharded"), [
+    (None, ["lm_head"], False), (None, ["lm_head"], True), (None, ["embed_tokens", "lm_head"], False),
+    (None, ["embed_tokens", "lm_head"], True), ("copy", ["lm_head"], False), ("copy", ["embed_tokens"], False),
+    ("copy", ["embed_tokens", "lm_head"], False)])
+def test_the_fix_merged_of_an_adapter_saving_a_tied_head_or_embedding_whole_is_untied_as_peft_merges_it(
+        tmp_path, head, saved, sharded):
+    """Merged, an adapter that saves a tied head or its embedding whole (modules_to_save) gives a model untied in its
+    config.json, as PEFT's merge saves it; a head the base does not store (`head` None) is stored after the embedding,
+    in its file (and shard index). With λ = 1 it is the model PEFT merges, which transformers loads with a head of its
+    own; with λ = 0 the head saved whole is patched as the fix written as an adapter patches it."""
     pytest.importorskip("peft")
     import transformers
 
-    folder, base, peft_merged = tied_head(tmp_path, "llama", target_modules=["q_proj"], modules_to_save=saved)
+    folder, base, peft_merged = tied_head(tmp_path, "llama", head, target_modules=["q_proj"], modules_to_save=saved)
     if sharded:  # the embedding in a shard of its own, beside others
         shutil.move(base, tmp_path / "single")
         transformers.LlamaForCausalLM.from_pretrained(tmp_path / "single").save_pretrained(base, max_shard_size="40KB")
@@ -857,6 +877,8 @@ def test_the_fix_merged_of_a_tied_head_an_adapter_saves_whole_is_untied_as_peft_
     assert torch.equal(model.lm_head.weight, expected["lm_head.weight"])
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
 
+    if "lm_head" not in saved:
+        return
     record = tmp_path / "fix.json"
     merged = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "merged-fix"), "--merge", "--lambda", "0",
                                        "--json", str(record)])
