@@ -98,6 +98,7 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     ties = [a.tied_embeddings if a.configured else False for a in architectures]
     base_side = _restacked(open_weights(base.storage, allow_pickle=target.allow_pickle), layout, base.storage.label)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
+    _warn_native_format(base, base_side)
     config = adapter_config(tuned.storage)
     tied_heads: tuple[dict[str, str], ...] = ()
     base_tied: frozenset[str] = frozenset()
@@ -108,6 +109,7 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     if config is None:
         weights = _restacked(open_weights(tuned.storage, allow_pickle=target.allow_pickle), layout, tuned.storage.label)
         _refuse_quantized(tuned.storage.label, weights, "audit the model before quantization")
+        _warn_native_format(tuned, weights)
         model_ref.fingerprint = _fingerprint(tuned, weights)
         copies = stored_copies(weights, ties[0], tuned.storage.label)
         untied = own_heads(weights.infos, copies), own_heads(base_side.infos, base_copies)
@@ -183,6 +185,19 @@ def _warn_other_architecture(tuned: Snapshot, base: Snapshot, tuned_type: str | 
     if tuned_type is not None and base_type is not None and tuned_type != base_type:
         log.warning("%s is a %s model and %s a %s one (config.json model_type): is it really its base?",
                     tuned.id, tuned_type, base.id, base_type)
+
+
+def _warn_native_format(snapshot: Snapshot, weights: Checkpoint | PickleCheckpoint) -> None:
+    """Warn when the weights read are in Mistral's own format (consolidated.safetensors and params.json, no
+    config.json), whose tensor names no transformers-format model shares: the audit then finds nothing to compare."""
+    files = snapshot.storage.files()
+    if "params.json" not in files or "config.json" in files or not isinstance(weights, Checkpoint):
+        return
+    read = {ref.file for ref in weights.tensors.values()}
+    if read and all(name.startswith("consolidated") for name in read):
+        log.warning("%s: weights in Mistral's own format (%s with params.json, no config.json), whose tensor names "
+                    "(layers.0.attention.wq.weight) are not transformers' (model.layers.0.self_attn.q_proj.weight): "
+                    "they pair only with weights in that format", snapshot.id, _listed(sorted(read)))
 
 
 def _refuse_quantized(label: str, weights: Checkpoint | PickleCheckpoint, what_to_do: str) -> None:

@@ -87,3 +87,23 @@ def test_a_repo_of_gguf_or_onnx_weights_only_is_refused_naming_them(tmp_path):
         assert run("check", folder, "--base", folder)[::2] == (
             2, f"ftaudit: error: {folder}: no weights found (no .safetensors or pickle files, but {files[0]}{more}, "
                "a format ftaudit does not read): audit the safetensors weights it was made from\n")
+
+
+def test_weights_in_mistrals_own_format_are_named_so_when_nothing_pairs(tmp_path):
+    """consolidated.safetensors with params.json and no config.json (Mistral's own release format): its tensor names
+    are not transformers', which the warning says before the audit finds nothing to compare; with config.json beside
+    it, no warning."""
+    base = llama_like()
+    write_model(tmp_path / "base", base)
+    folder = variants(tmp_path / "native", {"layers.0.attention.wq.weight": base["model.layers.0.self_attn.q_proj.weight"],
+                                            "tok_embeddings.weight": torch.randn(16, 8)}, "consolidated.safetensors")
+    (folder / "params.json").write_text(json.dumps({"dim": 8, "n_layers": 1}))
+    code, _, stderr = run("check", folder, "--base", tmp_path / "base")
+    assert code == 2 and stderr == (
+        f"ftaudit: WARNING: {folder}: weights in Mistral's own format (consolidated.safetensors with params.json, no "
+        "config.json), whose tensor names (layers.0.attention.wq.weight) are not transformers' "
+        "(model.layers.0.self_attn.q_proj.weight): they pair only with weights in that format\n"
+        f"ftaudit: error: the model and {tmp_path / 'base'} share no analysable weight matrices: is it really the base?\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    code, _, stderr = run("check", folder, "--base", tmp_path / "base")
+    assert code == 2 and "Mistral's own format" not in stderr
