@@ -538,9 +538,14 @@ class _Patcher:
 
     def check_adapter_can_hold(self) -> None:
         """Every matrix to patch must be stored by the adapter as factors or whole: token rows cannot hold a patch
-        of the whole matrix."""
+        of the whole matrix, nor DoRA's factors and magnitudes that of the matrix they rescale."""
         assert isinstance(self.tuned, AdaptedTensors)
         for name, pairs in self.pairs.items():
+            module = self.tuned.module(name)
+            if module is not None and module.magnitude is not None:
+                raise UnsupportedError(
+                    f"{pairs[0].name}: a DoRA module (use_dora), whose factors and magnitudes cannot hold the fix of "
+                    "the matrix they rescale: pass --merge to write a merged model")
             if self.tuned.token_rows(name):
                 raise UnsupportedError(
                     f"{pairs[0].name}: the adapter stores only some of its rows (trainable_token_indices), which cannot "

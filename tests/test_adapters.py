@@ -29,9 +29,13 @@ def adapter(tmp_path: Path, config: dict | None = None, tensors=None) -> Path:
     return folder
 
 
-def with_magnitude(t: dict) -> dict:
+def with_short_magnitude(t: dict) -> dict:
     name = next(n for n in t if n.endswith("lora_A.weight")).replace("lora_A.weight", "lora_magnitude_vector")
-    return {**t, name: torch.ones(384)}
+    return {**t, name: torch.ones(7)}
+
+
+def with_lone_magnitude(t: dict) -> dict:
+    return {**t, "base_model.model.embeddings.word_embeddings.lora_magnitude_vector": torch.ones(384)}
 
 
 def without_one_b(t: dict) -> dict:
@@ -55,7 +59,6 @@ def rank_zero(t: dict) -> dict:
 @pytest.mark.parametrize(
     ("config", "tensors", "message"),
     [
-        ({"use_dora": True}, None, "DoRA adapters (use_dora) are not supported"),
         ({"kasa_config": {"beta": 0.0001, "gamma": 0.001}}, None, "KaSA adapters (kasa_config) are not supported"),
         ({"use_bdlora": {"nblocks": 2}}, None, "block-diagonal LoRA adapters (use_bdlora) are not supported"),
         ({"init_lora_weights": "corda"}, None, "init_lora_weights='corda' are not supported"),
@@ -64,7 +67,8 @@ def rank_zero(t: dict) -> dict:
         ({"peft_type": "IA3"}, None, "IA3 adapters are not supported (only LoRA)"),
         ({"peft_type": "LOKR"}, None, "LOKR adapters are not supported"),
         ({"target_parameters": "mlp.experts.w1"}, None, "target_parameters must be a list of parameter names"),
-        (None, with_magnitude, "DoRA (use_dora) magnitude vectors are not supported"),
+        (None, with_short_magnitude, "the DoRA magnitude vector is [7], not one value per output (384)"),
+        (None, with_lone_magnitude, "module embeddings.word_embeddings has a DoRA magnitude vector but no LoRA factors"),
         (None, without_one_b, "has lora_A but not its pair"),
         ({"lora_alpha": "sixteen"}, None, "lora_alpha must be a number"),
         ({"lora_alpha": float("nan")}, None, "lora_alpha must be a number (got nan)"),
@@ -424,6 +428,8 @@ def tied_head(tmp_path: Path, family: str, head: str | None = None, tie: bool = 
     for name in weights:
         if "lora_" not in name and "base_layer" not in name:  # token rows, whole tensors: PEFT starts them as the base's
             weights[name] = weights[name] + torch.randn_like(weights[name])
+        elif "lora_magnitude_vector" in name:  # DoRA's, which PEFT starts at the norms that leave W0 + ΔW as it is
+            weights[name] = weights[name] * (1 + 0.3 * torch.randn_like(weights[name]))
         elif "lora_embedding_B" in name:  # N(0, 1): an update 200 times the embedding, whose merge in float32 would
             weights[name] = weights[name] / 100  # move its cosines by 1e-5
     save_file(weights, tmp_path / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -592,6 +598,36 @@ def audits_agree(folder: Path, base: Path, merged: Path, *options: str) -> tuple
     for name, head in heads[0].items():  # the merged model's unchanged ones too
         assert head == pytest.approx(heads[1][name], rel=1e-5, abs=1e-9), name
     return reports[0], reports[1], said[0]
+
+
+@pytest.mark.parametrize(("family", "targets"), [("llama", ["q_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])])
+def test_a_dora_adapter_is_audited_and_merged_as_peft_merges_it(tmp_path, family, targets):
+    """DoRA (use_dora): each output's row of W0 + ΔW rescaled to its magnitude (a column of GPT-2's in × out Conv1D
+    weights, fan_in_fan_out). The adapter's audit is the merged model's; `fix --merge` with λ = 1 writes the model
+    PEFT merges; the fix written as an adapter, whose factors cannot hold it, is refused."""
+    pytest.importorskip("peft")
+    folder, base, merged = tied_head(tmp_path, family, tie=False, target_modules=targets, use_dora=True)
+    report, _, _ = audits_agree(folder, base, merged)
+    assert report["model"]["adapter"]["use_dora"] is True and report["summary"]["intruder_dimensions"] > 0
+    common = ["fix", str(folder), "--base", str(base), "--no-cache", "--quiet"]
+    same = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "same"), "--merge", "--lambda", "1"])
+    assert same.exit_code in (0, 1), same.stderr
+    written, expected = load_file(tmp_path / "same" / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert sorted(written) == sorted(expected)
+    assert all(torch.allclose(written[n], expected[n], rtol=0, atol=1e-6) for n in expected)
+    refused = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "fix")])
+    assert refused.exit_code == 2 and refused.stderr.endswith(
+        ": a DoRA module (use_dora), whose factors and magnitudes cannot hold the fix of the matrix they rescale: pass "
+        "--merge to write a merged model\n"), refused.stderr
+
+
+def test_dora_on_an_embedding_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("peft")
+    folder, base, _ = tied_head(tmp_path, "llama", tie=False, target_modules=["embed_tokens"], use_dora=True)
+    result = CliRunner().invoke(main, ["check", str(folder), "--base", str(base)])
+    assert result.exit_code == 2 and result.stderr == (
+        f"ftaudit: error: {folder}: model.embed_tokens: DoRA on embeddings is not supported: merge the adapter into "
+        "its base (PEFT's merge_and_unload) and audit the merged model\n")
 
 
 @pytest.mark.parametrize(("family", "lora", "tied"), [

@@ -38,22 +38,23 @@ PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
 _TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 _BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
+_MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
 _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<tensor>weight|bias)$")
 FACTOR_CACHE = 2
 """LoRA modules whose factors are kept, in float64: a stack's, and the other stack's of its experts, whose parts the
 base may store side by side (experts.0.down_proj, experts.0.gate_proj)."""
 _UNSUPPORTED_KEYS = {
-    "lora_magnitude_vector": "DoRA (use_dora) magnitude vectors",
     "lora_diag": "KaSA (kasa_config) diagonals",
     "lora_E": "AdaLoRA",
 }
 _MERGE_UNUSED = (".lora_velora_embed.", ".lora_monteclora_sampler.")
 """The state of LoRA variants whose merge is W0 + scaling·B·A all the same (VeLoRA's projection, MonteCLoRA's
 sampler): no tensor of the tuned model."""
-_UNSUPPORTED_VARIANTS = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA",
+_UNSUPPORTED_VARIANTS = {"kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA",
                          "alora_invocation_tokens": "aLoRA", "use_qalora": "QALoRA",
                          "layer_replication": "layer-replicating", "arrow_config": "Arrow router"}
-"""LoRA variants whose merge is not W0 + scaling·B·A: DoRA rescales the columns, KaSA puts a diagonal between B and A
+"""LoRA variants whose merge is not W0 + scaling·B·A (nor DoRA's rescaling of it, which `LoraModule.magnitude`
+gives): KaSA puts a diagonal between B and A
 and truncates W0, block-diagonal LoRA stores A or B as blocks. aLoRA (activated LoRA) adapts only the tokens after its
 invocation sequence and has no merge; QALoRA's A acts on inputs pooled by groups, a narrower matrix than W0's.
 layer_replication stacks copies of the base's layers, each adapted on its own: layer i of the tuned model need not be
@@ -81,6 +82,9 @@ class LoraModule:
     """For a LoRA on raw parameters: those of its module (target_parameters) it may adapt; the base's shapes pick one."""
     experts: int | None = None
     """For a LoRA on a stack of experts' matrices: E, the number of experts whose factors the pair interleaves."""
+    magnitude: str | None = None
+    """For DoRA (use_dora): the adapter's tensor of magnitudes m, one per output; the adapted matrix is then
+    (W0 + ΔW) with each output's row rescaled to norm m, as PEFT's merge writes it."""
 
 
 class LoraAdapter:
@@ -101,6 +105,7 @@ class LoraAdapter:
         """Tensors of adapted layers that the adapter saves (an embedding's weight, bias="all"'s biases), which PEFT
         loads in place of the base's, by the layer's tensor: the W0 its LoRA or lora_bias adds to."""
         factors: dict[str, dict[str, str]] = {}
+        magnitudes: dict[str, str] = {}
         given = config.get("target_parameters")
         targets = given if isinstance(given, list) else []  # a list of names, or none (_check_config)
         for name in self.weights.infos:
@@ -110,8 +115,10 @@ class LoraAdapter:
             if any(key in f"{name}." for key in _MERGE_UNUSED):
                 continue
             match, rows, bias = _FACTOR.match(name), _TOKEN_ROWS.match(name), _BIAS.match(name)
-            base_layer = _BASE_LAYER.match(name)
-            if match:
+            base_layer, magnitude = _BASE_LAYER.match(name), _MAGNITUDE.match(name)
+            if magnitude:
+                magnitudes[_strip_peft(magnitude["module"])] = name
+            elif match:
                 factors.setdefault(_strip_peft(match["module"]), {})[match["side"]] = name
             elif bias:
                 self.biases[_strip_peft(bias["module"])] = name
@@ -131,6 +138,8 @@ class LoraAdapter:
                 raise InvalidWeightsError(f"{self.label}: module {module} has lora_{next(iter(pair))} but not its pair")
             self.modules[module] = self._module(module, pair["A"], pair["B"], embedding="lora_embedding" in pair["A"],
                                                 parameters=_parameter_keys(module, targets))
+        for module, name in sorted(magnitudes.items()):
+            self.modules[module] = self._with_magnitude(module, name)
         if not self.modules and not self.replaced and not self.rows:
             raise InvalidWeightsError(f"{self.label}: the adapter holds no LoRA factors")
 
@@ -153,6 +162,22 @@ class LoraAdapter:
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
         # On raw parameters, the rank and alpha are those of the parameter the base's shapes pick (for_parameter)
         return LoraModule(module, a, b, rank, alpha, scaling, transpose, parameters)
+
+    def _with_magnitude(self, module: str, name: str) -> LoraModule:
+        """LoRA module `module` as DoRA's, its magnitudes the adapter's tensor `name`: one per output of a linear
+        layer's matrix."""
+        found = self.modules.get(module)
+        if found is None:
+            raise InvalidWeightsError(f"{self.label}: module {module} has a DoRA magnitude vector but no LoRA factors")
+        if found.parameters or "lora_embedding" in found.a:
+            what = "raw parameters (target_parameters)" if found.parameters else "embeddings"
+            raise UnsupportedError(f"{self.label}: {module}: DoRA on {what} is not supported: merge the adapter into "
+                                   "its base (PEFT's merge_and_unload) and audit the merged model")
+        outputs = self.weights.infos[found.b].shape[0]
+        if tuple(self.weights.infos[name].shape) != (outputs,):
+            raise InvalidWeightsError(f"{self.label}: {module}: the DoRA magnitude vector is "
+                                      f"{list(self.weights.infos[name].shape)}, not one value per output ({outputs})")
+        return replace(found, magnitude=name)
 
     def for_parameter(self, module: LoraModule, key: str) -> LoraModule | None:
         """`module`, a LoRA on raw parameters, as the LoRA of parameter `key`: its factors side by side for E experts
@@ -197,6 +222,7 @@ class LoraAdapter:
             "r": ranks[0] if len(ranks) == 1 else ranks,
             "lora_alpha": self.config.get("lora_alpha"),
             "use_rslora": bool(self.config.get("use_rslora")),
+            **({"use_dora": True} if any(m.magnitude for m in modules.values()) else {}),
             "modules": len(modules),
             "modules_to_save": sorted(self.replaced),
             **({"trainable_tokens": {m: len(i) for m, (_, i) in sorted(self.rows.items())}} if self.rows else {}),
@@ -585,13 +611,23 @@ class AdaptedTensors:
                 stack[e] = stack[e].double() + update.left @ update.right
             return stack
         update = self._update(module, name, expert)
-        return self._w0(name, expert).double() + update.left @ update.right
+        adapted = self._w0(name, expert).double() + update.left @ update.right
+        return adapted if module.magnitude is None else self._rescaled(module, adapted)
+
+    def _rescaled(self, module: LoraModule, adapted: torch.Tensor) -> torch.Tensor:
+        """DoRA's merge: each output's row of W0 + ΔW (a column where the matrix is stored in × out) rescaled to the
+        norm the module's magnitude vector gives it."""
+        assert module.magnitude is not None
+        magnitude = self.adapter.weights.load(module.magnitude).double()
+        if module.transpose:
+            return adapted * (magnitude / torch.linalg.vector_norm(adapted, dim=0))
+        return adapted * (magnitude / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1)
 
     def low_rank(self, name: str, expert: int | None = None) -> LowRankUpdate | None:
         """ΔW of tensor `name` (or of expert `expert`'s matrix of a stack) as float64 factors; None for a tensor the
-        adapter replaces, whole or by rows, or whose W0 it saves (not the base's, to be exact)."""
+        adapter replaces, whole or by rows, rescales (DoRA), or whose W0 it saves (not the base's, to be exact)."""
         kind, source = self._sources[name]
-        if kind != "lora" or name in self._base_layers:
+        if kind != "lora" or name in self._base_layers or self.modules[source].magnitude is not None:
             return None
         return self._update(self.modules[source], name, expert)
 
