@@ -611,17 +611,18 @@ class AdaptedTensors:
                 stack[e] = stack[e].double() + update.left @ update.right
             return stack
         update = self._update(module, name, expert)
-        adapted = self._w0(name, expert).double() + update.left @ update.right
+        # a float64 copy of W0 that ΔW is added to in place: no float64 product as large as the matrix beside it
+        adapted = self._w0(name, expert).to(torch.float64, copy=True).addmm_(update.left, update.right)
         return adapted if module.magnitude is None else self._rescaled(module, adapted)
 
     def _rescaled(self, module: LoraModule, adapted: torch.Tensor) -> torch.Tensor:
-        """DoRA's merge: each output's row of W0 + ΔW (a column where the matrix is stored in × out) rescaled to the
-        norm the module's magnitude vector gives it."""
+        """DoRA's merge, in place: each output's row of W0 + ΔW (a column where the matrix is stored in × out)
+        rescaled to the norm the module's magnitude vector gives it."""
         assert module.magnitude is not None
         magnitude = self.adapter.weights.load(module.magnitude).double()
         if module.transpose:
-            return adapted * (magnitude / torch.linalg.vector_norm(adapted, dim=0))
-        return adapted * (magnitude / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1)
+            return adapted.mul_(magnitude / torch.linalg.vector_norm(adapted, dim=0))
+        return adapted.mul_((magnitude / torch.linalg.vector_norm(adapted, dim=1)).unsqueeze(1))
 
     def low_rank(self, name: str, expert: int | None = None) -> LowRankUpdate | None:
         """ΔW of tensor `name` (or of expert `expert`'s matrix of a stack) as float64 factors; None for a tensor the
