@@ -30,7 +30,7 @@ from ftaudit.audit import AuditOptions, Progress, Tensors
 from ftaudit.blockwise import scale_exponent, scaled, unscaled
 from ftaudit.cache import SpectrumCache, flushed, tensor_key
 from ftaudit.check import Opened, Target, audit_opened, open_target, saved_whole
-from ftaudit.errors import UnsupportedError, UsageError
+from ftaudit.errors import InvalidWeightsError, UnsupportedError, UsageError
 from ftaudit.fixreport import FixResult, FixSettings, MatrixChange
 from ftaudit.layout import as_analysed
 from ftaudit.pairing import TensorPair, pair_tensors
@@ -243,10 +243,14 @@ def untied_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json_file(sources: dict[str, Storage], name: str) -> dict[str, Any]:
-    """A JSON object file of the output's sources, as read when the model was opened (checked there)."""
+    """A JSON object file of the output's sources (config.json or the shard index, maybe the adapter's own)."""
     storage = sources[name]
-    data = json.loads(storage.read(name, 0, storage.size(name)))
-    assert isinstance(data, dict), f"{name} was read as a JSON object when the model was opened"
+    try:
+        data = json.loads(storage.read(name, 0, storage.size(name)))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidWeightsError(f"{storage.label}/{name}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidWeightsError(f"{storage.label}/{name}: not a JSON object")
     return data
 
 
