@@ -609,6 +609,9 @@ def test_a_dora_adapter_is_audited_and_merged_as_peft_merges_it(tmp_path, family
     folder, base, merged = tied_head(tmp_path, family, tie=False, target_modules=targets, use_dora=True)
     report, _, _ = audits_agree(folder, base, merged)
     assert report["model"]["adapter"]["use_dora"] is True and report["summary"]["intruder_dimensions"] > 0
+    card = CliRunner().invoke(main, ["check", str(folder), "--base", str(base), "--card", str(tmp_path / "card.md"),
+                                     "--quiet"])
+    assert card.exit_code in (0, 1) and f"`{folder}` (DoRA adapter, r = 4, α = 8)" in (tmp_path / "card.md").read_text()
     common = ["fix", str(folder), "--base", str(base), "--no-cache", "--quiet"]
     same = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "same"), "--merge", "--lambda", "1"])
     assert same.exit_code in (0, 1), same.stderr
