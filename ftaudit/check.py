@@ -157,7 +157,8 @@ def _tied(base: Checkpoint | PickleCheckpoint, copies: dict[str, str], tied: boo
     if copies or any(is_head(name) for name in base.infos):
         return frozenset({*copies, *copies.values()})
     infos = base.infos
-    return frozenset(n for n in infos if len(infos[n].shape) == 2 and n in input_embeddings(infos, (None, infos[n].shape[1])))
+    widths = {info.shape[1] for info in infos.values() if len(info.shape) == 2}
+    return frozenset(name for width in widths for name in input_embeddings(infos, (None, width)))
 
 
 def _fingerprint(snapshot: Snapshot, weights: Checkpoint | PickleCheckpoint, *texts: str) -> str | None:
