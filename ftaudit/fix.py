@@ -119,10 +119,11 @@ def fix(
                             "merged": patcher.merged_tensor}[fmt]
         heads = patcher.untied_heads() if fmt == "merged" else {}
         _write_weights(folder, storage, weights, replace, phase("writing"), heads)
+        sources, left_out = _sources(opened, fmt)
         untie = fmt == "merged" and patcher.merge_unties()
-        rewritten = _untie(folder, _sources(opened, fmt)[0], weights, heads) if untie else set()
+        rewritten = _untie(folder, sources, weights, heads) if untie else set()
         changed = bool(patcher.changes) or fmt == "merged"
-        left_out, unpatched, audit_files = _copy_files(folder, opened, fmt, weights, keep_card=not changed,
+        left_out, unpatched, audit_files = _copy_files(folder, sources, left_out, fmt, weights, keep_card=not changed,
                                                        rewritten=rewritten)
         written = Snapshot(str(out), None, LocalStorage(folder.path, label=str(out)))  # named as it will be
         after = audit_opened(
@@ -255,15 +256,16 @@ def _json_file(sources: dict[str, Storage], name: str) -> dict[str, Any]:
 
 
 def _copy_files(
-    folder: ModelFolder, opened: Opened, fmt: str, weights: Checkpoint, keep_card: bool, rewritten: set[str]
+    folder: ModelFolder, sources: dict[str, Storage], left_out: list[str], fmt: str, weights: Checkpoint,
+    keep_card: bool, rewritten: set[str],
 ) -> tuple[list[str], list[str], list[str]]:
-    """Copy the input's other files but those `rewritten`; return what is left out (weights in other formats or other
-    copies, and training checkpoint folders, as `checkpoint-500/`), the safetensors files in subfolders copied as
-    they are, and, unless `keep_card`, the audit's files (badge, heatmap) the input had, which are not copied: they
-    are the card's, to be rewritten with it."""
+    """Copy the input's other files (`_sources`: where each comes from, and those left out already) but those
+    `rewritten`; return what is left out (weights in other formats or other copies, and training checkpoint folders,
+    as `checkpoint-500/`), the safetensors files in subfolders copied as they are, and, unless `keep_card`, the audit's
+    files (badge, heatmap) the input had, which are not copied: they are the card's, to be rewritten with it."""
     written = {ref.file for ref in weights.tensors.values()} | rewritten
     stem = "adapter_model" if fmt == "adapter" else "model"
-    sources, left_out = _sources(opened, fmt)
+    sources, left_out = dict(sources), list(left_out)
     audit_files: list[str] = []
     if not keep_card:
         audit_files = [name for name in REPO_FILES if name in sources]
