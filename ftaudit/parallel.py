@@ -45,6 +45,13 @@ def threads_per_worker(workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _one_thread() -> None:
+    """A worker's own torch and BLAS thread count set to one. A new thread otherwise keeps BLAS's default (every core)
+    until some torch operation large enough to be split sets it; small pairs may never reach one, so the same matrix
+    would be decomposed with one or several threads, rounded differently, by where it happened to be scheduled."""
+    torch.set_num_threads(1)
+
+
 AHEAD = 4
 """How many items per worker may be drawn before the oldest one's result has been handed back."""
 
@@ -63,7 +70,7 @@ def in_order(items: Iterable[T], work: Callable[[T], R], workers: int) -> Iterat
     source = iter(items)
     order: deque[Future[R]] = deque()
     running: set[Future[R]] = set()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftaudit-analyse") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftaudit-analyse", initializer=_one_thread) as pool:
         try:
             exhausted = False
             while True:
