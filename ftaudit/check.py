@@ -94,12 +94,15 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     architectures = architecture_of(tuned.storage), architecture_of(base.storage)  # config.json's, each read once
     _warn_other_architecture(tuned, base, *(a.model_type for a in architectures))
     layout = Layout.of(*architectures)
-    # a side with no config.json to say it ties (a bare checkpoint) may hold a model with no head, or an untied one
-    ties = [a.tied_embeddings if a.configured else False for a in architectures]
+    config = adapter_config(tuned.storage)
+    # A side with no config.json to say it ties (a bare checkpoint) may hold a model with no head, or an untied one;
+    # but the base of an adapter has the modules the adapter names (a head saved whole, or one it adapts), and a head
+    # that such a base does not store is its tied embedding, as where a config.json leaves the tie unsaid.
+    ties = [a.tied_embeddings if a.configured or (side == "base" and config is not None) else False
+            for side, a in zip(("model", "base"), architectures)]
     base_side = _restacked(open_weights(base.storage, allow_pickle=target.allow_pickle), layout, base.storage.label)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     _warn_native_format(base, base_side)
-    config = adapter_config(tuned.storage)
     tied_heads: tuple[dict[str, str], ...] = ()
     base_tied: frozenset[str] = frozenset()
     model_ref = ModelRef(tuned.id, tuned.revision)
@@ -131,7 +134,7 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
         base_tied = _tied(base_side, base_copies, ties[1])
         # and a head it saves whole is compared with the base's embedding, where the base stores no head
         saved = {key: weights.infos[name] for key, name in lora.replaced.items() if is_head(key)}
-        tied_heads = tied_head_entries("base", embedding_heads(base_side, saved, architectures[1].tied_embeddings))
+        tied_heads = tied_head_entries("base", embedding_heads(base_side, saved, ties[1]))
         adapted = AdaptedTensors(lora, base_side, layout)
         for embedding, head in adapted.tied.items():
             what = ("its trained token rows are audited as PEFT merges them, as rows" if adapted.token_rows(embedding)

@@ -110,8 +110,15 @@ def fix(
         storage, weights = _weights_to_write(opened, fmt)
         before = audit_opened(opened, options, policy, phase("auditing input"), cache)
         patcher = _Patcher(opened, before, options, fix_options, cache)
+        sources, left_out = _sources(opened, fmt)
+        untie = fmt == "merged" and patcher.merge_unties()
         if fmt == "merged":
             patcher.check_mergeable()
+        if untie and CONFIG not in sources:
+            raise UnsupportedError(
+                f"{opened.base.storage.label}: has no config.json, in which the merged model must say that its head "
+                "is untied from the input embedding (tie_word_embeddings: false), as PEFT's merge saves it: pass the "
+                "base with its config.json, or write the adapter instead (without --merge)")
         if fmt == "adapter":
             patcher.check_adapter_can_hold()
         card = _card_to_update(opened.tuned.storage) if patcher.pairs or fmt == "merged" else ""
@@ -119,8 +126,6 @@ def fix(
                             "merged": patcher.merged_tensor}[fmt]
         heads = patcher.untied_heads() if fmt == "merged" else {}
         _write_weights(folder, storage, weights, replace, phase("writing"), heads)
-        sources, left_out = _sources(opened, fmt)
-        untie = fmt == "merged" and patcher.merge_unties()
         rewritten = _untie(folder, sources, weights, heads) if untie else set()
         changed = bool(patcher.changes) or fmt == "merged"
         left_out, unpatched, audit_files = _copy_files(folder, sources, left_out, fmt, weights, keep_card=not changed,

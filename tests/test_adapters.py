@@ -929,3 +929,36 @@ def test_the_fix_merged_of_an_adapter_saving_a_tied_head_or_embedding_whole_is_u
     assert not torch.equal(patched, expected["lm_head.weight"])
     merged_head = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged-fix").lm_head.weight
     assert torch.equal(merged_head, patched)
+
+
+@pytest.mark.parametrize("head", [None, "copy"])
+def test_the_base_of_an_adapter_saving_its_head_whole_ties_it_without_a_config_json(tmp_path, head):
+    """The base of an adapter that saves lm_head whole (modules_to_save) has a head. Stored as bare weights (no
+    config.json), it is read as where its config.json ties the head: the head saved whole is compared with the
+    embedding, which a stored copy is too. Its merge, untied as PEFT's is, needs a config.json to say so, and is
+    refused in one line. It had stopped on an internal error, or, where the base stores a copy, been written with
+    nothing to say that the head is untied."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    folder, base, _ = tied_head(tmp_path, "llama", head, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    common = [str(folder), "--base", str(base), "--include", "head", "--no-cache"]
+    configured = CliRunner().invoke(main, ["check", *common, "--format", "json"])
+    (base / "config.json").unlink()
+    bare = CliRunner().invoke(main, ["check", *common, "--format", "json"])
+    assert bare.exit_code == configured.exit_code == 1, bare.stderr
+    reports = [json.loads(result.stdout) for result in (configured, bare)]
+    assert reports[1]["tensors"] == reports[0]["tensors"]
+    assert reports[1]["tensors"]["tied_heads"] == ([{"name": "lm_head.weight", "side": "base",
+                                                    "embedding": "model.embed_tokens.weight"}] if head is None else [])
+    assert reports[1]["matrices"] == reports[0]["matrices"] and "lm_head.weight" in {
+        m["name"] for m in reports[1]["matrices"]}
+    out = tmp_path / "merged-fix"
+    merged = CliRunner().invoke(main, ["fix", *common, "--merge", "--out", str(out)])
+    assert merged.exit_code == 2 and merged.stderr == (
+        f"ftaudit: error: {base}: has no config.json, in which the merged model must say that its head is untied from "
+        "the input embedding (tie_word_embeddings: false), as PEFT's merge saves it: pass the base with its "
+        "config.json, or write the adapter instead (without --merge)\n"), merged.stderr
+    assert not out.exists()
+    fixed = CliRunner().invoke(main, ["fix", *common, "--out", str(tmp_path / "fixed")])
+    assert fixed.exit_code in (0, 1), fixed.stderr
+    assert (tmp_path / "fixed" / "adapter_model.safetensors").exists()
