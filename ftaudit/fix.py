@@ -40,7 +40,7 @@ from ftaudit.renderers import fix as fix_render
 from ftaudit.renderers.card import BADGE, HEATMAP, REPO_FILES, repo_files
 from ftaudit.report import Report
 from ftaudit.sources import Snapshot
-from ftaudit.sources.adapters import AdaptedTensors, expert_factors
+from ftaudit.sources.adapters import AdaptedTensors, LoraModule, expert_factors
 from ftaudit.sources.checkpoint import Checkpoint, is_training_state, training_checkpoints
 from ftaudit.sources.local import LocalStorage
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
@@ -320,6 +320,11 @@ def _sources(opened: Opened, fmt: str) -> tuple[dict[str, Storage], list[str]]:
     return sources, left_out
 
 
+def _factor_tensors(module: LoraModule) -> list[str]:
+    """The adapter's tensors that hold `module`'s update: A and B, and AdaLoRA's E."""
+    return [module.a, module.b, *([module.singular] if module.singular is not None else [])]
+
+
 def _stale_index(name: str, stem: str, written: set[str]) -> bool:
     """The shard index beside the single file written (`model.safetensors`), which transformers loads instead of it."""
     return name == f"{stem}.safetensors.index.json" and f"{stem}.safetensors" in written
@@ -401,7 +406,7 @@ class _Patcher:
             infos = self.tuned.infos
             for name in self.pairs:
                 module = self.tuned.module(name)
-                for factor in [module.a, module.b] if module else [infos[name].name]:
+                for factor in _factor_tensors(module) if module else [infos[name].name]:
                     self._factor_of.setdefault(factor, []).append(name)
 
     # --- the three kinds of output --------------------------------------------------------------
@@ -430,9 +435,11 @@ class _Patcher:
             return self._patched_parts(names, info.name)
         if module is None:
             return self._patched(names[0], self.pairs[names[0]], info.name)
-        self._factor_of.pop(module.b if info.name == module.a else module.a, None)
+        tensors = _factor_tensors(module)
+        for other in tensors:
+            self._factor_of.pop(other, None)
         weights = self.tuned.adapter.weights
-        new = {n: weights.load(n).clone() for n in (module.a, module.b)}
+        new = {n: weights.load(n).clone() for n in tensors}
         changed = False
         for expert, pairs in self._by_expert(names).items():  # the matrix, or the flagged experts of a stack
             found = [(pair, d) for pair in pairs if (d := self._directions(pair)) is not None]
@@ -444,17 +451,19 @@ class _Patcher:
             a, b = expert_factors(new[module.a], new[module.b], module, expert)
             # w is out × in; ΔW as stored is (B·A)ᵀ with fan_in_fan_out, and so B·A out × in for a Conv1D layer
             transpose = module.transpose != pairs[0].transposed
-            factors = refactor_lora(upcast(b, self.device), upcast(a, self.device), w, u, self.lam, module.scaling,
-                                    transpose)
+            a64 = upcast(a, self.device)
+            if module.singular is not None:  # AdaLoRA's A ⊙ E, written as A' with E' = 1
+                a64 = a64 * upcast(new[module.singular], self.device)
+                new[module.singular].fill_(1)
+            factors = refactor_lora(upcast(b, self.device), a64, w, u, self.lam, module.scaling, transpose)
             for pair, (_, directions) in found:
-                self._record(pair, directions, [module.a, module.b], factors.error)
+                self._record(pair, directions, tensors, factors.error)
             a.copy_(factors.a)
             b.copy_(factors.b)
             changed = True
         if not changed:
             return None
-        other = module.b if info.name == module.a else module.a
-        self._pending[other] = new[other]
+        self._pending.update({n: value for n, value in new.items() if n != info.name})
         return new[info.name]
 
     def _patched_parts(self, names: list[str], stored_as: str) -> torch.Tensor | None:
@@ -548,7 +557,7 @@ class _Patcher:
                 )
 
     def check_adapter_can_hold(self) -> None:
-        """Every matrix to patch must be stored by the adapter as factors or whole: token rows cannot hold a patch
+        """Every matrix to patch must be stored by the adapter as LoRA factors or whole: token rows cannot hold a patch
         of the whole matrix, nor DoRA's factors and magnitudes that of the matrix they rescale."""
         assert isinstance(self.tuned, AdaptedTensors)
         for name, pairs in self.pairs.items():

@@ -47,6 +47,11 @@ def with_short_bias(t: dict) -> dict:
     return {**t, name: torch.ones(7)}
 
 
+def with_singular_values(t: dict, rank: int = 8) -> dict:
+    """t with AdaLoRA's singular values E (rank × 1) beside each module's factors."""
+    return {**t, **{n.replace("lora_A.weight", "lora_E"): torch.ones(rank, 1) for n in t if n.endswith("lora_A.weight")}}
+
+
 def with_integer_factor(t: dict) -> dict:
     name = next(n for n in t if n.endswith("lora_B.weight"))
     return {**t, name: t[name].to(torch.int32)}
@@ -64,7 +69,7 @@ def rank_zero(t: dict) -> dict:
         ({"init_lora_weights": "corda"}, None, "init_lora_weights='corda' are not supported"),
         ({"arrow_config": {"top_k": 1, "task_adapter_names": ["task_0", "task_1"]}}, None,
          "Arrow router adapters (arrow_config) are not supported"),
-        ({"peft_type": "IA3"}, None, "IA3 adapters are not supported (only LoRA)"),
+        ({"peft_type": "IA3"}, None, "IA3 adapters are not supported (only LoRA and AdaLoRA)"),
         ({"peft_type": "LOKR"}, None, "LOKR adapters are not supported"),
         ({"target_parameters": "mlp.experts.w1"}, None, "target_parameters must be a list of parameter names"),
         (None, with_short_magnitude, "the DoRA magnitude vector is [7], not one value per output (384)"),
@@ -78,6 +83,12 @@ def rank_zero(t: dict) -> dict:
         ({"rank_pattern": {"[query": 2}}, None, "rank_pattern: '[query' is not a valid regular expression"),
         ({"alpha_pattern": {"(?i)query": 2}}, None, "alpha_pattern: '(?i)query' is not a valid regular expression"),
         (None, rank_zero, "have rank 0"),
+        (None, with_singular_values, "(lora_E) in an adapter whose adapter_config.json's peft_type is not ADALORA"),
+        ({"peft_type": "ADALORA"}, None, "AdaLoRA module encoder.layer.0.attention.output.dense has no lora_E"),
+        ({"peft_type": "ADALORA"}, lambda t: with_singular_values(t, 7), "lora_E is [7, 1], not one value per rank ([8, 1])"),
+        ({"peft_type": "ADALORA", "init_r": 0}, with_singular_values, "init_r must be a positive integer (got 0)"),
+        ({"peft_type": "ADALORA", "target_parameters": ["w1"]}, None,
+         "AdaLoRA on raw parameters (target_parameters) is not supported"),
         (None, with_integer_factor, "adapter/adapter_model.safetensors: tensor 'base_model.model."),
         (None, with_short_bias, "lora_B.bias [7] (lora_bias) fits no bias of the base's"),
     ],
@@ -600,6 +611,21 @@ def audits_agree(folder: Path, base: Path, merged: Path, *options: str) -> tuple
     return reports[0], reports[1], said[0]
 
 
+def card_names_and_merge_writes(tmp_path: Path, folder: Path, base: Path, merged: Path, named: str) -> list[str]:
+    """Adapter `folder`'s card section names it as `named` says; `fix --merge` with λ = 1 writes the model PEFT merges
+    (`merged`). The start of a fix command line for it."""
+    card = CliRunner().invoke(main, ["check", str(folder), "--base", str(base), "--card", str(tmp_path / "card.md"),
+                                     "--quiet"])
+    assert card.exit_code in (0, 1) and f"`{folder}` ({named}" in (tmp_path / "card.md").read_text()
+    common = ["fix", str(folder), "--base", str(base), "--no-cache", "--quiet"]
+    same = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "same"), "--merge", "--lambda", "1"])
+    assert same.exit_code in (0, 1), same.stderr
+    written, expected = load_file(tmp_path / "same" / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert sorted(written) == sorted(expected)
+    assert all(torch.allclose(written[n], expected[n], rtol=0, atol=1e-6) for n in expected)
+    return common
+
+
 @pytest.mark.parametrize(("family", "targets"), [("llama", ["q_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])])
 def test_a_dora_adapter_is_audited_and_merged_as_peft_merges_it(tmp_path, family, targets):
     """DoRA (use_dora): each output's row of W0 + ΔW rescaled to its magnitude (a column of GPT-2's in × out Conv1D
@@ -609,19 +635,85 @@ def test_a_dora_adapter_is_audited_and_merged_as_peft_merges_it(tmp_path, family
     folder, base, merged = tied_head(tmp_path, family, tie=False, target_modules=targets, use_dora=True)
     report, _, _ = audits_agree(folder, base, merged)
     assert report["model"]["adapter"]["use_dora"] is True and report["summary"]["intruder_dimensions"] > 0
-    card = CliRunner().invoke(main, ["check", str(folder), "--base", str(base), "--card", str(tmp_path / "card.md"),
-                                     "--quiet"])
-    assert card.exit_code in (0, 1) and f"`{folder}` (DoRA adapter, r = 4, α = 8)" in (tmp_path / "card.md").read_text()
-    common = ["fix", str(folder), "--base", str(base), "--no-cache", "--quiet"]
-    same = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "same"), "--merge", "--lambda", "1"])
-    assert same.exit_code in (0, 1), same.stderr
-    written, expected = load_file(tmp_path / "same" / "model.safetensors"), load_file(merged / "model.safetensors")
-    assert sorted(written) == sorted(expected)
-    assert all(torch.allclose(written[n], expected[n], rtol=0, atol=1e-6) for n in expected)
+    common = card_names_and_merge_writes(tmp_path, folder, base, merged, "DoRA adapter, r = 4, α = 8)")
     refused = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "fix")])
     assert refused.exit_code == 2 and refused.stderr.endswith(
         ": a DoRA module (use_dora), whose factors and magnitudes cannot hold the fix of the matrix they rescale: pass "
         "--merge to write a merged model\n"), refused.stderr
+
+
+def adalora(tmp_path: Path, family: str, targets: list[str], lora_alpha: int, allocated: bool) -> tuple[Path, Path, Path]:
+    """A small model of `family`, an AdaLoRA adapter PEFT makes of it (init_r 6) with trained factors and singular
+    values, its ranks `allocated` (rank_pattern: the first module keeps none, the others some) or not, and the model
+    PEFT merges from that adapter loaded back: their folders."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=50))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=50, n_positions=32))
+    model.save_pretrained(tmp_path / "base")
+    tuned = peft.get_peft_model(model, peft.AdaLoraConfig(
+        init_r=6, target_r=3, total_step=100, target_modules=targets, lora_alpha=lora_alpha,
+        fan_in_fan_out=family == "gpt2"))
+    for name, parameter in tuned.named_parameters():
+        if "lora_" in name:  # as trained: PEFT starts B and E at zero
+            parameter.data = torch.randn_like(parameter) / 4
+    if allocated:
+        modules = [n for n, m in tuned.base_model.model.named_modules() if "default" in getattr(m, "lora_E", {})]
+        kept = [[False] * 6] + [(torch.rand(6) > 0.4).tolist() for _ in modules[1:]]
+        tuned.peft_config["default"].rank_pattern = {f"{n}.lora_E": k for n, k in zip(modules, kept)}
+    tuned.save_pretrained(tmp_path / "adapter")
+    base = type(model).from_pretrained(tmp_path / "base")
+    peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().save_pretrained(tmp_path / "merged")
+    return tmp_path / "adapter", tmp_path / "base", tmp_path / "merged"
+
+
+@pytest.mark.parametrize(("family", "targets", "lora_alpha", "allocated"), [
+    ("llama", ["q_proj", "down_proj"], 16, True), ("llama", ["q_proj", "down_proj"], 0, True),
+    ("llama", ["q_proj", "v_proj"], 8, False), ("gpt2", ["c_attn", "c_fc"], 16, True)])
+def test_an_adalora_adapter_is_audited_and_merged_as_peft_merges_it(tmp_path, family, targets, lora_alpha, allocated):
+    """AdaLoRA: ΔW = B·(A ⊙ E)·lora_alpha/(init_r + 1e-5) (the kept rank for lora_alpha 0), its factors cut to the ranks
+    rank_pattern keeps, none in one module; GPT-2's in × out Conv1D weights (fan_in_fan_out). The adapter's audit is
+    the merged model's; `fix --merge` with λ = 1 writes the model PEFT merges. The fix written as an adapter holds, in
+    new factors with E = 1, the best approximation of their rank to the fix that `fix --merge` writes, as PEFT merges
+    it. AdaLoRA had been refused."""
+    pytest.importorskip("peft")
+    folder, base, merged = adalora(tmp_path, family, targets, lora_alpha, allocated)
+    ranks = {n: t.shape[0] for n, t in load_file(folder / "adapter_model.safetensors").items() if "lora_E" in n}
+    assert (0 in ranks.values()) == allocated and (len(set(ranks.values())) > 1) == allocated
+    report, merged_report, _ = audits_agree(folder, base, merged)
+    adapter = report["model"]["adapter"]
+    assert adapter["type"] == "adalora" and adapter["init_r"] == 6 and adapter["modules"] == sum(
+        rank > 0 for rank in ranks.values())
+    assert report["summary"]["intruder_dimensions"] > 0 and report["verdict"] == merged_report["verdict"]
+    common = card_names_and_merge_writes(tmp_path, folder, base, merged, "AdaLoRA adapter, r = ")
+    record = tmp_path / "fix.json"
+    for out, options in (("fixed", ["--json", str(record)]), ("merged-fix", ["--merge"])):
+        result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / out), "--lambda", "0", *options])
+        assert result.exit_code in (0, 1), result.stderr
+    changes = json.loads(record.read_text())["changes"]
+    assert changes and all(len(change["tensors"]) == 3 for change in changes)  # A, B and E rewritten
+    given, written = (load_file(f / "adapter_model.safetensors") for f in (folder, tmp_path / "fixed"))
+    changed = {t for change in changes for t in change["tensors"]}
+    assert all(torch.equal(written[n], given[n]) == (n not in changed) for n in given)
+    assert all(torch.equal(written[n], torch.ones_like(given[n])) for n in changed if "lora_E" in n)
+    import peft
+    import transformers
+
+    model = type(transformers.AutoModelForCausalLM.from_pretrained(base)).from_pretrained(base)
+    as_merged = peft.PeftModel.from_pretrained(model, tmp_path / "fixed").merge_and_unload().state_dict()
+    w0, fixed = load_file(base / "model.safetensors"), load_file(tmp_path / "merged-fix" / "model.safetensors")
+    for change in changes:
+        name = change["name"]
+        update = fixed[name].double() - w0[name].double()
+        error = torch.linalg.norm(as_merged[name].double() - w0[name].double() - update) / torch.linalg.norm(update)
+        assert error.item() == pytest.approx(change["truncation_error"], abs=1e-5), name
 
 
 def test_dora_on_an_embedding_is_refused_in_one_line(tmp_path):

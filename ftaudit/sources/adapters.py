@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters: the tuned matrices W0 + scaling·B·A, built exactly as PEFT merges them.
+"""PEFT LoRA and AdaLoRA adapters: the tuned matrices W0 + scaling·B·A, built exactly as PEFT merges them.
 
 Ranks come from the factors' shapes; alphas from `lora_alpha` and `alpha_pattern` (matched the way
 PEFT matches it); scaling is alpha/r, or alpha/√r with `use_rslora`; `fan_in_fan_out` transposes
@@ -6,6 +6,10 @@ the update (in a family with Conv1D layers, those layers' and no other's, whatev
 Tensors the adapter stores whole (`modules_to_save`) replace the base tensor; rows it
 stores (`trainable_token_indices`) replace those rows of the base's embedding, as PEFT's index_copy does;
 lora_B's bias (`lora_bias`) is added, scaled, to the layer's bias, as PEFT's merge adds it.
+
+AdaLoRA's ΔW is B·(A ⊙ E)·scaling, E its r × 1 singular values (lora_E), scaling lora_alpha/(init_r + 1e-5), as PEFT
+loads it: the rank each module keeps (`rank_pattern`, which its saved factors are cut to) is not what it divides by,
+but where lora_alpha ≤ 0, which it takes as the kept rank.
 
 A LoRA on raw parameters (`target_parameters`, most often a mixture of experts' stacks) holds the
 factors of all E experts in one pair, A (E·r × in) and B (out × r·E), as PEFT's ParamWrapper does;
@@ -38,15 +42,15 @@ PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?$")
 _TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 _BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
+_SINGULAR = re.compile(r"^(?P<module>.+)\.lora_E(?:\.weight)?$")
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
 _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<tensor>weight|bias)$")
 FACTOR_CACHE = 2
 """LoRA modules whose factors are kept, in float64: a stack's, and the other stack's of its experts, whose parts the
 base may store side by side (experts.0.down_proj, experts.0.gate_proj)."""
-_UNSUPPORTED_KEYS = {
-    "lora_diag": "KaSA (kasa_config) diagonals",
-    "lora_E": "AdaLoRA",
-}
+_UNSUPPORTED_KEYS = {"lora_diag": "KaSA (kasa_config) diagonals"}
+ADALORA_RANK_OFFSET = 1e-5
+"""What AdaLoRA adds to init_r before dividing by it (PEFT's ranknum + 1e-5)."""
 _MERGE_UNUSED = (".lora_velora_embed.", ".lora_monteclora_sampler.")
 """The state of LoRA variants whose merge is W0 + scaling·B·A all the same (VeLoRA's projection, MonteCLoRA's
 sampler): no tensor of the tuned model."""
@@ -85,15 +89,17 @@ class LoraModule:
     magnitude: str | None = None
     """For DoRA (use_dora): the adapter's tensor of magnitudes m, one per output; the adapted matrix is then
     (W0 + ΔW) with each output's row rescaled to norm m, as PEFT's merge writes it."""
+    singular: str | None = None
+    """For AdaLoRA: the adapter's tensor E (r × 1) of the values between B and A; ΔW = scaling·B·(A ⊙ E)."""
 
 
 class LoraAdapter:
-    """A PEFT LoRA adapter: its config and the factors in adapter_model.safetensors."""
+    """A PEFT LoRA (or AdaLoRA) adapter: its config and the factors in adapter_model.safetensors."""
 
     def __init__(self, storage: Storage, config: dict[str, object], weights: Checkpoint | PickleCheckpoint) -> None:
         self.label = storage.label
         self.config = config
-        _check_config(config, storage.label)
+        self.adalora = _check_config(config, storage.label)
         self.weights = weights
         self.modules: dict[str, LoraModule] = {}
         self.replaced: dict[str, str] = {}
@@ -106,6 +112,7 @@ class LoraAdapter:
         loads in place of the base's, by the layer's tensor: the W0 its LoRA or lora_bias adds to."""
         factors: dict[str, dict[str, str]] = {}
         magnitudes: dict[str, str] = {}
+        singulars: dict[str, str] = {}
         given = config.get("target_parameters")
         targets = given if isinstance(given, list) else []  # a list of names, or none (_check_config)
         for name in self.weights.infos:
@@ -115,8 +122,13 @@ class LoraAdapter:
             if any(key in f"{name}." for key in _MERGE_UNUSED):
                 continue
             match, rows, bias = _FACTOR.match(name), _TOKEN_ROWS.match(name), _BIAS.match(name)
-            base_layer, magnitude = _BASE_LAYER.match(name), _MAGNITUDE.match(name)
-            if magnitude:
+            base_layer, magnitude, singular = _BASE_LAYER.match(name), _MAGNITUDE.match(name), _SINGULAR.match(name)
+            if singular and not self.adalora:
+                raise InvalidWeightsError(f"{self.label}: {name}: AdaLoRA's singular values (lora_E) in an adapter "
+                                          "whose adapter_config.json's peft_type is not ADALORA")
+            if singular:
+                singulars[_strip_peft(singular["module"])] = name
+            elif magnitude:
                 magnitudes[_strip_peft(magnitude["module"])] = name
             elif match:
                 factors.setdefault(_strip_peft(match["module"]), {})[match["side"]] = name
@@ -136,8 +148,14 @@ class LoraAdapter:
         for module, pair in sorted(factors.items()):
             if set(pair) != {"A", "B"}:
                 raise InvalidWeightsError(f"{self.label}: module {module} has lora_{next(iter(pair))} but not its pair")
+            if self.adalora and self.weights.infos[pair["A"]].shape[:1] == (0,):  # rank allocation kept none: ΔW = 0
+                singulars.pop(module, None)
+                continue
             self.modules[module] = self._module(module, pair["A"], pair["B"], embedding="lora_embedding" in pair["A"],
                                                 parameters=_parameter_keys(module, targets))
+        if self.adalora:
+            for module in sorted(self.modules.keys() | singulars.keys()):
+                self.modules[module] = self._with_singular(module, singulars.get(module))
         for module, name in sorted(magnitudes.items()):
             self.modules[module] = self._with_magnitude(module, name)
         if not self.modules and not self.replaced and not self.rows:
@@ -158,7 +176,11 @@ class LoraAdapter:
                 f"{self.label}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} have rank 0"
             )
         alpha = self._alpha(module)
-        scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+        if self.adalora:
+            alpha = alpha if alpha > 0 else float(rank)
+            scaling = alpha / (self._init_rank() + ADALORA_RANK_OFFSET)
+        else:
+            scaling = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         transpose = embedding or bool(self.config.get("fan_in_fan_out"))
         # On raw parameters, the rank and alpha are those of the parameter the base's shapes pick (for_parameter)
         return LoraModule(module, a, b, rank, alpha, scaling, transpose, parameters)
@@ -179,6 +201,26 @@ class LoraAdapter:
                                       f"{list(self.weights.infos[name].shape)}, not one value per output ({outputs})")
         return replace(found, magnitude=name)
 
+    def _with_singular(self, module: str, name: str | None) -> LoraModule:
+        """AdaLoRA module `module` with its singular values, the adapter's tensor `name`: one per rank."""
+        found = self.modules.get(module)
+        if found is None or name is None:
+            missing = "lora_A and lora_B" if found is None else "lora_E"
+            raise InvalidWeightsError(f"{self.label}: AdaLoRA module {module} has no {missing}")
+        shape = tuple(self.weights.infos[name].shape)
+        if shape != (found.rank, 1):
+            raise InvalidWeightsError(f"{self.label}: {module}: lora_E is {list(shape)}, not one value per rank "
+                                      f"([{found.rank}, 1])")
+        return replace(found, singular=name)
+
+    def _init_rank(self) -> int:
+        """AdaLoRA's `init_r` (12 where unsaid), which PEFT divides each module's update by."""
+        rank = self.config.get("init_r", 12)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise InvalidWeightsError(f"{self.label}/adapter_config.json: init_r must be a positive integer (got "
+                                      f"{rank!r})")
+        return rank
+
     def for_parameter(self, module: LoraModule, key: str) -> LoraModule | None:
         """`module`, a LoRA on raw parameters, as the LoRA of parameter `key`: its factors side by side for E experts
         of the rank and alpha that `rank_pattern`, `alpha_pattern` (or r, lora_alpha) give `key`; None when they are
@@ -195,8 +237,10 @@ class LoraAdapter:
         return replace(module, rank=rank, alpha=alpha, scaling=scaling, parameters=(key,), experts=rows // rank)
 
     def _alpha(self, key: str) -> float:
-        """The alpha of module or parameter `key`: `alpha_pattern`'s, else `lora_alpha` (numbers: _check_config)."""
-        alpha = _pattern_value(self.config.get("alpha_pattern"), key, self.config.get("lora_alpha", 8))
+        """The alpha of module or parameter `key`: `alpha_pattern`'s, else `lora_alpha` (numbers: _check_config);
+        AdaLoRA's is lora_alpha."""
+        patterns = None if self.adalora else self.config.get("alpha_pattern")
+        alpha = _pattern_value(patterns, key, self.config.get("lora_alpha", 8))
         assert isinstance(alpha, (int, float))
         return float(alpha)
 
@@ -218,10 +262,11 @@ class LoraAdapter:
         """The adapter as the report shows it, with its `modules` (those on raw parameters resolved on the base)."""
         ranks = sorted({m.rank for m in modules.values()})
         return {
-            "type": "lora",
+            "type": "adalora" if self.adalora else "lora",
             "r": ranks[0] if len(ranks) == 1 else ranks,
             "lora_alpha": self.config.get("lora_alpha"),
-            "use_rslora": bool(self.config.get("use_rslora")),
+            **({"init_r": self._init_rank()} if self.adalora else {}),
+            "use_rslora": bool(self.config.get("use_rslora")) and not self.adalora,
             **({"use_dora": True} if any(m.magnitude for m in modules.values()) else {}),
             "modules": len(modules),
             "modules_to_save": sorted(self.replaced),
@@ -229,10 +274,14 @@ class LoraAdapter:
         }
 
 
-def _check_config(config: dict[str, object], label: str) -> None:
+def _check_config(config: dict[str, object], label: str) -> bool:
+    """Refuse an adapter_config.json that ftaudit cannot build the tuned model from; whether it is AdaLoRA's."""
     peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise UnsupportedError(f"{label}: {peft_type} adapters are not supported (only LoRA)")
+    if peft_type not in ("LORA", "ADALORA"):
+        raise UnsupportedError(f"{label}: {peft_type} adapters are not supported (only LoRA and AdaLoRA)")
+    adalora = peft_type == "ADALORA"
+    if adalora and config.get("target_parameters"):
+        raise UnsupportedError(f"{label}: AdaLoRA on raw parameters (target_parameters) is not supported")
     for key, what in _UNSUPPORTED_VARIANTS.items():
         if config.get(key):
             raise UnsupportedError(f"{label}: {what} adapters ({key}) are not supported")
@@ -251,7 +300,7 @@ def _check_config(config: dict[str, object], label: str) -> None:
     alphas = config.get("alpha_pattern")
     if isinstance(alphas, dict) and not all(_is_number(value) for value in alphas.values()):
         raise InvalidWeightsError(f"{label}/adapter_config.json: alpha_pattern must map module patterns to numbers")
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key in () if adalora else ("rank_pattern", "alpha_pattern"):  # AdaLoRA's rank_pattern: kept ranks, cut already
         patterns = config.get(key)
         for pattern in patterns if isinstance(patterns, dict) else ():
             try:
@@ -260,6 +309,7 @@ def _check_config(config: dict[str, object], label: str) -> None:
                 raise InvalidWeightsError(
                     f"{label}/adapter_config.json: {key}: {pattern!r} is not a valid regular expression"
                 ) from None
+    return adalora
 
 
 def _is_number(x: object) -> bool:
@@ -653,7 +703,10 @@ class AdaptedTensors:
         with self._lock:  # a stack's experts ask in turn, each part of each: its factors are read once
             if module.module not in self._factor_cache:
                 weights = self.adapter.weights
-                self._factor_cache[module.module] = (weights.load(module.a).double(), weights.load(module.b).double())
+                a = weights.load(module.a).double()
+                if module.singular is not None:  # AdaLoRA's B·(A ⊙ E)
+                    a = a * weights.load(module.singular).double()
+                self._factor_cache[module.module] = (a, weights.load(module.b).double())
                 while len(self._factor_cache) > FACTOR_CACHE:
                     del self._factor_cache[next(iter(self._factor_cache))]
             a, b = self._factor_cache[module.module]
