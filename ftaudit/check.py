@@ -21,6 +21,7 @@ from ftaudit.sources.adapters import AdaptedTensors, LoraAdapter
 from ftaudit.sources.checkpoint import Checkpoint, some_of, unread_weights
 from ftaudit.sources.fingerprint import fingerprint
 from ftaudit.sources.pickled import PickleCheckpoint
+from ftaudit.sources.quantized_4bit import dequantize_4bit
 from ftaudit.sources.stored_as import StoredAs
 from ftaudit.sources.tied import embedding_heads, is_head, own_heads, stored_copies, tie_copies, tied_head_entries
 
@@ -100,13 +101,15 @@ def open_target(target: Target, tuned: Snapshot | None = None) -> Opened:
     # that such a base does not store is its tied embedding, as where a config.json leaves the tie unsaid.
     ties = [a.tied_embeddings if a.configured or (side == "base" and config is not None) else False
             for side, a in zip(("model", "base"), architectures)]
-    base_side = _restacked(open_weights(base.storage, allow_pickle=target.allow_pickle), layout, base.storage.label)
+    base_side = open_weights(base.storage, allow_pickle=target.allow_pickle)
+    quantized = _dequantized(base_side, base.storage.label)
+    base_side = _restacked(base_side, layout, base.storage.label)
     _refuse_quantized(base.storage.label, base_side, "pass the full-precision base with --base")
     _warn_native_format(base, base_side)
     tied_heads: tuple[dict[str, str], ...] = ()
     base_tied: frozenset[str] = frozenset()
     model_ref = ModelRef(tuned.id, tuned.revision)
-    base_ref = BaseRef(base.id, base.revision, declared.declared_by, _fingerprint(base, base_side))
+    base_ref = BaseRef(base.id, base.revision, declared.declared_by, _fingerprint(base, base_side), quantized)
     base_stored: Checkpoint | PickleCheckpoint | StoredAs = base_side
     base_copies = stored_copies(base_side, ties[1], base.storage.label)
     if config is None:
@@ -202,6 +205,17 @@ def _warn_native_format(snapshot: Snapshot, weights: Checkpoint | PickleCheckpoi
         log.warning("%s: weights in Mistral's own format (%s with params.json, no config.json), whose tensor names "
                     "(layers.0.attention.wq.weight) are not transformers' (model.layers.0.self_attn.q_proj.weight): "
                     "they pair only with weights in that format", snapshot.id, _listed(sorted(read)))
+
+
+def _dequantized(weights: Checkpoint | PickleCheckpoint, label: str) -> str | None:
+    """Read the base's bitsandbytes 4-bit matrices as the weights they stand for, saying so; `BaseRef.quantization`."""
+    kinds = dequantize_4bit(weights, label) if isinstance(weights, Checkpoint) else []
+    if not kinds:
+        return None
+    quantization = f"bitsandbytes 4-bit ({', '.join(kinds)})"
+    log.warning("%s: %s weights, audited as the weights they dequantize to (the W0 that an adapter trained on them, "
+                "as QLoRA trains, adds to)", label, quantization)
+    return quantization
 
 
 def _refuse_quantized(label: str, weights: Checkpoint | PickleCheckpoint, what_to_do: str) -> None:

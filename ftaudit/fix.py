@@ -170,6 +170,11 @@ def _weights_to_write(opened: Opened, fmt: str) -> tuple[Storage, Checkpoint]:
     weights: Tensors
     if fmt == "merged":
         storage, weights = opened.base.storage, opened.base_side
+        if opened.base_ref.quantization is not None:
+            raise UnsupportedError(
+                f"{storage.label}: {opened.base_ref.quantization} weights, which a merged model written in the base's "
+                "files and dtypes cannot hold: pass the full-precision base with --base, or write the adapter instead "
+                "(without --merge)")
     elif fmt == "adapter":
         assert isinstance(opened.tuned_side, AdaptedTensors)
         storage, weights = opened.tuned.storage, opened.tuned_side.adapter.weights

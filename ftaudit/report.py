@@ -39,6 +39,9 @@ class BaseRef:
     declared_by: str
     fingerprint: str | None = None
     """As ModelRef.fingerprint."""
+    quantization: str | None = None
+    """How the base's weights are stored where they are quantized ("bitsandbytes 4-bit (nf4)"): audited as the weights
+    they dequantize to."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
@@ -40,6 +41,10 @@ class MissingShardError(InvalidWeightsError):
     """A shard index names a file that the snapshot lacks."""
 
 
+Decoder = Callable[[dict[str, bytes | bytearray]], torch.Tensor]
+"""The tensor that some stored tensors stand for, from their bytes by name (a quantized matrix's, from its parts)."""
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """A tensor and the file that holds it."""
@@ -58,6 +63,8 @@ class Checkpoint:
         """Tensors read as the one whose values they hold (tie)."""
         self.aliases: dict[str, str] = {}
         """Names that a tensor not stored under them is read under too (alias)."""
+        self._decoded: dict[str, tuple[list[TensorRef], Decoder]] = {}
+        """Tensors read as what their stored parts stand for (`decode_as`): the parts, and how."""
         self._last: tuple[tuple[str, int | None], weakref.ref[torch.Tensor]] | None = None
         self._lock = threading.Lock()
         for name in weight_files:
@@ -94,14 +101,41 @@ class Checkpoint:
         ref = self.tensors[name]
         self.tensors[name] = TensorRef(ref.file, replace(ref.info, shape=shape))
 
+    def decode_as(self, name: str, info: TensorInfo, parts: list[str], decode: Decoder) -> None:
+        """Read tensor `name` as `info` (its dtype and shape) says, its values what `decode` makes of the stored bytes
+        of tensors `parts` (`name` among them, where it is stored); `infos` no longer lists the parts."""
+        refs = [self.tensors[part] for part in parts]
+        for part in parts:
+            del self.tensors[part]
+        self.tensors[name] = TensorRef(refs[0].file, info)
+        self._decoded[name] = (refs, decode)
+
+    @property
+    def decoded(self) -> bool:
+        """Whether some tensors are read as what stored parts stand for (`decode_as`): the files are not the tensors."""
+        return bool(self._decoded)
+
+    def _stored(self, name: str) -> list[TensorRef]:
+        """Where tensor `name`'s stored bytes lie: its own range, or its parts' one after another."""
+        decoded = self._decoded.get(name)
+        return decoded[0] if decoded is not None else [self.tensors[name]]
+
     def stored_size(self, name: str) -> int:
-        """The bytes tensor `name` takes as stored."""
-        return self.tensors[name].info.nbytes
+        """The bytes tensor `name` takes as stored (its parts' together, for one read as they decode)."""
+        return sum(ref.info.nbytes for ref in self._stored(name))
 
     def read_stored(self, name: str, start: int, length: int) -> bytes | bytearray:
-        """`length` bytes of tensor `name` as stored, from its byte `start`."""
-        ref = self.tensors[name]
-        return self.storage.read(ref.file, ref.info.start + start, length)
+        """`length` bytes of tensor `name` as stored, from its byte `start` (of its parts' bytes one after another)."""
+        out = bytearray()
+        for ref in self._stored(name):
+            if length <= len(out):
+                break
+            size = ref.info.nbytes
+            if start < size:
+                take = min(size - start, length - len(out))
+                out += self.storage.read(ref.file, ref.info.start + start, take)
+            start = max(0, start - size)
+        return out
 
     def load(self, name: str, expert: int | None = None) -> torch.Tensor:
         """One tensor, or one expert's matrix of a stack (only its bytes are read), as a CPU tensor of its
@@ -115,9 +149,12 @@ class Checkpoint:
                 return last
             ref = self.tensors[name]
             info = ref.info if expert is None else ref.info.part(expert)
-            data = self.storage.read(ref.file, info.start, info.nbytes)
             try:
-                tensor = safetensors.decode(data, info)
+                if name in self._decoded:
+                    refs, decode = self._decoded[name]
+                    tensor = decode({r.info.name: self.storage.read(r.file, r.info.start, r.info.nbytes) for r in refs})
+                else:
+                    tensor = safetensors.decode(self.storage.read(ref.file, info.start, info.nbytes), info)
             except InvalidWeightsError as e:  # an integer tensor where a float one is needed (an adapter's factor)
                 raise InvalidWeightsError(f"{self.storage.label}/{ref.file}: {e}") from None
             self._last = (key, weakref.ref(tensor))
