@@ -50,6 +50,20 @@ def test_a_4bit_matrix_reads_as_bitsandbytes_dequantizes_it(tmp_path, monkeypatc
     assert weights.stored_size("m.weight") == sum(t.numel() * t.element_size() for t in stored.values())
 
 
+def test_a_4bit_stack_of_experts_matrices_reads_expert_by_expert(tmp_path):
+    """A 4-bit matrix that holds experts' matrices one above the other (DBRX's), read as their stack: each expert's
+    matrix is its rows of the dequantized matrix."""
+    torch.manual_seed(0)
+    stored, expected = quantized(torch.randn(96, 64, dtype=torch.bfloat16), "nf4", True, 64)
+    save_file(stored, tmp_path / "model.safetensors")
+    weights = Checkpoint(LocalStorage(tmp_path), ["model.safetensors"])
+    dequantize_4bit(weights, "m")
+    weights.restack("m.weight", (3, 32, 64))
+    assert weights.infos["m.weight"].shape == (3, 32, 64)
+    assert all(torch.equal(weights.load("m.weight", e), expected[32 * e : 32 * (e + 1)]) for e in range(3))
+    assert torch.equal(weights.load("m.weight"), expected.view(3, 32, 64))
+
+
 def model_in_4_bits(tmp_path: Path) -> tuple[Path, Path]:
     """A small Llama in bfloat16, loaded by transformers in 4 bits (NF4, double quantization) and saved so, and the
     weights those 4 bits stand for, dequantized by transformers, saved in bfloat16: their folders."""

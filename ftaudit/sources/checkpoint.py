@@ -150,9 +150,10 @@ class Checkpoint:
             ref = self.tensors[name]
             info = ref.info if expert is None else ref.info.part(expert)
             try:
-                if name in self._decoded:
+                if name in self._decoded:  # the whole matrix decoded, as `restack` may since have shaped it
                     refs, decode = self._decoded[name]
                     tensor = decode({r.info.name: self.storage.read(r.file, r.info.start, r.info.nbytes) for r in refs})
+                    tensor = tensor.view(ref.info.shape) if expert is None else tensor.view(ref.info.shape)[expert]
                 else:
                     tensor = safetensors.decode(self.storage.read(ref.file, info.start, info.nbytes), info)
             except InvalidWeightsError as e:  # an integer tensor where a float one is needed (an adapter's factor)
