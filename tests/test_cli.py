@@ -46,7 +46,7 @@ def test_gentle_update_passes_and_writes_the_contract(pair, tmp_path):
     assert report["tool"]["name"] == "ftaudit"
     fingerprints = report["model"].pop("fingerprint"), report["base"].pop("fingerprint")
     assert report["model"] == {"id": str(pair["full"]), "revision": None, "adapter": None}
-    assert report["base"] == {"id": str(pair["base"]), "revision": None, "declared_by": "card"}
+    assert report["base"] == {"id": str(pair["base"]), "revision": None, "declared_by": "card", "quantization": None}
     assert all(re.fullmatch("[0-9a-f]{64}", f) for f in fingerprints) and len(set(fingerprints)) == 2
     assert report["settings"]["k"] == 10 and report["settings"]["epsilon"] == 0.5
     assert report["settings"]["device"] == "cpu"
@@ -705,7 +705,8 @@ def test_the_base_is_read_from_a_card_with_a_bom_or_a_blank_first_line(pair, tmp
     code, _, stderr = run("check", tuned, "--json", out, "--quiet")
     assert code == 0, stderr
     base = json.loads(out.read_text())["base"]
-    assert base == {"id": str(pair["base"]), "revision": None, "declared_by": "card", "fingerprint": base["fingerprint"]}
+    assert base == {"id": str(pair["base"]), "revision": None, "declared_by": "card", "fingerprint": base["fingerprint"],
+                    "quantization": None}
 
 
 def test_card_badge_heatmap_and_formats(pair, tmp_path):

@@ -398,7 +398,7 @@ def test_an_adapter_is_audited_against_the_base_revision_its_config_names_card_o
     for repo, declared_by in (("org/adapter", "adapter_config"), ("org/adapter-with-card", "card")):
         # a Hub commit names the weights: no fingerprint
         assert reports[repo]["base"] == {"id": "org/base", "revision": trained_on, "declared_by": declared_by,
-                                         "fingerprint": None}
+                                         "fingerprint": None, "quantization": None}
         assert reports[repo]["model"]["fingerprint"] is None
     assert reports["org/adapter-with-card"]["matrices"] == reports["org/adapter"]["matrices"]
 

@@ -99,7 +99,7 @@ def test_adapter_from_the_hub_fetches_only_the_targeted_base_tensors(tunes, hub:
     assert result.exit_code in (0, 1), result.stderr
     report = json.loads(out.read_text())
     assert report["base"] == {"id": ft.BASE_ID, "revision": report["base"]["revision"], "declared_by": "card",
-                              "fingerprint": None}  # a Hub commit names the weights
+                              "fingerprint": None, "quantization": None}  # a Hub commit names the weights
     base_reads = [r for r in hub.requests if r.method == "GET" and ft.BASE_ID in r.path and r.path.endswith(".safetensors")]
     tensor_bytes = sum(r.bytes_sent for r in base_reads)
     weights = load_file(BASE / "model.safetensors")

@@ -147,19 +147,26 @@ class Checkpoint:
             last = self._last[1]() if self._last is not None and self._last[0] == key else None
             if last is not None:
                 return last
-            ref = self.tensors[name]
-            info = ref.info if expert is None else ref.info.part(expert)
-            try:
-                if name in self._decoded:  # the whole matrix decoded, as `restack` may since have shaped it
-                    refs, decode = self._decoded[name]
-                    tensor = decode({r.info.name: self.storage.read(r.file, r.info.start, r.info.nbytes) for r in refs})
-                    tensor = tensor.view(ref.info.shape) if expert is None else tensor.view(ref.info.shape)[expert]
-                else:
-                    tensor = safetensors.decode(self.storage.read(ref.file, info.start, info.nbytes), info)
-            except InvalidWeightsError as e:  # an integer tensor where a float one is needed (an adapter's factor)
-                raise InvalidWeightsError(f"{self.storage.label}/{ref.file}: {e}") from None
+            tensor = self._decode(name, expert) if name in self._decoded else self._read(name, expert)
             self._last = (key, weakref.ref(tensor))
             return tensor
+
+    def _read(self, name: str, expert: int | None) -> torch.Tensor:
+        """Tensor `name` (or expert `expert`'s matrix of it) from its stored bytes."""
+        ref = self.tensors[name]
+        info = ref.info if expert is None else ref.info.part(expert)
+        data = self.storage.read(ref.file, info.start, info.nbytes)
+        try:
+            return safetensors.decode(data, info)
+        except InvalidWeightsError as e:  # an integer tensor where a float one is needed (an adapter's factor)
+            raise InvalidWeightsError(f"{self.storage.label}/{ref.file}: {e}") from None
+
+    def _decode(self, name: str, expert: int | None) -> torch.Tensor:
+        """Tensor `name` (`decode_as`) decoded whole from its parts, in the shape `restack` may since have given it."""
+        refs, decode = self._decoded[name]
+        tensor = decode({r.info.name: self.storage.read(r.file, r.info.start, r.info.nbytes) for r in refs})
+        shaped = tensor.view(self.tensors[name].info.shape)
+        return shaped if expert is None else shaped[expert]
 
 
 def read_header(storage: Storage, name: str) -> safetensors.Header:
