@@ -28,7 +28,7 @@ QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<kind>
 """The name of a 4-bit matrix's JSON description: its weight's name, and the kind of codes."""
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 """The dtypes a 4-bit matrix stands for, as its description names them, by their safetensors names."""
-CHUNK = 1 << 22
+CHUNK = 1 << 20
 """Values dequantized at a time (rounded down to whole blocks), so that no float32 copy of a whole matrix is made."""
 
 
@@ -104,23 +104,26 @@ def _dequantized(weight: str, parts: dict[str, str], state: dict[str, Any],
 
     scales = stored(parts["absmax"], torch.uint8 if "nested_absmax" in parts else torch.float32)
     if "nested_absmax" in parts:
-        scales = _blockwise(stored(parts["nested_quant_map"], torch.float32), scales,
-                            stored(parts["nested_absmax"], torch.float32), state["nested_blocksize"])
+        nested_code = stored(parts["nested_quant_map"], torch.float32)
+        scales = _scaled(nested_code.index_select(0, scales.int()), stored(parts["nested_absmax"], torch.float32),
+                         state["nested_blocksize"])
         scales += torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
-    rows, cols = state["shape"]
-    count = rows * cols
-    packed = stored(weight, torch.uint8)
-    values = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:count]
-    out = torch.empty(count, dtype=FLOAT_DTYPES[DTYPES[state["dtype"]]])
-    blocksize = state["blocksize"]
-    step = max(1, CHUNK // blocksize) * blocksize
     code = stored(parts["quant_map"], torch.float32)
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # byte b: code[b >> 4], code[b & 15]
+    packed = stored(weight, torch.uint8)
+    rows, cols = state["shape"]
+    count, blocksize = rows * cols, state["blocksize"]
+    out = torch.empty(count, dtype=FLOAT_DTYPES[DTYPES[state["dtype"]]])
+    step = max(1, CHUNK // (2 * blocksize)) * 2 * blocksize  # whole blocks and whole bytes
     for start in range(0, count, step):
-        piece = slice(start, start + step)
-        out[piece] = _blockwise(code, values[piece], scales[start // blocksize : (start + step) // blocksize], blocksize)
+        length = min(step, count - start)
+        values = pairs.index_select(0, packed[start // 2 : (start + length + 1) // 2].int()).view(-1)[:length]
+        out[start : start + length] = _scaled(values, scales[start // blocksize :], blocksize)
     return out.view(rows, cols)
 
 
-def _blockwise(code: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """The values of `code` that `codes` stand for, each block of `blocksize` times its scale, in float32."""
-    return code[codes.int()] * scales.repeat_interleave(blocksize)[: codes.numel()]
+def _scaled(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """`values` (float32), each block of `blocksize` times its scale, the first of `scales`' for the first block."""
+    full = values.numel() // blocksize * blocksize
+    out = (values[:full].view(-1, blocksize) * scales[: full // blocksize, None]).view(-1)
+    return torch.cat([out, values[full:] * scales[full // blocksize]]) if full < values.numel() else out
