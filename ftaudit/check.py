@@ -22,6 +22,7 @@ from ftaudit.sources.checkpoint import Checkpoint, some_of, unread_weights
 from ftaudit.sources.fingerprint import fingerprint
 from ftaudit.sources.pickled import PickleCheckpoint
 from ftaudit.sources.quantized_4bit import dequantize_4bit
+from ftaudit.sources.quantized_8bit import dequantize_8bit
 from ftaudit.sources.stored_as import StoredAs
 from ftaudit.sources.tied import embedding_heads, is_head, own_heads, stored_copies, tie_copies, tied_head_entries
 
@@ -208,11 +209,17 @@ def _warn_native_format(snapshot: Snapshot, weights: Checkpoint | PickleCheckpoi
 
 
 def _dequantized(weights: Checkpoint | PickleCheckpoint, label: str) -> str | None:
-    """Read the base's bitsandbytes 4-bit matrices as the weights they stand for, saying so; `BaseRef.quantization`."""
-    kinds = dequantize_4bit(weights, label) if isinstance(weights, Checkpoint) else []
-    if not kinds:
+    """Read the base's bitsandbytes 4-bit and 8-bit matrices as the weights they stand for, saying so;
+    `BaseRef.quantization`."""
+    if not isinstance(weights, Checkpoint):
         return None
-    quantization = f"bitsandbytes 4-bit ({', '.join(kinds)})"
+    kinds = dequantize_4bit(weights, label)
+    found = [f"bitsandbytes 4-bit ({', '.join(kinds)})"] if kinds else []
+    if dequantize_8bit(weights, label):
+        found.append("bitsandbytes 8-bit (LLM.int8)")
+    if not found:
+        return None
+    quantization = " and ".join(found)
     log.warning("%s: %s weights, audited as the weights they dequantize to (the W0 that an adapter trained on them, "
                 "as QLoRA trains, adds to)", label, quantization)
     return quantization

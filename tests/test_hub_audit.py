@@ -227,20 +227,21 @@ def quantize(tensors: dict[str, torch.Tensor], scheme: str) -> dict[str, torch.T
             out[name.replace(".weight", ".qweight")] = torch.randint(0, 2**31 - 1, (w.shape[1] // 8, w.shape[0]),
                                                                      dtype=torch.int32)
             out[name.replace(".weight", ".scales")] = torch.ones(1, w.shape[0], dtype=torch.float16)
-        elif scheme == "bnb-4bit":  # 4-bit values packed 2 to a byte, as a column, a scale per block, a description
-            out |= four_bit(name, w)[0]
-        elif scheme == "int8":  # LLM.int8: the same shape, int8, with row scales
-            out[name] = torch.randint(-127, 127, w.shape, dtype=torch.int8)
-            out[name.replace(".weight", ".SCB")] = torch.ones(w.shape[0])
+        elif scheme in ("bnb-4bit", "int8"):  # 4-bit values, 2 to a byte, block scales, a description; int8, row scales
+            out |= bitsandbytes(name, w, scheme)[0]
         else:  # fp8, with a scale
             out[name] = w.to(torch.float8_e4m3fn)
             out[name + "_scale"] = torch.ones(())
     return out
 
 
-def four_bit(name: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Matrix `name` as bitsandbytes stores it in 4 bits (NF4, double quantization), and what it dequantizes to."""
+def bitsandbytes(name: str, w: torch.Tensor, scheme: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Matrix `name` as bitsandbytes stores it in 4 bits (`bnb-4bit`: NF4, double quantization) or 8 (`int8`:
+    LLM.int8), and what it dequantizes to."""
     bnb = pytest.importorskip("bitsandbytes.functional")
+    if scheme == "int8":
+        values, scales, _ = bnb.int8_vectorwise_quant(w)
+        return {name: values, name.replace(".weight", ".SCB"): scales}, bnb.int8_vectorwise_dequant(values, scales)
     packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     return ({name: packed, **{f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()}},
             bnb.dequantize_4bit(packed, state))
@@ -334,7 +335,7 @@ def test_a_hub_repo_that_declares_a_path_here_is_refused_and_a_repo_id_is_never_
     assert json.loads(out.read_text())["base"]["revision"] == hub_base
 
 
-@pytest.mark.parametrize("scheme", ["gptq", "int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["gptq", "fp8"])
 def test_quantized_weights_are_refused_with_a_message_that_says_so(env, tmp_path, scheme):
     base = llama_like()
     env.add_repo("org/base", folder_files(write_model(tmp_path / "base", base)))
@@ -353,16 +354,19 @@ def test_quantized_weights_are_refused_with_a_message_that_says_so(env, tmp_path
     assert run("check", "org/qlora", "--base", "org/base")[0] in (0, 1)  # the same adapter on the full base
 
 
-def test_a_qlora_adapter_is_audited_against_the_4bit_base_it_declares_as_against_what_that_dequantizes_to(env, tmp_path):
-    """A 4-bit base on the Hub is read by Range requests like any other, each matrix's parts as it comes; the model
-    itself in 4 bits is still refused. (Rows are whole blocks: bitsandbytes' own CPU kernel, the reference here,
+@pytest.mark.parametrize(("scheme", "quantization"), [("bnb-4bit", "bitsandbytes 4-bit (nf4)"),
+                                                     ("int8", "bitsandbytes 8-bit (LLM.int8)")])
+def test_a_qlora_adapter_is_audited_against_the_quantized_base_it_declares_as_against_what_that_dequantizes_to(
+        env, tmp_path, scheme, quantization):
+    """A 4-bit or 8-bit base on the Hub is read by Range requests like any other, each matrix's parts as it comes; the
+    model itself quantized is still refused. (Rows are whole blocks: bitsandbytes' own CPU kernel, the reference here,
     dequantizes rows of a part of a block wrongly.)"""
     base = llama_like(hidden=64, ffn=128)
     stored: dict[str, torch.Tensor] = {}
     dequantized = dict(base)
     for name, w in base.items():
         if w.ndim == 2 and "proj" in name:
-            parts, dequantized[name] = four_bit(name, w)
+            parts, dequantized[name] = bitsandbytes(name, w, scheme)
             stored |= parts
         else:
             stored[name] = w
@@ -374,9 +378,9 @@ def test_a_qlora_adapter_is_audited_against_the_4bit_base_it_declares_as_against
         code, out, stderr = run("check", *args, "--format", "json", "--no-cache")
         assert code in (0, 1), stderr
         reports.append(json.loads(out))
-    assert reports[0]["base"]["id"] == "org/base-q" and reports[0]["base"]["quantization"] == "bitsandbytes 4-bit (nf4)"
+    assert reports[0]["base"]["id"] == "org/base-q" and reports[0]["base"]["quantization"] == quantization
     assert reports[0]["matrices"] == reports[1]["matrices"] and reports[0]["summary"]["intruder_dimensions"] > 0
-    env.add_repo("org/tuned-q", {"model.safetensors": safetensors_bytes(quantize(low_rank_update(base), "bnb-4bit"))})
+    env.add_repo("org/tuned-q", {"model.safetensors": safetensors_bytes(quantize(low_rank_update(base), scheme))})
     code, _, stderr = run("check", "org/tuned-q", "--base", "org/base-dq")
     assert code == 2 and "org/tuned-q@" in stderr and "quantized weights (model.layers.0." in stderr, stderr
 
