@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeGuard
 
@@ -22,6 +23,7 @@ import torch
 
 from ftaudit.errors import InvalidWeightsError
 from ftaudit.sources.checkpoint import Checkpoint
+from ftaudit.sources.fingerprint import READERS
 from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
 
 QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<kind>nf4|fp4)$")
@@ -29,22 +31,24 @@ QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<kind>
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 """The dtypes a 4-bit matrix stands for, as its description names them, by their safetensors names."""
 CHUNK = 1 << 20
-"""Values dequantized at a time (rounded down to whole blocks), so that no float32 copy of a whole matrix is made."""
+"""Values dequantized at a time (a whole number of blocks and of bytes), so that no float32 copy of a whole matrix is
+made."""
 
 
 def dequantize_4bit(weights: Checkpoint, label: str) -> list[str]:
     """Read each bitsandbytes 4-bit matrix of `weights` as the weights it stands for (`Checkpoint.decode_as`); the kinds
     of codes found ("fp4", "nf4"), none where there is no such matrix."""
     infos = weights.infos
+    names = sorted(name for name in infos if QUANT_STATE.match(name))
+    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="ftaudit-4bit") as pool:  # small reads, maybe remote
+        states = dict(zip(names, pool.map(lambda name: _state(weights, name, label), names)))
     kinds: set[str] = set()
-    for state_name in sorted(infos):
+    for state_name, state in states.items():
         found = QUANT_STATE.match(state_name)
-        if found is None:
-            continue
+        assert found is not None
         weight = found["weight"]
         parts = {part: f"{weight}.{part}" for part in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
         parts = {part: name for part, name in parts.items() if name in infos}
-        state = _state(weights, state_name, label)
         info = _checked(infos, weight, parts, state, f"{label}: {weight}")
         weights.decode_as(weight, info, [weight, state_name, *parts.values()], partial(_dequantized, weight, parts, state))
         kinds.add(found["kind"])
