@@ -53,5 +53,5 @@ def dequantize_8bit(weights: Checkpoint, label: str) -> bool:
 
 def _dequantized(weight: str, scales: str, shape: tuple[int, ...], data: dict[str, bytes | bytearray]) -> torch.Tensor:
     """The float32 matrix that the int8 values and row scales in `data` (bytes by tensor name) stand for."""
-    values = torch.frombuffer(bytearray(data[weight]), dtype=torch.int8).view(shape)
-    return values * torch.frombuffer(bytearray(data[scales]), dtype=torch.float32).view(-1, 1) * INVERSE_127
+    out = torch.frombuffer(bytearray(data[weight]), dtype=torch.int8).view(shape).float()  # one float32 copy, in place
+    return out.mul_(torch.frombuffer(bytearray(data[scales]), dtype=torch.float32).view(-1, 1)).mul_(INVERSE_127)
