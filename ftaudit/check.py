@@ -161,9 +161,9 @@ def _tied(base: Checkpoint | PickleCheckpoint, copies: dict[str, str], tied: boo
     of their embeddings `copies` (head → embedding)."""
     if tied is False:
         return frozenset()
-    if copies or any(is_head(name) for name in base.infos):
-        return frozenset({*copies, *copies.values()})
     infos = base.infos
+    if copies or any(is_head(name) for name in infos):
+        return frozenset({*copies, *copies.values()})
     widths = {info.shape[1] for info in infos.values() if len(info.shape) == 2}
     return frozenset(name for width in widths for name in input_embeddings(infos, (None, width)))
 

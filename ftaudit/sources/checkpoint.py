@@ -41,8 +41,9 @@ class MissingShardError(InvalidWeightsError):
     """A shard index names a file that the snapshot lacks."""
 
 
-Decoder = Callable[[dict[str, bytes | bytearray]], torch.Tensor]
-"""The tensor that some stored tensors stand for, from their bytes by name (a quantized matrix's, from its parts)."""
+Decoder = Callable[[Callable[[str], bytes | bytearray]], torch.Tensor]
+"""The tensor that some stored tensors stand for (a quantized matrix's, from its parts), from a reader of the bytes of
+each it needs, by name."""
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,6 @@ class Checkpoint:
         self.tensors[name] = TensorRef(refs[0].file, info)
         self._decoded[name] = (refs, decode)
 
-    @property
-    def decoded(self) -> bool:
-        """Whether some tensors are read as what stored parts stand for (`decode_as`): the files are not the tensors."""
-        return bool(self._decoded)
-
     def _stored(self, name: str) -> list[TensorRef]:
         """Where tensor `name`'s stored bytes lie: its own range, or its parts' one after another."""
         decoded = self._decoded.get(name)
@@ -164,7 +160,9 @@ class Checkpoint:
     def _decode(self, name: str, expert: int | None) -> torch.Tensor:
         """Tensor `name` (`decode_as`) decoded whole from its parts, in the shape `restack` may since have given it."""
         refs, decode = self._decoded[name]
-        tensor = decode({r.info.name: self.storage.read(r.file, r.info.start, r.info.nbytes) for r in refs})
+        by_name = {ref.info.name: ref for ref in refs}
+        tensor = decode(lambda part: self.storage.read(by_name[part].file, by_name[part].info.start,
+                                                      by_name[part].info.nbytes))
         shaped = tensor.view(self.tensors[name].info.shape)
         return shaped if expert is None else shaped[expert]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeGuard
@@ -24,7 +25,7 @@ import torch
 from ftaudit.errors import InvalidWeightsError
 from ftaudit.sources.checkpoint import Checkpoint
 from ftaudit.sources.fingerprint import READERS
-from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo
+from ftaudit.sources.safetensors import FLOAT_DTYPES, TensorInfo, over
 
 QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<kind>nf4|fp4)$")
 """The name of a 4-bit matrix's JSON description: its weight's name, and the kind of codes."""
@@ -39,13 +40,11 @@ def dequantize_4bit(weights: Checkpoint, label: str) -> list[str]:
     """Read each bitsandbytes 4-bit matrix of `weights` as the weights it stands for (`Checkpoint.decode_as`); the kinds
     of codes found ("fp4", "nf4"), none where there is no such matrix."""
     infos = weights.infos
-    names = sorted(name for name in infos if QUANT_STATE.match(name))
+    described = {name: found for name in sorted(infos) if (found := QUANT_STATE.match(name))}
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="ftaudit-4bit") as pool:  # small reads, maybe remote
-        states = dict(zip(names, pool.map(lambda name: _state(weights, name, label), names)))
+        states = pool.map(lambda name: _state(weights, name, label), described)
     kinds: set[str] = set()
-    for state_name, state in states.items():
-        found = QUANT_STATE.match(state_name)
-        assert found is not None
+    for (state_name, found), state in zip(described.items(), states):
         weight = found["weight"]
         parts = {part: f"{weight}.{part}" for part in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
         parts = {part: name for part, name in parts.items() if name in infos}
@@ -101,10 +100,10 @@ def _positive(n: object) -> TypeGuard[int]:
 
 
 def _dequantized(weight: str, parts: dict[str, str], state: dict[str, Any],
-                 data: dict[str, bytes | bytearray]) -> torch.Tensor:
-    """The matrix that the stored parts `data` (bytes by tensor name) of 4-bit matrix `weight` stand for."""
+                 read: Callable[[str], bytes | bytearray]) -> torch.Tensor:
+    """The matrix that the stored parts of 4-bit matrix `weight` (their bytes by name from `read`) stand for."""
     def stored(name: str, dtype: torch.dtype) -> torch.Tensor:
-        return torch.frombuffer(bytearray(data[name]), dtype=dtype)
+        return over(read(name), dtype)
 
     scales = stored(parts["absmax"], torch.uint8 if "nested_absmax" in parts else torch.float32)
     if "nested_absmax" in parts:

@@ -9,13 +9,14 @@ is int8 × its row's scale × (1/127) in float32, as bitsandbytes' int8_vectorwi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
 
 from ftaudit.errors import InvalidWeightsError, UnsupportedError
 from ftaudit.sources.checkpoint import Checkpoint
-from ftaudit.sources.safetensors import TensorInfo
+from ftaudit.sources.safetensors import TensorInfo, over
 
 INVERSE_127 = 7.874015718698502e-3
 """1/127 as bitsandbytes writes it."""
@@ -51,7 +52,9 @@ def dequantize_8bit(weights: Checkpoint, label: str) -> bool:
     return found
 
 
-def _dequantized(weight: str, scales: str, shape: tuple[int, ...], data: dict[str, bytes | bytearray]) -> torch.Tensor:
-    """The float32 matrix that the int8 values and row scales in `data` (bytes by tensor name) stand for."""
-    out = torch.frombuffer(bytearray(data[weight]), dtype=torch.int8).view(shape).float()  # one float32 copy, in place
-    return out.mul_(torch.frombuffer(bytearray(data[scales]), dtype=torch.float32).view(-1, 1)).mul_(INVERSE_127)
+def _dequantized(weight: str, scales: str, shape: tuple[int, ...], read: Callable[[str], bytes | bytearray]
+                 ) -> torch.Tensor:
+    """The float32 matrix that the int8 values `weight` and row scales `scales` (their bytes by name from `read`)
+    stand for."""
+    out = over(read(weight), torch.int8).view(shape).float()  # one float32 copy, scaled in place
+    return out.mul_(over(read(scales), torch.float32).view(-1, 1)).mul_(INVERSE_127)

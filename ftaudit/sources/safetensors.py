@@ -197,6 +197,11 @@ def _check_coverage(tensors: dict[str, TensorInfo], data_start: int, data_len: i
         raise InvalidWeightsError(f"{label}: {data_len - (cursor - data_start)} unused bytes after the last tensor")
 
 
+def over(buf: bytes | bytearray, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D CPU tensor of `dtype` over a bytearray's own memory (bytes are copied first)."""
+    return torch.frombuffer(buf if isinstance(buf, bytearray) else bytearray(buf), dtype=dtype)
+
+
 def decode(buf: bytes | bytearray, info: TensorInfo) -> torch.Tensor:
     """Turn the raw bytes of a floating-point tensor into a CPU tensor of its stored dtype
     (over a bytearray's own memory; bytes are copied first)."""
@@ -207,4 +212,4 @@ def decode(buf: bytes | bytearray, info: TensorInfo) -> torch.Tensor:
         raise InvalidWeightsError(f"tensor {info.name!r}: dtype {info.dtype} is not a float dtype")
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf if isinstance(buf, bytearray) else bytearray(buf), dtype=dtype).reshape(info.shape)
+    return over(buf, dtype).reshape(info.shape)
